@@ -1,0 +1,59 @@
+# One entry point for people and CI. Every target makes the project virtualenv on first use.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NODES ?= 2
+GPUS ?= 8
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help venv tools lint test test-unit demo simulate cluster-up cluster-down kubectl helm clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP) ## create .venv and install edpilot with its dev tools
+
+tools: ## build the pinned control-plane binaries (cached in ~/.cache/edpilot/bin)
+	@hack/build-tools.sh
+
+lint: $(STAMP) ## ruff, mypy and the import-linter contracts
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy edpilot operator/edpilot_operator node_agent/edpilot_agent bench tests
+	$(BIN)/lint-imports
+
+test: $(STAMP) tools lint ## everything CI runs: lint, unit, agent, operator, chart and e2e tests on a real control plane
+	$(BIN)/python -m pytest
+
+test-unit: $(STAMP) ## the tests that need no cluster
+	EDPILOT_NO_CLUSTER=1 $(BIN)/python -m pytest -m 'not k8s and not chaos'
+
+simulate: $(STAMP) ## the closed loop on a simulated fleet, in one process, no cluster
+	$(BIN)/edpilot simulate
+
+demo: $(STAMP) tools ## local cluster + KWOK GPU nodes + operator + simulated agents, converging a sample policy
+	$(BIN)/edpilot demo
+
+cluster-up: $(STAMP) tools ## start etcd, kube-apiserver, controller-manager, scheduler and KWOK on loopback
+	@NODES=$(NODES) GPUS=$(GPUS) hack/cluster-up.sh
+
+cluster-down: ## stop everything cluster-up started and remove its state
+	@hack/cluster-down.sh
+
+kubectl: tools ## the pinned kubectl against the local cluster: make kubectl ARGS='get nodes'
+	@KUBECONFIG=$(CURDIR)/.cluster/kubeconfig "$$(hack/build-tools.sh 2>/dev/null | tail -n1)/kubectl" $(ARGS)
+
+helm: tools ## the pinned helm against the local cluster: make helm ARGS='list -A'
+	@KUBECONFIG=$(CURDIR)/.cluster/kubeconfig "$$(hack/build-tools.sh 2>/dev/null | tail -n1)/helm" $(ARGS)
+
+clean: cluster-down ## remove the virtualenv and caches of this checkout
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

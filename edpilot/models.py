@@ -1,0 +1,355 @@
+"""Pydantic models of edpilot's custom resources (group edpilot.io, version v1alpha1).
+
+`crds/*.yaml` is the source of truth; these models mirror it field by field and
+`tests/unit/test_models_vs_crds.py` proves that the two agree (samples, defaults,
+enums and bounds). Field names are the API's camelCase names.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+GROUP = "edpilot.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+Objective = Literal["Energy", "EDP", "ED2P"]
+Profile = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8", "int4-awq"]
+PROFILES: tuple[Profile, ...] = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8", "int4-awq")
+CapMode = Literal["Auto", "Fixed", "Off"]
+HintMode = Literal["Auto", "Off"]
+Phase = Literal["Pending", "Baseline", "Exploring", "Converged", "Drifted", "Degraded", "Conflict"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+Percent = Annotated[float, Field(ge=0, le=100)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+# Pod annotations: the contract between the operator, the agent and workloads.
+ANNOTATION_POLICY = f"{GROUP}/policy"
+ANNOTATION_POWER_CAP = f"{GROUP}/power-cap-watts"
+ANNOTATION_BATCH_SIZE = f"{GROUP}/batch-size"
+ANNOTATION_QUANTIZATION = f"{GROUP}/quantization"
+ANNOTATION_EXCLUDE = f"{GROUP}/exclude"
+ANNOTATION_QUANTIZATION_ACCURACY = f"{GROUP}/quantization-accuracy"
+ANNOTATION_BATCH_SIZE_RANGE = f"{GROUP}/batch-size-range"
+HINT_ANNOTATIONS = (ANNOTATION_POLICY, ANNOTATION_POWER_CAP, ANNOTATION_BATCH_SIZE, ANNOTATION_QUANTIZATION)
+
+
+class ApiModel(BaseModel):
+    """Base of every API model: unknown fields are errors, like the structural schema."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+class LabelSelectorRequirement(ApiModel):
+    key: str = Field(min_length=1)
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _values_match_operator(self) -> LabelSelectorRequirement:
+        if self.operator in ("In", "NotIn") and not self.values:
+            raise ValueError(f"operator {self.operator} needs at least one value")
+        if self.operator in ("Exists", "DoesNotExist") and self.values:
+            raise ValueError(f"operator {self.operator} takes no values")
+        return self
+
+
+class LabelSelector(ApiModel):
+    matchLabels: dict[str, str] = Field(default_factory=dict)
+    matchExpressions: list[LabelSelectorRequirement] = Field(default_factory=list)
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        """Kubernetes label-selector semantics; an empty selector matches everything."""
+        if any(labels.get(k) != v for k, v in self.matchLabels.items()):
+            return False
+        for req in self.matchExpressions:
+            present = req.key in labels
+            if req.operator == "In" and not (present and labels[req.key] in req.values):
+                return False
+            if req.operator == "NotIn" and present and labels[req.key] in req.values:
+                return False
+            if req.operator == "Exists" and not present:
+                return False
+            if req.operator == "DoesNotExist" and present:
+                return False
+        return True
+
+
+class Condition(ApiModel):
+    type: str
+    status: ConditionStatus
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
+    message: str = Field(default="", max_length=32768)
+    lastTransitionTime: datetime
+    observedGeneration: int | None = Field(default=None, ge=0)
+
+
+# ---------------------------------------------------------------- EnergyPolicy
+
+
+class LatencySLO(ApiModel):
+    metricName: str = Field(min_length=1)
+    quantile: float | None = Field(default=None, gt=0, lt=1)
+    maxSeconds: float = Field(gt=0)
+
+
+class Target(ApiModel):
+    edpReductionPercent: Percent | None = None
+    joulesPerUnit: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_goal(self) -> Target:
+        if self.edpReductionPercent is None and self.joulesPerUnit is None:
+            raise ValueError("target needs edpReductionPercent or joulesPerUnit")
+        return self
+
+
+class PowerCapSpec(ApiModel):
+    mode: CapMode = "Auto"
+    minPercent: float = Field(default=50, ge=10, le=100)
+    maxPercent: float = Field(default=100, ge=10, le=100)
+    minWatts: float | None = Field(default=None, gt=0)
+    maxWatts: float | None = Field(default=None, gt=0)
+    watts: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> PowerCapSpec:
+        if self.minPercent > self.maxPercent:
+            raise ValueError("powerCap.minPercent must be <= powerCap.maxPercent")
+        if self.minWatts is not None and self.maxWatts is not None and self.minWatts > self.maxWatts:
+            raise ValueError("powerCap.minWatts must be <= powerCap.maxWatts")
+        if self.mode == "Fixed" and self.watts is None:
+            raise ValueError("powerCap.mode Fixed needs powerCap.watts")
+        return self
+
+
+class BatchSizeSpec(ApiModel):
+    mode: HintMode = "Off"
+    min: int = Field(default=8, ge=1, le=65536)
+    max: int = Field(default=1024, ge=1, le=65536)
+    multipleOf: int = Field(default=8, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> BatchSizeSpec:
+        if self.min > self.max:
+            raise ValueError("batchSize.min must be <= batchSize.max")
+        return self
+
+
+class QuantizationSpec(ApiModel):
+    mode: HintMode = "Off"
+    allowed: list[Profile] = Field(default_factory=list, max_length=7)
+    maxAccuracyDropPercent: Percent = 1.0
+
+    @model_validator(mode="after")
+    def _allowed(self) -> QuantizationSpec:
+        if self.mode == "Auto" and not self.allowed:
+            raise ValueError("quantization.mode Auto needs at least one allowed profile")
+        if len(set(self.allowed)) != len(self.allowed):
+            raise ValueError("quantization.allowed lists a profile twice")
+        return self
+
+
+class WorkMetric(ApiModel):
+    port: Port = 9400
+    path: str = Field(default="/metrics", pattern=r"^/")
+    name: str = Field(min_length=1, pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+    unit: str = Field(default="units", min_length=1, max_length=32)
+    configMetric: str = Field(default="edpilot_workload_config_info", pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+
+
+class EnergyPolicySpec(ApiModel):
+    selector: LabelSelector
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    objective: Objective = "EDP"
+    maxSlowdownPercent: float = Field(default=10, ge=0, le=90)
+    latencySLO: LatencySLO | None = None
+    target: Target | None = None
+    powerCap: PowerCapSpec = Field(default_factory=PowerCapSpec)
+    batchSize: BatchSizeSpec = Field(default_factory=BatchSizeSpec)
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    workMetric: WorkMetric
+    groupByLabel: str | None = Field(default=None, min_length=1, max_length=316)
+
+
+class Measurement(ApiModel):
+    """Efficiency of one configuration, per unit of work."""
+
+    joulesPerUnit: float = Field(ge=0)
+    secondsPerUnit: float = Field(ge=0)
+    edp: float = Field(ge=0)
+    unitsPerSecond: float = Field(ge=0)
+
+
+class WorkloadStatus(ApiModel):
+    name: str
+    pods: list[str] = Field(default_factory=list)
+    nodes: list[str] = Field(default_factory=list)
+    gpus: int = Field(default=0, ge=0)
+    phase: Phase = "Pending"
+    powerCapWatts: float | None = None
+    batchSize: int | None = None
+    quantization: Profile | None = None
+    baseline: Measurement | None = None
+    current: Measurement | None = None
+    edpReductionPercent: float | None = None
+    slowdownPercent: float | None = None
+    energySavedJoules: float = Field(default=0, ge=0)
+    probes: int = Field(default=0, ge=0)
+    message: str = ""
+    # The optimizer's whole state, so a restarted operator resumes where it was.
+    optimizer: dict[str, object] | None = None
+
+
+class PolicyTotals(ApiModel):
+    workloads: int = Field(default=0, ge=0)
+    gpus: int = Field(default=0, ge=0)
+    energySavedJoules: float = Field(default=0, ge=0)
+    averageEdpReductionPercent: float | None = None
+
+
+class EnergyPolicyStatus(ApiModel):
+    observedGeneration: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    workloads: list[WorkloadStatus] = Field(default_factory=list)
+    totals: PolicyTotals = Field(default_factory=PolicyTotals)
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata edpilot reads; everything else is kept as is."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    namespace: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class EnergyPolicy(ApiModel):
+    apiVersion: Literal["edpilot.io/v1alpha1"] = API_VERSION  # type: ignore[assignment]
+    kind: Literal["EnergyPolicy"] = "EnergyPolicy"
+    metadata: ObjectMeta
+    spec: EnergyPolicySpec
+    status: EnergyPolicyStatus | None = None
+
+
+# ---------------------------------------------------------------- GPUNodeReport
+
+
+class DesiredPowerLimit(ApiModel):
+    gpuUUID: str = Field(min_length=1)
+    watts: float = Field(gt=0)
+    pod: str = Field(min_length=1, description="namespace/name of the pod the cap is for")
+
+
+class MeasuredWorkload(ApiModel):
+    """A pod whose work counter the agent must scrape, and where it is."""
+
+    namespace: str = Field(min_length=1)
+    pod: str = Field(min_length=1)
+    port: Port = 9400
+    path: str = Field(default="/metrics", pattern=r"^/")
+    metricName: str = Field(min_length=1)
+    unit: str = "units"
+    configMetric: str = "edpilot_workload_config_info"
+    latencyMetric: str | None = None
+    latencyQuantile: float | None = Field(default=None, gt=0, lt=1)
+
+
+class Lease(ApiModel):
+    holderIdentity: str = ""
+    renewTime: datetime
+    leaseSeconds: int = Field(default=60, ge=5, le=3600)
+
+
+class GPUNodeReportSpec(ApiModel):
+    powerLimits: list[DesiredPowerLimit] = Field(default_factory=list)
+    workloads: list[MeasuredWorkload] = Field(default_factory=list)
+    lease: Lease | None = None
+    reportIntervalSeconds: int = Field(default=60, ge=1, le=3600)
+
+
+class GPUStatus(ApiModel):
+    index: int = Field(ge=0)
+    uuid: str
+    model: str
+    migEnabled: bool = False
+    minLimitWatts: float = Field(ge=0)
+    maxLimitWatts: float = Field(ge=0)
+    defaultLimitWatts: float = Field(ge=0)
+    enforcedLimitWatts: float = Field(ge=0)
+    powerWatts: float = Field(ge=0)
+    energyJoules: float = Field(ge=0)
+    energySource: Literal["counter", "sampled"] = "counter"
+    utilizationPercent: float = Field(default=0, ge=0, le=100)
+    smClockMHz: float = Field(default=0, ge=0)
+    memClockMHz: float = Field(default=0, ge=0)
+    temperatureC: float = 0
+    throttleReasons: list[str] = Field(default_factory=list)
+    pods: list[str] = Field(default_factory=list)
+
+
+class WorkloadSample(ApiModel):
+    namespace: str
+    pod: str
+    gpuUUIDs: list[str] = Field(default_factory=list)
+    workUnits: float = Field(ge=0, description="cumulative, resets folded in by the agent")
+    unit: str = "units"
+    batchSize: int | None = Field(default=None, ge=1)
+    quantization: Profile | None = None
+    latencySeconds: float | None = Field(default=None, ge=0)
+    counterResets: int = Field(default=0, ge=0)
+    healthy: bool = True
+    message: str = ""
+
+
+class GPUNodeReportStatus(ApiModel):
+    nodeName: str
+    agentVersion: str
+    backend: Literal["nvml", "sim"]
+    time: datetime
+    gpus: list[GPUStatus] = Field(default_factory=list)
+    workloads: list[WorkloadSample] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class GPUNodeReport(ApiModel):
+    apiVersion: Literal["edpilot.io/v1alpha1"] = API_VERSION  # type: ignore[assignment]
+    kind: Literal["GPUNodeReport"] = "GPUNodeReport"
+    metadata: ObjectMeta
+    spec: GPUNodeReportSpec = Field(default_factory=GPUNodeReportSpec)
+    status: GPUNodeReportStatus | None = None
+
+
+# ---------------------------------------------------------------- PowerBudget
+
+
+class PowerBudgetSpec(ApiModel):
+    nodeSelector: LabelSelector
+    maxWatts: float = Field(gt=0, le=100_000_000)
+
+
+class PowerBudgetStatus(ApiModel):
+    observedGeneration: int | None = None
+    allocatedWatts: float = Field(default=0, ge=0)
+    measuredWatts: float = Field(default=0, ge=0)
+    headroomWatts: float = 0
+    gpus: int = Field(default=0, ge=0)
+    nodes: list[str] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class PowerBudget(ApiModel):
+    apiVersion: Literal["edpilot.io/v1alpha1"] = API_VERSION  # type: ignore[assignment]
+    kind: Literal["PowerBudget"] = "PowerBudget"
+    metadata: ObjectMeta
+    spec: PowerBudgetSpec
+    status: PowerBudgetStatus | None = None
