@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 GROUP = "edpilot.io"
 VERSION = "v1alpha1"
@@ -48,22 +48,23 @@ class ApiModel(BaseModel):
 
 
 class LabelSelectorRequirement(ApiModel):
-    key: str = Field(min_length=1)
+    key: str = Field(min_length=1, max_length=317)
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
-    values: list[str] = Field(default_factory=list)
+    values: list[str] = Field(default_factory=list, max_length=64)
 
     @model_validator(mode="after")
     def _values_match_operator(self) -> LabelSelectorRequirement:
         if self.operator in ("In", "NotIn") and not self.values:
-            raise ValueError(f"operator {self.operator} needs at least one value")
+            raise ValueError("matchExpressions values must list at least one value for operator In or NotIn")
         if self.operator in ("Exists", "DoesNotExist") and self.values:
-            raise ValueError(f"operator {self.operator} takes no values")
+            raise ValueError("matchExpressions values must be empty for operator Exists or DoesNotExist")
         return self
 
 
 class LabelSelector(ApiModel):
     matchLabels: dict[str, str] = Field(default_factory=dict)
-    matchExpressions: list[LabelSelectorRequirement] = Field(default_factory=list)
+    # Bounded so the API server can afford the CEL rules evaluated per requirement.
+    matchExpressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=32)
 
     def matches(self, labels: dict[str, str]) -> bool:
         """Kubernetes label-selector semantics; an empty selector matches everything."""
@@ -82,13 +83,25 @@ class LabelSelector(ApiModel):
         return True
 
 
+def _unique_condition_types(conditions: list[Condition]) -> list[Condition]:
+    """Conditions are a map keyed by type in the CRDs (x-kubernetes-list-type: map)."""
+    types = [c.type for c in conditions]
+    duplicates = sorted({t for t in types if types.count(t) > 1})
+    if duplicates:
+        raise ValueError(f"conditions list type {', '.join(duplicates)} more than once")
+    return conditions
+
+
 class Condition(ApiModel):
-    type: str
+    type: str = Field(max_length=316)
     status: ConditionStatus
     reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
     message: str = Field(default="", max_length=32768)
     lastTransitionTime: datetime
     observedGeneration: int | None = Field(default=None, ge=0)
+
+
+Conditions = Annotated[list[Condition], AfterValidator(_unique_condition_types)]
 
 
 # ---------------------------------------------------------------- EnergyPolicy
@@ -217,7 +230,7 @@ class PolicyTotals(ApiModel):
 
 class EnergyPolicyStatus(ApiModel):
     observedGeneration: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: Conditions = Field(default_factory=list)
     workloads: list[WorkloadStatus] = Field(default_factory=list)
     totals: PolicyTotals = Field(default_factory=PolicyTotals)
 
@@ -312,13 +325,13 @@ class WorkloadSample(ApiModel):
 
 
 class GPUNodeReportStatus(ApiModel):
-    nodeName: str
+    nodeName: str = Field(max_length=253)
     agentVersion: str
     backend: Literal["nvml", "sim"]
     time: datetime
     gpus: list[GPUStatus] = Field(default_factory=list)
     workloads: list[WorkloadSample] = Field(default_factory=list)
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: Conditions = Field(default_factory=list)
 
 
 class GPUNodeReport(ApiModel):
@@ -327,6 +340,12 @@ class GPUNodeReport(ApiModel):
     metadata: ObjectMeta
     spec: GPUNodeReportSpec = Field(default_factory=GPUNodeReportSpec)
     status: GPUNodeReportStatus | None = None
+
+    @model_validator(mode="after")
+    def _named_after_its_node(self) -> GPUNodeReport:
+        if self.status is not None and self.status.nodeName != self.metadata.name:
+            raise ValueError("status.nodeName must equal metadata.name (a report is named after its node)")
+        return self
 
 
 # ---------------------------------------------------------------- PowerBudget
@@ -344,7 +363,7 @@ class PowerBudgetStatus(ApiModel):
     headroomWatts: float = 0
     gpus: int = Field(default=0, ge=0)
     nodes: list[str] = Field(default_factory=list)
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: Conditions = Field(default_factory=list)
 
 
 class PowerBudget(ApiModel):

@@ -1,0 +1,1 @@
+"""edpilot's Kubernetes side: the kopf operator and the scheduler extender."""

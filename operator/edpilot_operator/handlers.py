@@ -1,0 +1,263 @@
+"""kopf handlers. They stay thin: translate bodies, call `services` (which calls the pure core),
+and write back. Watches feed in-memory indexes, so a decision reads no object with a GET."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from edpilot.models import (
+    GROUP,
+    HINT_ANNOTATIONS,
+    VERSION,
+    EnergyPolicySpec,
+    GPUNodeReportSpec,
+    GPUNodeReportStatus,
+)
+
+from . import services
+from .kube import Kube, load_client
+from .reports import ReportTiming, desired_spec
+from .selection import PodInfo, PolicyRef, governed_by, gpu_request, pod_info
+
+POLICIES = (GROUP, VERSION, "energypolicies")
+REPORTS = (GROUP, VERSION, "gpunodereports")
+PROGRESS_PREFIX = GROUP
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    kubeconfig: str | None = None
+    identity: str = "edpilot-operator"
+    reconcile_interval: float = 5.0
+    report_interval: float = 5.0
+    lease_seconds: int = 60
+    fast_report_interval: int = 5
+    slow_report_interval: int = 60
+
+    @property
+    def timing(self) -> ReportTiming:
+        return ReportTiming(self.lease_seconds, self.fast_report_interval, self.slow_report_interval)
+
+
+@dataclass(frozen=True)
+class PolicyEntry:
+    """What the indexes keep of a policy: its spec (None when the API server accepted a spec the
+    models reject), the pods its workloads are exploring with, and whether it is being deleted."""
+
+    ref: PolicyRef | None
+    active_pods: frozenset[str]
+    deleting: bool
+
+
+def _is_gpu_pod(spec: Mapping[str, Any], **_: Any) -> bool:
+    return gpu_request(spec) > 0
+
+
+def _policy_entry(
+    namespace: str, name: str, spec: Mapping[str, Any], status: Mapping[str, Any], meta: Any
+) -> PolicyEntry:
+    try:
+        ref: PolicyRef | None = PolicyRef(namespace, name, EnergyPolicySpec.model_validate(dict(spec)))
+    except ValidationError:
+        ref = None
+    active = frozenset(
+        f"{namespace}/{pod}"
+        for row in status.get("workloads") or []
+        if row.get("phase") in ("Baseline", "Exploring", "Drifted")
+        for pod in row.get("pods") or []
+    )
+    return PolicyEntry(ref=ref, active_pods=active, deleting=meta.get("deletionTimestamp") is not None)
+
+
+def _live_policies(entries: Iterable[PolicyEntry]) -> list[PolicyRef]:
+    return [e.ref for e in entries if e.ref is not None and not e.deleting]
+
+
+def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
+    """Register every handler on `registry` with the intervals of `cfg`."""
+
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        settings.persistence.finalizer = f"{GROUP}/finalizer"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PROGRESS_PREFIX)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=PROGRESS_PREFIX, key="last-handled-configuration"
+        )
+        settings.posting.level = logging.INFO
+        settings.watching.server_timeout = 300
+        settings.networking.request_timeout = 30
+        memo.kube = Kube(load_client(cfg.kubeconfig))
+
+    @kopf.on.probe(id="policies", registry=registry)
+    def probe_policies(policies_by_namespace: kopf.Index[str, PolicyEntry], **_: Any) -> int:
+        return sum(len(v) for v in policies_by_namespace.values())
+
+    @kopf.index("pods", when=_is_gpu_pod, registry=registry)
+    def pods_by_namespace(namespace: str, body: kopf.Body, **_: Any) -> dict[str, PodInfo]:
+        return {namespace: pod_info(body)}
+
+    @kopf.index("pods", when=_is_gpu_pod, registry=registry)
+    def pods_by_node(spec: kopf.Spec, body: kopf.Body, **_: Any) -> dict[str, PodInfo] | None:
+        node = spec.get("nodeName")
+        return {node: pod_info(body)} if node else None
+
+    @kopf.index(*POLICIES, registry=registry)
+    def policies_by_namespace(
+        namespace: str, name: str, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, **_: Any
+    ) -> dict[str, PolicyEntry]:
+        return {namespace: _policy_entry(namespace, name, spec, status, meta)}
+
+    @kopf.index(*REPORTS, registry=registry)
+    def reports_by_node(name: str, status: kopf.Status, **_: Any) -> dict[str, GPUNodeReportStatus] | None:
+        try:
+            return {name: GPUNodeReportStatus.model_validate(dict(status))} if status else None
+        except ValidationError:
+            return None  # a malformed report gives no observation; the policy reports the node as silent
+
+    @kopf.timer(*POLICIES, interval=cfg.reconcile_interval, initial_delay=1, registry=registry)
+    async def reconcile_policy(
+        namespace: str,
+        name: str,
+        spec: kopf.Spec,
+        status: kopf.Status,
+        meta: kopf.Meta,
+        body: kopf.Body,
+        patch: kopf.Patch,
+        memo: kopf.Memo,
+        logger: kopf.Logger,
+        pods_by_namespace: kopf.Index[str, PodInfo],
+        policies_by_namespace: kopf.Index[str, PolicyEntry],
+        reports_by_node: kopf.Index[str, GPUNodeReportStatus],
+        **_: Any,
+    ) -> None:
+        if meta.get("deletionTimestamp"):
+            return
+        now = datetime.now(UTC)
+        try:
+            policy = PolicyRef(namespace, name, EnergyPolicySpec.model_validate(dict(spec)))
+        except ValidationError as exc:
+            patch.status["conditions"] = services.invalid_spec_conditions(
+                dict(status), str(exc), meta.get("generation"), now
+            )
+            logger.error("EnergyPolicy %s/%s: spec rejected by edpilot: %s", namespace, name, exc)
+            return
+        pods = list(pods_by_namespace.get(namespace, []))
+        policies = _live_policies(policies_by_namespace.get(namespace, []))
+        reports = {node: next(iter(store)) for node, store in reports_by_node.items() if store}
+        outcome = services.reconcile_policy(
+            policy=policy,
+            status=dict(status),
+            generation=meta.get("generation"),
+            pods=pods,
+            policies=policies,
+            reports=reports,
+            now=now,
+        )
+        kube: Kube = memo.kube
+        for pod_key, pod_patch in outcome.pod_annotations.items():
+            pod_ns, pod_name = pod_key.split("/", 1)
+            await kube.patch_pod_annotations(pod_ns, pod_name, pod_patch)
+        patch.status.update(outcome.status)
+        for event in outcome.events:
+            target: Any = _pod_ref(event.pod, pods) if event.pod else body
+            if target is not None:
+                kopf.event(target, type=event.type, reason=event.reason, message=event.message)
+
+    @kopf.timer(*REPORTS, interval=cfg.report_interval, initial_delay=1, registry=registry)
+    def compose_report(
+        name: str,
+        spec: kopf.Spec,
+        status: kopf.Status,
+        patch: kopf.Patch,
+        pods_by_node: kopf.Index[str, PodInfo],
+        policies_by_namespace: kopf.Index[str, PolicyEntry],
+        **_: Any,
+    ) -> None:
+        entries = [e for store in policies_by_namespace.values() for e in store]
+        current = _report_spec(spec)
+        desired = desired_spec(
+            pods=pods_by_node.get(name, []),
+            status=_report_status(status),
+            policies={e.ref.key: e.ref.spec for e in entries if e.ref is not None and not e.deleting},
+            active_pods={pod for e in entries for pod in e.active_pods},
+            current=current,
+            holder=cfg.identity,
+            now=datetime.now(UTC),
+            timing=cfg.timing,
+        )
+        if desired != current:
+            patch.spec.update(desired.model_dump(mode="json", exclude_none=True))
+
+    @kopf.on.delete(*POLICIES, registry=registry)
+    async def release_policy(
+        namespace: str,
+        name: str,
+        memo: kopf.Memo,
+        logger: kopf.Logger,
+        pods_by_namespace: kopf.Index[str, PodInfo],
+        pods_by_node: kopf.Index[str, PodInfo],
+        policies_by_namespace: kopf.Index[str, PolicyEntry],
+        reports_by_node: kopf.Index[str, GPUNodeReportStatus],
+        **_: Any,
+    ) -> None:
+        """Remove this policy's hints and caps; its GPUs go back to their default limits."""
+        kube: Kube = memo.kube
+        released = [p for p in pods_by_namespace.get(namespace, []) if governed_by(p, name)]
+        for pod in released:
+            await kube.patch_pod_annotations(pod.namespace, pod.name, dict.fromkeys(HINT_ANNOTATIONS))
+        # Recompose the affected nodes' specs now rather than at the next report timer, so the
+        # caps are gone by the time the finalizer lets the policy disappear.
+        entries = [
+            e
+            for store in policies_by_namespace.values()
+            for e in store
+            if e.ref is not None and not e.deleting and e.ref.key != f"{namespace}/{name}"
+        ]
+        released_keys = {p.key for p in released}
+        for node in sorted({p.node for p in released}):
+            store = reports_by_node.get(node)
+            remaining = [p for p in pods_by_node.get(node, []) if p.key not in released_keys]
+            desired = desired_spec(
+                pods=remaining,
+                status=next(iter(store)) if store else None,
+                policies={e.ref.key: e.ref.spec for e in entries if e.ref is not None},
+                active_pods={pod for e in entries for pod in e.active_pods},
+                current=GPUNodeReportSpec(),
+                holder=cfg.identity,
+                now=datetime.now(UTC),
+                timing=cfg.timing,
+            )
+            await kube.patch_report_spec(node, desired.model_dump(mode="json", exclude_none=True))
+        logger.info("EnergyPolicy %s/%s released %d pods", namespace, name, len(released))
+
+
+def _pod_ref(pod_key: str, pods: Iterable[PodInfo]) -> dict[str, Any] | None:
+    for pod in pods:
+        if pod.key == pod_key:
+            return {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid},
+            }
+    return None
+
+
+def _report_spec(spec: Mapping[str, Any]) -> GPUNodeReportSpec:
+    try:
+        return GPUNodeReportSpec.model_validate(dict(spec))
+    except ValidationError:
+        return GPUNodeReportSpec()  # rewritten whole at the next patch
+
+
+def _report_status(status: Mapping[str, Any]) -> GPUNodeReportStatus | None:
+    try:
+        return GPUNodeReportStatus.model_validate(dict(status)) if status else None
+    except ValidationError:
+        return None

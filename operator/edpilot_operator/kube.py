@@ -1,0 +1,63 @@
+"""The operator's writes that kopf's own `patch` cannot make: other objects than the one handled.
+
+Every call runs the blocking kubernetes client in a worker thread, so the kopf event loop stays free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from edpilot.models import GROUP, VERSION
+
+
+def load_client(kubeconfig: str | None) -> client.ApiClient:
+    if kubeconfig:
+        api: client.ApiClient = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        return api
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient) -> None:
+        self._core = client.CoreV1Api(api)
+        self._custom = client.CustomObjectsApi(api)
+
+    async def patch_pod_annotations(
+        self, namespace: str, name: str, annotations: Mapping[str, str | None]
+    ) -> None:
+        """Merge-patch annotations; None removes one. A pod that is gone needs nothing."""
+        body = {"metadata": {"annotations": dict(annotations)}}
+        await _call(self._core.patch_namespaced_pod, name, namespace, body, missing_ok=True)
+
+    async def patch_report_spec(self, node: str, spec: Mapping[str, Any]) -> None:
+        body = {"spec": dict(spec)}
+        await _call(
+            self._custom.patch_cluster_custom_object,
+            GROUP,
+            VERSION,
+            "gpunodereports",
+            node,
+            body,
+            missing_ok=True,
+        )
+
+
+async def _call(fn: Any, *args: Any, missing_ok: bool = False) -> Any:
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except ApiException as exc:
+        if missing_ok and exc.status == 404:
+            return None
+        if exc.status in (409, 429) or exc.status >= 500:
+            raise kopf.TemporaryError(f"API server answered {exc.status}: {exc.reason}", delay=2) from exc
+        raise

@@ -1,0 +1,80 @@
+"""`edpilot operator`: runs kopf with edpilot's handlers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import threading
+
+import kopf
+
+from .handlers import OperatorConfig, register
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="edpilot operator", description="Close the EDP loop for EnergyPolicies.")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--namespace", action="append", default=[], help="watch only these namespaces (repeatable)"
+    )
+    scope.add_argument("--all-namespaces", action="store_true", help="watch the whole cluster (default)")
+    p.add_argument(
+        "--kubeconfig", default=os.environ.get("KUBECONFIG"), help="default: in-cluster, then ~/.kube"
+    )
+    p.add_argument(
+        "--peering", default=None, help="kopf peering name; several replicas then never act together"
+    )
+    p.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    p.add_argument(
+        "--liveness", default=None, help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz"
+    )
+    p.add_argument("--reconcile-interval", type=float, default=5.0, help="seconds between policy decisions")
+    p.add_argument("--report-interval", type=float, default=5.0, help="seconds between report spec updates")
+    p.add_argument("--lease-seconds", type=int, default=60, help="agents restore default limits after this")
+    p.add_argument(
+        "--fast-report-interval", type=int, default=5, help="agent report interval while exploring"
+    )
+    p.add_argument("--slow-report-interval", type=int, default=60, help="agent report interval otherwise")
+    p.add_argument("--identity", default=os.environ.get("POD_NAME") or os.uname().nodename)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    registry = kopf.OperatorRegistry()
+    register(
+        registry,
+        OperatorConfig(
+            kubeconfig=args.kubeconfig,
+            identity=args.identity,
+            reconcile_interval=args.reconcile_interval,
+            report_interval=args.report_interval,
+            lease_seconds=args.lease_seconds,
+            fast_report_interval=args.fast_report_interval,
+            slow_report_interval=args.slow_report_interval,
+        ),
+    )
+    stop = threading.Event()
+    try:
+        kopf.run(
+            registry=registry,
+            standalone=args.peering is None,
+            peering_name=args.peering,
+            priority=args.priority,
+            clusterwide=not args.namespace,
+            namespaces=args.namespace,
+            liveness_endpoint=args.liveness,
+            stop_flag=stop,
+        )
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        stop.set()
+    return 0

@@ -1,0 +1,110 @@
+"""The desired `GPUNodeReport.spec` of one node, composed from the pods on it. Pure.
+
+Pod annotations are the single source of the caps: the policy reconciler writes
+`edpilot.io/power-cap-watts` on the pods it governs, and this module turns the pods of one node
+into that node's spec (caps per GPU UUID, pods to measure, lease). A cap whose policy is gone is
+dropped, so the agent restores the GPU's default limit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from edpilot.models import (
+    ANNOTATION_POLICY,
+    ANNOTATION_POWER_CAP,
+    DesiredPowerLimit,
+    EnergyPolicySpec,
+    GPUNodeReportSpec,
+    GPUNodeReportStatus,
+    Lease,
+    MeasuredWorkload,
+)
+
+from .selection import PodInfo
+
+
+@dataclass(frozen=True)
+class ReportTiming:
+    lease_seconds: int = 60
+    # While a workload on the node explores, the operator needs fresh windows; otherwise the
+    # agent reports rarely so a large fleet does not flood the API server.
+    fast_interval_seconds: int = 5
+    slow_interval_seconds: int = 60
+
+
+def desired_spec(
+    *,
+    pods: Iterable[PodInfo],
+    status: GPUNodeReportStatus | None,
+    policies: Mapping[str, EnergyPolicySpec],
+    active_pods: set[str],
+    current: GPUNodeReportSpec,
+    holder: str,
+    now: datetime,
+    timing: ReportTiming,
+) -> GPUNodeReportSpec:
+    """`policies` maps "namespace/name" to spec; `active_pods` are pods whose workload explores."""
+    gpus_of: dict[str, list[str]] = {}
+    if status is not None:
+        for gpu in status.gpus:
+            for pod_key in gpu.pods:
+                gpus_of.setdefault(pod_key, []).append(gpu.uuid)
+
+    limits: list[DesiredPowerLimit] = []
+    measured: list[MeasuredWorkload] = []
+    fast = False
+    for pod in sorted(pods, key=lambda p: p.key):
+        policy_name = pod.annotations.get(ANNOTATION_POLICY)
+        spec = policies.get(f"{pod.namespace}/{policy_name}") if policy_name else None
+        if spec is None or pod.deleting:
+            continue
+        metric = spec.workMetric
+        slo = spec.latencySLO
+        measured.append(
+            MeasuredWorkload(
+                namespace=pod.namespace,
+                pod=pod.name,
+                port=metric.port,
+                path=metric.path,
+                metricName=metric.name,
+                unit=metric.unit,
+                configMetric=metric.configMetric,
+                latencyMetric=slo.metricName if slo else None,
+                latencyQuantile=slo.quantile if slo else None,
+            )
+        )
+        fast = fast or pod.key in active_pods
+        watts = _cap(pod.annotations.get(ANNOTATION_POWER_CAP))
+        if watts is not None:
+            limits.extend(
+                DesiredPowerLimit(gpuUUID=uuid, watts=watts, pod=pod.key)
+                for uuid in sorted(gpus_of.get(pod.key, []))
+            )
+
+    lease = current.lease
+    if (
+        lease is None
+        or lease.holderIdentity != holder
+        or now - lease.renewTime >= timedelta(seconds=timing.lease_seconds / 3)
+    ):
+        lease = Lease(holderIdentity=holder, renewTime=now, leaseSeconds=timing.lease_seconds)
+    return GPUNodeReportSpec(
+        powerLimits=limits,
+        workloads=measured,
+        lease=lease,
+        reportIntervalSeconds=timing.fast_interval_seconds if fast else timing.slow_interval_seconds,
+    )
+
+
+def _cap(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        watts = float(value)
+    except ValueError:
+        return None
+    return watts if math.isfinite(watts) and watts > 0 else None

@@ -1,0 +1,405 @@
+"""One policy's reconcile: snapshot (pods, reports, stored state) -> core decisions -> what to write.
+
+Pure: the kopf handler passes in what the watches hold and writes back what this returns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from edpilot.edp import MemberSample
+from edpilot.models import (
+    ANNOTATION_BATCH_SIZE,
+    ANNOTATION_BATCH_SIZE_RANGE,
+    ANNOTATION_POLICY,
+    ANNOTATION_POWER_CAP,
+    ANNOTATION_QUANTIZATION,
+    ANNOTATION_QUANTIZATION_ACCURACY,
+    Condition,
+    ConditionStatus,
+    EnergyPolicyStatus,
+    GPUNodeReportStatus,
+    PolicyTotals,
+    Profile,
+    WorkloadStatus,
+)
+from edpilot.optimizer import (
+    DEFAULT_TUNING,
+    Decision,
+    MemberInfo,
+    Observation,
+    OptimizerState,
+    Tuning,
+    WorkloadInfo,
+    parse_accuracy,
+    step,
+)
+
+from .selection import PodInfo, PolicyRef, Workload, select
+
+
+@dataclass(frozen=True)
+class PolicyEvent:
+    type: str
+    reason: str
+    message: str
+    pod: str | None = None  # "namespace/name"; None: the event is about the policy
+
+
+@dataclass
+class PolicyOutcome:
+    status: dict[str, Any]
+    pod_annotations: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    events: list[PolicyEvent] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A workload's inputs to the core, or why there are none yet."""
+
+    info: WorkloadInfo | None
+    observation: Observation | None
+    waiting_for: str = ""
+    warnings: tuple[str, ...] = ()
+
+
+def snapshot(workload: Workload, reports: Mapping[str, GPUNodeReportStatus]) -> Snapshot:
+    members: list[MemberInfo] = []
+    samples: list[MemberSample] = []
+    times: list[float] = []
+    warnings: list[str] = []
+    first = workload.pods[0]
+    starting_batch: int | None = None
+    starting_quantization: Profile | None = None
+    for pod in workload.pods:
+        report = reports.get(pod.node)
+        if report is None:
+            return Snapshot(None, None, f"no GPUNodeReport from the agent on node {pod.node}")
+        gpus = [g for g in report.gpus if pod.key in g.pods]
+        if not gpus:
+            return Snapshot(None, None, f"the agent on {pod.node} has not reported the GPUs of pod {pod.key}")
+        work = next((w for w in report.workloads if w.namespace == pod.namespace and w.pod == pod.name), None)
+        if work is None:
+            return Snapshot(
+                None, None, f"the agent on {pod.node} has not reported the work counter of {pod.key}"
+            )
+        if not work.healthy:
+            warnings.append(f"{pod.key}: {work.message or 'work counter unhealthy'}")
+        starting_batch = starting_batch or work.batchSize
+        starting_quantization = starting_quantization or work.quantization
+        times.append(report.time.timestamp())
+        for gpu in gpus:
+            known = gpu.maxLimitWatts > 0 and not gpu.migEnabled
+            members.append(
+                MemberInfo(
+                    member=gpu.uuid,
+                    pod=pod.key,
+                    minWatts=gpu.minLimitWatts if known else None,
+                    maxWatts=gpu.maxLimitWatts if known else None,
+                    defaultWatts=gpu.defaultLimitWatts if known else None,
+                )
+            )
+            samples.append(
+                MemberSample(
+                    member=gpu.uuid,
+                    energyJoules=gpu.energyJoules,
+                    workUnits=work.workUnits,
+                    powerWatts=gpu.powerWatts,
+                    capWatts=gpu.enforcedLimitWatts,
+                    batchSize=work.batchSize,
+                    quantization=work.quantization,
+                    latencySeconds=work.latencySeconds,
+                    counterResets=work.counterResets,
+                )
+            )
+    accuracy: dict[Profile, float] = {}
+    if ANNOTATION_QUANTIZATION_ACCURACY in first.annotations:
+        try:
+            accuracy = parse_accuracy(first.annotations[ANNOTATION_QUANTIZATION_ACCURACY])
+        except ValueError as exc:
+            warnings.append(f"{first.key}: {exc}; quantization is not explored")
+    batch_range = None
+    if ANNOTATION_BATCH_SIZE_RANGE in first.annotations:
+        batch_range = parse_batch_range(first.annotations[ANNOTATION_BATCH_SIZE_RANGE])
+        if batch_range is None:
+            warnings.append(
+                f"{first.key}: annotation {ANNOTATION_BATCH_SIZE_RANGE} must look like '8-512'; it is ignored"
+            )
+    info = WorkloadInfo(
+        name=workload.name,
+        members=tuple(members),
+        accuracy=accuracy,
+        batchSize=starting_batch,
+        quantization=starting_quantization,
+        batchRange=batch_range,
+        image=first.image,
+        restarts=sum(p.restarts for p in workload.pods),
+    )
+    # Members on several nodes are read at their nodes' report times; the latest one stands for
+    # all, and the optimizer's windows are long against the spread between reports.
+    return Snapshot(info, Observation(time=max(times), members=tuple(samples)), warnings=tuple(warnings))
+
+
+def parse_batch_range(text: str) -> tuple[int, int] | None:
+    try:
+        lo, hi = (int(part) for part in text.replace("..", "-").split("-", 1))
+    except ValueError:
+        return None
+    return (lo, hi) if 1 <= lo <= hi else None
+
+
+def reconcile_policy(
+    *,
+    policy: PolicyRef,
+    status: Mapping[str, Any],
+    generation: int | None,
+    pods: Sequence[PodInfo],
+    policies: Sequence[PolicyRef],
+    reports: Mapping[str, GPUNodeReportStatus],
+    now: datetime,
+    tuning: Tuning = DEFAULT_TUNING,
+) -> PolicyOutcome:
+    selection = select(policy, pods, policies)
+    previous_rows = {
+        row.get("name"): row for row in status.get("workloads") or [] if isinstance(row, Mapping)
+    }
+    outcome = PolicyOutcome(status={})
+    rows: list[WorkloadStatus] = []
+    for workload in selection.workloads:
+        rows.append(
+            _reconcile_workload(
+                policy, workload, previous_rows.get(workload.name), reports, now, tuning, outcome
+            )
+        )
+    for pod_key, winner in sorted(selection.lost_to.items()):
+        rows.append(
+            WorkloadStatus(
+                name=pod_key.split("/", 1)[1],
+                pods=[pod_key],
+                phase="Conflict",
+                message=f"also selected by EnergyPolicy {winner}, whose priority wins",
+            )
+        )
+    previous = _previous_status(status)
+    new_status = EnergyPolicyStatus(
+        observedGeneration=generation,
+        workloads=rows,
+        totals=_totals(rows),
+        conditions=_conditions(policy, rows, previous.conditions, generation, now),
+    )
+    outcome.status = new_status.model_dump(mode="json", exclude_none=True)
+    return outcome
+
+
+def _reconcile_workload(
+    policy: PolicyRef,
+    workload: Workload,
+    previous_row: Mapping[str, Any] | None,
+    reports: Mapping[str, GPUNodeReportStatus],
+    now: datetime,
+    tuning: Tuning,
+    outcome: PolicyOutcome,
+) -> WorkloadStatus:
+    row = WorkloadStatus(
+        name=workload.name,
+        pods=[p.key for p in workload.pods],
+        nodes=list(workload.nodes),
+        gpus=workload.gpus,
+    )
+    for pod in workload.pods:
+        if pod.annotations.get(ANNOTATION_POLICY) != policy.name:
+            outcome.pod_annotations.setdefault(pod.key, {})[ANNOTATION_POLICY] = policy.name
+    snap = snapshot(workload, reports)
+    for warning in snap.warnings:
+        outcome.events.append(PolicyEvent("Warning", "WorkloadInput", warning))
+    state = _stored_state(previous_row, outcome, workload.name)
+    if snap.info is None or snap.observation is None:
+        kept = WorkloadStatus.model_validate(dict(previous_row)) if previous_row else None
+        row.phase = kept.phase if kept else "Pending"
+        row.message = snap.waiting_for
+        row.optimizer = state.model_dump(mode="json") if state else None
+        return row
+    decision = step(policy.spec, snap.info, state, snap.observation, now.timestamp(), tuning)
+    _write_hints(workload, snap.info, decision, outcome)
+    for event in decision.events:
+        outcome.events.append(PolicyEvent(event.type, event.reason, f"{workload.name}: {event.message}"))
+    figures = decision.figures
+    row.phase = figures.phase
+    row.powerCapWatts = figures.powerCapWatts
+    row.batchSize = figures.batchSize
+    row.quantization = figures.quantization
+    row.baseline = figures.baseline
+    row.current = figures.current
+    row.edpReductionPercent = _finite(figures.edpReductionPercent)
+    row.slowdownPercent = _finite(figures.slowdownPercent)
+    row.energySavedJoules = figures.energySavedJoules
+    row.probes = figures.probes
+    row.message = decision.badData.value if decision.badData else figures.message
+    row.optimizer = decision.state.model_dump(mode="json")
+    return row
+
+
+def _stored_state(row: Mapping[str, Any] | None, outcome: PolicyOutcome, name: str) -> OptimizerState | None:
+    stored = row.get("optimizer") if row else None
+    if not stored:
+        return None
+    try:
+        return OptimizerState.model_validate(stored)
+    except ValidationError as exc:
+        outcome.events.append(
+            PolicyEvent(
+                "Warning",
+                "StateDiscarded",
+                f"{name}: stored optimizer state unreadable, starting over: {exc}",
+            )
+        )
+        return None
+
+
+def _write_hints(workload: Workload, info: WorkloadInfo, decision: Decision, outcome: PolicyOutcome) -> None:
+    pod_of = {m.member: m.pod for m in info.members}
+    for pod in workload.pods:
+        # One annotation per pod: its GPUs' caps differ only for straggler members of one pod,
+        # where the highest keeps the pod from slowing the job.
+        caps = [
+            c for member, c in decision.capWatts.items() if c is not None and pod_of.get(member) == pod.key
+        ]
+        wanted: dict[str, str | None] = {
+            ANNOTATION_POWER_CAP: f"{max(caps):.0f}" if caps else None,
+            ANNOTATION_BATCH_SIZE: str(decision.batchSize) if decision.batchSize is not None else None,
+            ANNOTATION_QUANTIZATION: decision.quantization,
+        }
+        changes = {k: v for k, v in wanted.items() if pod.annotations.get(k) != v}
+        if changes:
+            outcome.pod_annotations.setdefault(pod.key, {}).update(changes)
+            shown = ", ".join(
+                f"{k.split('/', 1)[1]}={v if v is not None else '(removed)'}" for k, v in changes.items()
+            )
+            outcome.events.append(PolicyEvent("Normal", "HintsUpdated", shown, pod=pod.key))
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _previous_status(status: Mapping[str, Any]) -> EnergyPolicyStatus:
+    try:
+        conditions = [Condition.model_validate(c) for c in status.get("conditions") or []]
+    except ValidationError:
+        conditions = []
+    return EnergyPolicyStatus(conditions=conditions)
+
+
+def _totals(rows: Sequence[WorkloadStatus]) -> PolicyTotals:
+    governed = [r for r in rows if r.phase != "Conflict"]
+    reductions = [r.edpReductionPercent for r in governed if r.edpReductionPercent is not None]
+    return PolicyTotals(
+        workloads=len(governed),
+        gpus=sum(r.gpus for r in governed),
+        energySavedJoules=sum(r.energySavedJoules for r in governed),
+        averageEdpReductionPercent=sum(reductions) / len(reductions) if reductions else None,
+    )
+
+
+def _conditions(
+    policy: PolicyRef,
+    rows: Sequence[WorkloadStatus],
+    previous: Sequence[Condition],
+    generation: int | None,
+    now: datetime,
+) -> list[Condition]:
+    governed = [r for r in rows if r.phase != "Conflict"]
+    converged = [r for r in governed if r.phase == "Converged"]
+    degraded = [r for r in governed if r.phase == "Degraded"]
+    conflicts = [r for r in rows if r.phase == "Conflict"]
+    wanted: list[tuple[str, ConditionStatus, str, str]] = [
+        (
+            "Ready",
+            "True",
+            "Reconciled",
+            f"{len(governed)} workloads governed, {len(conflicts)} lost to other policies",
+        ),
+        (
+            "Converged",
+            "True" if governed and len(converged) == len(governed) else "False",
+            "AllConverged"
+            if governed and len(converged) == len(governed)
+            else ("Exploring" if governed else "NoWorkloads"),
+            f"{len(converged)} of {len(governed)} workloads converged",
+        ),
+        (
+            "Degraded",
+            "True" if degraded else "False",
+            "BadMeasurements" if degraded else "MeasurementsHealthy",
+            "; ".join(f"{r.name}: {r.message}" for r in degraded) or "every workload is measured cleanly",
+        ),
+        _target_condition(policy, governed),
+    ]
+    before = {c.type: c for c in previous}
+    result: list[Condition] = []
+    for type_, status, reason, message in wanted:
+        old = before.get(type_)
+        since = old.lastTransitionTime if old is not None and old.status == status else now
+        result.append(
+            Condition(
+                type=type_,
+                status=status,
+                reason=reason,
+                message=message[:32768],
+                lastTransitionTime=since,
+                observedGeneration=generation,
+            )
+        )
+    return result
+
+
+def _target_condition(
+    policy: PolicyRef, rows: Sequence[WorkloadStatus]
+) -> tuple[str, ConditionStatus, str, str]:
+    target = policy.spec.target
+    if target is None:
+        return ("TargetMet", "Unknown", "NoTarget", "the policy sets no target")
+    measured = [r for r in rows if r.current is not None and r.edpReductionPercent is not None]
+    if not measured:
+        return ("TargetMet", "Unknown", "NotMeasuredYet", "no workload has a measured configuration yet")
+    misses: list[str] = []
+    for r in measured:
+        assert r.current is not None and r.edpReductionPercent is not None
+        if target.edpReductionPercent is not None and r.edpReductionPercent < target.edpReductionPercent:
+            misses.append(f"{r.name}: EDP -{r.edpReductionPercent:.1f}% < -{target.edpReductionPercent:g}%")
+        if target.joulesPerUnit is not None and r.current.joulesPerUnit > target.joulesPerUnit:
+            misses.append(f"{r.name}: {r.current.joulesPerUnit:.4g} J/unit > {target.joulesPerUnit:g}")
+    if misses:
+        return ("TargetMet", "False", "TargetMissed", "; ".join(misses))
+    return ("TargetMet", "True", "TargetMet", f"{len(measured)} workloads meet the target")
+
+
+def invalid_spec_conditions(
+    status: Mapping[str, Any], error: str, generation: int | None, now: datetime
+) -> list[dict[str, Any]]:
+    """A spec the API server accepted but edpilot cannot use: say so, decide nothing."""
+    previous = {c.type: c for c in _previous_status(status).conditions}
+    result = []
+    checks: tuple[tuple[str, ConditionStatus, str], ...] = (
+        ("Ready", "False", "InvalidSpec"),
+        ("Degraded", "True", "InvalidSpec"),
+    )
+    for type_, value, reason in checks:
+        old = previous.get(type_)
+        since = old.lastTransitionTime if old is not None and old.status == value else now
+        cond = Condition(
+            type=type_,
+            status=value,
+            reason=reason,
+            message=error[:32768],
+            lastTransitionTime=since,
+            observedGeneration=generation,
+        )
+        result.append(cond.model_dump(mode="json", exclude_none=True))
+    return result
