@@ -20,7 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     rows = "\n".join(f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items())
-    return f"usage: edpilot <command> [options]\n\ncommands:\n{rows}\n\n`edpilot <command> --help` for options."
+    return (
+        f"usage: edpilot <command> [options]\n\ncommands:\n{rows}\n\n`edpilot <command> --help` for options."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

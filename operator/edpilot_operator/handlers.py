@@ -20,6 +20,7 @@ from edpilot.models import (
     GPUNodeReportSpec,
     GPUNodeReportStatus,
 )
+from edpilot.optimizer import DEFAULT_TUNING, Tuning
 
 from . import services
 from .kube import Kube, load_client
@@ -40,6 +41,7 @@ class OperatorConfig:
     lease_seconds: int = 60
     fast_report_interval: int = 5
     slow_report_interval: int = 60
+    tuning: Tuning = DEFAULT_TUNING
 
     @property
     def timing(self) -> ReportTiming:
@@ -83,6 +85,13 @@ def _live_policies(entries: Iterable[PolicyEntry]) -> list[PolicyRef]:
 def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
     """Register every handler on `registry` with the intervals of `cfg`."""
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # An explicit kubeconfig wins; in a pod, the mounted ServiceAccount token.
+        if cfg.kubeconfig:
+            return kopf.login_with_kubeconfig(**kwargs)
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         settings.persistence.finalizer = f"{GROUP}/finalizer"
@@ -99,29 +108,31 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
     def probe_policies(policies_by_namespace: kopf.Index[str, PolicyEntry], **_: Any) -> int:
         return sum(len(v) for v in policies_by_namespace.values())
 
-    @kopf.index("pods", when=_is_gpu_pod, registry=registry)
+    @kopf.index("pods", id="pods_by_namespace", when=_is_gpu_pod, registry=registry)
     def pods_by_namespace(namespace: str, body: kopf.Body, **_: Any) -> dict[str, PodInfo]:
         return {namespace: pod_info(body)}
 
-    @kopf.index("pods", when=_is_gpu_pod, registry=registry)
+    @kopf.index("pods", id="pods_by_node", when=_is_gpu_pod, registry=registry)
     def pods_by_node(spec: kopf.Spec, body: kopf.Body, **_: Any) -> dict[str, PodInfo] | None:
         node = spec.get("nodeName")
         return {node: pod_info(body)} if node else None
 
-    @kopf.index(*POLICIES, registry=registry)
+    @kopf.index(*POLICIES, id="policies_by_namespace", registry=registry)
     def policies_by_namespace(
         namespace: str, name: str, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, **_: Any
     ) -> dict[str, PolicyEntry]:
         return {namespace: _policy_entry(namespace, name, spec, status, meta)}
 
-    @kopf.index(*REPORTS, registry=registry)
+    @kopf.index(*REPORTS, id="reports_by_node", registry=registry)
     def reports_by_node(name: str, status: kopf.Status, **_: Any) -> dict[str, GPUNodeReportStatus] | None:
         try:
             return {name: GPUNodeReportStatus.model_validate(dict(status))} if status else None
         except ValidationError:
             return None  # a malformed report gives no observation; the policy reports the node as silent
 
-    @kopf.timer(*POLICIES, interval=cfg.reconcile_interval, initial_delay=1, registry=registry)
+    @kopf.timer(
+        *POLICIES, id="reconcile_policy", interval=cfg.reconcile_interval, initial_delay=1, registry=registry
+    )
     async def reconcile_policy(
         namespace: str,
         name: str,
@@ -159,6 +170,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             policies=policies,
             reports=reports,
             now=now,
+            tuning=cfg.tuning,
         )
         kube: Kube = memo.kube
         for pod_key, pod_patch in outcome.pod_annotations.items():
@@ -170,7 +182,9 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             if target is not None:
                 kopf.event(target, type=event.type, reason=event.reason, message=event.message)
 
-    @kopf.timer(*REPORTS, interval=cfg.report_interval, initial_delay=1, registry=registry)
+    @kopf.timer(
+        *REPORTS, id="compose_report", interval=cfg.report_interval, initial_delay=1, registry=registry
+    )
     def compose_report(
         name: str,
         spec: kopf.Spec,
@@ -195,7 +209,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         if desired != current:
             patch.spec.update(desired.model_dump(mode="json", exclude_none=True))
 
-    @kopf.on.delete(*POLICIES, registry=registry)
+    @kopf.on.delete(*POLICIES, id="release_policy", registry=registry)
     async def release_policy(
         namespace: str,
         name: str,

@@ -10,6 +10,8 @@ import threading
 
 import kopf
 
+from edpilot.optimizer import DEFAULT_TUNING
+
 from .handlers import OperatorConfig, register
 
 
@@ -37,6 +39,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--fast-report-interval", type=int, default=5, help="agent report interval while exploring"
     )
     p.add_argument("--slow-report-interval", type=int, default=60, help="agent report interval otherwise")
+    p.add_argument(
+        "--window-seconds", type=float, default=DEFAULT_TUNING.windowSeconds, help="shortest window"
+    )
+    p.add_argument("--baseline-windows", type=int, default=DEFAULT_TUNING.baselineWindows)
+    p.add_argument("--probe-windows", type=int, default=DEFAULT_TUNING.probeWindows)
+    p.add_argument(
+        "--apply-timeout",
+        type=float,
+        default=DEFAULT_TUNING.applyTimeoutSeconds,
+        help="seconds a workload has to apply a hint",
+    )
     p.add_argument("--identity", default=os.environ.get("POD_NAME") or os.uname().nodename)
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -61,6 +74,14 @@ def main(argv: list[str]) -> int:
             lease_seconds=args.lease_seconds,
             fast_report_interval=args.fast_report_interval,
             slow_report_interval=args.slow_report_interval,
+            tuning=DEFAULT_TUNING.model_copy(
+                update={
+                    "windowSeconds": args.window_seconds,
+                    "baselineWindows": args.baseline_windows,
+                    "probeWindows": args.probe_windows,
+                    "applyTimeoutSeconds": args.apply_timeout,
+                }
+            ),
         ),
     )
     stop = threading.Event()

@@ -1,0 +1,1000 @@
+"""The per-workload search over (quantization, batch size, power cap), as one pure function.
+
+`step(policy, workload, state, observation, now)` is called every time a new observation of a
+workload arrives. It turns the observation into a window (edp.py), attributes the window to the
+configuration the workload REPORTS it runs, and moves a small state machine:
+
+    Baseline  -> Exploring (quantization -> batch size -> power cap -> straggler caps) -> Converged
+    Converged -> Drifted (work rate changed beyond noise, restart, new image) -> Baseline again
+
+Every probe is measured over enough windows to beat the noise measured at the baseline, and a
+probe only replaces the best configuration so far when it is better by more than that noise and
+keeps throughput within `maxSlowdownPercent` (and the latency SLO). Every decision is a function
+of its inputs; the whole state is a JSON-serialisable pydantic model, so a restarted operator
+resumes mid-exploration from what it stored in the policy's status.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edpilot.edp import (
+    CAP_TOLERANCE_WATTS,
+    TRANSITIONS,
+    Accumulator,
+    BadData,
+    MemberSample,
+    Metrics,
+    Sample,
+    Window,
+    pooled_relative_std,
+    significance_threshold,
+    window,
+    windows_to_beat_noise,
+)
+from edpilot.models import (
+    PROFILES,
+    EnergyPolicySpec,
+    Measurement,
+    Phase,
+    PowerCapSpec,
+    Profile,
+)
+
+Stage = Literal["quantization", "batch", "cap", "straggler"]
+STAGES: tuple[Stage, ...] = ("quantization", "batch", "cap", "straggler")
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+class Tuning(BaseModel):
+    """How carefully to measure; the defaults suit reports every few seconds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    windowSeconds: float = Field(default=5.0, gt=0)
+    baselineWindows: int = Field(default=5, ge=2)
+    probeWindows: int = Field(default=3, ge=1)
+    maxWindows: int = Field(default=12, ge=1)
+    settleWindows: int = Field(default=1, ge=0)  # after a change: reloads, caches, clocks settle
+    noiseK: float = Field(default=2.0, gt=0)
+    noiseFloor: float = Field(default=0.02, gt=0)  # never trust a difference smaller than this
+    # The slowdown limit is a promise: keep 3 standard deviations of the throughput noise from it
+    # (the best-looking probe is also the one whose noise flattered its throughput most).
+    slowdownNoiseK: float = Field(default=3.0, ge=0)
+    applyTimeoutSeconds: float = Field(default=120.0, gt=0)
+    capGridWatts: float = Field(default=5.0, gt=0)
+    capProbeBudget: int = Field(default=8, ge=2)
+    capMarginWatts: float = Field(default=25.0, ge=0)  # above the natural draw a cap changes nothing
+    stragglerProbeBudget: int = Field(default=4, ge=1)
+    waitingPowerRatio: float = Field(default=0.85, gt=0, lt=1)  # below this share of the hottest: waits
+    driftWindows: int = Field(default=3, ge=1)
+    driftMinPercent: float = Field(default=10.0, gt=0)
+    driftHoldoffSeconds: float = Field(default=120.0, ge=0)
+    degradedAfterBadWindows: int = Field(default=3, ge=1)
+
+
+DEFAULT_TUNING = Tuning()
+
+
+# ---------------------------------------------------------------- inputs
+
+
+class MemberInfo(BaseModel):
+    """One GPU of a workload; limits are None for a GPU whose constraints are unknown."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    member: str  # GPU UUID
+    pod: str  # namespace/name
+    minWatts: float | None = None
+    maxWatts: float | None = None
+    defaultWatts: float | None = None
+
+
+class WorkloadInfo(BaseModel):
+    """What the operator knows about a workload apart from its measurements."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    members: tuple[MemberInfo, ...]
+    accuracy: dict[Profile, float] = {}  # declared per profile (parse_accuracy)
+    batchSize: int | None = None  # the workload's own starting hints
+    quantization: Profile | None = None
+    batchRange: tuple[int, int] | None = None  # edpilot.io/batch-size-range
+    image: str = ""
+    restarts: int = 0
+
+
+class Observation(BaseModel):
+    """Cumulative counters of every member at `time` (the agent's report time)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    time: float
+    members: tuple[MemberSample, ...]
+
+
+def parse_accuracy(text: str) -> dict[Profile, float]:
+    """Parse `edpilot.io/quantization-accuracy`: a JSON object of profile -> relative accuracy."""
+    where = "annotation edpilot.io/quantization-accuracy"
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is not valid JSON: {err.msg} at position {err.pos}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f'{where} must be a JSON object like {{"bf16": 1.0, "fp8": 0.995}}')
+    parsed: dict[Profile, float] = {}
+    for key, value in raw.items():
+        profile = next((p for p in PROFILES if p == key), None)
+        if profile is None:
+            raise ValueError(f"{where}: unknown profile {key!r}; expected one of {', '.join(PROFILES)}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise ValueError(f"{where}: accuracy of {key} must be a positive number, got {value!r}")
+        parsed[profile] = float(value)
+    return parsed
+
+
+# ---------------------------------------------------------------- state
+
+
+class Config(BaseModel):
+    """A configuration the optimizer asks for. capWatts None: each member's baseline cap;
+    quantization or batchSize None: no hint (the workload runs its own)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    quantization: Profile | None = None
+    batchSize: int | None = None
+    capWatts: float | None = None
+    memberCaps: dict[str, float] = {}  # straggler-aware overrides of capWatts
+
+
+class Probe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Stage | Literal["baseline"]
+    config: Config
+    metrics: Metrics | None = None
+    failed: str | None = None
+
+
+class OptimizerState(BaseModel):
+    """Everything the optimizer remembers about one workload (stored in the policy's status)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    phase: Phase = "Baseline"
+    stage: Stage | None = None
+    exploration: int = 1
+    origin: Config = Config()  # the workload's own hints, restored for every baseline
+    target: Config = Config()
+    targetSince: float = 0.0
+    settle: int = 0
+    acc: Accumulator = Accumulator()
+    baseline: Probe | None = None
+    incumbent: Probe | None = None  # the best configuration measured so far
+    probes: list[Probe] = []
+    noise: float = 0.0  # relative std of one window's objective, pooled over this exploration
+    throughputNoise: float = 0.0
+    windowsPerProbe: int = 3
+    capBracket: tuple[float, float] | None = None
+    last: Sample | None = None
+    badStreak: int = 0
+    lastBad: BadData | None = None
+    driftStreak: int = 0
+    convergedAt: float | None = None
+    energySavedJoules: float = 0.0
+
+
+# ---------------------------------------------------------------- outputs
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+class Figures(BaseModel):
+    """Status figures, named like `models.WorkloadStatus`'s fields."""
+
+    phase: Phase
+    powerCapWatts: float | None = None
+    batchSize: int | None = None
+    quantization: Profile | None = None
+    baseline: Measurement | None = None
+    current: Measurement | None = None
+    edpReductionPercent: float | None = None
+    slowdownPercent: float | None = None
+    energySavedJoules: float = 0.0
+    probes: int = 0
+    message: str = ""
+
+
+class Decision(BaseModel):
+    state: OptimizerState
+    phase: Phase
+    capWatts: dict[str, float | None]  # per member GPU; None: leave that GPU's limit alone
+    batchSize: int | None  # hint to write; None: no hint
+    quantization: Profile | None
+    reasons: list[str]
+    events: list[Event]
+    figures: Figures
+    objectiveReductionPercent: float | None = None
+    badData: BadData | None = None
+
+
+# ---------------------------------------------------------------- power-cap bounds
+
+
+@dataclass(frozen=True)
+class CapBounds:
+    lo: float
+    hi: float
+    baseline: float  # the cap a baseline is measured at
+
+
+def cap_bounds(spec: PowerCapSpec, member: MemberInfo) -> CapBounds | str:
+    """The caps the optimizer may propose for one GPU, or why it proposes none."""
+    lo_c, hi_c, default = member.minWatts, member.maxWatts, member.defaultWatts
+    if lo_c is None or hi_c is None or default is None or not lo_c <= default <= hi_c:
+        return f"GPU {member.member} has unknown or inconsistent power-limit constraints: its limit is left alone"
+    if spec.mode == "Off":
+        return CapBounds(default, default, default)
+    if spec.mode == "Fixed":
+        assert spec.watts is not None  # the model's validator guarantees it
+        fixed = min(max(spec.watts, lo_c), hi_c)
+        return CapBounds(fixed, fixed, fixed)
+    lo = max(lo_c, spec.minPercent / 100.0 * default, spec.minWatts or 0.0)
+    hi = min(hi_c, spec.maxPercent / 100.0 * default, spec.maxWatts or math.inf)
+    if lo > hi:
+        return (
+            f"the policy's power-cap bounds do not meet GPU {member.member}'s constraints "
+            f"[{lo_c:g}, {hi_c:g}] W: its limit is left alone"
+        )
+    return CapBounds(lo, hi, min(default, hi))
+
+
+def _clamp(x: float, lo: float, hi: float) -> float:
+    return min(max(x, lo), hi)
+
+
+def _member_caps(bounds: dict[str, CapBounds | str], config: Config) -> dict[str, float | None]:
+    caps: dict[str, float | None] = {}
+    for member, b in bounds.items():
+        if isinstance(b, str):
+            caps[member] = None
+            continue
+        wanted = config.memberCaps.get(member, b.baseline if config.capWatts is None else config.capWatts)
+        caps[member] = _clamp(wanted, b.lo, b.hi)
+    return caps
+
+
+def member_caps(policy: EnergyPolicySpec, workload: WorkloadInfo, config: Config) -> dict[str, float | None]:
+    """The cap each member GPU gets under `config`, always inside its bounds; None: left alone."""
+    return _member_caps({m.member: cap_bounds(policy.powerCap, m) for m in workload.members}, config)
+
+
+@dataclass
+class _Ctx:
+    policy: EnergyPolicySpec
+    workload: WorkloadInfo
+    tuning: Tuning
+    now: float
+    bounds: dict[str, CapBounds | str]
+    reasons: list[str]
+    events: list[Event]
+
+    def member_caps(self, config: Config) -> dict[str, float | None]:
+        return _member_caps(self.bounds, config)
+
+    def known_bounds(self) -> list[CapBounds]:
+        return [b for b in self.bounds.values() if not isinstance(b, str)]
+
+    def event(self, kind: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        self.events.append(Event(type=kind, reason=reason, message=message))
+        self.reasons.append(message)
+
+
+def _threshold(st: OptimizerState, t: Tuning) -> float:
+    return significance_threshold(st.noise, st.windowsPerProbe, t.noiseK, t.noiseFloor)
+
+
+def _slack(m: Metrics, st: OptimizerState, ctx: _Ctx) -> float:
+    """Percentage points of throughput left before the slowdown limit, less the measurement noise."""
+    assert st.baseline is not None and st.baseline.metrics is not None
+    t = ctx.tuning
+    margin = 100.0 * t.slowdownNoiseK * st.throughputNoise * math.sqrt(2.0 / max(st.windowsPerProbe, 1))
+    slowdown = 100.0 * (1.0 - m.unitsPerSecond / st.baseline.metrics.unitsPerSecond)
+    return ctx.policy.maxSlowdownPercent - slowdown - margin
+
+
+def _violation(m: Metrics, st: OptimizerState, ctx: _Ctx) -> float:
+    """How far a measurement breaks the policy's limits (0: within them). The slowdown limit is
+    tightened by the throughput noise, so a kept configuration is within it with confidence."""
+    policy = ctx.policy
+    over = max(0.0, -_slack(m, st, ctx))
+    slo = policy.latencySLO
+    if slo is not None:
+        if m.latencySeconds is None:
+            over += 100.0  # an SLO that cannot be checked is not met
+        elif m.latencySeconds > slo.maxSeconds:
+            over += 100.0 * (m.latencySeconds / slo.maxSeconds - 1.0)
+    return over
+
+
+def _key(p: Probe, st: OptimizerState, ctx: _Ctx) -> tuple[float, float]:
+    if p.metrics is None:
+        return (math.inf, math.inf)
+    return (_violation(p.metrics, st, ctx), p.metrics.objective)
+
+
+def _better(p: Probe, than: Probe, st: OptimizerState, ctx: _Ctx) -> bool:
+    """Feasible, and better than `than` by more than the noise."""
+    assert than.metrics is not None
+    if p.metrics is None or _violation(p.metrics, st, ctx) > 0:
+        return False
+    return p.metrics.objective < than.metrics.objective * (1.0 - _threshold(st, ctx.tuning))
+
+
+# ---------------------------------------------------------------- stages
+
+
+def _stage_probes(st: OptimizerState, stage: Stage) -> list[Probe]:
+    return [p for p in st.probes if p.stage == stage]
+
+
+def _eligible_profiles(st: OptimizerState, ctx: _Ctx) -> list[Profile]:
+    assert st.incumbent is not None
+    q = ctx.policy.quantization
+    accuracy = ctx.workload.accuracy
+    current = st.incumbent.config.quantization
+    if not accuracy:
+        return []
+    reference = accuracy.get(current) if current is not None else None
+    if reference is None:
+        reference = max(accuracy.values())
+    eligible = [
+        p
+        for p in q.allowed
+        if p != current
+        and p in accuracy
+        and 100.0 * (reference - accuracy[p]) / reference <= q.maxAccuracyDropPercent
+    ]
+    # Most accurate first: if the search is cut short, the safest profiles were tried.
+    return sorted(eligible, key=lambda p: (-accuracy[p], PROFILES.index(p)))
+
+
+def _next_quantization(st: OptimizerState, ctx: _Ctx) -> Config | None:
+    assert st.incumbent is not None
+    tried = {p.config.quantization for p in _stage_probes(st, "quantization")}
+    for profile in _eligible_profiles(st, ctx):
+        if profile not in tried:
+            return st.incumbent.config.model_copy(update={"quantization": profile})
+    return None
+
+
+def batch_candidates(policy: EnergyPolicySpec, workload: WorkloadInfo) -> list[int]:
+    """Multiples of `multipleOf` at powers of two inside the policy's and the workload's range."""
+    spec = policy.batchSize
+    lo, hi = spec.min, spec.max
+    if workload.batchRange is not None:
+        lo, hi = max(lo, workload.batchRange[0]), min(hi, workload.batchRange[1])
+    m = spec.multipleOf
+    sizes = {math.ceil(2**k / m) * m for k in range(18)}
+    return sorted(s for s in sizes if lo <= s <= hi)
+
+
+def _stage_best(st: OptimizerState, stage: Stage, ctx: _Ctx) -> Probe:
+    """The incumbent, replaced by each probe of the stage that beats the best so far beyond noise."""
+    assert st.incumbent is not None
+    best = st.incumbent
+    for p in _stage_probes(st, stage):
+        if _better(p, best, st, ctx):
+            best = p
+    return best
+
+
+def _next_batch(st: OptimizerState, ctx: _Ctx) -> Config | None:
+    """Hill-climb over the candidates (a unimodal curve): up from the best, then down."""
+    assert st.incumbent is not None and st.incumbent.config.batchSize is not None
+    candidates = batch_candidates(ctx.policy, ctx.workload)
+    probed = {st.incumbent.config.batchSize} | {p.config.batchSize for p in _stage_probes(st, "batch")}
+    best = _stage_best(st, "batch", ctx).config.batchSize
+    assert best is not None
+    up = [c for c in candidates if c > best]
+    down = [c for c in candidates if c < best]
+    for neighbour in up[:1] + down[-1:]:
+        if neighbour not in probed:
+            return st.incumbent.config.model_copy(update={"batchSize": neighbour})
+    return None
+
+
+def _cap_range(st: OptimizerState, ctx: _Ctx) -> tuple[float, float] | None:
+    assert st.incumbent is not None and st.incumbent.metrics is not None
+    bounds = ctx.known_bounds()
+    lo, hi = min(b.lo for b in bounds), max(b.hi for b in bounds)
+    natural = max(st.incumbent.metrics.wattsByMember.values(), default=hi)
+    grid = ctx.tuning.capGridWatts
+    hi = min(hi, math.ceil((natural + ctx.tuning.capMarginWatts) / grid) * grid)
+    if hi - lo < 2 * grid:
+        return None
+    return lo, hi
+
+
+def _snap(x: float, lo: float, hi: float, grid: float) -> float:
+    return _clamp(round(x / grid) * grid, lo, hi)
+
+
+def _find_cap(probes: list[Probe], cap: float, grid: float) -> Probe | None:
+    for p in probes:
+        if p.config.capWatts is not None and abs(p.config.capWatts - cap) < grid / 2:
+            return p
+    return None
+
+
+def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
+    """Golden-section search over the cap: the objective (with infeasible caps worse than any
+    feasible one) is unimodal in the cap, so each probe after the first two shrinks the bracket
+    by 38% — about 8 probes where a 25 W sweep needs 10-20."""
+    assert st.incumbent is not None
+    t = ctx.tuning
+    full = _cap_range(st, ctx)
+    if full is None:
+        return None
+    probes = _stage_probes(st, "cap")
+    a, b = st.capBracket or full
+    # One probe is kept back to pin down an optimum on an edge of the feasible range.
+    while len(probes) < t.capProbeBudget - 1 and b - a > 2 * t.capGridWatts:
+        x1 = _snap(b - GOLDEN * (b - a), full[0], full[1], t.capGridWatts)
+        x2 = _snap(a + GOLDEN * (b - a), full[0], full[1], t.capGridWatts)
+        if x2 - x1 < t.capGridWatts / 2:
+            break
+        p1, p2 = _find_cap(probes, x1, t.capGridWatts), _find_cap(probes, x2, t.capGridWatts)
+        if p1 is None or p2 is None:
+            st.capBracket = (a, b)
+            return st.incumbent.config.model_copy(update={"capWatts": x1 if p1 is None else x2})
+        if _key(p1, st, ctx) <= _key(p2, st, ctx):
+            b = x2
+        else:
+            a = x1
+    st.capBracket = (a, b)
+    if len(probes) >= t.capProbeBudget:
+        return None
+    edge = _edge_cap(st, ctx, probes, full[0])
+    if edge is None or _find_cap(probes, edge, t.capGridWatts) is not None:
+        return None
+    return st.incumbent.config.model_copy(update={"capWatts": edge})
+
+
+def _edge_cap(st: OptimizerState, ctx: _Ctx, probes: list[Probe], lowest: float) -> float | None:
+    """Where the constrained optimum most likely sits when it is on an edge: the lowest allowed
+    cap (memory-bound work gains all the way down), or the cap where the slowdown reaches the
+    limit, interpolated between the best feasible probe and the infeasible one below it."""
+    t = ctx.tuning
+    measured = sorted((p for p in probes if p.metrics is not None), key=_cap_of)
+    best = _best_cap_probe(st, ctx, measured)
+    if best is None:
+        return None
+    below = [p for p in measured if _cap_of(p) < _cap_of(best)]
+    under = below[-1] if below else None
+    if under is None or under.metrics is None or _violation(under.metrics, st, ctx) == 0:
+        # Memory-bound work often gains all the way down, sometimes only in the last few watts.
+        return lowest
+    assert best.metrics is not None
+    s_under, s_best = _slack(under.metrics, st, ctx), _slack(best.metrics, st, ctx)
+    c_under, c_best = under.config.capWatts or 0.0, best.config.capWatts or 0.0
+    if s_under >= 0 or s_best <= s_under:
+        return None  # the latency SLO, not the slowdown, rules the lower cap out
+    crossing = c_under + (0.0 - s_under) / (s_best - s_under) * (c_best - c_under)
+    edge = math.ceil(crossing / t.capGridWatts) * t.capGridWatts  # round towards the feasible side
+    return edge if c_under < edge <= c_best - t.capGridWatts else None
+
+
+def _cap_of(p: Probe) -> float:
+    return p.config.capWatts or 0.0
+
+
+def _best_cap_probe(st: OptimizerState, ctx: _Ctx, probes: list[Probe]) -> Probe | None:
+    """The feasible cap probe with the lowest objective, judged on a least-squares parabola through
+    the probes nearest the best one when there are enough: near the optimum the curve is smooth
+    and its differences are as small as the noise, so the fit's average beats one noisy reading."""
+    feasible = [p for p in probes if p.metrics is not None and _violation(p.metrics, st, ctx) == 0]
+    if not feasible:
+        return None
+    best = min(feasible, key=lambda p: p.metrics.objective)  # type: ignore[union-attr]
+    if len(feasible) < 4:
+        return best
+    near = sorted(feasible, key=lambda p: abs(_cap_of(p) - _cap_of(best)))[:5]
+    xs = [(_cap_of(p) - _cap_of(best)) / 100.0 for p in near]
+    ys = [p.metrics.objective / best.metrics.objective for p in near]  # type: ignore[union-attr]
+    fit = _parabola(xs, ys)
+    if fit is None or fit[0] <= 0:
+        return best
+    a, b, c = fit
+    fitted = {id(p): a * x * x + b * x + c for p, x in zip(near, xs, strict=True)}
+    return min(near, key=lambda p: fitted[id(p)])
+
+
+def _parabola(xs: list[float], ys: list[float]) -> tuple[float, float, float] | None:
+    """Least-squares y = a·x² + b·x + c (normal equations, Cramer's rule); None if degenerate."""
+    s = [sum(x**k for x in xs) for k in range(5)]
+    t = [sum(y * x**k for x, y in zip(xs, ys, strict=True)) for k in range(3)]
+    m = [[s[4], s[3], s[2]], [s[3], s[2], s[1]], [s[2], s[1], s[0]]]
+
+    def det(q: list[list[float]]) -> float:
+        return (
+            q[0][0] * (q[1][1] * q[2][2] - q[1][2] * q[2][1])
+            - q[0][1] * (q[1][0] * q[2][2] - q[1][2] * q[2][0])
+            + q[0][2] * (q[1][0] * q[2][1] - q[1][1] * q[2][0])
+        )
+
+    d = det(m)
+    if abs(d) < 1e-12:
+        return None
+    solved = []
+    for col in range(3):
+        q = [row[:] for row in m]
+        for r in range(3):
+            q[r][col] = t[2 - r]
+        solved.append(det(q) / d)
+    return solved[0], solved[1], solved[2]
+
+
+def _waiting_members(st: OptimizerState, ctx: _Ctx) -> list[str]:
+    assert st.incumbent is not None and st.incumbent.metrics is not None
+    watts = st.incumbent.metrics.wattsByMember
+    hottest = max(watts.values(), default=0.0)
+    return sorted(
+        m
+        for m, w in watts.items()
+        if w < ctx.tuning.waitingPowerRatio * hottest and not isinstance(ctx.bounds.get(m, ""), str)
+    )
+
+
+def _straggler_range(st: OptimizerState, ctx: _Ctx, waiting: list[str]) -> tuple[float, float] | None:
+    assert st.incumbent is not None and st.incumbent.metrics is not None
+    caps = ctx.member_caps(st.incumbent.config)
+    bounds = [b for m, b in ctx.bounds.items() if m in waiting and not isinstance(b, str)]
+    lo = max(b.lo for b in bounds)
+    draw = max(st.incumbent.metrics.wattsByMember[m] for m in waiting)
+    hi = min(
+        min(c for m, c in caps.items() if m in waiting and c is not None), draw + ctx.tuning.capMarginWatts
+    )
+    return (lo, hi) if hi - lo >= 2 * ctx.tuning.capGridWatts else None
+
+
+def _keeps_pace(p: Probe, st: OptimizerState, ctx: _Ctx) -> bool:
+    """A straggler cap may not slow the job beyond noise, nor break the policy's limits."""
+    assert st.incumbent is not None and st.incumbent.metrics is not None
+    if p.metrics is None or _violation(p.metrics, st, ctx) > 0:
+        return False
+    floor = st.incumbent.metrics.unitsPerSecond * (1.0 - _threshold(st, ctx.tuning))
+    return p.metrics.unitsPerSecond >= floor
+
+
+def _next_straggler(st: OptimizerState, ctx: _Ctx) -> Config | None:
+    """Bisection for the lowest common cap of the waiting members that keeps the job's pace."""
+    assert st.incumbent is not None
+    waiting = _waiting_members(st, ctx)
+    span = _straggler_range(st, ctx, waiting) if waiting else None
+    if span is None:
+        return None
+    t = ctx.tuning
+    probes = _stage_probes(st, "straggler")
+    if len(probes) >= t.stragglerProbeBudget:
+        return None
+    slow = [p.config.memberCaps[waiting[0]] for p in probes if not _keeps_pace(p, st, ctx)]
+    fast = [p.config.memberCaps[waiting[0]] for p in probes if _keeps_pace(p, st, ctx)]
+    lo, hi = span
+    if not probes:
+        y = math.ceil(lo / t.capGridWatts) * t.capGridWatts
+    else:
+        below, above = max(slow, default=None), min(fast, default=hi)
+        if below is None or above - below <= 2 * t.capGridWatts:
+            return None
+        y = _snap((below + above) / 2, lo, hi, t.capGridWatts)
+    y = _clamp(y, lo, hi)
+    return st.incumbent.config.model_copy(update={"memberCaps": {m: y for m in waiting}})
+
+
+NEXT: dict[Stage, Callable[[OptimizerState, _Ctx], Config | None]] = {
+    "quantization": _next_quantization,
+    "batch": _next_batch,
+    "cap": _next_cap,
+    "straggler": _next_straggler,
+}
+
+
+def _stage_applies(stage: Stage, st: OptimizerState, ctx: _Ctx) -> str | None:
+    """None when the stage runs, else why it is skipped."""
+    assert st.incumbent is not None
+    policy, config = ctx.policy, st.incumbent.config
+    if stage == "quantization":
+        if policy.quantization.mode != "Auto":
+            return "quantization: mode Off"
+        if config.quantization is None:
+            return "quantization: the workload does not report the profile it runs"
+        if not _eligible_profiles(st, ctx):
+            return "quantization: no allowed profile declares an accuracy within maxAccuracyDropPercent"
+    elif stage == "batch":
+        if policy.batchSize.mode != "Auto":
+            return "batch size: mode Off"
+        if config.batchSize is None:
+            return "batch size: the workload does not report the batch size it runs"
+        if not batch_candidates(policy, ctx.workload):
+            return "batch size: no multiple of multipleOf inside the allowed range"
+    else:
+        if policy.powerCap.mode != "Auto":
+            return f"power cap: mode {policy.powerCap.mode}"
+        if not ctx.known_bounds() or len(ctx.known_bounds()) != len(ctx.bounds):
+            return "power cap: some GPU has no usable bounds"
+        if stage == "straggler" and len(ctx.workload.members) < 2:
+            return "straggler: a single GPU"
+    return None
+
+
+def _finish_stage(st: OptimizerState, stage: Stage, ctx: _Ctx) -> None:
+    assert st.incumbent is not None
+    probes = [p for p in _stage_probes(st, stage) if p.metrics is not None]
+    best = st.incumbent
+    if stage == "cap":
+        chosen = _best_cap_probe(st, ctx, probes)
+        if chosen is not None and _better(chosen, st.incumbent, st, ctx):
+            best = chosen
+    elif stage == "straggler":
+        ranked = sorted((p for p in probes if _keeps_pace(p, st, ctx)), key=lambda p: _key(p, st, ctx))
+        if ranked and _better(ranked[0], st.incumbent, st, ctx):
+            best = ranked[0]
+    elif stage == "quantization":
+        winners = [p for p in probes if _better(p, st.incumbent, st, ctx)]
+        if winners:
+            best = min(winners, key=lambda p: _key(p, st, ctx))
+    else:
+        best = _stage_best(st, stage, ctx)
+    changed = best is not st.incumbent
+    st.incumbent = best
+    st.capBracket = None
+    label = {
+        "quantization": "quantization",
+        "batch": "batch size",
+        "cap": "power cap",
+        "straggler": "straggler caps",
+    }
+    ctx.event(
+        "Normal",
+        "ExplorationStep",
+        f"{label[stage]}: {_describe(best.config, ctx) if changed else 'kept ' + _describe(best.config, ctx)} "
+        f"after {len(_stage_probes(st, stage))} probe(s)",
+    )
+
+
+def _describe(config: Config, ctx: _Ctx) -> str:
+    caps = sorted({c for c in ctx.member_caps(config).values() if c is not None})
+    parts = [
+        f"quantization {config.quantization}" if config.quantization else "",
+        f"batch {config.batchSize}" if config.batchSize else "",
+        ("cap " + "/".join(f"{c:.0f}" for c in caps) + " W") if caps else "",
+    ]
+    return ", ".join(p for p in parts if p) or "the workload's own configuration"
+
+
+# ---------------------------------------------------------------- the state machine
+
+
+def _baseline_target(st: OptimizerState, ctx: _Ctx) -> Config:
+    return Config(quantization=st.origin.quantization, batchSize=st.origin.batchSize)
+
+
+def _set_target(st: OptimizerState, config: Config, ctx: _Ctx) -> None:
+    if config != st.target:
+        st.settle = ctx.tuning.settleWindows
+    st.target = config
+    st.targetSince = ctx.now
+    st.acc = Accumulator()
+
+
+def _runs(w: Window, target: Config, ctx: _Ctx) -> bool:
+    """Does the workload run the target? Only dimensions the optimizer manages are compared."""
+    if ctx.policy.quantization.mode == "Auto" and target.quantization not in (None, w.config.quantization):
+        return False
+    if ctx.policy.batchSize.mode == "Auto" and target.batchSize not in (None, w.config.batchSize):
+        return False
+    reported = w.config.caps()
+    for member, cap in ctx.member_caps(target).items():
+        got = reported.get(member)
+        if cap is not None and (got is None or abs(got - cap) > CAP_TOLERANCE_WATTS):
+            return False
+    return True
+
+
+def _advance(st: OptimizerState, ctx: _Ctx) -> None:
+    """Pick the next probe, finishing stages that have none left; converge after the last."""
+    order = list(STAGES)
+    while True:
+        if st.stage is not None:
+            config = NEXT[st.stage](st, ctx)
+            if config is not None:
+                _set_target(st, config, ctx)
+                return
+            _finish_stage(st, st.stage, ctx)
+            following = order[order.index(st.stage) + 1 :]
+        else:
+            following = order
+        st.stage = None
+        for stage in following:
+            skipped = _stage_applies(stage, st, ctx)
+            if skipped is None:
+                st.stage = stage
+                break
+            ctx.reasons.append(skipped)
+        if st.stage is None:
+            _converge(st, ctx)
+            return
+
+
+def _converge(st: OptimizerState, ctx: _Ctx) -> None:
+    assert st.incumbent is not None
+    st.phase = "Converged"
+    st.stage = None
+    st.convergedAt = ctx.now
+    st.driftStreak = 0
+    _set_target(st, st.incumbent.config, ctx)
+    ctx.event("Normal", "Converged", f"converged on {_describe(st.incumbent.config, ctx)}: {_summary(st)}")
+
+
+def _summary(st: OptimizerState) -> str:
+    if (
+        st.baseline is None
+        or st.baseline.metrics is None
+        or st.incumbent is None
+        or st.incumbent.metrics is None
+    ):
+        return "no measurement yet"
+    b, c = st.baseline.metrics, st.incumbent.metrics
+    return (
+        f"objective {100 * (1 - c.objective / b.objective):.1f}% lower than baseline, "
+        f"throughput {100 * (c.unitsPerSecond / b.unitsPerSecond - 1):+.1f}%"
+    )
+
+
+def _rebaseline(st: OptimizerState, ctx: _Ctx, why: str) -> None:
+    if st.phase in ("Exploring", "Converged"):
+        ctx.event("Normal", "DriftDetected", f"{why}: measuring a new baseline and exploring again")
+        st.phase = "Drifted"
+        st.exploration += 1
+    st.stage = None
+    st.baseline = st.incumbent = None
+    st.probes = []
+    st.capBracket = None
+    st.driftStreak = 0
+    st.convergedAt = None
+    _set_target(st, _baseline_target(st, ctx), ctx)
+
+
+def _measure(st: OptimizerState, w: Window, ctx: _Ctx) -> None:
+    t = ctx.tuning
+    if not _runs(w, st.target, ctx):
+        waited = ctx.now - st.targetSince
+        if waited <= t.applyTimeoutSeconds:
+            ctx.reasons.append(
+                f"waiting for the workload to run {_describe(st.target, ctx)} ({waited:.0f} s)"
+            )
+        elif st.phase in ("Baseline", "Drifted"):
+            if st.target.quantization is not None or st.target.batchSize is not None:
+                ctx.reasons.append("the workload did not apply its own hints: measuring what it runs")
+                _set_target(st, Config(), ctx)
+            else:
+                ctx.reasons.append("waiting for the baseline power limit to be applied")
+        else:
+            failed = Probe(stage=st.stage or "cap", config=st.target, failed="hint not applied in time")
+            st.probes = [*st.probes, failed]
+            ctx.event(
+                "Warning", "ProbeFailed", f"the workload did not run {_describe(st.target, ctx)} in time"
+            )
+            _advance(st, ctx)
+        return
+    if st.settle > 0:
+        st.settle -= 1
+        return
+    st.acc = st.acc.add(w, ctx.policy.objective)
+    if st.phase in ("Baseline", "Drifted"):
+        if st.acc.windows < t.baselineWindows:
+            return
+        metrics = st.acc.metrics(ctx.policy.objective)
+        needed = windows_to_beat_noise(metrics.noise, t.noiseK, t.noiseFloor, t.baselineWindows, t.maxWindows)
+        if st.acc.windows < needed:
+            return
+        config = Config(quantization=st.acc.quantization, batchSize=st.acc.batchSize)
+        st.baseline = st.incumbent = Probe(stage="baseline", config=config, metrics=metrics)
+        _update_noise(st, t)
+        st.phase = "Exploring"
+        st.stage = None
+        ctx.event(
+            "Normal",
+            "BaselineMeasured",
+            f"baseline {_describe(config, ctx)}: {metrics.joulesPerUnit:.4g} J/unit, "
+            f"{metrics.unitsPerSecond:.4g} units/s, noise {100 * metrics.noise:.1f}% over {metrics.windows} windows",
+        )
+        _advance(st, ctx)
+        return
+    if st.acc.windows < st.windowsPerProbe:
+        return
+    metrics = st.acc.metrics(ctx.policy.objective)
+    st.probes = [*st.probes, Probe(stage=st.stage or "cap", config=st.target, metrics=metrics)]
+    _update_noise(st, t)
+    _advance(st, ctx)
+
+
+def _update_noise(st: OptimizerState, t: Tuning) -> None:
+    """Pool the noise over every measurement of this exploration (one baseline is a poor estimate),
+    and size the next probes to beat it."""
+    measured = [p.metrics for p in [st.baseline, *st.probes] if p is not None and p.metrics is not None]
+    st.noise = pooled_relative_std([(m.noise, m.windows) for m in measured])
+    st.throughputNoise = pooled_relative_std([(m.throughputNoise, m.windows) for m in measured])
+    st.windowsPerProbe = windows_to_beat_noise(st.noise, t.noiseK, t.noiseFloor, t.probeWindows, t.maxWindows)
+
+
+def _watch_drift(st: OptimizerState, w: Window, ctx: _Ctx) -> None:
+    assert st.incumbent is not None and st.incumbent.metrics is not None
+    t = ctx.tuning
+    if not _runs(w, st.target, ctx):
+        if ctx.now - st.targetSince > t.applyTimeoutSeconds:
+            ctx.reasons.append(f"the workload does not run the hinted {_describe(st.target, ctx)}")
+        return
+    if st.settle > 0:
+        st.settle -= 1
+        return
+    reference = st.incumbent.metrics.unitsPerSecond
+    change = w.unitsPerSecond / reference - 1.0
+    limit = max(t.driftMinPercent / 100.0, t.noiseK * st.noise)
+    settled = st.convergedAt is not None and ctx.now - st.convergedAt >= t.driftHoldoffSeconds
+    st.driftStreak = st.driftStreak + 1 if abs(change) > limit and settled else 0
+    if st.driftStreak >= t.driftWindows:
+        _rebaseline(st, ctx, f"work rate changed by {100 * change:+.0f}% at the same configuration")
+
+
+def _initial(policy: EnergyPolicySpec, workload: WorkloadInfo, ctx: _Ctx) -> OptimizerState:
+    st = OptimizerState(
+        origin=Config(quantization=workload.quantization, batchSize=workload.batchSize),
+        windowsPerProbe=ctx.tuning.probeWindows,
+    )
+    _set_target(st, _baseline_target(st, ctx), ctx)
+    st.settle = 0
+    return st
+
+
+def _sample(observation: Observation, workload: WorkloadInfo) -> Sample:
+    return Sample(
+        time=observation.time,
+        members=tuple(sorted(observation.members, key=lambda m: m.member)),
+        restarts=workload.restarts,
+        image=workload.image,
+    )
+
+
+def step(
+    policy: EnergyPolicySpec,
+    workload: WorkloadInfo,
+    state: OptimizerState | None,
+    observation: Observation,
+    now: float,
+    tuning: Tuning = DEFAULT_TUNING,
+) -> Decision:
+    """The next configuration for `workload`, given what was observed up to `observation`."""
+    ctx = _Ctx(
+        policy=policy,
+        workload=workload,
+        tuning=tuning,
+        now=now,
+        bounds={m.member: cap_bounds(policy.powerCap, m) for m in workload.members},
+        reasons=[],
+        events=[],
+    )
+    # A shallow copy is enough: the state's parts are replaced, never changed in place.
+    st = _initial(policy, workload, ctx) if state is None else state.model_copy()
+    ctx.reasons.extend(b for b in ctx.bounds.values() if isinstance(b, str))
+    sample = _sample(observation, workload)
+    bad: BadData | None = None
+    if st.last is None:
+        st.last = sample
+    else:
+        w = window(st.last, sample, tuning.windowSeconds)
+        if w in (BadData.RESTARTED, BadData.MEMBERS_CHANGED):
+            st.last = sample
+            _rebaseline(
+                st, ctx, "the workload restarted or changed" if w == BadData.RESTARTED else "members changed"
+            )
+        elif isinstance(w, BadData):
+            if w != BadData.ZERO_LENGTH:
+                st.last = sample
+            reloading = (
+                w == BadData.SILENT_WORK_COUNTER and now - st.targetSince <= tuning.applyTimeoutSeconds
+            )
+            if reloading:
+                ctx.reasons.append(
+                    "no work since the new configuration was hinted: the workload may be reloading"
+                )
+            elif w not in TRANSITIONS and w != BadData.ZERO_LENGTH:
+                bad = w
+                st.badStreak += 1
+                st.lastBad = w
+                if st.badStreak == 1:
+                    ctx.event(
+                        "Warning", "BadMeasurement", f"window discarded: {w.value}; no decision taken from it"
+                    )
+                else:
+                    ctx.reasons.append(f"window discarded: {w.value} ({st.badStreak} in a row)")
+        elif w is None:
+            ctx.reasons.append("collecting a window")
+        else:
+            st.last = sample
+            st.badStreak = 0
+            st.lastBad = None
+            if st.baseline is not None and st.baseline.metrics is not None:
+                st.energySavedJoules += st.baseline.metrics.joulesPerUnit * w.units - w.joules
+            if st.phase == "Converged":
+                _watch_drift(st, w, ctx)
+            else:
+                _measure(st, w, ctx)
+    return _decision(st, ctx, bad)
+
+
+def _measurement(m: Metrics) -> Measurement:
+    return Measurement(
+        joulesPerUnit=m.joulesPerUnit,
+        secondsPerUnit=m.secondsPerUnit,
+        edp=m.edp,
+        unitsPerSecond=m.unitsPerSecond,
+    )
+
+
+def _decision(st: OptimizerState, ctx: _Ctx, bad: BadData | None) -> Decision:
+    policy = ctx.policy
+    caps = ctx.member_caps(st.target)
+    phase: Phase = "Degraded" if st.badStreak >= ctx.tuning.degradedAfterBadWindows else st.phase
+    baseline = st.baseline.metrics if st.baseline else None
+    current = st.incumbent.metrics if st.incumbent else None
+    figures = Figures(
+        phase=phase,
+        powerCapWatts=max((c for c in caps.values() if c is not None), default=None),
+        batchSize=st.incumbent.config.batchSize if st.incumbent else None,
+        quantization=st.incumbent.config.quantization if st.incumbent else None,
+        baseline=_measurement(baseline) if baseline else None,
+        current=_measurement(current) if current else None,
+        edpReductionPercent=100.0 * (1.0 - current.edp / baseline.edp) if baseline and current else None,
+        slowdownPercent=100.0 * (1.0 - current.unitsPerSecond / baseline.unitsPerSecond)
+        if baseline and current
+        else None,
+        energySavedJoules=max(0.0, st.energySavedJoules),
+        probes=len(st.probes),
+        message=ctx.reasons[-1] if ctx.reasons else "",
+    )
+    return Decision(
+        state=st,
+        phase=phase,
+        capWatts=caps,
+        batchSize=st.target.batchSize if policy.batchSize.mode == "Auto" else None,
+        quantization=st.target.quantization if policy.quantization.mode == "Auto" else None,
+        reasons=ctx.reasons,
+        events=ctx.events,
+        figures=figures,
+        objectiveReductionPercent=100.0 * (1.0 - current.objective / baseline.objective)
+        if baseline and current
+        else None,
+        badData=bad,
+    )

@@ -1,0 +1,479 @@
+"""`edpilot simulate`: the optimizer and simulated GPUs in one process, on a virtual clock.
+
+No cluster: each simulated workload runs on `gpusim.SimulatedGpu`s, applies the optimizer's hints
+after a short delay (a quantization switch reloads the model, doing no work meanwhile), and
+reports what it runs, the way a real workload reports through its metrics. Every report
+interval the agent's view (cumulative energy, work, enforced limit, reported config) goes
+through `optimizer.step`, and its decision is applied: caps at once (the agent), hints later
+(the workload).
+
+`run_fleet(config, seed)` is the reusable pure part; `main` prints a table or `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from pydantic import BaseModel, ConfigDict
+
+from edpilot import gpusim
+from edpilot.edp import MemberSample, Metrics, objective_value, seconds_per_unit
+from edpilot.models import (
+    BatchSizeSpec,
+    EnergyPolicySpec,
+    LabelSelector,
+    LatencySLO,
+    PowerCapSpec,
+    Profile,
+    QuantizationSpec,
+    WorkMetric,
+)
+from edpilot.optimizer import (
+    Decision,
+    MemberInfo,
+    Observation,
+    OptimizerState,
+    Tuning,
+    WorkloadInfo,
+    member_caps,
+    step,
+)
+
+BATCH_APPLY_SECONDS = 1.0  # a serving engine picks up a new batch limit at its next scheduling round
+RELOAD_SECONDS = 20.0  # a quantization switch reloads the weights: no work meanwhile
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class SimWorkloadSpec:
+    """One simulated workload: what it runs, the policy that selects it, and its GPUs."""
+
+    name: str
+    profile: gpusim.WorkloadProfile
+    batchSize: int
+    quantization: Profile
+    policy: EnergyPolicySpec
+    accuracy: dict[Profile, float] = field(default_factory=dict)
+    workPerRank: tuple[float, ...] = (1.0,)  # one GPU per rank; a step waits for the slowest
+    reportsBatch: bool = True  # a training job's unit is a sample, not a batched token
+    followsHints: bool = True
+    gpu: gpusim.GpuSpec = gpusim.H100_SXM
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    workloads: tuple[SimWorkloadSpec, ...]
+    durationSeconds: float = 2400.0
+    reportSeconds: float = 5.0
+    tuning: Tuning = field(default_factory=Tuning)
+
+
+def _policy(**overrides: object) -> EnergyPolicySpec:
+    base: dict[str, object] = {
+        "selector": LabelSelector(matchLabels={"edpilot.io/managed": "true"}),
+        "workMetric": WorkMetric(name="work_units_total"),
+    }
+    return EnergyPolicySpec.model_validate({**base, **overrides})
+
+
+DECODE_ACCURACY: dict[Profile, float] = {"bf16": 1.0, "fp16": 0.999, "fp8": 0.995, "int8": 0.97}
+
+
+def sample_fleet() -> FleetConfig:
+    """The sample fleet of the issue: decode at several batch sizes and precisions, a compute-bound
+    training job and a two-GPU job with a straggler."""
+    decode = gpusim.llm_decode()
+    serving = _policy(
+        objective="EDP",
+        maxSlowdownPercent=10,
+        latencySLO=LatencySLO(metricName="time_per_output_token_seconds", maxSeconds=0.005),
+        powerCap=PowerCapSpec(mode="Auto", minPercent=50, maxPercent=100),
+        batchSize=BatchSizeSpec(mode="Auto", min=8, max=1024, multipleOf=8),
+        quantization=QuantizationSpec(
+            mode="Auto", allowed=["bf16", "fp8", "int8"], maxAccuracyDropPercent=1.0
+        ),
+    )
+    fixed_batch = serving.model_copy(
+        update={
+            "batchSize": BatchSizeSpec(mode="Off"),
+            "quantization": QuantizationSpec(mode="Off"),
+        }
+    )
+    training = _policy(
+        objective="EDP",
+        maxSlowdownPercent=10,
+        powerCap=PowerCapSpec(mode="Auto", minPercent=50, maxPercent=100),
+    )
+    job = _policy(objective="EDP", maxSlowdownPercent=5, groupByLabel="edpilot.io/job")
+    return FleetConfig(
+        workloads=(
+            SimWorkloadSpec("decode-bf16-b8", decode, 8, "bf16", serving, DECODE_ACCURACY),
+            SimWorkloadSpec("decode-fp16-b64", decode, 64, "fp16", fixed_batch, DECODE_ACCURACY),
+            SimWorkloadSpec("decode-fp8-b32", decode, 32, "fp8", fixed_batch, DECODE_ACCURACY),
+            SimWorkloadSpec("training-bf16", gpusim.training(), 16, "bf16", training, reportsBatch=False),
+            SimWorkloadSpec(
+                "job-2gpu-straggler",
+                gpusim.gemm(),
+                1,
+                "bf16",
+                job,
+                workPerRank=(8.0, 4.0),
+                reportsBatch=False,
+            ),
+        )
+    )
+
+
+# ---------------------------------------------------------------- one simulated workload
+
+
+@dataclass(frozen=True)
+class Running:
+    batchSize: int
+    quantization: Profile
+
+
+class SimWorkload:
+    """GPUs running one workload that follows its hints the way a real one would."""
+
+    def __init__(self, spec: SimWorkloadSpec, index: int) -> None:
+        self.spec = spec
+        node = f"sim-node-{index}"
+        self.gpus = [gpusim.SimulatedGpu(spec.gpu, i, seed_name=node) for i in range(len(spec.workPerRank))]
+        self.pods = [f"default/{spec.name}-{r}" for r in range(len(self.gpus))]
+        self.running = Running(spec.batchSize, spec.quantization)
+        self.pending: Running | None = None
+        self.applyAt = 0.0
+        self.busyUntil = 0.0  # reloading: no work until then
+        self.latency = 0.0
+        self.gauge: dict[str, float] = {}  # the last instantaneous power reading per GPU
+
+    def info(self) -> WorkloadInfo:
+        g = self.spec.gpu
+        return WorkloadInfo(
+            name=self.spec.name,
+            members=tuple(
+                MemberInfo(
+                    member=gpu.uuid,
+                    pod=pod,
+                    minWatts=g.min_power_limit_watts,
+                    maxWatts=g.max_power_limit_watts,
+                    defaultWatts=g.default_power_limit_watts,
+                )
+                for gpu, pod in zip(self.gpus, self.pods, strict=True)
+            ),
+            accuracy=self.spec.accuracy,
+            batchSize=self.spec.batchSize,
+            quantization=self.spec.quantization,
+            image="registry.example/sim:1",
+        )
+
+    def true_point(self, running: Running, caps: Sequence[float]) -> tuple[float, float, float]:
+        """Noiseless (units/s, watts, step seconds) of the whole workload."""
+        s = self.spec
+        if len(self.gpus) == 1:
+            p = gpusim.operating_point(s.gpu, s.profile, running.batchSize, running.quantization, caps[0])
+            return p.units_per_second, p.power_watts, p.step_seconds
+        job = gpusim.job_step(s.gpu, s.profile, running.quantization, s.workPerRank, caps, running.batchSize)
+        return job.units_per_second, sum(job.per_rank_power_watts), job.step_seconds
+
+    def _run(self, seconds: float, rng: random.Random) -> None:
+        s = self.spec
+        if seconds <= 0:
+            return
+        caps = [g.power_limit_watts for g in self.gpus]
+        if len(self.gpus) == 1:
+            gpu = self.gpus[0]
+            gpu.assign(s.profile, self.running.batchSize, self.running.quantization)
+            point = gpu.current_point()
+            assert point is not None
+            self.gauge[gpu.uuid] = gpu.advance(seconds, rng).power_watts
+            self.latency = point.step_seconds
+            return
+        job = gpusim.job_step(
+            s.gpu, s.profile, self.running.quantization, s.workPerRank, caps, self.running.batchSize
+        )
+        for gpu, rank in zip(self.gpus, job.ranks, strict=True):
+            # Every rank counts the job's progress (a global step counter), so the slowest rank's
+            # counter is the job's throughput.
+            reading = gpu.advance_at(replace(rank, units_per_second=job.units_per_second), seconds, rng)
+            self.gauge[gpu.uuid] = reading.power_watts
+        self.latency = job.step_seconds
+
+    def _idle(self, seconds: float, rng: random.Random) -> None:
+        if seconds > 0:
+            for gpu in self.gpus:
+                gpu.clear()
+                self.gauge[gpu.uuid] = gpu.advance(seconds, rng).power_watts
+
+    def advance(self, start: float, seconds: float, rng: random.Random) -> None:
+        end = start + seconds
+        t = start
+        if self.pending is not None and self.applyAt < end:
+            self._run(max(0.0, self.applyAt - t), rng)
+            t = max(t, self.applyAt)
+            if self.pending.quantization != self.running.quantization:
+                self.busyUntil = t + RELOAD_SECONDS
+            self.running, self.pending = self.pending, None
+        if self.busyUntil > t:
+            idle = min(self.busyUntil, end) - t
+            self._idle(idle, rng)
+            t += idle
+        self._run(end - t, rng)
+
+    def observation(self, now: float) -> Observation:
+        return Observation(
+            time=now,
+            members=tuple(
+                MemberSample(
+                    member=gpu.uuid,
+                    energyJoules=gpu.energy_counter_mj / 1000.0,
+                    workUnits=gpu.work_counter,
+                    powerWatts=self.gauge.get(gpu.uuid, 0.0),
+                    capWatts=gpu.power_limit_watts,
+                    batchSize=self.running.batchSize if self.spec.reportsBatch else None,
+                    quantization=self.running.quantization,
+                    latencySeconds=self.latency,
+                )
+                for gpu in self.gpus
+            ),
+        )
+
+    def apply(self, decision: Decision, now: float) -> None:
+        for gpu in self.gpus:
+            cap = decision.capWatts.get(gpu.uuid)
+            if cap is not None and cap != gpu.power_limit_watts:
+                gpu.set_power_limit(cap)
+        wanted = Running(
+            decision.batchSize or self.running.batchSize,
+            decision.quantization or self.running.quantization,
+        )
+        target = self.pending or self.running
+        if wanted != target and self.spec.followsHints:
+            self.pending = wanted
+            self.applyAt = now + BATCH_APPLY_SECONDS
+
+
+# ---------------------------------------------------------------- results
+
+
+class Figures(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    joulesPerUnit: float
+    secondsPerUnit: float
+    unitsPerSecond: float
+    edp: float
+    objective: float
+
+
+class ProbeRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    quantization: Profile | None
+    batchSize: int | None
+    capWatts: dict[str, float | None]
+    objective: float | None
+    unitsPerSecond: float | None
+    failed: str | None = None
+
+
+class WorkloadResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    gpus: int
+    objective: str
+    maxSlowdownPercent: float
+    phase: str
+    convergedAtSeconds: float | None
+    probes: int
+    baseline: Figures | None  # as the optimizer measured them
+    final: Figures | None
+    edpReductionPercent: float | None
+    objectiveReductionPercent: float | None
+    slowdownPercent: float | None
+    trueEdpReductionPercent: float | None  # from gpusim's noiseless model, for comparison
+    trueSlowdownPercent: float | None
+    capWatts: dict[str, float | None]
+    defaultCapWatts: float
+    batchSize: int | None
+    quantization: Profile | None
+    energySavedJoules: float
+    explored: list[ProbeRecord]
+    energySavedSeries: list[tuple[float, float]]
+    badData: dict[str, int]
+
+
+class FleetResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int
+    durationSeconds: float
+    workloads: list[WorkloadResult]
+
+
+def _figures(m: Metrics | None) -> Figures | None:
+    if m is None:
+        return None
+    return Figures(
+        joulesPerUnit=m.joulesPerUnit,
+        secondsPerUnit=m.secondsPerUnit,
+        unitsPerSecond=m.unitsPerSecond,
+        edp=m.edp,
+        objective=m.objective,
+    )
+
+
+def _true_edp(sim: SimWorkload, running: Running, caps: Sequence[float]) -> tuple[float, float]:
+    ups, watts, _ = sim.true_point(running, caps)
+    batch = running.batchSize if sim.spec.reportsBatch else None
+    spu = seconds_per_unit(ups, batch)
+    return objective_value("EDP", watts / ups, spu), ups
+
+
+def _result(
+    sim: SimWorkload,
+    decision: Decision,
+    converged_at: float | None,
+    series: list[tuple[float, float]],
+    bad: dict[str, int],
+) -> WorkloadResult:
+    st = decision.state
+    spec = sim.spec
+    info = sim.info()
+    default = spec.gpu.default_power_limit_watts
+    base = st.baseline.metrics if st.baseline else None
+    final = st.incumbent.metrics if st.incumbent else None
+    true_red = true_slow = None
+    if st.baseline is not None and st.incumbent is not None:
+        b_cfg, f_cfg = st.baseline.config, st.incumbent.config
+        b_run = Running(b_cfg.batchSize or spec.batchSize, b_cfg.quantization or spec.quantization)
+        f_run = Running(f_cfg.batchSize or b_run.batchSize, f_cfg.quantization or b_run.quantization)
+        final_caps = [c if c is not None else default for c in decision.capWatts.values()]
+        b_edp, b_ups = _true_edp(sim, b_run, [default] * len(sim.gpus))
+        f_edp, f_ups = _true_edp(sim, f_run, final_caps)
+        true_red = 100.0 * (1.0 - f_edp / b_edp)
+        true_slow = 100.0 * (1.0 - f_ups / b_ups)
+    explored = [
+        ProbeRecord(
+            stage=p.stage,
+            quantization=p.config.quantization,
+            batchSize=p.config.batchSize,
+            capWatts=member_caps(spec.policy, info, p.config),
+            objective=p.metrics.objective if p.metrics else None,
+            unitsPerSecond=p.metrics.unitsPerSecond if p.metrics else None,
+            failed=p.failed,
+        )
+        for p in st.probes
+    ]
+    fig = decision.figures
+    return WorkloadResult(
+        name=spec.name,
+        gpus=len(sim.gpus),
+        objective=spec.policy.objective,
+        maxSlowdownPercent=spec.policy.maxSlowdownPercent,
+        phase=decision.phase,
+        convergedAtSeconds=converged_at,
+        probes=len(st.probes),
+        baseline=_figures(base),
+        final=_figures(final),
+        edpReductionPercent=fig.edpReductionPercent,
+        objectiveReductionPercent=decision.objectiveReductionPercent,
+        slowdownPercent=fig.slowdownPercent,
+        trueEdpReductionPercent=true_red,
+        trueSlowdownPercent=true_slow,
+        capWatts=decision.capWatts,
+        defaultCapWatts=default,
+        batchSize=fig.batchSize,
+        quantization=fig.quantization,
+        energySavedJoules=fig.energySavedJoules,
+        explored=explored,
+        energySavedSeries=series,
+        badData=bad,
+    )
+
+
+def run_fleet(config: FleetConfig, seed: int = 0) -> FleetResult:
+    """Run every workload of `config` through the optimizer on a virtual clock."""
+    results = []
+    for index, spec in enumerate(config.workloads):
+        rng = random.Random(f"{seed}/{spec.name}")
+        sim = SimWorkload(spec, index)
+        info = sim.info()
+        state: OptimizerState | None = None
+        decision: Decision | None = None
+        converged_at: float | None = None
+        series: list[tuple[float, float]] = []
+        bad: dict[str, int] = {}
+        now = 0.0
+        while now < config.durationSeconds:
+            decision = step(spec.policy, info, state, sim.observation(now), now, config.tuning)
+            state = decision.state
+            if decision.badData is not None:
+                bad[decision.badData.value] = bad.get(decision.badData.value, 0) + 1
+            if decision.phase == "Converged" and converged_at is None:
+                converged_at = now
+            series.append((now, decision.figures.energySavedJoules))
+            sim.apply(decision, now)
+            sim.advance(now, config.reportSeconds, rng)
+            now += config.reportSeconds
+        assert decision is not None
+        results.append(_result(sim, decision, converged_at, series[:: max(1, len(series) // 60)], bad))
+    return FleetResult(seed=seed, durationSeconds=config.durationSeconds, workloads=results)
+
+
+# ---------------------------------------------------------------- output
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(result: FleetResult) -> str:
+    head = (
+        f"{'workload':<20} {'phase':<10} {'J/unit base→final':>21} {'s/unit base→final':>21} "
+        f"{'EDP base→final':>21} {'EDP red':>8} {'slow':>6} {'cap W':>9} {'batch':>5} {'profile':>7} {'probes':>6}"
+    )
+    rows = [head, "-" * len(head)]
+    for w in result.workloads:
+        b, f = w.baseline, w.final
+        caps = sorted({round(c) for c in w.capWatts.values() if c is not None})
+        rows.append(
+            f"{w.name:<20} {w.phase:<10} "
+            f"{_fmt(b.joulesPerUnit if b else None, '.3g'):>10}→{_fmt(f.joulesPerUnit if f else None, '<10.3g')} "
+            f"{_fmt(b.secondsPerUnit if b else None, '.3g'):>10}→{_fmt(f.secondsPerUnit if f else None, '<10.3g')} "
+            f"{_fmt(b.edp if b else None, '.3g'):>10}→{_fmt(f.edp if f else None, '<10.3g')} "
+            f"{_fmt(w.edpReductionPercent, '.1f'):>7}% {_fmt(w.slowdownPercent, '.1f'):>5}% "
+            f"{'/'.join(str(c) for c in caps) or '-':>9} {_fmt(w.batchSize, 'd'):>5} "
+            f"{w.quantization or '-':>7} {w.probes:>6}"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="edpilot simulate", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the simulated noise")
+    parser.add_argument("--duration", type=float, default=None, help="simulated seconds per workload")
+    args = parser.parse_args(argv)
+    config = sample_fleet()
+    if args.duration is not None:
+        if args.duration <= 0:
+            parser.error("--duration must be positive")
+        config = replace(config, durationSeconds=args.duration)
+    result = run_fleet(config, args.seed)
+    if args.json:
+        json.dump(result.model_dump(mode="json"), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(table(result))
+    return 0

@@ -1,0 +1,283 @@
+"""The agent's only link to the API server: its own GPUNodeReport and the pods on its node.
+
+Two informers (list, then watch, relist on expiry) keep in memory the node's report, read by
+name so another node's spec never reaches this agent, and the pods bound to the node
+(fieldSelector spec.nodeName), so thousands of agents do not poll the API server. Status is
+written through the status subresource only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from edpilot.models import GROUP, VERSION, GPUNodeReportSpec, GPUNodeReportStatus
+from edpilot_agent.pods import PodInfo
+
+PLURAL = "gpunodereports"
+KIND = "GPUNodeReport"
+GPU_RESOURCE = "nvidia.com/gpu"
+log = logging.getLogger(__name__)
+
+
+class KubeError(Exception):
+    pass
+
+
+class KubeApi(Protocol):
+    """What the agent needs from Kubernetes."""
+
+    def report_spec(self) -> tuple[GPUNodeReportSpec | None, str]:
+        """The node's report spec (None while unknown or absent) and why it is unusable, if it is."""
+        ...
+
+    def pods(self) -> list[PodInfo] | None:
+        """The pods bound to the node; None until the first list arrived."""
+        ...
+
+    def write_status(self, status: GPUNodeReportStatus) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def pod_info(obj: dict[str, Any]) -> PodInfo | None:
+    """A pod that holds (or will hold) its resources; None for finished or terminating pods,
+    which no longer count as the owner of a cap."""
+    meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
+    phase = status.get("phase") or "Pending"
+    if meta.get("deletionTimestamp") or phase in ("Succeeded", "Failed"):
+        return None
+    gpus = 0
+    for container in spec.get("containers") or []:
+        resources = container.get("resources") or {}
+        wanted = (resources.get("limits") or {}).get(GPU_RESOURCE) or (resources.get("requests") or {}).get(
+            GPU_RESOURCE
+        )
+        gpus += int(str(wanted)) if wanted and str(wanted).isdigit() else 0
+    return PodInfo(
+        namespace=meta.get("namespace", ""),
+        name=meta.get("name", ""),
+        uid=meta.get("uid", ""),
+        ip=status.get("podIP") or "",
+        phase=phase,
+        gpu_request=gpus,
+        annotations=dict(meta.get("annotations") or {}),
+    )
+
+
+class Informer:
+    """Keeps `items` (key -> raw object) in sync with a list+watch, in a daemon thread."""
+
+    def __init__(
+        self, what: str, list_fn: Callable[..., Any], key: Callable[[dict[str, Any]], str], **kwargs: Any
+    ):
+        self.what = what
+        self._list_fn = list_fn
+        self._key = key
+        self._kwargs = kwargs
+        self._lock = threading.Lock()
+        self._items: dict[str, dict[str, Any]] = {}
+        self.synced = threading.Event()
+        self._stop = threading.Event()
+        self._watch: watch.Watch | None = None
+        self.errors = 0
+        self._thread = threading.Thread(target=self._run, name=f"edpilot-informer-{what}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.stop()  # type: ignore[no-untyped-call]
+
+    def items(self) -> list[dict[str, Any]] | None:
+        if not self.synced.is_set():
+            return None
+        with self._lock:
+            return list(self._items.values())
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while not self._stop.is_set():
+            try:
+                self._list_and_watch()
+                backoff = 1.0
+            except Exception as exc:  # never let the thread die; the API server may come back
+                self.errors += 1
+                if not (isinstance(exc, ApiException) and exc.status == 410):
+                    log.warning("watching %s failed (retry in %.0f s): %s", self.what, backoff, exc)
+                    self._stop.wait(backoff * random.uniform(0.8, 1.2))
+                    backoff = min(backoff * 2, 60.0)
+
+    def _list_and_watch(self) -> None:
+        response = self._list_fn(_preload_content=False, **self._kwargs)
+        listed = json.loads(response.data)
+        with self._lock:
+            self._items = {self._key(o): o for o in listed.get("items") or []}
+        self.synced.set()
+        self._watch = watch.Watch()  # type: ignore[no-untyped-call]
+        version = listed["metadata"]["resourceVersion"]
+        for event in self._watch.stream(  # type: ignore[no-untyped-call]
+            self._list_fn,
+            resource_version=version,
+            timeout_seconds=300,
+            allow_watch_bookmarks=True,
+            **self._kwargs,
+        ):
+            if self._stop.is_set():
+                return
+            kind, obj = event["type"], event["raw_object"]
+            if kind == "ERROR":
+                raise ApiException(status=obj.get("code", 500), reason=obj.get("message", "watch error"))
+            if kind == "BOOKMARK":
+                continue
+            with self._lock:
+                if kind == "DELETED":
+                    self._items.pop(self._key(obj), None)
+                else:
+                    self._items[self._key(obj)] = obj
+
+
+def _pod_key(obj: dict[str, Any]) -> str:
+    return f"{obj['metadata'].get('namespace', '')}/{obj['metadata']['name']}"
+
+
+def _name(obj: dict[str, Any]) -> str:
+    return str(obj["metadata"]["name"])
+
+
+class KubeClient:
+    """`KubeApi` over the real API server (kubeconfig file, or in-cluster credentials)."""
+
+    def __init__(self, node_name: str, kubeconfig: str | None = None, request_timeout: float = 10.0) -> None:
+        self.node_name = node_name
+        self.request_timeout = request_timeout
+        if kubeconfig:
+            api = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        else:
+            configuration = client.Configuration()
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            api = client.ApiClient(configuration)
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self._report_exists = False
+        self.report_informer = Informer(
+            f"GPUNodeReport {node_name}",
+            self._list_reports,
+            _name,
+            field_selector=f"metadata.name={node_name}",
+        )
+        self.pod_informer = Informer(
+            f"pods on {node_name}",
+            self.core.list_pod_for_all_namespaces,
+            _pod_key,
+            field_selector=f"spec.nodeName={node_name}",
+        )
+        self.report_informer.start()
+        self.pod_informer.start()
+
+    def _list_reports(self, **kwargs: Any) -> Any:
+        return self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
+
+    def report_spec(self) -> tuple[GPUNodeReportSpec | None, str]:
+        items = self.report_informer.items()
+        if items is None:
+            return None, "the GPUNodeReport has not been read yet"
+        if not items:
+            return None, ""  # not created yet: nothing to apply
+        try:
+            return GPUNodeReportSpec.model_validate(items[0].get("spec") or {}), ""
+        except ValidationError as exc:
+            return (
+                None,
+                f"GPUNodeReport {self.node_name} has a spec the agent cannot read: {exc.errors()[:3]}",
+            )
+
+    def pods(self) -> list[PodInfo] | None:
+        items = self.pod_informer.items()
+        if items is None:
+            return None
+        return [p for p in (pod_info(o) for o in items) if p is not None]
+
+    def ensure_report(self) -> None:
+        """Create the node's GPUNodeReport if it does not exist (spec empty: nothing to apply)."""
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "metadata": {"name": self.node_name, "labels": {"app.kubernetes.io/managed-by": "edpilot-agent"}},
+            "spec": {},
+        }
+        try:
+            self.custom.create_cluster_custom_object(
+                GROUP, VERSION, PLURAL, body, _request_timeout=self.request_timeout
+            )
+            log.info("created GPUNodeReport %s", self.node_name)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise KubeError(
+                    f"creating GPUNodeReport {self.node_name} failed: {exc.status} {exc.reason}"
+                ) from exc
+        self._report_exists = True
+
+    def write_status(self, status: GPUNodeReportStatus) -> None:
+        if not self._report_exists:
+            self.ensure_report()
+        body = {"status": status.model_dump(mode="json", exclude_none=True)}
+        try:
+            self.custom.patch_cluster_custom_object_status(
+                GROUP,
+                VERSION,
+                PLURAL,
+                self.node_name,
+                body,
+                _content_type="application/merge-patch+json",
+                _request_timeout=self.request_timeout,
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                self._report_exists = False  # deleted under us: create it again on the next write
+            detail = f"{exc.status} {exc.reason} {exc.body or ''}"[:500]
+            raise KubeError(f"writing GPUNodeReport {self.node_name} status failed: {detail}") from exc
+        except Exception as exc:  # connection refused, timeouts: the caller backs off
+            raise KubeError(f"writing GPUNodeReport {self.node_name} status failed: {exc}") from exc
+
+    def close(self) -> None:
+        self.report_informer.stop()
+        self.pod_informer.stop()
+        self.api.close()
+
+
+class InMemoryKube:
+    """`KubeApi` without an API server: for benchmarks and unit tests of the agent's own logic
+    (anything the API server decides is tested against the real one)."""
+
+    def __init__(self, spec: GPUNodeReportSpec | None = None, pods: list[PodInfo] | None = None) -> None:
+        self.spec = spec
+        self.pod_list = pods if pods is not None else []
+        self.statuses: list[GPUNodeReportStatus] = []
+        self.fail_writes = 0
+
+    def report_spec(self) -> tuple[GPUNodeReportSpec | None, str]:
+        return self.spec, ""
+
+    def pods(self) -> list[PodInfo] | None:
+        return list(self.pod_list)
+
+    def write_status(self, status: GPUNodeReportStatus) -> None:
+        if self.fail_writes > 0:
+            self.fail_writes -= 1
+            raise KubeError("the API server is unavailable (simulated)")
+        self.statuses.append(status)
+
+    def close(self) -> None:
+        pass

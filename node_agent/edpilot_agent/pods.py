@@ -1,0 +1,24 @@
+"""The agent's view of a pod on its node."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    namespace: str
+    name: str
+    uid: str = ""
+    ip: str = ""
+    phase: str = "Pending"
+    gpu_request: int = 0
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def running(self) -> bool:
+        return self.phase == "Running"

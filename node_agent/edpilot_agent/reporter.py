@@ -1,0 +1,103 @@
+"""Builds `GPUNodeReportStatus` from what the agent measured (pure)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import datetime
+
+from edpilot.models import (
+    PROFILES,
+    Condition,
+    ConditionStatus,
+    GPUStatus,
+    MeasuredWorkload,
+    Profile,
+    WorkloadSample,
+)
+from edpilot_agent.backend import GpuInfo, GpuReading
+from edpilot_agent.counters import CounterTracker
+from edpilot_agent.scraper import WorkReading
+
+
+def condition(
+    previous: Sequence[Condition],
+    type_: str,
+    status: ConditionStatus,
+    reason: str,
+    message: str,
+    now: datetime,
+) -> Condition:
+    """A condition whose lastTransitionTime moves only when its status changes."""
+    before = next((c for c in previous if c.type == type_), None)
+    since = before.lastTransitionTime if before is not None and before.status == status else now
+    return Condition(
+        type=type_, status=status, reason=reason, message=message[:32768], lastTransitionTime=since
+    )
+
+
+def gpu_status(info: GpuInfo, reading: GpuReading, energy_joules: float, pods: Sequence[str]) -> GPUStatus:
+    return GPUStatus(
+        index=info.index,
+        uuid=info.uuid,
+        model=info.model,
+        migEnabled=info.mig_enabled,
+        minLimitWatts=info.min_limit_watts,
+        maxLimitWatts=info.max_limit_watts,
+        defaultLimitWatts=info.default_limit_watts,
+        enforcedLimitWatts=_gauge(reading.enforced_limit_watts),
+        powerWatts=_gauge(reading.power_watts),
+        energyJoules=energy_joules,
+        energySource=info.energy_source,
+        utilizationPercent=min(100.0, _gauge(reading.utilization_percent)),
+        smClockMHz=_gauge(reading.sm_clock_mhz),
+        memClockMHz=_gauge(reading.mem_clock_mhz),
+        temperatureC=reading.temperature_c if math.isfinite(reading.temperature_c) else 0.0,
+        throttleReasons=list(reading.throttle_reasons),
+        pods=sorted(pods),
+    )
+
+
+def _gauge(value: float) -> float:
+    return value if math.isfinite(value) and value >= 0 else 0.0
+
+
+def workload_sample(
+    workload: MeasuredWorkload,
+    reading: WorkReading,
+    accepted: bool,
+    tracker: CounterTracker,
+    gpu_uuids: Sequence[str],
+    now: float,
+    silent_after_seconds: float,
+) -> WorkloadSample:
+    """One pod's sample. It is unhealthy (and the operator must not decide on it) when the
+    scrape failed, the value was rejected, or the counter has not moved for too long."""
+    problems = []
+    if reading.error:
+        problems.append(reading.error)
+    elif not accepted:
+        problems.append(tracker.problem)
+    silent = tracker.silent_for(now)
+    if tracker.total is not None and silent > silent_after_seconds:
+        problems.append(f"work counter {workload.metricName} has not increased for {silent:.0f} s")
+    quantization: Profile | None = None
+    if reading.quantization is not None:
+        if reading.quantization in PROFILES:
+            quantization = next(p for p in PROFILES if p == reading.quantization)
+        else:
+            problems.append(f"the pod reports an unknown quantization {reading.quantization!r}")
+    latency = reading.latency_seconds
+    return WorkloadSample(
+        namespace=workload.namespace,
+        pod=workload.pod,
+        gpuUUIDs=list(gpu_uuids),
+        workUnits=tracker.total or 0.0,
+        unit=workload.unit,
+        batchSize=reading.batch_size,
+        quantization=quantization,
+        latencySeconds=latency if latency is not None and math.isfinite(latency) and latency >= 0 else None,
+        counterResets=tracker.resets,
+        healthy=not problems,
+        message="; ".join(problems)[:1000],
+    )

@@ -1,0 +1,264 @@
+"""The simulated backend for KWOK nodes, built on `edpilot.gpusim`.
+
+`SimBackend` is a `GpuBackend` over `SimulatedGpu`s that advance with the agent's clock times
+`speed`. `SimWorkloads` plays the node's pods: it hands each pod that requests nvidia.com/gpu a
+stable set of GPUs (like the device plugin), runs the workload its `sim.edpilot.io/*`
+annotations describe, follows the operator's batch-size / quantization hints after a reload
+delay (as a real workload does through its downward-API file), and reports work through the
+`WorkSource` interface the HTTP scraper implements. Pods without sim annotations idle.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from edpilot import gpusim
+from edpilot.models import ANNOTATION_BATCH_SIZE, ANNOTATION_QUANTIZATION, MeasuredWorkload
+from edpilot_agent.backend import GpuBackendError, GpuInfo, GpuReading
+from edpilot_agent.pods import PodInfo
+from edpilot_agent.scraper import WorkReading
+
+log = logging.getLogger(__name__)
+
+SIM_WORKLOAD = "sim.edpilot.io/workload"
+SIM_PRECISION = "sim.edpilot.io/precision"
+SIM_BATCH_SIZE = "sim.edpilot.io/batch-size"
+SIM_WORK_SHARE = "sim.edpilot.io/work-share"
+
+PROFILES: dict[str, Callable[[], gpusim.WorkloadProfile]] = {
+    "llm-decode": gpusim.llm_decode,
+    "training": gpusim.training,
+    "gemm": gpusim.gemm,
+}
+DEFAULT_BATCH = {"llm-decode": 8, "training": 8, "gemm": 4}
+DEFAULT_PRECISION = "bf16"
+
+# gpusim names throttle reasons in snake case; the agent reports NVML's names for both backends.
+THROTTLE_NAMES = {gpusim.SW_POWER_CAP: "SwPowerCap", gpusim.HW_THERMAL_SLOWDOWN: "HwThermalSlowdown"}
+
+
+@dataclass
+class SimJob:
+    """The workload one pod runs on its GPUs, and the configuration it actually applies."""
+
+    pod: str
+    gpu_indices: tuple[int, ...]
+    kind: str | None  # None: the pod idles
+    batch_size: int
+    precision: str
+    work_share: float = 1.0
+    work_units: float = 0.0
+    step_seconds: float | None = None
+    pending: tuple[int, str] | None = None  # a hinted (batch, precision) waiting for the reload
+    pending_since: float = 0.0
+
+    @property
+    def profile(self) -> gpusim.WorkloadProfile | None:
+        return PROFILES[self.kind]() if self.kind else None
+
+
+class SimBackend:
+    """Simulated GPUs of one node, advancing with `clock()` x `speed` simulated seconds."""
+
+    def __init__(
+        self,
+        node_name: str,
+        gpus: int = 8,
+        spec: gpusim.GpuSpec = gpusim.H100_SXM,
+        seed: int = 0,
+        speed: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        reload_delay_seconds: float = 5.0,
+    ) -> None:
+        self.devices = [gpusim.SimulatedGpu(spec, i, seed_name=node_name) for i in range(gpus)]
+        self.speed = speed
+        self.reload_delay_seconds = reload_delay_seconds
+        self.jobs: dict[str, SimJob] = {}
+        self.sim_time = 0.0
+        self._clock = clock
+        self._rng = random.Random(seed)
+        self._last = clock()
+        self._points: dict[tuple[object, ...], gpusim.JobPoint] = {}
+        self._window: dict[int, gpusim.WindowResult] = {
+            d.index: d.advance(1e-3, self._rng) for d in self.devices
+        }
+
+    @property
+    def name(self) -> Literal["sim"]:
+        return "sim"
+
+    def gpus(self) -> list[GpuInfo]:
+        return [
+            GpuInfo(
+                index=d.index,
+                uuid=d.uuid,
+                model=d.spec.name,
+                min_limit_watts=d.spec.min_power_limit_watts,
+                max_limit_watts=d.spec.max_power_limit_watts,
+                default_limit_watts=d.spec.default_power_limit_watts,
+            )
+            for d in self.devices
+        ]
+
+    def device(self, uuid: str) -> gpusim.SimulatedGpu:
+        for d in self.devices:
+            if d.uuid == uuid:
+                return d
+        raise GpuBackendError(f"GPU {uuid} is not on this node")
+
+    def read(self, uuid: str, energy: bool = True) -> GpuReading:
+        self.advance()
+        d = self.device(uuid)
+        w = self._window[d.index]
+        return GpuReading(
+            uuid=uuid,
+            energy_joules=d.energy_counter_mj / 1000 if energy else None,
+            power_watts=w.power_watts,
+            enforced_limit_watts=d.power_limit_watts,
+            utilization_percent=float(w.utilization_percent),
+            sm_clock_mhz=float(w.sm_clock_mhz),
+            mem_clock_mhz=float(w.mem_clock_mhz),
+            temperature_c=w.temperature_c,
+            throttle_reasons=tuple(THROTTLE_NAMES.get(r, r) for r in w.throttle_reasons),
+        )
+
+    def set_power_limit(self, uuid: str, watts: float) -> None:
+        try:
+            self.device(uuid).set_power_limit(watts)
+        except ValueError as exc:
+            raise GpuBackendError(str(exc)) from exc
+
+    def close(self) -> None:
+        pass
+
+    def advance(self) -> None:
+        """Run every GPU from the last call to now (in simulated seconds)."""
+        now = self._clock()
+        seconds = (now - self._last) * self.speed
+        if seconds <= 1e-6:
+            return
+        self._last = now
+        self.sim_time += seconds
+        busy: set[int] = set()
+        for job in self.jobs.values():
+            self._apply_reload(job)
+            if job.kind is None or not job.gpu_indices:
+                continue
+            point = self._job_point(job)
+            job.step_seconds = point.step_seconds
+            for rank, index in enumerate(job.gpu_indices):
+                window = self.devices[index].advance_at(point.ranks[rank], seconds, self._rng)
+                self._window[index] = window
+                job.work_units += window.work_units
+                busy.add(index)
+        for d in self.devices:
+            if d.index not in busy:
+                d.clear()
+                self._window[d.index] = d.advance(seconds, self._rng)
+
+    def _apply_reload(self, job: SimJob) -> None:
+        if job.pending is not None and self.sim_time - job.pending_since >= self.reload_delay_seconds:
+            job.batch_size, job.precision = job.pending
+            job.pending = None
+            log.info("simulated pod %s now runs batch %d at %s", job.pod, job.batch_size, job.precision)
+
+    def _job_point(self, job: SimJob) -> gpusim.JobPoint:
+        """A synchronous step over the pod's GPUs. A pod with work-share < 1 waits each step for a
+        peer elsewhere (at the default limit) that does a full share: a straggler's partner."""
+        caps = [self.devices[i].power_limit_watts for i in job.gpu_indices]
+        key = (job.kind, job.batch_size, job.precision, job.work_share, *caps)
+        point = self._points.get(key)
+        if point is None:
+            profile = job.profile
+            assert profile is not None
+            spec = self.devices[job.gpu_indices[0]].spec
+            work = [job.work_share * job.batch_size] * len(caps)
+            if job.work_share < 1:
+                work.append(float(job.batch_size))
+                caps.append(spec.default_power_limit_watts)
+            point = gpusim.job_step(spec, profile, job.precision, work, caps, batch_size=job.batch_size)
+            if len(self._points) > 4096:
+                self._points.clear()
+            self._points[key] = point
+        return point
+
+
+def _positive_int(text: str | None) -> int | None:
+    return int(text) if text is not None and text.strip().isdigit() and int(text) > 0 else None
+
+
+class SimWorkloads:
+    """Pods of a KWOK node as simulated workloads: GPU allocation and work counters."""
+
+    def __init__(self, backend: SimBackend) -> None:
+        self.backend = backend
+
+    def allocations(self, pods: Sequence[PodInfo]) -> Mapping[str, tuple[str, ...]]:
+        """Keep each pod's GPUs stable, free those of pods that are gone, and hand the free ones
+        to new pods (lowest index first)."""
+        jobs = self.backend.jobs
+        present = {p.key: p for p in pods if p.gpu_request > 0 and p.phase in ("Pending", "Running")}
+        for key in [k for k in jobs if k not in present]:
+            del jobs[key]
+        used = {i for job in jobs.values() for i in job.gpu_indices}
+        for key, pod in sorted(present.items()):
+            job = jobs.get(key)
+            if job is None:
+                free = [d.index for d in self.backend.devices if d.index not in used]
+                if len(free) < pod.gpu_request:
+                    log.warning(
+                        "pod %s wants %d GPUs, only %d free on this node", key, pod.gpu_request, len(free)
+                    )
+                    continue
+                job = self._new_job(pod, tuple(free[: pod.gpu_request]))
+                jobs[key] = job
+                used.update(job.gpu_indices)
+            self._follow_hints(job, pod)
+        devices = self.backend.devices
+        return {key: tuple(devices[i].uuid for i in job.gpu_indices) for key, job in jobs.items()}
+
+    @staticmethod
+    def _new_job(pod: PodInfo, gpu_indices: tuple[int, ...]) -> SimJob:
+        kind = pod.annotations.get(SIM_WORKLOAD)
+        if kind is not None and kind not in PROFILES:
+            log.warning("pod %s: unknown %s %r; it idles", pod.key, SIM_WORKLOAD, kind)
+            kind = None
+        batch = _positive_int(pod.annotations.get(SIM_BATCH_SIZE)) or DEFAULT_BATCH.get(kind or "", 1)
+        precision = pod.annotations.get(SIM_PRECISION, DEFAULT_PRECISION)
+        if precision not in gpusim.PRECISIONS:
+            precision = DEFAULT_PRECISION
+        try:
+            share = float(pod.annotations.get(SIM_WORK_SHARE, "1"))
+        except ValueError:
+            share = 1.0
+        share = min(max(share, 0.05), 1.0)
+        return SimJob(pod.key, gpu_indices, kind, batch, precision, work_share=share)
+
+    def _follow_hints(self, job: SimJob, pod: PodInfo) -> None:
+        batch = _positive_int(pod.annotations.get(ANNOTATION_BATCH_SIZE)) or job.batch_size
+        precision = pod.annotations.get(ANNOTATION_QUANTIZATION, job.precision)
+        spec = self.backend.devices[job.gpu_indices[0]].spec if job.gpu_indices else None
+        if spec is None or not spec.supports(precision):
+            precision = job.precision
+        wanted = (batch, precision)
+        if wanted == (job.batch_size, job.precision):
+            job.pending = None
+        elif wanted != job.pending:
+            job.pending, job.pending_since = wanted, self.backend.sim_time
+
+    def read(self, workload: MeasuredWorkload, pod: PodInfo | None) -> WorkReading:
+        job = self.backend.jobs.get(f"{workload.namespace}/{workload.pod}")
+        if pod is None or job is None:
+            return WorkReading(
+                None, error=f"pod {workload.namespace}/{workload.pod} runs no workload on this node"
+            )
+        self.backend.advance()
+        if job.kind is None:
+            return WorkReading(0.0)
+        latency = job.step_seconds if workload.latencyMetric is not None else None
+        return WorkReading(job.work_units, job.batch_size, job.precision, latency)

@@ -1,0 +1,223 @@
+"""NodeAgent's own logic on a simulated node with an in-memory API (the real API server is
+exercised in test_agent_k8s.py)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import threading
+
+# pytest puts this folder on sys.path; mypy, run from the repository root, cannot see it.
+from agent_helpers import cap_spec, decode_pod, lease, sim_node  # type: ignore[import-not-found]
+from edpilot_agent.main import install_signal_handlers, run
+from edpilot_agent.metrics import AgentCollector
+from prometheus_client import CollectorRegistry, generate_latest
+
+from edpilot.models import ANNOTATION_BATCH_SIZE, DesiredPowerLimit, GPUNodeReportStatus
+
+
+def condition(status: GPUNodeReportStatus, type_: str) -> tuple[str, str]:
+    c = next(c for c in status.conditions if c.type == type_)
+    return c.status, c.reason
+
+
+def test_reports_cumulative_energy_and_work_per_gpu_and_pod() -> None:
+    node = sim_node()
+    node.kube.spec = cap_spec(node.clock, node.uuid(0), 700)
+    node.agent.tick()
+    first = node.kube.statuses[-1]
+    for _ in range(5):
+        node.clock.advance(1)
+        node.agent.tick()
+    last = node.kube.statuses[-1]
+    assert len(node.kube.statuses) == 2  # the first report, then one interval (5 s) later
+    gpu0 = last.gpus[0]
+    assert gpu0.pods == ["default/llm-0"] and last.gpus[1].pods == []
+    assert gpu0.energyJoules - first.gpus[0].energyJoules > 5 * gpu0.powerWatts * 0.5
+    assert last.gpus[1].energyJoules > first.gpus[1].energyJoules  # an idle GPU still draws
+    [work] = last.workloads
+    assert work.gpuUUIDs == [node.uuid(0)] and work.healthy
+    assert work.workUnits > first.workloads[0].workUnits
+    assert (work.batchSize, work.quantization) == (8, "bf16")
+    assert condition(last, "Ready") == ("True", "Measuring")
+
+
+def test_applies_a_cap_with_a_fresh_lease_and_reports_it_at_once() -> None:
+    node = sim_node()
+    node.agent.tick()
+    node.clock.advance(1)
+    node.kube.spec = cap_spec(node.clock, node.uuid(0), 450)
+    node.agent.tick()
+    assert node.limit(0) == 450 and node.limit(1) == 700
+    status = node.kube.statuses[-1]
+    assert len(node.kube.statuses) == 2  # a change is reported before the interval is up
+    assert status.gpus[0].enforcedLimitWatts == 450
+    assert condition(status, "SpecApplied") == ("True", "Applied")
+    assert node.agent.applier.counts[(node.uuid(0), "Spec", "applied")] == 1
+
+
+def test_lease_expiry_restores_the_default_within_one_tick() -> None:
+    node = sim_node()
+    node.kube.spec = cap_spec(node.clock, node.uuid(0), 450, lease_seconds=10)
+    node.agent.tick()
+    assert node.limit(0) == 450
+    node.clock.advance(10)
+    node.agent.tick()
+    assert node.limit(0) == 450
+    node.clock.advance(1)
+    node.agent.tick()
+    assert node.limit(0) == 700
+    assert condition(node.kube.statuses[-1], "LeaseValid") == ("False", "LeaseExpired")
+    # The operator comes back and renews: the cap returns.
+    node.kube.spec = node.kube.spec.model_copy(update={"lease": lease(node.clock, 10)})
+    node.clock.advance(1)
+    node.agent.tick()
+    assert node.limit(0) == 450
+
+
+def test_pod_removal_restores_the_default_and_refuses_the_stale_entry() -> None:
+    node = sim_node()
+    node.kube.spec = cap_spec(node.clock, node.uuid(0), 450)
+    node.agent.tick()
+    assert node.limit(0) == 450
+    node.kube.pod_list = []
+    node.clock.advance(1)
+    node.agent.tick()
+    assert node.limit(0) == 700
+    assert condition(node.kube.statuses[-1], "SpecApplied") == ("False", "Refused")
+
+
+def test_a_foreign_gpu_uuid_is_refused_and_reported() -> None:
+    node = sim_node()
+    spec = cap_spec(node.clock, node.uuid(0), 450)
+    spec.powerLimits = [DesiredPowerLimit(gpuUUID="GPU-from-another-node", watts=300, pod="default/llm-0")]
+    node.kube.spec = spec
+    node.agent.tick()
+    assert [node.limit(i) for i in range(2)] == [700, 700]
+    status = node.kube.statuses[-1]
+    assert condition(status, "SpecApplied") == ("False", "Refused")
+    assert "GPU-from-another-node is not on this node" in status.conditions[2].message
+
+
+def test_a_gpu_left_capped_by_a_previous_run_goes_back_to_default_on_start() -> None:
+    node = sim_node()
+    node.backend.set_power_limit(node.uuid(1), 300)  # what a crashed agent left behind
+    node.agent.tick()  # no spec, no lease
+    assert node.limit(1) == 700
+    assert node.agent.applier.counts[(node.uuid(1), "NoLease", "applied")] == 1
+
+
+def test_shutdown_restores_defaults_and_says_so() -> None:
+    node = sim_node()
+    node.kube.spec = cap_spec(node.clock, node.uuid(0), 450)
+    node.agent.tick()
+    node.agent.shutdown()
+    assert node.limit(0) == 700
+    assert condition(node.kube.statuses[-1], "Ready") == ("False", "AgentStopped")
+    assert node.kube.statuses[-1].gpus[0].enforcedLimitWatts == 700
+
+
+def test_sigterm_stops_the_loop_and_restores_defaults() -> None:
+    node = sim_node()
+    node.kube.spec = cap_spec(node.clock, node.uuid(0), 450, lease_seconds=3600)
+    stop = threading.Event()
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    install_signal_handlers(stop)
+    capped = threading.Event()
+
+    def terminate_once_capped() -> None:
+        while node.limit(0) != 450 and not stop.is_set():
+            stop.wait(0.01)
+        capped.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_once_capped)
+    killer.start()
+    try:
+        assert run(node.agent, stop, tick_seconds=0.05) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+        killer.join()
+    assert capped.is_set() and stop.is_set()
+    assert node.limit(0) == 700
+
+
+def test_api_errors_back_off_and_never_crash() -> None:
+    node = sim_node()
+    node.kube.fail_writes = 4
+    attempts_at = []
+    for _ in range(40):
+        before = node.agent.report_errors
+        node.agent.tick()
+        if node.agent.report_errors > before:
+            attempts_at.append(node.clock.t)
+        node.clock.advance(0.5)
+    assert node.agent.report_errors == 4
+    gaps = [b - a for a, b in itertools.pairwise(attempts_at)]
+    assert gaps == sorted(gaps) and gaps[-1] >= 4 * gaps[0] * 0.8 / 1.2  # exponential backoff
+    assert node.kube.statuses  # and it got through once the API server came back
+
+
+def test_the_spec_interval_is_clamped_to_the_configured_range() -> None:
+    node = sim_node(default_interval=20)
+    node.kube.spec = cap_spec(node.clock, node.uuid(0), 700, interval=3600)
+    for _ in range(61):
+        node.agent.tick()
+        node.clock.advance(1)
+    assert len(node.kube.statuses) == 4  # at 0, 20, 40 and 60 s: never longer than the default
+
+
+def test_dry_run_sets_nothing_and_says_what_it_would_do() -> None:
+    node = sim_node(dry_run=True)
+    node.kube.spec = cap_spec(node.clock, node.uuid(0), 450)
+    for _ in range(3):
+        node.agent.tick()
+        node.clock.advance(1)
+    assert node.limit(0) == 700
+    assert node.agent.applier.counts == {(node.uuid(0), "Spec", "dry_run"): 1}
+    assert condition(node.kube.statuses[-1], "SpecApplied") == ("True", "DryRun")
+
+
+def test_a_simulated_workload_follows_a_hint_after_its_reload_delay() -> None:
+    node = sim_node()
+    node.kube.spec = cap_spec(node.clock, node.uuid(0), 700, interval=1)
+    node.agent.tick()
+    node.kube.pod_list = [decode_pod(annotations={ANNOTATION_BATCH_SIZE: "32"})]
+    node.clock.advance(1)
+    node.agent.tick()
+    assert node.agent.snapshot is not None and node.agent.snapshot.workloads[0].batchSize == 8
+    node.clock.advance(3)  # longer than the 2 s reload delay
+    node.agent.tick()
+    node.clock.advance(1)
+    node.agent.tick()
+    assert node.agent.snapshot.workloads[0].batchSize == 32
+
+
+def test_metrics_expose_the_snapshot_with_node_gpu_and_pod_labels() -> None:
+    node = sim_node()
+    node.kube.spec = cap_spec(node.clock, node.uuid(0), 450)
+    node.agent.tick()
+    registry = CollectorRegistry()
+    registry.register(
+        AgentCollector("gpu-node-0", lambda: node.agent.snapshot, lambda: node.agent.applier.counts)
+    )
+    text = generate_latest(registry).decode()
+    uuid = node.uuid(0)
+    labels = f'gpu_index="0",gpu_uuid="{uuid}",namespace="default",node="gpu-node-0",pod="llm-0"'
+    assert f"edpilot_gpu_power_limit_watts{{{labels}}} 450.0" in text
+    for name in (
+        "edpilot_gpu_energy_joules_total",
+        "edpilot_gpu_power_watts",
+        "edpilot_gpu_utilization_ratio",
+    ):
+        assert f"{name}{{{labels}}}" in text
+    assert (
+        'edpilot_workload_work_units_total{namespace="default",node="gpu-node-0",pod="llm-0",unit="units"}'
+        in text
+    )
+    assert (
+        f'edpilot_agent_actuations_total{{gpu_uuid="{uuid}",node="gpu-node-0",reason="Spec",result="applied"}} 1.0'
+        in text
+    )

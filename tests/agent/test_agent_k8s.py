@@ -1,0 +1,284 @@
+"""The agent against the real control plane: a NodeAgent (simulated backend) for KWOK node
+gpu-node-0 reports, applies a spec, restores defaults when the lease runs out or the pod goes
+away, and never acts on another node's spec; `edpilot agent` restores defaults on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import pytest
+from edpilot_agent.agent import NodeAgent, SystemClock
+from edpilot_agent.kube import KubeClient
+from edpilot_agent.main import run
+from edpilot_agent.sim import SimBackend, SimWorkloads
+
+T = TypeVar("T")
+NODE, OTHER_NODE, CLI_NODE = "gpu-node-0", "gpu-node-1", "gpu-node-2"
+NAMESPACE = "agent-test"
+LEASE_SECONDS = 5
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+@dataclass
+class RunningAgent:
+    cluster: Any
+    agent: NodeAgent
+    backend: SimBackend
+
+    def report(self, node: str = NODE) -> dict[str, Any]:
+        proc = self.cluster.kubectl("get", "gpunodereport", node, "-o", "json", check=False)
+        return json.loads(proc.stdout) if proc.returncode == 0 else {}
+
+    def limit(self, index: int) -> float:
+        return self.backend.devices[index].power_limit_watts
+
+    def uuid(self, index: int) -> str:
+        return self.backend.devices[index].uuid
+
+    def patch_spec(self, spec: dict[str, Any], node: str = NODE) -> None:
+        self.cluster.kubectl(
+            "patch", "gpunodereport", node, "--type", "merge", "-p", json.dumps({"spec": spec})
+        )
+
+
+def fresh_lease(seconds: int = LEASE_SECONDS) -> dict[str, Any]:
+    now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return {"holderIdentity": "agent-test", "renewTime": now, "leaseSeconds": seconds}
+
+
+def gpu_pod(name: str, node: str = NODE) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": NAMESPACE,
+                "annotations": {"sim.edpilot.io/workload": "llm-decode", "sim.edpilot.io/batch-size": "16"},
+            },
+            "spec": {
+                "nodeSelector": {"kubernetes.io/hostname": node},
+                "containers": [
+                    {
+                        "name": "llm",
+                        "image": "example.com/llm:1",
+                        "resources": {"limits": {"nvidia.com/gpu": "1"}},
+                    }
+                ],
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def running(crds_installed: Any) -> Iterator[RunningAgent]:
+    cluster = crds_installed
+    cluster.kubectl("create", "namespace", NAMESPACE)
+    backend = SimBackend(NODE, gpus=8, seed=7, speed=10.0, reload_delay_seconds=1.0)
+    workloads = SimWorkloads(backend)
+    kube = KubeClient(NODE, str(cluster.kubeconfig))
+    agent = NodeAgent(
+        NODE,
+        backend,
+        workloads,
+        kube,
+        SystemClock(),
+        allocations=workloads,
+        default_interval_seconds=2.0,
+        min_interval_seconds=0.5,
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=run, args=(agent, stop, 0.2), daemon=True)
+    thread.start()
+    try:
+        yield RunningAgent(cluster, agent, backend)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        kube.close()
+        cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+        cluster.kubectl(
+            "delete", "gpunodereport", NODE, OTHER_NODE, CLI_NODE, "--ignore-not-found", check=False
+        )
+
+
+def gpu_holding(report: dict[str, Any], pod: str) -> dict[str, Any] | None:
+    return next((g for g in report.get("status", {}).get("gpus", []) if pod in g.get("pods", [])), None)
+
+
+def condition(report: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in report.get("status", {}).get("conditions", []) if c["type"] == type_), {})
+
+
+def test_the_agent_creates_its_report_and_writes_status(running: RunningAgent) -> None:
+    report = wait_for(
+        "a status with 8 GPUs", lambda: (r := running.report()).get("status", {}).get("gpus") and r
+    )
+    status = report["status"]
+    assert status["nodeName"] == NODE and status["backend"] == "sim"
+    assert [g["index"] for g in status["gpus"]] == list(range(8))
+    assert {g["uuid"] for g in status["gpus"]} == {running.uuid(i) for i in range(8)}
+    assert all(g["enforcedLimitWatts"] == g["defaultLimitWatts"] == 700 for g in status["gpus"])
+    assert condition(report, "LeaseValid")["reason"] == "NoLease"
+    first = {g["uuid"]: g["energyJoules"] for g in status["gpus"]}
+    later = wait_for(
+        "a newer status", lambda: (r := running.report())["status"]["time"] != status["time"] and r
+    )
+    assert all(g["energyJoules"] > first[g["uuid"]] for g in later["status"]["gpus"])
+
+
+def test_a_spec_cap_is_applied_then_restored_when_the_lease_expires(running: RunningAgent) -> None:
+    running.cluster.kubectl("apply", "-f", "-", input=gpu_pod("llm-0"))
+    gpu = wait_for("the pod to hold a GPU", lambda: gpu_holding(running.report(), f"{NAMESPACE}/llm-0"), 60)
+    index = gpu["index"]
+    running.patch_spec(
+        {
+            "powerLimits": [{"gpuUUID": gpu["uuid"], "watts": 450, "pod": f"{NAMESPACE}/llm-0"}],
+            "workloads": [{"namespace": NAMESPACE, "pod": "llm-0", "metricName": "tokens", "unit": "token"}],
+            "lease": fresh_lease(),
+            "reportIntervalSeconds": 1,
+        }
+    )
+    written = time.monotonic()
+    wait_for("the cap on the simulated GPU", lambda: running.limit(index) == 450, 10)
+    report = wait_for(
+        "the cap in the status",
+        lambda: (r := running.report())["status"]["gpus"][index]["enforcedLimitWatts"] == 450 and r,
+    )
+    assert condition(report, "SpecApplied")["status"] == "True"
+    [work] = report["status"]["workloads"]
+    assert work["pod"] == "llm-0" and work["unit"] == "token" and work["gpuUUIDs"] == [gpu["uuid"]]
+    assert work["batchSize"] == 16 and work["healthy"]
+
+    wait_for("the default after the lease expired", lambda: running.limit(index) == 700, LEASE_SECONDS + 5)
+    # The agent judges the lease from when it saw renewTime; one report interval (1 s) of slack.
+    assert time.monotonic() - written <= LEASE_SECONDS + 1 + 0.5
+    report = wait_for(
+        "LeaseExpired in the status",
+        lambda: condition(r := running.report(), "LeaseValid").get("reason") == "LeaseExpired" and r,
+    )
+    assert report["status"]["gpus"][index]["enforcedLimitWatts"] == 700
+
+
+def test_deleting_the_pod_restores_the_default(running: RunningAgent) -> None:
+    running.cluster.kubectl("apply", "-f", "-", input=gpu_pod("llm-1"))
+    gpu = wait_for("the pod to hold a GPU", lambda: gpu_holding(running.report(), f"{NAMESPACE}/llm-1"), 60)
+    index = gpu["index"]
+    running.patch_spec(
+        {
+            "powerLimits": [{"gpuUUID": gpu["uuid"], "watts": 380, "pod": f"{NAMESPACE}/llm-1"}],
+            "lease": fresh_lease(600),
+        }
+    )
+    wait_for("the cap", lambda: running.limit(index) == 380, 10)
+    running.cluster.kubectl("delete", "pod", "-n", NAMESPACE, "llm-1", "--wait=false")
+    wait_for("the default after the pod went away", lambda: running.limit(index) == 700, 30)
+    running.patch_spec({"powerLimits": [], "lease": None})
+
+
+def test_another_nodes_spec_is_never_applied_and_a_foreign_uuid_is_refused(running: RunningAgent) -> None:
+    pod = f"{NAMESPACE}/llm-0"
+    gpu = wait_for("llm-0 on a GPU", lambda: gpu_holding(running.report(), pod), 30)
+    other = {"apiVersion": "edpilot.io/v1alpha1", "kind": "GPUNodeReport", "metadata": {"name": OTHER_NODE}}
+    running.cluster.kubectl("apply", "-f", "-", input=json.dumps(other))
+    running.patch_spec(
+        {
+            "powerLimits": [
+                {"gpuUUID": gpu["uuid"], "watts": 300, "pod": pod}
+            ],  # this node's GPU, in node-1's report
+            "lease": fresh_lease(600),
+        },
+        node=OTHER_NODE,
+    )
+    running.patch_spec(
+        {
+            "powerLimits": [{"gpuUUID": "GPU-00000000-not-on-this-node", "watts": 300, "pod": pod}],
+            "lease": fresh_lease(600),
+        }
+    )
+    report = wait_for(
+        "the refusal in the status",
+        lambda: condition(r := running.report(), "SpecApplied").get("reason") == "Refused" and r,
+    )
+    assert "GPU-00000000-not-on-this-node is not on this node" in condition(report, "SpecApplied")["message"]
+    time.sleep(2)  # several ticks: nothing may change
+    assert [running.limit(i) for i in range(8)] == [700] * 8
+    running.patch_spec({"powerLimits": [], "lease": None})
+
+
+def test_the_agent_command_restores_defaults_on_sigterm(running: RunningAgent) -> None:
+    cluster = running.cluster
+    cluster.kubectl("apply", "-f", "-", input=gpu_pod("llm-2", node=CLI_NODE))
+    env = {**os.environ, "NODE_NAME": CLI_NODE}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edpilot.cli",
+            "agent",
+            "--backend",
+            "sim",
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "--metrics-port",
+            "0",
+            "--tick",
+            "0.2",
+            "--default-interval",
+            "2",
+            "--sim-speed",
+            "10",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        gpu = wait_for(
+            "llm-2 on a GPU of the CLI agent",
+            lambda: gpu_holding(running.report(CLI_NODE), f"{NAMESPACE}/llm-2"),
+            60,
+        )
+        running.patch_spec(
+            {
+                "powerLimits": [{"gpuUUID": gpu["uuid"], "watts": 420, "pod": f"{NAMESPACE}/llm-2"}],
+                "lease": fresh_lease(600),
+            },
+            node=CLI_NODE,
+        )
+        wait_for(
+            "the cap in the CLI agent's status",
+            lambda: running.report(CLI_NODE)["status"]["gpus"][gpu["index"]]["enforcedLimitWatts"] == 420,
+            15,
+        )
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert "received SIGTERM" in output
+    report = running.report(CLI_NODE)
+    assert report["status"]["gpus"][gpu["index"]]["enforcedLimitWatts"] == 700
+    assert condition(report, "Ready")["reason"] == "AgentStopped"

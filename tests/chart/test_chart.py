@@ -1,0 +1,479 @@
+"""The Helm chart without a cluster: lint, every values variant under ci/ rendered and checked,
+bad values rejected by values.schema.json with messages, CRDs identical to crds/, Dockerfiles pinned."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from conftest import tool_dir
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "edpilot"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+KUBE_VERSION = "1.36.3"  # hack/versions.env; helm's offline default is older than the chart allows
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True}
+
+Manifests = list[dict[str, Any]]
+Render = Callable[..., Manifests]
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    return tool_dir() / "helm"
+
+
+def run_helm(helm: Path, *args: str, chart: Path = CHART) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(helm), *args, str(chart)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def render(helm: Path) -> Render:
+    def _render(*args: str, chart: Path = CHART) -> Manifests:
+        proc = run_helm(
+            helm,
+            "template",
+            "rel",
+            "--namespace",
+            "gpu-energy",
+            "--kube-version",
+            KUBE_VERSION,
+            *args,
+            chart=chart,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+    return _render
+
+
+def one(manifests: Manifests, kind: str, name: str) -> dict[str, Any]:
+    found = [m for m in manifests if m["kind"] == kind and m["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def kinds(manifests: Manifests) -> set[str]:
+    return {m["kind"] for m in manifests}
+
+
+def container(workload: dict[str, Any]) -> dict[str, Any]:
+    containers: list[dict[str, Any]] = workload["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def assert_restricted(workload: dict[str, Any]) -> None:
+    """The restricted Pod Security Standard, as far as the chart decides it."""
+    pod = workload["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container(workload)["securityContext"]
+    assert sc.items() >= RESTRICTED_CONTAINER.items()
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert not any("hostPath" in volume for volume in pod.get("volumes", []))
+
+
+# ---------------------------------------------------------------- lint and schema
+
+
+def test_the_ci_folder_covers_the_variants_the_issue_names() -> None:
+    names = {path.stem for path in CI_VALUES}
+    assert {
+        "default-values",
+        "operator-ha-values",
+        "existing-serviceaccounts-values",
+        "sim-backend-values",
+        "monitoring-values",
+        "second-scheduler-values",
+    } <= names
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.stem)
+def test_helm_lint_strict_passes(helm: Path, values: Path) -> None:
+    proc = run_helm(helm, "lint", "--strict", "--kube-version", KUBE_VERSION, "-f", str(values))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.stem)
+def test_each_ci_variant_passes_the_schema_and_renders(render: Render, values: Path) -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    jsonschema.validate(deep_merge(defaults, yaml.safe_load(values.read_text()) or {}), schema)
+
+    manifests = render("-f", str(values))
+    assert {"Deployment", "DaemonSet", "Service", "ValidatingAdmissionPolicy"} <= kinds(manifests)
+    for manifest in manifests:
+        labels = manifest["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == "rel"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["helm.sh/chart"] == "edpilot-0.1.0"
+
+
+BAD_VALUES: list[tuple[list[str], str]] = [
+    (["operator.replicas=0"], "at '/operator/replicas': minimum: got 0, want 1"),
+    (
+        ["operator.replicas=2", "operator.peering.enabled=false"],
+        "at '/operator/peering/enabled': value must be true",
+    ),
+    (["agent.backend=cuda"], "at '/agent/backend': value must be one of 'nvml', 'sim'"),
+    (["operator.replica=2"], "at '/operator': additional properties 'replica' not allowed"),
+    (
+        ["operator.securityContext.privileged=true"],
+        "at '/operator/securityContext/privileged': value must be false",
+    ),
+    (
+        ["agent.securityContext.allowPrivilegeEscalation=true"],
+        "at '/agent/securityContext/allowPrivilegeEscalation'",
+    ),
+    (
+        ["agent.securityContext.capabilities.add={NET_ADMIN}"],
+        "additional properties 'capabilities' not allowed",
+    ),
+    (
+        ["operator.serviceAccount.create=false"],
+        "at '/operator/serviceAccount/name': minLength: got 0, want 1",
+    ),
+    (["scheduler.enabled=true", "extender.enabled=false"], "at '/extender/enabled': value must be true"),
+    (
+        ["operator.watchNamespaces={Team_A}"],
+        "at '/operator/watchNamespaces/0': 'Team_A' does not match pattern",
+    ),
+    (["operator.metricsPort=70000"], "at '/operator/metricsPort': maximum: got 70,000, want 65,535"),
+    (["operator.image.pullPolicy=Sometimes"], "at '/operator/image/pullPolicy': value must be one of"),
+    (["agent.nodeSelector=null"], "at '/agent': missing property 'nodeSelector'"),
+    (["extender.service.type=ExternalName"], "at '/extender/service/type': value must be one of"),
+    (["serviceMonitor.interval=often"], "at '/serviceMonitor/interval': 'often' does not match pattern"),
+    (
+        ["scheduler.replicas=2", "scheduler.leaderElect=false"],
+        "at '/scheduler/leaderElect': value must be true",
+    ),
+]
+
+
+@pytest.mark.parametrize(("sets", "message"), BAD_VALUES, ids=[",".join(s) for s, _ in BAD_VALUES])
+def test_bad_values_are_rejected_with_a_message(helm: Path, sets: list[str], message: str) -> None:
+    args = [arg for s in sets for arg in ("--set", s)]
+    proc = run_helm(helm, "template", "rel", "--kube-version", KUBE_VERSION, *args)
+    assert proc.returncode != 0, f"{sets} was accepted"
+    assert "values don't meet the specifications of the schema" in proc.stderr
+    assert message in proc.stderr, proc.stderr
+
+
+def test_an_empty_agent_node_selector_is_rejected(helm: Path, tmp_path: Path) -> None:
+    # An empty selector would put an agent (root, with CAP_SYS_ADMIN) on every node. Helm merges
+    # maps, so removing the default label (null) is how a user empties it.
+    values = tmp_path / "values.yaml"
+    values.write_text("agent:\n  nodeSelector:\n    nvidia.com/gpu.present: null\n")
+    proc = run_helm(helm, "template", "rel", "--kube-version", KUBE_VERSION, "-f", str(values))
+    assert proc.returncode != 0
+    assert "at '/agent/nodeSelector': minProperties: got 0, want 1" in proc.stderr, proc.stderr
+
+
+def test_every_value_is_commented() -> None:
+    """Each leaf value in values.yaml has a comment right above it or above one of its parents."""
+    stack: list[tuple[int, bool]] = []  # (indent, commented) of the enclosing keys
+    previous = ""
+    undocumented = []
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    for number, line in enumerate(lines, start=1):
+        match = re.match(r"^( *)([A-Za-z0-9_.-]+):(.*)$", line)
+        if match:
+            indent = len(match.group(1))
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            commented = previous.lstrip().startswith("#")
+            is_leaf = bool(match.group(3).strip())
+            if is_leaf and not commented and not any(c for _, c in stack):
+                undocumented.append(f"{number}: {line.strip()}")
+            stack.append((indent, commented))
+        if line.strip():
+            previous = line
+    assert not undocumented, "values without a comment:\n" + "\n".join(undocumented)
+
+
+# ---------------------------------------------------------------- what each variant renders
+
+
+def test_defaults_install_every_component_with_least_privilege(render: Render) -> None:
+    manifests = render()
+    operator = one(manifests, "Deployment", "rel-edpilot-operator")
+    args = container(operator)["args"]
+    assert args[0] == "operator"
+    assert "--all-namespaces" in args
+    assert "--peering=rel-edpilot" in args
+    assert "--liveness=http://0.0.0.0:8080/healthz" in args
+    assert one(manifests, "ClusterKopfPeering", "rel-edpilot")
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container(operator)[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert_restricted(operator)
+
+    extender = one(manifests, "Deployment", "rel-edpilot-extender")
+    assert container(extender)["args"] == ["extender", "--port=8888"]
+    assert container(extender)["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert one(manifests, "Service", "rel-edpilot-extender")["spec"]["ports"][0]["port"] == 8888
+    assert_restricted(extender)
+
+    agent = one(manifests, "DaemonSet", "rel-edpilot-agent")
+    pod = agent["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert "runtimeClassName" not in pod
+    c = container(agent)
+    assert c["args"] == ["agent", "--node-name=$(NODE_NAME)", "--backend=nvml", "--metrics-port=9464"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert env["NVIDIA_DRIVER_CAPABILITIES"]["value"] == "utility"
+    assert "nvidia.com/gpu" not in json.dumps(c["resources"]), "the agent must not take a GPU from workloads"
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "pod-resources")
+    assert mount == {"name": "pod-resources", "mountPath": "/var/lib/kubelet/pod-resources", "readOnly": True}
+    volume = next(v for v in pod["volumes"] if v["name"] == "pod-resources")
+    assert volume["hostPath"]["path"] == "/var/lib/kubelet/pod-resources"
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN"]}
+    assert c["securityContext"].items() >= RESTRICTED_CONTAINER.items()
+    assert "privileged" not in c["securityContext"]
+
+    assert not {"ServiceMonitor", "ConfigMap", "Role", "RoleBinding"} & kinds(manifests)
+
+
+def test_node_restriction_policy_names_the_agents_service_account(render: Render) -> None:
+    manifests = render("--set", "agent.serviceAccount.name=gpu-agent")
+    policy = one(manifests, "ValidatingAdmissionPolicy", "rel-edpilot-agent-node-restriction")
+    match = policy["spec"]["matchConditions"][0]["expression"]
+    assert match == 'request.userInfo.username == "system:serviceaccount:gpu-energy:gpu-agent"'
+    rules = policy["spec"]["matchConstraints"]["resourceRules"][0]
+    assert set(rules["resources"]) == {"gpunodereports", "gpunodereports/status"}
+    assert {"CREATE", "UPDATE"} <= set(rules["operations"])
+    binding = one(manifests, "ValidatingAdmissionPolicyBinding", "rel-edpilot-agent-node-restriction")
+    assert binding["spec"] == {
+        "policyName": "rel-edpilot-agent-node-restriction",
+        "validationActions": ["Deny"],
+    }
+    assert "ValidatingAdmissionPolicy" not in kinds(
+        render(
+            "--set",
+            "agent.nodeRestriction.enabled=false",
+            "--set",
+            "operator.podPatchRestriction.enabled=false",
+        )
+    )
+
+
+def test_sim_backend_agent_needs_no_root_no_socket_and_no_capability(render: Render) -> None:
+    agent = one(render("-f", str(CHART / "ci" / "sim-backend-values.yaml")), "DaemonSet", "rel-edpilot-agent")
+    assert_restricted(agent)
+    env = {e["name"] for e in container(agent)["env"]}
+    assert "NVIDIA_VISIBLE_DEVICES" not in env
+    assert "--backend=sim" in container(agent)["args"]
+
+
+def test_nvml_dry_run_agent_gets_no_capability(render: Render) -> None:
+    agent = one(
+        render("-f", str(CHART / "ci" / "nvml-dry-run-values.yaml")), "DaemonSet", "rel-edpilot-agent"
+    )
+    assert container(agent)["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert "--dry-run" in container(agent)["args"]
+    assert agent["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
+
+
+def test_operator_ha_variant_peers_per_namespace(render: Render) -> None:
+    manifests = render("-f", str(CHART / "ci" / "operator-ha-values.yaml"))
+    operator = one(manifests, "Deployment", "rel-edpilot-operator")
+    assert operator["spec"]["replicas"] == 2
+    assert operator["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+    args = container(operator)["args"]
+    assert {"--namespace=team-a", "--namespace=team-b", "--peering=edpilot-ha"} <= set(args)
+    assert "--all-namespaces" not in args
+    peerings = [m for m in manifests if m["kind"] == "KopfPeering"]
+    assert {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in peerings} == {
+        ("team-a", "edpilot-ha"),
+        ("team-b", "edpilot-ha"),
+    }
+    assert "ClusterKopfPeering" not in kinds(manifests)
+    role = one(manifests, "ClusterRole", "rel-edpilot-operator")
+    assert any("namespaces" in rule["resources"] for rule in role["rules"])
+
+
+def test_existing_service_accounts_variant_creates_no_rbac(render: Render) -> None:
+    manifests = render("-f", str(CHART / "ci" / "existing-serviceaccounts-values.yaml"))
+    assert not {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"} & kinds(
+        manifests
+    )
+    accounts = {
+        m["metadata"]["name"]: m["spec"]["template"]["spec"]["serviceAccountName"]
+        for m in manifests
+        if m["kind"] in ("Deployment", "DaemonSet")
+    }
+    assert accounts == {
+        "rel-edpilot-operator": "gpu-energy-operator",
+        "rel-edpilot-agent": "gpu-energy-agent",
+        "rel-edpilot-extender": "gpu-energy-extender",
+    }
+    policy = one(manifests, "ValidatingAdmissionPolicy", "rel-edpilot-agent-node-restriction")
+    assert (
+        "system:serviceaccount:gpu-energy:gpu-energy-agent"
+        in policy["spec"]["matchConditions"][0]["expression"]
+    )
+
+
+def test_second_scheduler_variant_wires_the_extender(render: Render) -> None:
+    manifests = render("-f", str(CHART / "ci" / "second-scheduler-values.yaml"))
+    config = yaml.safe_load(one(manifests, "ConfigMap", "rel-edpilot-scheduler")["data"]["config.yaml"])
+    assert config["kind"] == "KubeSchedulerConfiguration"
+    assert config["profiles"] == [{"schedulerName": "edpilot-scheduler"}]
+    (extender,) = config["extenders"]
+    assert extender["urlPrefix"] == "http://rel-edpilot-extender.gpu-energy.svc:8888"
+    assert (extender["filterVerb"], extender["prioritizeVerb"], extender["weight"]) == (
+        "filter",
+        "prioritize",
+        10,
+    )
+    assert extender["ignorable"] is False
+    assert extender["managedResources"] == [{"name": "nvidia.com/gpu", "ignoredByScheduler": False}]
+    assert config["leaderElection"]["resourceName"] == "edpilot-scheduler"
+
+    scheduler = one(manifests, "Deployment", "rel-edpilot-scheduler")
+    assert container(scheduler)["image"] == "registry.k8s.io/kube-scheduler:v1.36.3"
+    assert_restricted(scheduler)
+    bound = {m["roleRef"]["name"] for m in manifests if m["kind"] in ("ClusterRoleBinding", "RoleBinding")}
+    assert {
+        "system:kube-scheduler",
+        "system:volume-scheduler",
+        "extension-apiserver-authentication-reader",
+    } <= bound
+    lease_role = one(manifests, "Role", "rel-edpilot-scheduler-leader-election")
+    assert {"resourceNames": ["edpilot-scheduler"]}.items() <= lease_role["rules"][1].items()
+
+
+def test_monitoring_variant_and_dashboards_from_the_chart_files(render: Render, tmp_path: Path) -> None:
+    values = str(CHART / "ci" / "monitoring-values.yaml")
+    monitors = [m for m in render("-f", values) if m["kind"] == "ServiceMonitor"]
+    assert {m["metadata"]["name"] for m in monitors} == {"rel-edpilot-operator", "rel-edpilot-agent"}
+    for monitor in monitors:
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+
+    chart = tmp_path / "edpilot"
+    shutil.copytree(CHART, chart)
+    dashboard = {"title": "edpilot", "panels": [], "schemaVersion": 39}
+    (chart / "dashboards").mkdir(exist_ok=True)
+    (chart / "dashboards" / "edpilot-test.json").write_text(json.dumps(dashboard))
+    configmap = one(render("-f", values, chart=chart), "ConfigMap", "rel-edpilot-dashboards")
+    assert configmap["metadata"]["namespace"] == "monitoring"
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(configmap["data"]["edpilot-test.json"]) == dashboard
+
+
+def test_operator_rbac_matches_what_it_touches(render: Render) -> None:
+    role = one(render(), "ClusterRole", "rel-edpilot-operator")
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert ("", "secrets", "get") not in granted
+    assert not {verb for group, resource, verb in granted if resource == "pods"} - {
+        "get",
+        "list",
+        "watch",
+        "patch",
+    }
+    assert not {verb for group, resource, verb in granted if resource == "nodes"} - {"get", "list", "watch"}
+    assert ("edpilot.io", "gpunodereports/status", "patch") not in granted, "the status is the agent's"
+    assert ("kopf.dev", "clusterkopfpeerings", "patch") in granted
+    assert not any(
+        verb in ("*", "delete", "deletecollection", "escalate", "bind", "impersonate") for *_, verb in granted
+    )
+
+
+# ---------------------------------------------------------------- CRDs and Dockerfiles
+
+
+def test_chart_crds_are_byte_identical_to_the_source() -> None:
+    sources = sorted((REPO / "crds").glob("*.yaml"))
+    assert sources, "crds/*.yaml missing"
+    for source in sources:
+        copy = CHART / "crds" / source.name
+        assert copy.exists(), f"{copy} missing: run hack/sync-chart-crds.sh"
+        assert copy.read_bytes() == source.read_bytes(), (
+            f"{copy} differs from {source}: run hack/sync-chart-crds.sh"
+        )
+    extra = {p.name for p in (CHART / "crds").iterdir()} - {p.name for p in sources}
+    assert extra == {"kopf-peerings.yaml"}, f"unexpected files in the chart's crds/: {extra}"
+
+
+def test_kopf_peering_crds_preserve_the_status_kopf_writes() -> None:
+    crds = list(yaml.safe_load_all((CHART / "crds" / "kopf-peerings.yaml").read_text()))
+    scopes = {crd["spec"]["names"]["kind"]: crd["spec"]["scope"] for crd in crds}
+    assert scopes == {"ClusterKopfPeering": "Cluster", "KopfPeering": "Namespaced"}
+    for crd in crds:
+        assert crd["spec"]["group"] == "kopf.dev"
+        (version,) = crd["spec"]["versions"]
+        assert version["name"] == "v1"
+        status = version["schema"]["openAPIV3Schema"]["properties"]["status"]
+        assert status["x-kubernetes-preserve-unknown-fields"] is True
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+        for line in (raw.strip() for raw in text.splitlines())
+        if line and not line.startswith("#")
+    ]
+
+
+@pytest.mark.parametrize("name", ["operator.Dockerfile", "agent.Dockerfile"])
+def test_dockerfiles_are_pinned_non_root_and_build_the_repo(name: str) -> None:
+    instructions = dockerfile_instructions(REPO / "docker" / name)
+    bases = [args.split()[0] for op, args in instructions if op == "FROM"]
+    assert bases
+    for base in bases:
+        pinned = re.search(r"@sha256:[0-9a-f]{64}$", base) or re.search(r":\d+(\.\d+)+[-\w.]*$", base)
+        assert pinned and not base.endswith(":latest"), f"{name}: base image {base} is not pinned"
+    users = [args for op, args in instructions if op == "USER"]
+    assert users, f"{name} sets no USER"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, f"{name} runs as {users[-1]}"
+    copies = " ".join(args for op, args in instructions if op == "COPY")
+    for source in ("pyproject.toml", "edpilot/", "operator/", "node_agent/"):
+        assert source in copies, f"{name} does not build from {source}"
+    assert ("ENTRYPOINT", '["edpilot"]') in instructions
+    if name == "agent.Dockerfile":
+        assert bases[-1].startswith("nvidia/cuda:"), "the agent needs a CUDA base for the NVIDIA runtime"
+    else:
+        assert re.match(r"python:3\.\d+\.\d+-slim", bases[-1])
+
+
+def test_dockerignore_keeps_local_state_out_of_images() -> None:
+    rules = [
+        line
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert rules[0] == "**", "ignore everything, then allow only what the images build from"
+    allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    assert allowed == {"pyproject.toml", "README.md", "edpilot", "operator", "node_agent"}
