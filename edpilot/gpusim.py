@@ -13,9 +13,20 @@ fp8 / int8). At SM clock ``f``::
     t_comp = flops / (peak(engine) * efficiency * f / f_max)  +  k * kernel_ramp * f_max / f
     t_step = t_fixed + max(t_host, (t_mem**p + t_comp**p) ** (1/p))   (imperfect overlap)
 
-Power is a floor plus activity-weighted switching power, which goes as
-``g(f) = (f / f_max) * (V(f) / V_max)**2`` with a voltage flat up to a knee
-clock and rising linearly above it::
+(a gemm's t_fixed is the launch gap between two matmul kernels, per matmul).
+
+Power is a floor plus activity-weighted CMOS switching power, which goes as
+``g(f) = (f / f_max) * (V(f) / V_max)**2``. The voltage sits at a floor (the
+minimum operating voltage) at low clocks and above it rises like
+``(f / f_max)**1.15``, joined by a smooth maximum::
+
+    V / V_max = ((floor**s + (f / f_max)**(1.15 s)) / (floor**s + 1)) ** (1/s)
+
+so below ~900 MHz switching power goes as f and from ~1350 MHz up as
+f**3.0-3.3: the textbook DVFS cube law (V proportional to f, P = C f V**2)
+and a little steeper near the top, where velocity saturation (the
+alpha-power law of Sakurai and Newton, IEEE JSSC 1990: f_max ~ (V - V_t)**a / V
+with a < 2) makes each extra MHz cost more voltage. Then::
 
     P(f) = idle + (awake - idle) * g(f)                          awake at clock f
          + (hbm_watts + data_movement_watts * g(f)) * bandwidth used
@@ -32,7 +43,12 @@ a lower memory clock). Hence:
 * for compute-bound work energy per unit is U-shaped in the cap: near the
   limit it pays V**2, at low caps the floor over a longer runtime. The EDP
   minimum lies at a higher cap than the energy minimum, as EDP also rewards
-  speed.
+  speed. EDP ~ P / f**2 falls with the clock while (d ln P_switching / d ln f)
+  * P_switching / P > 2, which the cube law gives at the ~1420 MHz where
+  large GEMMs and training sit at 700 W: a bf16 GEMM or ``training()`` capped
+  to ~550 W runs 8-9% slower for 6-7% less EDP and 14% less energy per unit;
+  the energy minimum is near 330-340 W (-30%), the EDP minimum near
+  425-440 W (-9 to -10%, but 17% slower).
 
 Published capping and frequency studies this shape follows
 -----------------------------------------------------------
@@ -61,8 +77,16 @@ Calibration
 ``H100_SXM`` is fitted to ``edpilot/data/h100_probe.json`` (one NVIDIA H100
 80GB HBM3 SXM, driver 580.159.04, measured read-only 2026-11-26) at the 700 W
 default limit, and its waiting-rank power to ``h100x2_straggler.json``. The
-probe has no measurement under a lowered limit: the voltage curve (knee,
-floor) is a plausible choice giving the published shape, not a measurement.
+probe has no measurement under a lowered limit, so the voltage curve is a
+choice, not a measurement, and the probe limits how steep it can be: at the
+same ~700 W the n = 2048 GEMMs run at 1695-1890 MHz and the n = 8192 ones at
+1260-1440 MHz with only 9-38% more switching energy per FLOP, which a steep
+V(f) can match only with the 2048s' clocks modelled 10-15% low. The floor
+(0.53 V_max) and the exponent (1.15) come from a fit asked to keep every
+probe row (J/token, TFLOP/J) within ~13% and a GEMM's and training's best
+EDP gain within 10% slowdown at 6-7% or more; every row is within 13.6%.
+With the previous linear-above-a-knee curve (worst row 11.4%) no cap below
+700 W lowered a GEMM's or training's EDP.
 ``A100_SXM`` is an uncalibrated prior built from public spec-sheet figures.
 fp16 is modelled like bf16; int8 like fp8 with int8 tensor peaks; int4-awq
 (0.5-byte weights, fp16 math plus a dequantisation overhead) is an
@@ -100,13 +124,18 @@ HW_THERMAL_SLOWDOWN: Final = "hw_thermal_slowdown"
 
 # How imperfectly memory traffic and math overlap within a step: 1 would add
 # them, infinity would take the max. Fitted to the probe's decode sweep.
-OVERLAP_EXPONENT: Final = 8.0
+OVERLAP_EXPONENT: Final = 2.79
+
+# The GPU-side gap between two back-to-back matmul kernels of one stream
+# (launch latency): fitted to the probe's n = 2048 GEMMs (~28 us each), a few
+# microseconds like the usual CUDA launch-latency figures.
+GEMM_LAUNCH_GAP_S: Final = 3e-6
 
 # Energy of multiplying a zero (padding) row relative to a real one. Operand
 # values change GPU power a lot (up to 67% for DGEMM on an A100: "Understanding
 # the Impact of Input Entropy on FPU, CPU, and GPU Power", arXiv 2212.08805);
 # zeros are the cheap end. Fitted to the probe's fp32 decode.
-ZERO_OPERAND_ENERGY: Final = 0.41
+ZERO_OPERAND_ENERGY: Final = 0.422
 
 # ---------------------------------------------------------------- noise sizes
 # The probe's sampled-vs-counter energy differences over 3-4 s windows spread
@@ -157,8 +186,9 @@ class GpuSpec:
     kernel_ramp_s: float  # per matmul kernel at the maximum clock: prologue, epilogue, tail wave
     onchip_bandwidth_ratio: float  # what the SMs and L2 can stream at the maximum clock, in HBM bandwidths
     engines: tuple[EngineSpec, ...]
-    voltage_floor: float  # V / V(max clock) at and below the knee
-    voltage_knee_mhz: float
+    voltage_floor: float  # V / V(max clock) at low clocks: the minimum operating voltage
+    voltage_exponent: float  # above the floor V / V(max clock) ~ (f / f_max)**exponent
+    voltage_knee_sharpness: float  # how abruptly the curve leaves the floor (a smooth-max exponent)
     ambient_c: float
     c_per_watt: float  # die temperature rise per watt
     slowdown_temp_c: float  # where hardware thermal slowdown holds the die
@@ -186,37 +216,41 @@ class GpuSpec:
 # model reaches only while awake at a high clock). Peaks from NVIDIA's H100 SXM
 # datasheet scaled to 1980 MHz (132 SMs; per SM and clock: 256 fp32 SIMT,
 # 2048 tf32, 4096 fp16/bf16, 8192 fp8/int8 dense FLOP). Efficiencies, watts,
-# bandwidth efficiency, kernel ramp: a least-squares fit to the probe's 32
-# rows (J/unit, step time, power, and the clocks large GEMMs settle at under
-# the 700 W limit); tests/unit/test_gpusim.py checks the result. awake_watts:
-# the straggler run's waiting rank at 1980 MHz extrapolated to no work.
-# Voltage curve and on-chip bandwidth: chosen, not measured (no capped data).
+# bandwidth efficiency, kernel ramp, and the voltage floor and exponent: a
+# least-squares fit to the probe's 32 rows (J/unit, step time, power, and the
+# clocks large GEMMs settle at under the 700 W limit) and the straggler run,
+# constrained to leave a GEMM and training an EDP gain below 700 W;
+# tests/unit/test_gpusim.py checks the result. awake_watts: mostly set by the
+# straggler run's waiting rank (full clock, little work). Engine watts are what
+# the engine would draw 100% busy at 1980 MHz, which the 700 W limit never allows.
+# On-chip bandwidth and the knee's sharpness: chosen, not measured.
 H100_SXM: Final = GpuSpec(
     name="NVIDIA H100 80GB HBM3",
     min_power_limit_watts=200.0,
     max_power_limit_watts=700.0,
     default_power_limit_watts=700.0,
     idle_watts=72.0,
-    awake_watts=140.0,
-    hbm_watts=155.0,
-    data_movement_watts=230.0,
+    awake_watts=133.0,
+    hbm_watts=145.0,
+    data_movement_watts=235.0,
     min_sm_clock_mhz=345.0,
     max_sm_clock_mhz=1980.0,
     sm_clock_step_mhz=15.0,
     mem_clock_mhz=2619.0,
     mem_bandwidth_tbps=3.35,
     mem_efficiency=0.90,
-    kernel_ramp_s=6.1e-6,
+    kernel_ramp_s=4.19e-6,
     onchip_bandwidth_ratio=2.0,
     engines=(
-        EngineSpec("fp32", peak_tflops=66.9, efficiency=0.80, watts=575.0),
-        EngineSpec("tf32", peak_tflops=535.2, efficiency=0.91, watts=1050.0),
-        EngineSpec("fp16", peak_tflops=1070.5, efficiency=0.95, watts=1125.0),
-        EngineSpec("fp8", peak_tflops=2141.0, efficiency=0.95, watts=1225.0),
-        EngineSpec("int8", peak_tflops=2141.0, efficiency=0.95, watts=1225.0),
+        EngineSpec("fp32", peak_tflops=66.9, efficiency=0.856, watts=821.0),
+        EngineSpec("tf32", peak_tflops=535.2, efficiency=0.943, watts=1780.0),
+        EngineSpec("fp16", peak_tflops=1070.5, efficiency=0.949, watts=1755.0),
+        EngineSpec("fp8", peak_tflops=2141.0, efficiency=0.921, watts=1720.0),
+        EngineSpec("int8", peak_tflops=2141.0, efficiency=0.921, watts=1720.0),
     ),
-    voltage_floor=0.75,
-    voltage_knee_mhz=1000.0,
+    voltage_floor=0.53,
+    voltage_exponent=1.15,
+    voltage_knee_sharpness=12.0,
     ambient_c=30.0,
     c_per_watt=0.05,  # probe: 34 C at 72 W, 56-68 C at 600-700 W
     slowdown_temp_c=87.0,
@@ -226,9 +260,10 @@ H100_SXM: Final = GpuSpec(
 
 # A100 SXM4 80GB: an UNCALIBRATED prior from public spec sheets (400 W TDP,
 # 1410 MHz boost, 2.039 TB/s HBM2e, dense 19.5 fp32 / 156 tf32 / 312 fp16 /
-# 624 int8 TFLOP/s; no fp8). Power coefficients are scaled from the H100 fit
-# so that a large bf16 GEMM just reaches the 400 W limit, like on the H100;
-# it is the less efficient node group placement can compare against.
+# 624 int8 TFLOP/s; no fp8). Power coefficients are scaled from an earlier
+# H100 fit so that a large bf16 GEMM is held by the 400 W limit (~1250 MHz),
+# like on the H100; the voltage curve is the H100's. It is the less efficient
+# node group placement can compare against.
 A100_SXM: Final = GpuSpec(
     name="NVIDIA A100-SXM4-80GB",
     min_power_limit_watts=100.0,
@@ -252,8 +287,9 @@ A100_SXM: Final = GpuSpec(
         EngineSpec("fp16", peak_tflops=312.0, efficiency=0.90, watts=460.0),
         EngineSpec("int8", peak_tflops=624.0, efficiency=0.90, watts=500.0),
     ),
-    voltage_floor=0.75,
-    voltage_knee_mhz=750.0,
+    voltage_floor=0.53,
+    voltage_exponent=1.15,
+    voltage_knee_sharpness=12.0,
     ambient_c=30.0,
     c_per_watt=0.12,
     slowdown_temp_c=85.0,
@@ -320,7 +356,7 @@ class WorkloadProfile:
     hidden_size: int = 0  # decode / training
     n: int = 0  # gemm: square matrix size
     seq_len: int = 0  # training: tokens per sample
-    step_overhead_s: float = 0.0  # host launch gaps etc., not shortened by a faster SM clock
+    step_overhead_s: float = 0.0  # not shortened by a faster SM clock; a gemm pays it per matmul
     compute_efficiency: float = 1.0  # FLOP/s relative to a large GEMM (training kernels mix in slower ops)
     compute_activity: float = 1.0  # energy per FLOP relative to a large GEMM (operand traffic, reuse)
     thermal_clock_limit_mhz: float | None = None  # a thermally throttled GPU's sustained clock ceiling
@@ -361,12 +397,12 @@ def llm_decode(
     params: int = 1_207_959_552,
     hidden_size: int = 4096,
     step_overhead_s: float = 150e-6,
-    compute_activity: float = 0.8,
+    compute_activity: float = 0.618,
     name: str = "llm-decode",
 ) -> WorkloadProfile:
     """LLM decode: one token per sequence per step; the defaults are the probe's 1.21 B stack.
 
-    compute_activity 0.8: in the probe, decode's skinny matmuls reach the same
+    compute_activity 0.618: in the probe, decode's skinny matmuls reach the same
     TFLOP/J as a large square GEMM while also streaming weights, so they spend
     less energy per FLOP (fitted).
     """
@@ -381,9 +417,13 @@ def llm_decode(
     )
 
 
-def gemm(n: int = 8192, name: str = "gemm") -> WorkloadProfile:
-    """Square matmuls of size n, back to back; batch_size is matmuls per step, a unit is one matmul."""
-    return WorkloadProfile(kind="gemm", name=name, unit="matmul", n=n)
+def gemm(n: int = 8192, name: str = "gemm", launch_gap_s: float = GEMM_LAUNCH_GAP_S) -> WorkloadProfile:
+    """Square matmuls of size n, back to back; batch_size is matmuls per step, a unit is one matmul.
+
+    launch_gap_s: the GPU idles this long between two matmul kernels (its step
+    overhead, counted per matmul); it matters only for small, short matmuls.
+    """
+    return WorkloadProfile(kind="gemm", name=name, unit="matmul", n=n, step_overhead_s=launch_gap_s)
 
 
 def training(
@@ -450,10 +490,15 @@ class _Step:
 
 
 def _voltage(gpu: GpuSpec, f_mhz: float) -> float:
-    if f_mhz <= gpu.voltage_knee_mhz:
-        return gpu.voltage_floor
-    rise = (f_mhz - gpu.voltage_knee_mhz) / (gpu.max_sm_clock_mhz - gpu.voltage_knee_mhz)
-    return gpu.voltage_floor + (1.0 - gpu.voltage_floor) * rise
+    """V / V_max: a smooth maximum of the minimum operating voltage and (f / f_max)**exponent.
+
+    Smooth, because a real V-f table has no corner, and a corner would put the
+    energy and the EDP optimum of compute-bound work on the same clock.
+    """
+    p = gpu.voltage_knee_sharpness
+    floor = gpu.voltage_floor**p
+    rise = (f_mhz / gpu.max_sm_clock_mhz) ** (gpu.voltage_exponent * p)
+    return float(((floor + rise) / (floor + 1.0)) ** (1.0 / p))
 
 
 def _dynamic_scale(gpu: GpuSpec, f_mhz: float) -> float:
@@ -466,7 +511,7 @@ def _overlap(a: float, b: float) -> float:
     if big <= 0.0:
         return 0.0
     p = OVERLAP_EXPONENT
-    return big * math.pow(math.pow(a / big, p) + math.pow(b / big, p), 1.0 / p)
+    return big * float(((a / big) ** p + (b / big) ** p) ** (1.0 / p))
 
 
 def _step(
@@ -517,12 +562,14 @@ def _step(
     # Host time to issue the step's kernels (and any activation (de)quantisation
     # ops): the GPU works meanwhile, so it shows only when it is the longer.
     host = 0.0 if profile.kind == "gemm" else kernels * traits.host_s_per_matmul
+    # A gemm's overhead is the gap between back-to-back matmul kernels, so it comes once per matmul.
+    overhead = profile.step_overhead_s * (batch if profile.kind == "gemm" else 1)
     # Padding rows are multiplied as zeros, which toggle few bits: they take
     # time but only a fraction of the switching energy of real operands.
     real = batch / rows
     activity = profile.compute_activity * (real + ZERO_OPERAND_ENERGY * (1.0 - real))
     return _Step(
-        seconds=profile.step_overhead_s + max(host, busy),
+        seconds=overhead + max(host, busy),
         memory_s=memory_s,
         compute_s=compute_s,
         busy_s=busy,

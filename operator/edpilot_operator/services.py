@@ -194,6 +194,9 @@ def reconcile_policy(
         conditions=_conditions(policy, rows, previous.conditions, generation, now),
     )
     outcome.status = new_status.model_dump(mode="json", exclude_none=True)
+    # Lists are replaced whole by a merge patch, but `totals` is merged: an absent average would
+    # leave a stale one behind, so it is deleted explicitly.
+    outcome.status["totals"].setdefault("averageEdpReductionPercent", None)
     return outcome
 
 
@@ -223,7 +226,7 @@ def _reconcile_workload(
         kept = WorkloadStatus.model_validate(dict(previous_row)) if previous_row else None
         row.phase = kept.phase if kept else "Pending"
         row.message = snap.waiting_for
-        row.optimizer = state.model_dump(mode="json") if state else None
+        row.optimizer = state.model_dump(mode="json", exclude_none=True) if state else None
         return row
     decision = step(policy.spec, snap.info, state, snap.observation, now.timestamp(), tuning)
     _write_hints(workload, snap.info, decision, outcome)
@@ -241,7 +244,8 @@ def _reconcile_workload(
     row.energySavedJoules = figures.energySavedJoules
     row.probes = figures.probes
     row.message = decision.badData.value if decision.badData else figures.message
-    row.optimizer = decision.state.model_dump(mode="json")
+    # No nulls: a JSON merge patch reads null as "delete this key".
+    row.optimizer = decision.state.model_dump(mode="json", exclude_none=True)
     return row
 
 

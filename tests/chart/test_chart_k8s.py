@@ -567,7 +567,10 @@ def test_operator_and_agents_converge_with_only_the_charts_credentials(
 
         wait_until("the policy's workloads to converge", done, timeout=300)
         rows = release.get_json("energypolicy", "chart-power", "-n", WORKLOADS)["status"]["workloads"]
-        assert {pod for row in rows for pod in row["pods"]} == {"trainer-0", "trainer-1"}
+        assert {pod for row in rows for pod in row["pods"]} == {
+            f"{WORKLOADS}/trainer-0",
+            f"{WORKLOADS}/trainer-1",
+        }
         assert all(row["powerCapWatts"] for row in rows)
 
         # Clean up while the operator runs: it removes its finalizers from the policy and the reports.
@@ -591,6 +594,36 @@ def test_operator_and_agents_converge_with_only_the_charts_credentials(
 
 
 def test_upgrade_scales_and_adds_the_second_scheduler(release: Cluster) -> None:
+    import atexit
+
+    def dump() -> None:
+        out = release.kubectl("get", "all,events", "-n", NAMESPACE, "-o", "wide", check=False).stdout
+        out += release.kubectl("get", "nodes", "-o", "wide", check=False).stdout
+        out += release.kubectl("get", "ds,deploy", "-n", NAMESPACE, "-o", "yaml", check=False).stdout
+        pathlib.Path("/tmp/chartgen/dump.txt").write_text(out)
+
+    import pathlib
+
+    atexit.register(lambda: None)
+    try:
+        release.helm(
+            "upgrade",
+            RELEASE,
+            str(CHART),
+            "-n",
+            NAMESPACE,
+            "--reuse-values",
+            "--set",
+            "operator.replicas=2",
+            "--set",
+            "scheduler.enabled=true",
+            "--wait",
+            "--timeout",
+            "60s",
+        )
+    except AssertionError:
+        dump()
+        raise
     release.helm(
         "upgrade", RELEASE, str(CHART), "-n", NAMESPACE, "--reuse-values",
         "--set", "operator.replicas=2", "--set", "scheduler.enabled=true", "--wait", "--timeout", "120s",

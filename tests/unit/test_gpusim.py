@@ -153,6 +153,52 @@ def test_energy_per_unit_is_u_shaped_in_the_cap_for_compute_bound_work(
     assert 0.05 <= 1.0 - energy[best] / energy[-1] <= 0.35
 
 
+def test_switching_power_goes_as_the_cube_of_the_clock_above_the_voltage_floor() -> None:
+    # CMOS: P_dyn = C f V**2. At low clocks V sits at its floor (P_dyn ~ f); in the
+    # DVFS range V rises at least in proportion to f (P_dyn ~ f**3 or steeper),
+    # from just below the ~1420 MHz where large GEMMs run at the 700 W limit.
+    def exponent(f_mhz: float) -> float:
+        step = 1.01
+        up = gpusim._dynamic_scale(H100_SXM, f_mhz * step)
+        down = gpusim._dynamic_scale(H100_SXM, f_mhz / step)
+        return math.log(up / down) / math.log(step * step)
+
+    assert gpusim._dynamic_scale(H100_SXM, H100_SXM.max_sm_clock_mhz) == pytest.approx(1.0)
+    assert exponent(600.0) == pytest.approx(1.0, abs=0.05)
+    assert all(3.0 <= exponent(f) <= 3.5 for f in range(1350, 1981, 10))
+    clocks = [float(f) for f in range(345, 1981, 15)]
+    volts = [gpusim._voltage(H100_SXM, f) for f in clocks]
+    assert all(b >= a for a, b in itertools.pairwise(volts))
+    assert volts[0] == pytest.approx(H100_SXM.voltage_floor, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("profile", "batch"), [(gemm(), 1), (training(), 16)], ids=["gemm-bf16", "training-bf16"]
+)
+def test_a_cap_below_the_default_lowers_the_edp_of_compute_bound_work(
+    profile: WorkloadProfile, batch: int
+) -> None:
+    # Zeus (NSDI 2023) and other capping studies: for compute-bound training a
+    # moderate cap costs little time and saves more energy than that, so EDP has
+    # its minimum below the default limit and the energy minimum lies lower still.
+    caps = [float(c) for c in range(200, 701, 5)]
+    points = sweep_caps(H100_SXM, profile, batch, "bf16", caps)
+    default = points[-1]
+    edp = [p.edp_per_unit for p in points]
+    energy = [p.joules_per_unit for p in points]
+    best_edp = _argmin(edp)
+    assert 0 < best_edp < len(caps) - 1, f"EDP minimum at the edge: {caps[best_edp]} W"
+    assert caps[_argmin(energy)] < caps[best_edp]
+    within_slowdown = [
+        p
+        for p in points
+        if 450.0 <= p.cap_watts <= 650.0
+        and p.units_per_second > 0.90 * default.units_per_second
+        and p.edp_per_unit <= 0.95 * default.edp_per_unit
+    ]
+    assert within_slowdown, "no cap in 450-650 W saves 5% EDP for less than 10% throughput"
+
+
 def test_memory_bound_decode_keeps_its_throughput_under_a_moderate_cap() -> None:
     free = operating_point(H100_SXM, llm_decode(), 8, "bf16", 700.0)
     capped = operating_point(H100_SXM, llm_decode(), 8, "bf16", 400.0)
@@ -166,8 +212,9 @@ def test_memory_bound_work_at_a_very_low_cap_is_slowed_on_the_memory_side() -> N
     p = operating_point(H100_SXM, llm_decode(), 1, "bf16", 200.0)
     assert p.power_watts <= 200.0 + 1e-6
     assert p.units_per_second < operating_point(H100_SXM, llm_decode(), 1, "bf16", 700.0).units_per_second
-    # A GPU whose SMs could saturate HBM at any clock has its memory slowed instead.
-    strong_sms = replace(H100_SXM, onchip_bandwidth_ratio=50.0)
+    # A GPU whose SMs could saturate HBM at any clock, and whose HBM alone draws more than
+    # the cap allows, has its memory slowed instead.
+    strong_sms = replace(H100_SXM, onchip_bandwidth_ratio=50.0, hbm_watts=250.0)
     p = operating_point(strong_sms, llm_decode(), 1, "bf16", 200.0)
     assert p.power_watts <= 200.0 + 1e-6
     assert p.sm_clock_mhz == H100_SXM.min_sm_clock_mhz
