@@ -41,7 +41,7 @@ simulate: $(STAMP) ## the closed loop on a simulated fleet, in one process, no c
 	$(BIN)/edpilot simulate
 
 demo: $(STAMP) tools ## local cluster + KWOK GPU nodes + operator + simulated agents, converging a sample policy
-	$(BIN)/edpilot demo
+	$(BIN)/edpilot demo $(ARGS)
 
 cluster-up: $(STAMP) tools ## start etcd, kube-apiserver, controller-manager, scheduler and KWOK on loopback
 	@NODES=$(NODES) GPUS=$(GPUS) hack/cluster-up.sh
