@@ -356,6 +356,14 @@ class PowerBudgetSpec(ApiModel):
     maxWatts: float = Field(gt=0, le=100_000_000)
 
 
+class BudgetAllocation(ApiModel):
+    """The power limit a PowerBudget allows one governed GPU (the operator caps it at most here)."""
+
+    node: str = Field(min_length=1, max_length=253)
+    gpuUUID: str = Field(min_length=1, max_length=128)
+    watts: float = Field(gt=0, le=100_000)
+
+
 class PowerBudgetStatus(ApiModel):
     observedGeneration: int | None = None
     allocatedWatts: float = Field(default=0, ge=0)
@@ -364,6 +372,8 @@ class PowerBudgetStatus(ApiModel):
     gpus: int = Field(default=0, ge=0)
     nodes: list[str] = Field(default_factory=list)
     conditions: Conditions = Field(default_factory=list)
+    # Persisted so a restarted operator keeps the caps from its first report on.
+    allocations: list[BudgetAllocation] = Field(default_factory=list, max_length=4096)
 
 
 class PowerBudget(ApiModel):

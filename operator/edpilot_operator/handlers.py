@@ -19,16 +19,19 @@ from edpilot.models import (
     EnergyPolicySpec,
     GPUNodeReportSpec,
     GPUNodeReportStatus,
+    PowerBudgetSpec,
+    PowerBudgetStatus,
 )
 from edpilot.optimizer import DEFAULT_TUNING, Tuning
 
-from . import services
+from . import budgets, services
 from .kube import Kube, load_client
 from .reports import ReportTiming, desired_spec
 from .selection import PodInfo, PolicyRef, governed_by, gpu_request, pod_info
 
 POLICIES = (GROUP, VERSION, "energypolicies")
 REPORTS = (GROUP, VERSION, "gpunodereports")
+BUDGETS = (GROUP, VERSION, "powerbudgets")
 PROGRESS_PREFIX = GROUP
 
 
@@ -192,6 +195,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         patch: kopf.Patch,
         pods_by_node: kopf.Index[str, PodInfo],
         policies_by_namespace: kopf.Index[str, PolicyEntry],
+        budget_caps_by_node: kopf.Index[str, dict[str, float]],
         **_: Any,
     ) -> None:
         entries = [e for store in policies_by_namespace.values() for e in store]
@@ -205,9 +209,79 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             holder=cfg.identity,
             now=datetime.now(UTC),
             timing=cfg.timing,
+            budget_caps=budgets.lowest_caps(budget_caps_by_node.get(name, [])),
         )
         if desired != current:
             patch.spec.update(desired.model_dump(mode="json", exclude_none=True))
+
+    # ---------------------------------------------------------------- power budgets
+
+    @kopf.index("nodes", id="node_labels", registry=registry)
+    def node_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, str]]:
+        return {name: dict(labels)}
+
+    @kopf.index(*POLICIES, id="probe_points_by_gpu", registry=registry)
+    def probe_points_by_gpu(status: kopf.Status, **_: Any) -> dict[str, tuple[budgets.ProbePoint, ...]]:
+        return budgets.probe_points(status)
+
+    @kopf.index(*BUDGETS, id="budget_caps_by_node", registry=registry)
+    def budget_caps_by_node(status: kopf.Status, **_: Any) -> dict[str, dict[str, float]]:
+        return budgets.caps_by_node(status)
+
+    @kopf.timer(
+        *BUDGETS, id="reconcile_budget", interval=cfg.report_interval, initial_delay=1, registry=registry
+    )
+    def reconcile_budget(
+        name: str,
+        spec: kopf.Spec,
+        status: kopf.Status,
+        meta: kopf.Meta,
+        patch: kopf.Patch,
+        logger: kopf.Logger,
+        node_labels: kopf.Index[str, dict[str, str]],
+        reports_by_node: kopf.Index[str, GPUNodeReportStatus],
+        pods_by_node: kopf.Index[str, PodInfo],
+        policies_by_namespace: kopf.Index[str, PolicyEntry],
+        probe_points_by_gpu: kopf.Index[str, tuple[budgets.ProbePoint, ...]],
+        **_: Any,
+    ) -> None:
+        if meta.get("deletionTimestamp"):
+            return
+        try:
+            budget = PowerBudgetSpec.model_validate(dict(spec))
+        except ValidationError as exc:
+            logger.error("PowerBudget %s: spec rejected by edpilot: %s", name, exc)
+            return
+        try:
+            previous = PowerBudgetStatus.model_validate(dict(status)) if status else None
+        except ValidationError:
+            previous = None  # rewritten whole below
+        labels = {node: next(iter(store)) for node, store in node_labels.items() if store}
+        nodes = budgets.selected_nodes(budget, labels)
+        reports = {n: next(iter(reports_by_node[n])) for n in nodes if reports_by_node.get(n)}
+        entries = [e for store in policies_by_namespace.values() for e in store]
+        uuids = [g.uuid for r in reports.values() for g in r.gpus]
+        new = budgets.reconcile_budget(
+            spec=budget,
+            generation=meta.get("generation"),
+            previous=previous,
+            node_labels=labels,
+            reports=reports,
+            pods={p.key: p for n in nodes for p in pods_by_node.get(n, [])},
+            policies={e.ref.key: e.ref.spec for e in entries if e.ref is not None and not e.deleting},
+            curves={u: next(iter(probe_points_by_gpu[u])) for u in uuids if probe_points_by_gpu.get(u)},
+            now=datetime.now(UTC),
+        )
+        if previous is None or new.allocations != previous.allocations:
+            caps = ", ".join(f"{a.gpuUUID}={a.watts:.0f}W" for a in new.allocations) or "none"
+            logger.info(
+                "PowerBudget %s: %.0f of %.0f W allocated; caps %s",
+                name,
+                new.allocatedWatts,
+                budget.maxWatts,
+                caps,
+            )
+        patch.status.update(new.model_dump(mode="json", exclude_none=True))
 
     @kopf.on.delete(*POLICIES, id="release_policy", registry=registry)
     async def release_policy(
@@ -219,6 +293,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         pods_by_node: kopf.Index[str, PodInfo],
         policies_by_namespace: kopf.Index[str, PolicyEntry],
         reports_by_node: kopf.Index[str, GPUNodeReportStatus],
+        budget_caps_by_node: kopf.Index[str, dict[str, float]],
         **_: Any,
     ) -> None:
         """Remove this policy's hints and caps; its GPUs go back to their default limits."""
@@ -247,6 +322,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
                 holder=cfg.identity,
                 now=datetime.now(UTC),
                 timing=cfg.timing,
+                budget_caps=budgets.lowest_caps(budget_caps_by_node.get(node, [])),
             )
             await kube.patch_report_spec(node, desired.model_dump(mode="json", exclude_none=True))
         logger.info("EnergyPolicy %s/%s released %d pods", namespace, name, len(released))

@@ -3,7 +3,8 @@
 Pod annotations are the single source of the caps: the policy reconciler writes
 `edpilot.io/power-cap-watts` on the pods it governs, and this module turns the pods of one node
 into that node's spec (caps per GPU UUID, pods to measure, lease). A cap whose policy is gone is
-dropped, so the agent restores the GPU's default limit.
+dropped, so the agent restores the GPU's default limit. A PowerBudget's allocation bounds the cap of
+every GPU it governs: the spec asks for the lower of the two.
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ def desired_spec(
     holder: str,
     now: datetime,
     timing: ReportTiming,
+    budget_caps: Mapping[str, float] | None = None,
 ) -> GPUNodeReportSpec:
-    """`policies` maps "namespace/name" to spec; `active_pods` are pods whose workload explores."""
+    """`policies` maps "namespace/name" to spec; `active_pods` are pods whose workload explores;
+    `budget_caps` maps GPU UUID to the most its PowerBudgets allow it."""
+    budget_caps = budget_caps or {}
     gpus_of: dict[str, list[str]] = {}
     if status is not None:
         for gpu in status.gpus:
@@ -78,12 +82,12 @@ def desired_spec(
             )
         )
         fast = fast or pod.key in active_pods
-        watts = _cap(pod.annotations.get(ANNOTATION_POWER_CAP))
-        if watts is not None:
-            limits.extend(
-                DesiredPowerLimit(gpuUUID=uuid, watts=watts, pod=pod.key)
-                for uuid in sorted(gpus_of.get(pod.key, []))
-            )
+        policy_cap = parse_cap(pod.annotations.get(ANNOTATION_POWER_CAP))
+        for uuid in sorted(gpus_of.get(pod.key, [])):
+            # A GPU the budget governs gets its share even before the optimizer picks a cap.
+            wanted = [w for w in (policy_cap, budget_caps.get(uuid)) if w is not None]
+            if wanted:
+                limits.append(DesiredPowerLimit(gpuUUID=uuid, watts=min(wanted), pod=pod.key))
 
     lease = current.lease
     if (
@@ -100,7 +104,8 @@ def desired_spec(
     )
 
 
-def _cap(value: str | None) -> float | None:
+def parse_cap(value: str | None) -> float | None:
+    """The watts of an `edpilot.io/power-cap-watts` annotation; None when absent or not a limit."""
     if value is None:
         return None
     try:

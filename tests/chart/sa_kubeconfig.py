@@ -1,6 +1,7 @@
 """Credentials of a ServiceAccount, for running a component (or kubectl) exactly as the chart's RBAC
 allows: a fresh token from the TokenRequest API in a kubeconfig of its own.
 
+    from sa_kubeconfig import service_account_kubeconfig  # tests/chart on sys.path
     path = service_account_kubeconfig(cluster, "edpilot", "edpilot-operator", tmp_path / "kc")
     subprocess.run(["edpilot", "operator", ...], env={**os.environ, "KUBECONFIG": str(path)})
 
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
-    from conftest import Cluster
+    from kubetest import Cluster
 
 
 def service_account_token(

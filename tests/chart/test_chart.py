@@ -14,7 +14,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from conftest import tool_dir
+from kubetest import tool_dir
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "edpilot"

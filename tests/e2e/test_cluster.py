@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from tests.conftest import Cluster
+    from kubetest import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
 GPU = "nvidia.com/gpu"

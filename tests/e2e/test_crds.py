@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from edpilot import models
 
 if TYPE_CHECKING:
-    from tests.conftest import Cluster
+    from kubetest import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS = REPO / "crds"

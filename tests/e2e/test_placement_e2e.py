@@ -28,7 +28,7 @@ from edpilot import gpusim
 from edpilot.models import GPUNodeReportStatus, GPUStatus
 
 if TYPE_CHECKING:
-    from tests.conftest import Cluster
+    from kubetest import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "edp-placement"

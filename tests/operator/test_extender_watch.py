@@ -14,7 +14,7 @@ from edpilot_operator.extender_view import BUDGETS, KINDS, ClusterView
 from edpilot_operator.extender_watch import Gone, Watcher, load_endpoint
 
 if TYPE_CHECKING:
-    from tests.conftest import Cluster
+    from kubetest import Cluster
 
 
 def budget(name: str, max_watts: float) -> str:

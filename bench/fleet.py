@@ -1,0 +1,837 @@
+"""Shared harness of the fleet benchmarks: a dedicated local control plane with many KWOK GPU
+nodes, simulated node agents in ONE process, the operator as a subprocess, and the probes
+that measure them.
+
+The agents are the real `NodeAgent` with the simulated GPU backend; only their link to the API
+server is pooled: one pod watch and one report watch feed every node's view (instead of two
+watches per node: 4,000 at 2,000 nodes), and status writes share one connection pool. Each
+agent still reads its own node's pods and spec, and writes its own report's status subresource.
+
+Run as modules from the repository root (`python -m bench.operator_scale`), so `bench.fleet`
+imports without path tricks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import urllib3
+import yaml
+from edpilot_agent.agent import NodeAgent, SystemClock
+from edpilot_agent.kube import KubeError
+from edpilot_agent.kube import pod_info as agent_pod_info
+from edpilot_agent.pods import PodInfo as AgentPodInfo
+from edpilot_agent.sim import SIM_BATCH_SIZE, SIM_PRECISION, SIM_WORKLOAD, SimBackend, SimWorkloads
+from edpilot_operator.selection import PolicyRef, gpu_request, pod_info, select
+from pydantic import ValidationError
+
+import edpilot
+from edpilot.models import (
+    ANNOTATION_POLICY,
+    GROUP,
+    HINT_ANNOTATIONS,
+    VERSION,
+    EnergyPolicySpec,
+    GPUNodeReportSpec,
+    GPUNodeReportStatus,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+REPORTS_PATH = f"/apis/{GROUP}/{VERSION}/gpunodereports"
+
+
+# ---------------------------------------------------------------- pure helpers (unit-tested)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0..100) by linear interpolation between closest ranks; None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(rank), math.ceil(rank)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
+
+
+def linear_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Least-squares slope of ys over xs; None with fewer than two distinct xs."""
+    n = len(xs)
+    if n < 2 or n != len(ys):
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return None
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+
+
+RequestKey = tuple[str, str, str]  # verb, resource (with group), subresource
+
+
+def parse_request_totals(metrics_text: str) -> dict[RequestKey, float]:
+    """`apiserver_request_total` summed over codes, scopes and components, by verb and resource."""
+    totals: dict[RequestKey, float] = {}
+    for line in metrics_text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels_text, _, value = line[len("apiserver_request_total{") :].rpartition("} ")
+        labels = _parse_labels(labels_text)
+        group = labels.get("group", "")
+        resource = labels.get("resource", "") + (f".{group}" if group else "")
+        key = (labels.get("verb", ""), resource, labels.get("subresource", ""))
+        totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
+def metric_sum(metrics_text: str, name: str) -> float:
+    """The sum of every sample of one metric family (counters or gauges without a suffix)."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _parse_labels(text: str) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    i = 0
+    while i < len(text):
+        eq = text.index("=", i)
+        key = text[i:eq].strip(", ")
+        j = eq + 2  # past ="
+        value = []
+        while text[j] != '"':
+            if text[j] == "\\":
+                j += 1
+            value.append(text[j])
+            j += 1
+        labels[key] = "".join(value)
+        i = j + 1
+    return labels
+
+
+def request_rates(
+    before: Mapping[RequestKey, float], after: Mapping[RequestKey, float], seconds: float
+) -> dict[RequestKey, float]:
+    """Requests per second by (verb, resource, subresource) between two scrapes; idle kinds left out."""
+    rates = {k: (v - before.get(k, 0.0)) / seconds for k, v in after.items()}
+    return {k: r for k, r in sorted(rates.items(), key=lambda kv: -kv[1]) if r > 0}
+
+
+def observation_times(policy: Mapping[str, Any]) -> list[tuple[str, str, float]]:
+    """(pod key, node, observation time) of each workload row whose optimizer consumed a report.
+
+    The optimizer keeps the last observation it used (`optimizer.last.time`, the report's
+    status time): a row carrying time t is the decision made on the report stamped t.
+    """
+    out = []
+    for row in (policy.get("status") or {}).get("workloads") or []:
+        last = (row.get("optimizer") or {}).get("last") or {}
+        pods, nodes = row.get("pods") or [], row.get("nodes") or []
+        if "time" in last and len(pods) == 1 and len(nodes) == 1:
+            out.append((str(pods[0]), str(nodes[0]), float(last["time"])))
+    return out
+
+
+def summary(values: Sequence[float]) -> dict[str, float | int | None]:
+    return {
+        "count": len(values),
+        "p50": percentile(values, 50),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else None,
+    }
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()}",
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "edpilot": edpilot.__version__,
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+# ---------------------------------------------------------------- the API server, lean
+
+
+class Api:
+    """A bare HTTP client of the API server (admin token from the kubeconfig), shared by threads.
+
+    The kubernetes client deserialises every object into models; at hundreds of requests per
+    second from one process that costs more CPU than the operator under test.
+    """
+
+    def __init__(self, kubeconfig: Path, pool_size: int = 32) -> None:
+        config = yaml.safe_load(kubeconfig.read_text())
+        server = urlsplit(config["clusters"][0]["cluster"]["server"])
+        self.token = config["users"][0]["user"]["token"]
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        self.pool = urllib3.HTTPSConnectionPool(
+            server.hostname or "127.0.0.1",
+            server.port or 443,
+            maxsize=pool_size,
+            block=True,
+            cert_reqs="CERT_NONE",
+            assert_hostname=False,
+            retries=False,
+        )
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        timeout: float = 30.0,
+    ) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = content_type
+        resp = self.pool.request(method, path, body=data, headers=headers, timeout=timeout)
+        payload = json.loads(resp.data) if resp.data and resp.data[:1] == b"{" else resp.data
+        return resp.status, payload
+
+    def ok(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+        status, payload = self.request(method, path, body, content_type)
+        if status >= 300:
+            raise RuntimeError(f"{method} {path}: {status} {str(payload)[:300]}")
+        return payload
+
+    def text(self, path: str) -> str:
+        resp = self.pool.request("GET", path, headers={"Authorization": f"Bearer {self.token}"}, timeout=60)
+        return str(resp.data.decode())
+
+    def watch(self, path: str, resource_version: str, timeout_seconds: int = 300) -> Iterator[dict[str, Any]]:
+        sep = "&" if "?" in path else "?"
+        url = (
+            f"{path}{sep}watch=1&resourceVersion={resource_version}"
+            f"&allowWatchBookmarks=true&timeoutSeconds={timeout_seconds}"
+        )
+        resp = self.pool.urlopen(
+            "GET",
+            url,
+            headers={"Authorization": f"Bearer {self.token}"},
+            preload_content=False,
+            timeout=urllib3.Timeout(connect=10, read=timeout_seconds + 30),
+        )
+        try:
+            if resp.status != 200:
+                raise RuntimeError(f"watch {path}: {resp.status} {resp.data[:300]!r}")
+            buffer = b""
+            for chunk in resp.stream(65536, decode_content=True):
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if line.strip():
+                        yield json.loads(line)
+        finally:
+            resp.release_conn()
+
+
+EventHandler = Callable[[str, dict[str, Any], float], None]
+
+
+class Watcher:
+    """List, then watch (relist when the watch expires), keeping `items` by key; calls
+    `on_event(type, object, received_wall_time)` for every change, after `items` is updated."""
+
+    def __init__(
+        self,
+        api: Api,
+        path: str,
+        key: Callable[[dict[str, Any]], str],
+        on_event: EventHandler | None = None,
+    ) -> None:
+        self.api = api
+        self.path = path
+        self.key = key
+        self.on_event = on_event
+        self.items: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+        self.synced = threading.Event()
+        self.stopped = threading.Event()
+        self.events = 0
+        self.relists = 0
+        self.thread = threading.Thread(target=self._run, name=f"watch {path}", daemon=True)
+
+    def start(self) -> Watcher:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self._list_and_watch()
+            except Exception as exc:  # the API server may be busy or restarting: relist
+                print(f"fleet: watch {self.path}: {exc}", file=sys.stderr)
+                self.stopped.wait(1.0)
+
+    def _list_and_watch(self) -> None:
+        listed = self.api.ok("GET", self.path)
+        now = time.time()
+        with self.lock:
+            self.items = {self.key(o): o for o in listed.get("items") or []}
+        self.relists += 1
+        self.synced.set()
+        if self.on_event is not None:
+            for obj in listed.get("items") or []:
+                self.on_event("LISTED", obj, now)
+        version = listed["metadata"]["resourceVersion"]
+        for event in self.api.watch(self.path, version):
+            if self.stopped.is_set():
+                return
+            kind, obj = event["type"], event["object"]
+            if kind == "ERROR":
+                return  # 410 Gone and friends: relist
+            if kind == "BOOKMARK":
+                continue
+            received = time.time()
+            self.events += 1
+            with self.lock:
+                if kind == "DELETED":
+                    self.items.pop(self.key(obj), None)
+                else:
+                    self.items[self.key(obj)] = obj
+            if self.on_event is not None:
+                self.on_event(kind, obj, received)
+
+
+def object_key(obj: Mapping[str, Any]) -> str:
+    meta = obj["metadata"]
+    return f"{meta['namespace']}/{meta['name']}" if meta.get("namespace") else str(meta["name"])
+
+
+# ---------------------------------------------------------------- simulated agents in one process
+
+
+class PodsByNode:
+    """One pod watch for the whole fleet, indexed by node for the agents."""
+
+    def __init__(self, api: Api) -> None:
+        self.by_node: dict[str, dict[str, AgentPodInfo]] = {}
+        self.lock = threading.Lock()
+        self.watcher = Watcher(api, "/api/v1/pods", object_key, self._on_event)
+
+    def _on_event(self, kind: str, obj: dict[str, Any], _: float) -> None:
+        node = (obj.get("spec") or {}).get("nodeName")
+        if not node:
+            return
+        key = object_key(obj)
+        info = None if kind == "DELETED" else agent_pod_info(obj)
+        with self.lock:
+            pods = self.by_node.setdefault(node, {})
+            if info is None:
+                pods.pop(key, None)
+            else:
+                pods[key] = info
+
+    def pods(self, node: str) -> list[AgentPodInfo] | None:
+        if not self.watcher.synced.is_set():
+            return None
+        with self.lock:
+            return list(self.by_node.get(node, {}).values())
+
+
+class ReportWrites:
+    """When each report status was written (by node and status time), for the decision lag."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.written: dict[tuple[str, float], float] = {}
+        self.count = 0
+        self.errors = 0
+
+    def record(self, node: str, status_time: float, wall: float) -> None:
+        with self.lock:
+            self.written[(node, status_time)] = wall
+            self.count += 1
+
+    def written_at(self, node: str, status_time: float) -> float | None:
+        with self.lock:
+            return self.written.get((node, status_time))
+
+    def forget_before(self, wall: float) -> None:
+        with self.lock:
+            self.written = {k: v for k, v in self.written.items() if v >= wall}
+
+
+class FleetKube:
+    """The agent's `KubeApi` for one node, over the fleet's shared watches and connection pool."""
+
+    def __init__(self, node: str, api: Api, pods: PodsByNode, reports: Watcher, writes: ReportWrites) -> None:
+        self.node = node
+        self.api = api
+        self.shared_pods = pods
+        self.reports = reports
+        self.writes = writes
+        self._exists = False
+        self._spec_cache: tuple[str, GPUNodeReportSpec] | None = None
+
+    def report_spec(self) -> tuple[GPUNodeReportSpec | None, str]:
+        if not self.reports.synced.is_set():
+            return None, "the GPUNodeReport has not been read yet"
+        with self.reports.lock:
+            obj = self.reports.items.get(self.node)
+        if obj is None:
+            return None, ""
+        version = obj["metadata"].get("resourceVersion", "")
+        if self._spec_cache is not None and self._spec_cache[0] == version:
+            return self._spec_cache[1], ""
+        try:
+            spec = GPUNodeReportSpec.model_validate(obj.get("spec") or {})
+        except ValidationError as exc:
+            return None, f"GPUNodeReport {self.node} has a spec the agent cannot read: {exc.errors()[:3]}"
+        self._spec_cache = (version, spec)
+        return spec, ""
+
+    def pods(self) -> list[AgentPodInfo] | None:
+        return self.shared_pods.pods(self.node)
+
+    def write_status(self, status: GPUNodeReportStatus) -> None:
+        body = {"status": status.model_dump(mode="json", exclude_none=True)}
+        try:
+            if not self._exists:
+                self._create()
+            code, payload = self.api.request(
+                "PATCH", f"{REPORTS_PATH}/{self.node}/status", body, "application/merge-patch+json", 10
+            )
+        except Exception as exc:  # timeouts and refused connections: the agent backs off
+            self.writes.errors += 1
+            raise KubeError(f"writing GPUNodeReport {self.node} status failed: {exc}") from exc
+        if code == 404:
+            self._exists = False
+        if code >= 300:
+            self.writes.errors += 1
+            raise KubeError(f"writing GPUNodeReport {self.node} status failed: {code} {str(payload)[:200]}")
+        self.writes.record(self.node, status.time.timestamp(), time.time())
+
+    def _create(self) -> None:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "GPUNodeReport",
+            "metadata": {"name": self.node, "labels": {"app.kubernetes.io/managed-by": "edpilot-agent"}},
+            "spec": {},
+        }
+        code, payload = self.api.request("POST", REPORTS_PATH, body, timeout=10)
+        if code not in (201, 409):
+            raise KubeError(f"creating GPUNodeReport {self.node}: {code} {str(payload)[:200]}")
+        self._exists = True
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class TickStats:
+    ticks: int = 0
+    lateness: list[float] = field(default_factory=list)  # seconds a tick started after it was due
+
+    def reset(self) -> None:
+        self.ticks = 0
+        self.lateness = []
+
+
+class Fleet:
+    """Simulated agents of many nodes, each ticking (and reporting) every `interval` seconds,
+    staggered evenly, run by a few worker threads."""
+
+    def __init__(self, api: Api, interval: float = 10.0, workers: int = 12) -> None:
+        self.api = api
+        self.interval = interval
+        self.workers = workers
+        self.pods = PodsByNode(api)
+        self.reports = Watcher(api, REPORTS_PATH, object_key)
+        self.writes = ReportWrites()
+        self.agents: dict[str, NodeAgent] = {}
+        self.stats = TickStats()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def start_watches(self) -> None:
+        self.pods.watcher.start()
+        self.reports.start()
+        self.pods.watcher.synced.wait(60)
+        self.reports.synced.wait(60)
+
+    def add_nodes(self, nodes: Iterable[str]) -> None:
+        clock = SystemClock()
+        for node in nodes:
+            if node in self.agents:
+                continue
+            seed = int(node.rsplit("-", 1)[-1]) if node.rsplit("-", 1)[-1].isdigit() else 0
+            sim = SimBackend(node, gpus=8, seed=seed)
+            workloads = SimWorkloads(sim)
+            self.agents[node] = NodeAgent(
+                node,
+                sim,
+                workloads,
+                FleetKube(node, self.api, self.pods, self.reports, self.writes),
+                clock,
+                allocations=workloads,
+                # Ticks come every `interval`; a report is due at each one, whatever the spec asks.
+                default_interval_seconds=self.interval * 0.9,
+                min_interval_seconds=self.interval * 0.9,
+            )
+
+    def start(self) -> None:
+        self._stop.clear()
+        nodes = sorted(self.agents)
+        t0 = time.monotonic() + 0.5
+        # Node i is due at t0 + i * interval / n, then every interval: writes spread evenly.
+        plans: list[list[tuple[float, str]]] = [[] for _ in range(self.workers)]
+        for i, node in enumerate(nodes):
+            plans[i % self.workers].append((t0 + i * self.interval / len(nodes), node))
+        self._threads = [
+            threading.Thread(target=self._work, args=(plan,), name=f"fleet-{w}", daemon=True)
+            for w, plan in enumerate(plans)
+            if plan
+        ]
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+        self._threads = []
+
+    def _work(self, plan: list[tuple[float, str]]) -> None:
+        heapq.heapify(plan)
+        while not self._stop.is_set():
+            due, node = plan[0]
+            wait = due - time.monotonic()
+            if wait > 0 and self._stop.wait(wait):
+                return
+            started = time.monotonic()
+            self.agents[node].tick()
+            with self._lock:
+                self.stats.ticks += 1
+                self.stats.lateness.append(max(0.0, started - due))
+            # A late tick keeps its slot: the next one is due one interval after the planned time,
+            # unless it is already more than one interval late.
+            heapq.heapreplace(plan, (max(due + self.interval, started), node))
+
+    def shutdown(self) -> None:
+        self.stop()
+        self.pods.watcher.stop()
+        self.reports.stop()
+
+
+# ---------------------------------------------------------------- the control plane
+
+
+def tool_dir() -> Path:
+    out = subprocess.run([str(REPO / "hack" / "build-tools.sh")], capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class ControlPlane:
+    """A dedicated control plane (hack/cluster-up.sh) whose GPU nodes are added in batches."""
+
+    dir: Path
+    bin: Path
+    nodes: int = 0
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.dir / "kubeconfig"
+
+    @classmethod
+    def start(cls) -> ControlPlane:
+        state = Path(tempfile.mkdtemp(prefix="edpilot-bench-"))
+        env = {**os.environ, "CLUSTER_DIR": str(state), "NODES": "0", "GPUS": "8"}
+        proc = subprocess.run([str(REPO / "hack" / "cluster-up.sh")], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the control plane did not start:\n{proc.stderr[-4000:]}")
+        cp = cls(dir=state, bin=tool_dir())
+        cp.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+        return cp
+
+    def stop(self) -> None:
+        env = {**os.environ, "CLUSTER_DIR": str(self.dir)}
+        subprocess.run([str(REPO / "hack" / "cluster-down.sh")], env=env, capture_output=True)
+
+    def kubectl(self, *args: str, input: str | None = None) -> str:
+        proc = subprocess.run(
+            [str(self.bin / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stderr.strip()[-2000:]}")
+        return proc.stdout
+
+    def grow(self, api: Api, total: int, batch: int = 250, timeout: float = 300) -> float:
+        """Add KWOK GPU nodes (hack/gpu-nodes.sh) up to `total` and wait until they are Ready.
+        Returns the seconds it took."""
+        started = time.monotonic()
+        manifests = subprocess.run(
+            [str(REPO / "hack" / "gpu-nodes.sh"), str(total), "8"], capture_output=True, text=True, check=True
+        ).stdout
+        docs = [d for d in manifests.split("---\n") if d.strip()][self.nodes :]
+        for i in range(0, len(docs), batch):
+            self.kubectl("create", "-f", "-", input="---\n".join(docs[i : i + batch]))
+        self.nodes = total
+        deadline = time.monotonic() + timeout
+        while ready_nodes(api) < total:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {ready_nodes(api)} of {total} nodes Ready after {timeout:.0f} s")
+            time.sleep(2)
+        return time.monotonic() - started
+
+
+def ready_nodes(api: Api) -> int:
+    nodes = api.ok("GET", "/api/v1/nodes?labelSelector=type%3Dkwok")
+    return sum(
+        1
+        for n in nodes.get("items") or []
+        if any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in (n.get("status") or {}).get("conditions") or []
+        )
+    )
+
+
+def node_names(count: int) -> list[str]:
+    return [f"gpu-node-{i}" for i in range(count)]
+
+
+# ---------------------------------------------------------------- workloads and policies
+
+
+def ensure_namespace(api: Api, name: str) -> None:
+    code, payload = api.request("POST", "/api/v1/namespaces", {"metadata": {"name": name}})
+    if code not in (201, 409):
+        raise RuntimeError(f"creating namespace {name}: {code} {payload}")
+
+
+def gpu_pod(namespace: str, name: str, node: str, labels: Mapping[str, str]) -> dict[str, Any]:
+    """A 1-GPU pod bound to `node` that the simulated agent runs as an LLM decode server."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": dict(labels),
+            "annotations": {SIM_WORKLOAD: "llm-decode", SIM_PRECISION: "bf16", SIM_BATCH_SIZE: "8"},
+        },
+        "spec": {
+            "nodeName": node,
+            "containers": [
+                {"name": "c", "image": "example.com/llm:1", "resources": {"limits": {"nvidia.com/gpu": 1}}}
+            ],
+        },
+    }
+
+
+def cap_policy(
+    namespace: str, name: str, selector: Mapping[str, str], max_slowdown: float = 10.0
+) -> dict[str, Any]:
+    """A narrow policy: power cap only, the shape a fleet operator starts with."""
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "EnergyPolicy",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": dict(selector)},
+            "objective": "EDP",
+            "maxSlowdownPercent": max_slowdown,
+            "powerCap": {"mode": "Auto", "minPercent": 50, "maxPercent": 100},
+            "workMetric": {"port": 8000, "name": "generated_tokens_total", "unit": "tokens"},
+        },
+    }
+
+
+def policies_path(namespace: str) -> str:
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/energypolicies"
+
+
+def create_all(api: Api, items: Sequence[tuple[str, dict[str, Any]]], threads: int = 8) -> None:
+    """POST (path, body) pairs concurrently; AlreadyExists is fine."""
+    errors: list[str] = []
+
+    def post(chunk: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        for path, body in chunk:
+            code, payload = api.request("POST", path, body)
+            if code not in (201, 409):
+                errors.append(f"POST {path}: {code} {str(payload)[:200]}")
+
+    workers = [threading.Thread(target=post, args=(items[i::threads],)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise RuntimeError("; ".join(errors[:5]))
+
+
+# ---------------------------------------------------------------- the operator under test
+
+
+class ProcessProbe:
+    """CPU time and memory of one process, from /proc, sampled in the background."""
+
+    def __init__(self, pid: int, period: float = 2.0) -> None:
+        self.pid = pid
+        self.period = period
+        self.samples: list[tuple[float, float, float]] = []  # (monotonic, cpu seconds, RSS MB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> ProcessProbe:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+
+    def memory_mb(self, field_name: str) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append((time.monotonic(), self.cpu_seconds(), self.memory_mb("VmRSS")))
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            self._stop.wait(self.period)
+
+
+def operator_command(kubeconfig: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "edpilot.cli", "operator", f"--kubeconfig={kubeconfig}", *extra]
+
+
+# ---------------------------------------------------------------- decision lag
+
+
+class DecisionLag:
+    """Fed with EnergyPolicy watch events: a workload row that first carries the observation time
+    t of a report the fleet wrote is a decision on that report, lag = event time - write time."""
+
+    def __init__(self, writes: ReportWrites) -> None:
+        self.writes = writes
+        self.lock = threading.Lock()
+        self.seen: set[tuple[str, float]] = set()
+        self.lags: list[tuple[float, float]] = []  # (decision wall time, lag seconds)
+        self.unmatched = 0
+
+    def on_event(self, kind: str, obj: dict[str, Any], received: float) -> None:
+        if kind == "DELETED":
+            return
+        for pod, node, t in observation_times(obj):
+            with self.lock:
+                if (pod, t) in self.seen:
+                    continue
+                self.seen.add((pod, t))
+            written = self.writes.written_at(node, t)
+            with self.lock:
+                if written is None:
+                    self.unmatched += 1
+                else:
+                    self.lags.append((received, received - written))
+
+    def between(self, start: float, end: float) -> list[float]:
+        with self.lock:
+            return [lag for at, lag in self.lags if start <= at < end]
+
+
+def policy_watcher(api: Api, *handlers: EventHandler) -> Watcher:
+    """One watch on every EnergyPolicy, fanned out to `handlers`."""
+
+    def fan_out(kind: str, obj: dict[str, Any], received: float) -> None:
+        for handle in handlers:
+            handle(kind, obj, received)
+
+    return Watcher(api, f"/apis/{GROUP}/{VERSION}/energypolicies", object_key, fan_out)
+
+
+def policy_status_problems(
+    policies: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """Everything wrong with the policies' statuses and the pods' hints against what the policies
+    should govern now: rows (governed and lost to another policy), generation, Ready, and no hints
+    left on pods that no live policy governs."""
+    infos = [pod_info(p) for p in pods if gpu_request(p.get("spec") or {}) > 0]
+    live: list[PolicyRef] = []
+    problems: list[str] = []
+    for p in policies:
+        meta = p["metadata"]
+        if meta.get("deletionTimestamp"):
+            problems.append(f"{meta['namespace']}/{meta['name']}: still being deleted")
+            continue
+        live.append(PolicyRef(meta["namespace"], meta["name"], EnergyPolicySpec.model_validate(p["spec"])))
+    governed: set[str] = set()
+    statuses = {object_key(p): p.get("status") or {} for p in policies}
+    generations = {object_key(p): p["metadata"].get("generation") for p in policies}
+    for ref in live:
+        status = statuses[ref.key]
+        if status.get("observedGeneration") != generations[ref.key]:
+            problems.append(
+                f"{ref.key}: observedGeneration {status.get('observedGeneration')} != {generations[ref.key]}"
+            )
+        ready = [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]
+        if not ready or ready[0].get("status") != "True":
+            problems.append(f"{ref.key}: not Ready")
+        chosen = select(ref, infos, [r for r in live if r.namespace == ref.namespace])
+        expected = {w.name: sorted(pod.key for pod in w.pods) for w in chosen.workloads}
+        rows = [r for r in status.get("workloads") or [] if isinstance(r, Mapping)]
+        actual = {
+            str(r.get("name")): sorted(r.get("pods") or []) for r in rows if r.get("phase") != "Conflict"
+        }
+        if actual != expected:
+            problems.append(f"{ref.key}: rows {sorted(actual)} but it governs {sorted(expected)}")
+        conflicts = {pod for r in rows if r.get("phase") == "Conflict" for pod in r.get("pods") or []}
+        if conflicts != set(chosen.lost_to):
+            problems.append(
+                f"{ref.key}: Conflict rows {sorted(conflicts)}, expected {sorted(chosen.lost_to)}"
+            )
+        for workload in chosen.workloads:
+            for pod in workload.pods:
+                governed.add(pod.key)
+                if pod.annotations.get(ANNOTATION_POLICY) != ref.name:
+                    problems.append(
+                        f"{pod.key}: {ANNOTATION_POLICY}={pod.annotations.get(ANNOTATION_POLICY)!r}, expected {ref.name!r}"
+                    )
+    for pod in infos:
+        left = [a for a in HINT_ANNOTATIONS if a in pod.annotations]
+        if pod.key not in governed and left:
+            problems.append(f"{pod.key}: governed by no policy but still carries {left}")
+    return problems

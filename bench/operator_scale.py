@@ -1,0 +1,307 @@
+"""The operator at fleet scale: the real control plane with 100, 500 and 2,000 KWOK nodes of 8
+GPUs, simulated node agents in one process writing a report every 10 s per node (staggered),
+50 EnergyPolicies over 10 namespaces governing 400 one-GPU pods.
+
+For each size, a fresh operator runs a warm-up, then a measured window, reporting:
+  - decision lag: a report's status write -> the operator's policy status write carrying the
+    decision made on that report (matched by the report's time, which the optimizer keeps),
+    p50 and p99;
+  - the operator's CPU (cores) and peak memory (VmHWM) from /proc;
+  - API requests per second by verb and resource (the API server's apiserver_request_total,
+    before and after; all clients, with who issues each kind in the table);
+  - the harness's own health: reports written, how late its ticks ran, nodes still Ready.
+Goal at 2,000 nodes: p99 lag under one report interval, under one core, under 500 MB.
+
+The 400 pods sit on the first 100 nodes (4 per node) at every size; the other nodes report
+idle GPUs, which is what the operator must also read and answer (report specs, leases).
+
+    .venv/bin/python -m bench.operator_scale [--sizes 100,500,2000] [--measure-seconds 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from edpilot_operator.localrun import Processes
+
+from bench.fleet import (
+    RESULTS,
+    Api,
+    ControlPlane,
+    DecisionLag,
+    Fleet,
+    ProcessProbe,
+    cap_policy,
+    create_all,
+    ensure_namespace,
+    gpu_pod,
+    machine,
+    metric_sum,
+    node_names,
+    operator_command,
+    parse_request_totals,
+    policies_path,
+    policy_watcher,
+    ready_nodes,
+    request_rates,
+    summary,
+)
+
+# Who issues each kind of request in this setup (the API server does not count by client).
+ISSUERS = {
+    ("PATCH", "gpunodereports.edpilot.io", "status"): "agents",
+    ("POST", "gpunodereports.edpilot.io", ""): "agents",
+    ("PATCH", "gpunodereports.edpilot.io", ""): "operator (report spec)",
+    ("PATCH", "energypolicies.edpilot.io", "status"): "operator (policy status)",
+    ("PATCH", "energypolicies.edpilot.io", ""): "operator (finalizer)",
+    ("PATCH", "pods", ""): "operator (hints)",
+    ("POST", "events", ""): "operator, controllers",
+    ("PATCH", "events", ""): "operator, controllers",
+    ("PATCH", "nodes", ""): "KWOK",
+    ("PATCH", "nodes", "status"): "KWOK",
+    ("PUT", "nodes", "status"): "KWOK",
+    ("GET", "nodes", ""): "KWOK",
+    ("PUT", "leases.coordination.k8s.io", ""): "KWOK, controllers",
+    ("PUT", "pods", "status"): "KWOK",
+    ("WATCH", "gpunodereports.edpilot.io", ""): "operator, bench",
+}
+
+
+def setup_workloads(api: Api, policies: int, pods: int, namespaces: int, pod_nodes: list[str]) -> None:
+    per_ns = policies // namespaces
+    for n in range(namespaces):
+        ensure_namespace(api, f"scale-{n}")
+    pod_bodies = []
+    for i in range(pods):
+        policy = i % policies
+        ns = f"scale-{policy // per_ns}"
+        pod_bodies.append(
+            (
+                f"/api/v1/namespaces/{ns}/pods",
+                gpu_pod(ns, f"w{i}", pod_nodes[i % len(pod_nodes)], {"app": f"p{policy}"}),
+            )
+        )
+    create_all(api, pod_bodies)
+    create_all(
+        api,
+        [
+            (
+                policies_path(f"scale-{j // per_ns}"),
+                cap_policy(f"scale-{j // per_ns}", f"p{j}", {"app": f"p{j}"}),
+            )
+            for j in range(policies)
+        ],
+    )
+
+
+def measure(
+    api: Api,
+    cp: ControlPlane,
+    fleet: Fleet,
+    size: int,
+    warmup: float,
+    seconds: float,
+    operator_args: list[str],
+) -> dict[str, Any]:
+    procs = Processes(logs=cp.dir / f"logs-{size}")
+    lag = DecisionLag(fleet.writes)
+    watcher = policy_watcher(api, lag.on_event).start()
+    operator = procs.start("operator", operator_command(cp.kubeconfig, *operator_args))
+    probe = ProcessProbe(operator.pid, period=2.0).start()
+    try:
+        time.sleep(warmup)
+        fleet.stats.reset()
+        metrics_before, cpu_before, writes_before = (
+            api.text("/metrics"),
+            probe.cpu_seconds(),
+            fleet.writes.count,
+        )
+        start_wall, start = time.time(), time.monotonic()
+        time.sleep(seconds)
+        elapsed = time.monotonic() - start
+        metrics_after, cpu_after, writes_after = api.text("/metrics"), probe.cpu_seconds(), fleet.writes.count
+        peak = probe.memory_mb("VmHWM")
+        lags = lag.between(start_wall, start_wall + elapsed)
+        rates = request_rates(
+            parse_request_totals(metrics_before), parse_request_totals(metrics_after), elapsed
+        )
+        alive = operator.poll() is None
+    finally:
+        probe.stop()
+        watcher.stop()
+        procs.stop_all()
+    log = cp.dir / f"logs-{size}" / "operator.log"
+    log_lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    return {
+        "nodes": size,
+        "measured_seconds": elapsed,
+        "operator_alive": alive,
+        "decision_lag_s": summary(lags),
+        "decision_lags_unmatched": lag.unmatched,
+        "operator_cpu_cores": (cpu_after - cpu_before) / elapsed,
+        "operator_peak_rss_mb": peak,
+        "reports_per_second": (writes_after - writes_before) / elapsed,
+        "report_write_errors": fleet.writes.errors,
+        "harness_tick_lateness_s": summary(fleet.stats.lateness),
+        "nodes_ready": ready_nodes(api),
+        "apiserver_terminated_watchers": metric_sum(metrics_after, "apiserver_terminated_watchers_total"),
+        "requests_per_second": [
+            {
+                "verb": v,
+                "resource": r,
+                "subresource": s,
+                "per_second": round(x, 2),
+                "issued_by": ISSUERS.get((v, r, s), ""),
+            }
+            for (v, r, s), x in rates.items()
+        ],
+        "operator_errors_logged": sum(1 for line in log_lines if " ERROR " in line),
+        "operator_log_tail": log_lines[-10:],
+    }
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="100,500,2000", help="node counts, ascending, comma-separated")
+    p.add_argument("--policies", type=int, default=50)
+    p.add_argument("--pods", type=int, default=400)
+    p.add_argument("--namespaces", type=int, default=10)
+    p.add_argument("--report-interval", type=float, default=10.0)
+    p.add_argument("--warmup-seconds", type=float, default=40.0)
+    p.add_argument("--measure-seconds", type=float, default=60.0)
+    p.add_argument("--operator-arg", action="append", default=[], help="extra operator flag (repeatable)")
+    p.add_argument("--name", default="operator_scale", help="results file stem")
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    started = time.monotonic()
+    result: dict[str, Any] = {**machine(), "args": vars(args), "sizes": []}
+    cp = ControlPlane.start()
+    fleet: Fleet | None = None
+    try:
+        api = Api(cp.kubeconfig)
+        fleet = Fleet(api, interval=args.report_interval)
+        for i, size in enumerate(sizes):
+            setup = cp.grow(api, size)
+            if i == 0:
+                setup_workloads(api, args.policies, args.pods, args.namespaces, node_names(min(size, 100)))
+                fleet.start_watches()
+            fleet.stop()
+            fleet.add_nodes(node_names(size))
+            fleet.start()
+            row = measure(api, cp, fleet, size, args.warmup_seconds, args.measure_seconds, args.operator_arg)
+            row["node_setup_seconds"] = setup
+            result["sizes"].append(row)
+            print(
+                json.dumps(
+                    {k: v for k, v in row.items() if k not in ("requests_per_second", "operator_log_tail")}
+                ),
+                flush=True,
+            )
+    finally:
+        if fleet is not None:
+            fleet.shutdown()
+        cp.stop()
+    result["total_seconds"] = time.monotonic() - started
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = render(result)
+    (RESULTS / f"{args.name}.md").write_text(text)
+    print(text)
+    return 0
+
+
+def _f(value: Any, fmt: str = ".2f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def render(r: dict[str, Any]) -> str:
+    rows: list[dict[str, Any]] = r["sizes"]
+    interval = r["args"]["report_interval"]
+    head = "| | " + " | ".join(f"{s['nodes']} nodes" for s in rows) + " |"
+    rule = "|---|" + "---|" * len(rows)
+
+    def line(label: str, cells: list[str]) -> str:
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    first = rows[0]
+    lines = [
+        f"# Operator at fleet scale ({r['args']['policies']} policies, {r['args']['pods']} GPU pods)",
+        "",
+        f"{r['date']}, {r['machine']}, {r['cpus']} CPUs shared with the control plane, KWOK, the simulated "
+        f"agents and other work (load average at start {r['load_average_at_start'][0]:.2f}), Python "
+        f"{r['python']}, edpilot {r['edpilot']}. Produced by `python -m bench.operator_scale` in "
+        f"{r['total_seconds'] / 60:.1f} min. Agents: real `NodeAgent`s with the simulated backend in one "
+        "process; one shared pod watch and one report watch feed every node's view and writes share one "
+        f"connection pool. Each node reports every {interval:.0f} s, staggered. Operator flags: "
+        f"{' '.join(r['args']['operator_arg']) or 'defaults'}. Each size: fresh operator, "
+        f"{r['args']['warmup_seconds']:.0f} s warm-up, {r['args']['measure_seconds']:.0f} s measured.",
+        "",
+        head,
+        rule,
+        line("decision lag p50 (s)", [_f(s["decision_lag_s"]["p50"]) for s in rows]),
+        line("decision lag p99 (s)", [_f(s["decision_lag_s"]["p99"]) for s in rows]),
+        line("decisions measured", [str(s["decision_lag_s"]["count"]) for s in rows]),
+        line("operator CPU (cores)", [_f(s["operator_cpu_cores"]) for s in rows]),
+        line("operator peak RSS (MB)", [_f(s["operator_peak_rss_mb"], ".0f") for s in rows]),
+        line(
+            "CPU vs first size",
+            [_f(s["operator_cpu_cores"] / max(first["operator_cpu_cores"], 1e-9), ".1f") + "x" for s in rows],
+        ),
+        line("nodes vs first size", [_f(s["nodes"] / first["nodes"], ".0f") + "x" for s in rows]),
+        line(
+            "operator CPU per 1,000 nodes (cores)",
+            [_f(1000 * s["operator_cpu_cores"] / s["nodes"]) for s in rows],
+        ),
+        line("reports written / s", [_f(s["reports_per_second"], ".1f") for s in rows]),
+        line("harness tick lateness p99 (s)", [_f(s["harness_tick_lateness_s"]["p99"]) for s in rows]),
+        line("nodes Ready", [f"{s['nodes_ready']}/{s['nodes']}" for s in rows]),
+        line(
+            "operator alive / errors logged",
+            [f"{s['operator_alive']} / {s['operator_errors_logged']}" for s in rows],
+        ),
+        line("node setup (s)", [_f(s["node_setup_seconds"], ".0f") for s in rows]),
+    ]
+    largest = rows[-1]
+    lag99 = largest["decision_lag_s"]["p99"]
+    lines += [
+        "",
+        f"Goal at {largest['nodes']} nodes: p99 lag under {interval:.0f} s: "
+        f"{'met' if lag99 is not None and lag99 < interval else 'NOT met'} ({_f(lag99)} s); under one core: "
+        f"{'met' if largest['operator_cpu_cores'] < 1 else 'NOT met'} ({largest['operator_cpu_cores']:.2f}); "
+        f"under 500 MB: {'met' if largest['operator_peak_rss_mb'] < 500 else 'NOT met'} "
+        f"({largest['operator_peak_rss_mb']:.0f} MB).",
+        "",
+        "API requests per second by verb and resource (all clients):",
+        "",
+        "| verb | resource | subresource | issued by | "
+        + " | ".join(f"{s['nodes']} nodes" for s in rows)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(rows),
+    ]
+    kinds: dict[tuple[str, str, str], str] = {}
+    for s in rows:
+        for q in s["requests_per_second"]:
+            kinds.setdefault((q["verb"], q["resource"], q["subresource"]), q["issued_by"])
+    ordered = sorted(kinds, key=lambda k: -max(_rate(s, k) for s in rows))
+    for k in ordered[:18]:
+        lines.append(
+            f"| {k[0]} | {k[1]} | {k[2]} | {kinds[k]} | "
+            + " | ".join(_f(_rate(s, k), ".1f") for s in rows)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _rate(size: dict[str, Any], key: tuple[str, str, str]) -> float:
+    for q in size["requests_per_second"]:
+        if (q["verb"], q["resource"], q["subresource"]) == key:
+            return float(q["per_second"])
+    return 0.0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,264 @@
+"""One PowerBudget's reconcile: the GPUs of its nodes and the curves the optimizers measured on them
+go through `edpilot.budget.allocate`; what comes back is the budget's status. Pure.
+
+The status's `allocations` bound the caps `reports.desired_spec` asks each agent for (the lower of
+the policy's cap and the budget's), so the sum of power limits stays within `maxWatts`. A GPU is
+governed when it holds a pod carrying the hints of a live EnergyPolicy whose power cap is Auto:
+exactly the pods whose caps the report composer writes. Every other GPU holds what
+`edpilot.budget.committed_by` says it commits (busy: its enforced limit; idle: its draw).
+
+Three things keep the sum within the budget while caps move, not only once they have moved:
+- idle GPUs are reserved at their draw plus `IDLE_RESERVE_FRACTION`: the power gauge is noisy and
+  an idle GPU's draw rises as soon as a process opens it, and edpilot cannot cap an idle GPU;
+- a cap only rises into watts no GPU commits now; GPUs that must come down do so first, and the
+  ones waiting get their rise at the next reconcile, once the others' lower limits are reported;
+- the caps stay where they are while they still fit and the new allocation would move less than
+  `HYSTERESIS_FRACTION` of the budget in all (at least `HYSTERESIS_MIN_WATTS`): the idle GPUs' gauge
+  noise alone moves that much, and it is not worth rewriting node specs at every reconcile.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from edpilot.budget import Allocation, Curve, GpuDemand, allocate, budget_status, committed_by
+from edpilot.models import (
+    ANNOTATION_POLICY,
+    ANNOTATION_POWER_CAP,
+    BudgetAllocation,
+    EnergyPolicySpec,
+    GPUNodeReportStatus,
+    GPUStatus,
+    PowerBudgetSpec,
+    PowerBudgetStatus,
+)
+from edpilot.optimizer import MemberInfo, OptimizerState, cap_bounds
+
+from .reports import parse_cap
+from .selection import PodInfo
+
+IDLE_RESERVE_FRACTION: Final = 0.10
+HYSTERESIS_FRACTION: Final = 0.01
+HYSTERESIS_MIN_WATTS: Final = 10.0
+# A GPU drawing less than this share of its cap runs as it would under a cap at its draw: one more
+# point of its curve for free. Closer to the cap, the draw is the cap at work.
+DRAW_BELOW_CAP: Final = 0.97
+
+
+@dataclass(frozen=True)
+class ProbePoint:
+    """One configuration the optimizer measured on one GPU."""
+
+    cap_watts: float | None  # None: the GPU's baseline cap (its default limit within the policy's bounds)
+    draw_watts: float | None  # what the GPU drew meanwhile
+    units_per_second: float  # the whole workload's: curves are compared relative to their own top
+
+
+def probe_points(policy_status: Mapping[str, Any]) -> dict[str, tuple[ProbePoint, ...]]:
+    """GPU UUID -> the points the optimizer measured for the configuration its workload runs now
+    (probes of another batch size or quantization are another curve)."""
+    points: dict[str, tuple[ProbePoint, ...]] = {}
+    for row in policy_status.get("workloads") or []:
+        stored = row.get("optimizer") if isinstance(row, Mapping) else None
+        if not stored:
+            continue
+        try:
+            state = OptimizerState.model_validate(stored)
+        except ValidationError:
+            continue  # the policy reconciler reports unreadable state; no curve meanwhile
+        running = (state.target.quantization, state.target.batchSize)
+        measured = [
+            p
+            for p in (state.baseline, *state.probes)
+            if p is not None
+            and p.metrics is not None
+            and p.metrics.unitsPerSecond > 0
+            and (p.config.quantization, p.config.batchSize) == running
+        ]
+        members = sorted({m for p in measured if p.metrics is not None for m in p.metrics.wattsByMember})
+        for member in members:
+            points[member] = tuple(
+                ProbePoint(
+                    cap_watts=p.config.memberCaps.get(member, p.config.capWatts),
+                    draw_watts=p.metrics.wattsByMember.get(member),
+                    units_per_second=p.metrics.unitsPerSecond,
+                )
+                for p in measured
+                if p.metrics is not None
+            )
+    return points
+
+
+def gpu_curve(points: Iterable[ProbePoint], baseline_cap: float) -> Curve:
+    """(cap, units/s) points of one GPU, its draw counted as a cap where it drew well below one."""
+    curve: list[tuple[float, float]] = []
+    for p in points:
+        cap = p.cap_watts if p.cap_watts is not None else baseline_cap
+        curve.append((cap, p.units_per_second))
+        if p.draw_watts is not None and 0 < p.draw_watts < DRAW_BELOW_CAP * cap:
+            curve.append((p.draw_watts, p.units_per_second))
+    return tuple(sorted(curve))
+
+
+def selected_nodes(spec: PowerBudgetSpec, node_labels: Mapping[str, Mapping[str, str]]) -> list[str]:
+    return sorted(node for node, labels in node_labels.items() if spec.nodeSelector.matches(dict(labels)))
+
+
+def caps_by_node(budget_status_body: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Node -> {GPU UUID: watts} of one budget's stored allocations (what the report composer reads)."""
+    by_node: dict[str, dict[str, float]] = {}
+    for entry in budget_status_body.get("allocations") or []:
+        try:
+            allocation = BudgetAllocation.model_validate(entry)
+        except ValidationError:
+            continue
+        by_node.setdefault(allocation.node, {})[allocation.gpuUUID] = allocation.watts
+    return by_node
+
+
+def lowest_caps(per_budget: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """A GPU that several budgets select gets the lowest of their allocations."""
+    lowest: dict[str, float] = {}
+    for caps in per_budget:
+        for uuid, watts in caps.items():
+            lowest[uuid] = min(watts, lowest.get(uuid, math.inf))
+    return lowest
+
+
+def gpu_demand(
+    gpu: GPUStatus,
+    pods: Mapping[str, PodInfo],
+    policies: Mapping[str, EnergyPolicySpec],
+    points: Iterable[ProbePoint],
+) -> GpuDemand | None:
+    """The GPU as the allocation sees it, or None when edpilot does not cap it."""
+    if gpu.migEnabled:
+        return None
+    for pod_key in gpu.pods:
+        pod = pods.get(pod_key)
+        if pod is None or pod.deleting:
+            continue
+        policy_name = pod.annotations.get(ANNOTATION_POLICY)
+        policy = policies.get(f"{pod.namespace}/{policy_name}") if policy_name else None
+        if policy is None or policy.powerCap.mode != "Auto":
+            continue
+        member = MemberInfo(
+            member=gpu.uuid,
+            pod=pod.key,
+            minWatts=gpu.minLimitWatts,
+            maxWatts=gpu.maxLimitWatts,
+            defaultWatts=gpu.defaultLimitWatts,
+        )
+        bounds = cap_bounds(policy.powerCap, member)
+        if isinstance(bounds, str):
+            continue  # unknown constraints: its limit is left alone, like the optimizer does
+        # The optimizer's choice is the most the GPU needs; the budget only ever takes from it.
+        chosen = parse_cap(pod.annotations.get(ANNOTATION_POWER_CAP))
+        hi = bounds.hi if chosen is None else min(bounds.hi, max(bounds.lo, chosen))
+        return GpuDemand(
+            uuid=gpu.uuid,
+            lo=bounds.lo,
+            hi=hi,
+            curve=gpu_curve(points, bounds.baseline),
+            max_slowdown_percent=policy.maxSlowdownPercent,
+            reference_cap=bounds.baseline,
+        )
+    return None
+
+
+def reconcile_budget(
+    *,
+    spec: PowerBudgetSpec,
+    generation: int | None,
+    previous: PowerBudgetStatus | None,
+    node_labels: Mapping[str, Mapping[str, str]],
+    reports: Mapping[str, GPUNodeReportStatus],
+    pods: Mapping[str, PodInfo],
+    policies: Mapping[str, EnergyPolicySpec],
+    curves: Mapping[str, Sequence[ProbePoint]],
+    now: datetime,
+) -> PowerBudgetStatus:
+    """The budget's next status. `node_labels` covers every node; `reports` and `pods` (by
+    "namespace/name") at least those of the selected nodes; `policies` are the live ones by
+    "namespace/name"; `curves` are `probe_points` by GPU UUID."""
+    nodes = selected_nodes(spec, node_labels)
+    gpus: list[GPUStatus] = []
+    node_of: dict[str, str] = {}
+    for node in nodes:
+        report = reports.get(node)
+        for gpu in report.gpus if report is not None else ():
+            gpus.append(gpu)
+            node_of[gpu.uuid] = node
+
+    demands: list[GpuDemand] = []
+    others: list[GPUStatus] = []
+    for gpu in gpus:
+        demand = gpu_demand(gpu, pods, policies, curves.get(gpu.uuid, ()))
+        if demand is None:
+            others.append(gpu)
+        else:
+            demands.append(demand)
+    idle_draw = sum(g.powerWatts for g in others if not g.pods)
+    reserved = committed_by(others) + IDLE_RESERVE_FRACTION * idle_draw
+
+    allocation: Allocation | None = None
+    if demands:
+        target = allocate(demands, spec.maxWatts, reserved)
+        kept = previous.allocations if previous is not None else []
+        tolerance = max(HYSTERESIS_MIN_WATTS, HYSTERESIS_FRACTION * spec.maxWatts)
+        previous_caps = {a.gpuUUID: a.watts for a in kept}
+        caps = _steady(target.caps, previous_caps, demands, target.available_watts, tolerance)
+        enforced = {g.uuid: g.enforcedLimitWatts for g in gpus}
+        caps = _rises_within_free_watts(caps, enforced, demands, target.available_watts)
+        allocation = replace(target, caps=caps)
+
+    status = budget_status(spec, generation, nodes, gpus, allocation, reserved, previous, now)
+    status.allocations = [
+        BudgetAllocation(node=node_of[uuid], gpuUUID=uuid, watts=watts)
+        for uuid, watts in sorted((allocation.caps if allocation is not None else {}).items())
+    ]
+    return status
+
+
+def _steady(
+    target: Mapping[str, float],
+    previous: Mapping[str, float],
+    demands: Sequence[GpuDemand],
+    available: float,
+    tolerance: float,
+) -> dict[str, float]:
+    """The previous caps when they cover the same GPUs within their bounds, fit the budget, and the
+    target moves less than `tolerance` watts in all; otherwise the target."""
+    if set(previous) != set(target) or not all(g.lo <= previous[g.uuid] <= g.hi for g in demands):
+        return dict(target)
+    moved = sum(abs(previous[u] - c) for u, c in target.items())
+    fits = sum(previous.values()) <= available + 1e-9
+    return dict(previous) if fits and moved <= tolerance else dict(target)
+
+
+def _rises_within_free_watts(
+    caps: Mapping[str, float],
+    enforced: Mapping[str, float],
+    demands: Sequence[GpuDemand],
+    available: float,
+) -> dict[str, float]:
+    """Caps that rise above what the GPU enforces now get only the watts no governed GPU commits
+    now (shared in proportion to the rises): whichever node applies its spec first, the sum of the
+    limits never passes the budget on the way."""
+    rises = {u: c - enforced[u] for u, c in caps.items() if u in enforced and c > enforced[u]}
+    free = available - sum(enforced.get(g.uuid, caps[g.uuid]) for g in demands)
+    wanted = sum(rises.values())
+    if not rises or wanted <= free:
+        return dict(caps)
+    share = max(free, 0.0) / wanted
+    lo = {g.uuid: g.lo for g in demands}
+    return {
+        u: max(lo[u], float(math.floor(enforced[u] + rises[u] * share))) if u in rises else c
+        for u, c in caps.items()
+    }
