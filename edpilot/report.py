@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edpilot.models import GROUP, VERSION, Measurement, WorkloadStatus
 from edpilot.optimizer import OptimizerState, Probe
+from edpilot.simulate import Figures as SimFigures
 from edpilot.simulate import FleetResult, WorkloadResult
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ class Progress:
 # ---------------------------------------------------------------- from `edpilot simulate --json`
 
 
-def _sim_measurement(f: Any) -> Measurement | None:
+def _sim_measurement(f: SimFigures | None) -> Measurement | None:
     if f is None:
         return None
     return Measurement(
@@ -440,7 +441,7 @@ def table(reports: Sequence[PolicyReport], prices: Prices) -> str:
                 "  " + " ".join(f"{cell:{a}{width}}" for cell, a, width in zip(r, align, widths, strict=True))
             )
         for w in policy.workloads:
-            if w.message and w.phase not in ("Converged",):
+            if w.message and w.phase != "Converged":
                 lines.append(f"  {w.name}: {w.message}")
         lines.append("")
     lines.append(f"total energy saved: {total / JOULES_PER_KWH:.4g} kWh{_money(total, prices)}")

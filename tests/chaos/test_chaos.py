@@ -484,11 +484,12 @@ def enforced(chaos: Chaos, node: str) -> dict[str, float]:
     return {g["uuid"]: g["enforcedLimitWatts"] for g in (report.get("status") or {}).get("gpus") or []}
 
 
-def reconciled(chaos: Chaos, node: str, since: datetime | None = None) -> bool:
-    """The node's agent enforces exactly its spec: desired caps, every other GPU at its default."""
+def reconciled(chaos: Chaos, node: str, not_from: str | None = None) -> bool:
+    """The node's agent enforces exactly its spec: desired caps, every other GPU at its default.
+    `not_from`: the time of a dead agent's last report, which must have been replaced."""
     report = chaos.api.report(node) or {}
     status = report.get("status") or {}
-    if not status.get("gpus") or (since is not None and _wall(status["time"]) <= since):
+    if not status.get("gpus") or status["time"] == not_from:
         return False
     wanted = capped_gpus(chaos, node)
     return all(
@@ -512,9 +513,11 @@ def test_agent_sigkilled_while_holding_caps_reconciles_on_restart(chaos: Chaos) 
     )
     assert node is not None, "a converged workload holds a cap below the default"
     wait_until("the cap to be enforced", lambda: reconciled(chaos, node), 30, 0.3)
-    previous = _wall((chaos.api.report(node) or {})["status"]["time"])
     killed_at = time.monotonic()
     chaos.procs.stop(f"agent-{node}-0", sig=signal.SIGKILL)
+    # A simulated agent stamps its own sped-up clock, which starts again at now: only "another
+    # time than the dead agent's last" tells that the new one wrote.
+    previous = (chaos.api.report(node) or {})["status"]["time"]
     chaos.start_agent(node, run=1)
     wait_until("the restarted agent to re-apply its caps", lambda: reconciled(chaos, node, previous), 60, 0.3)
     chaos.record(

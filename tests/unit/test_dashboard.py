@@ -78,7 +78,12 @@ def _operator_samples() -> list[tuple[str, dict[str, str]]]:
         "pol",
         {
             "conditions": [
-                {"type": "Ready", "status": "True", "reason": "Ok", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "Ok",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z",
+                }
             ],
             "workloads": [
                 {
@@ -95,7 +100,9 @@ def _operator_samples() -> list[tuple[str, dict[str, str]]]:
             "totals": {"workloads": 1, "gpus": 1, "energySavedJoules": 5},
         },
     )
-    collector.publish_budget("rack", 1000, {"allocatedWatts": 800, "measuredWatts": 500, "headroomWatts": 200})
+    collector.publish_budget(
+        "rack", 1000, {"allocatedWatts": 800, "measuredWatts": 500, "headroomWatts": 200}
+    )
     return [(s.name, s.labels) for family in collector.collect() for s in family.samples]
 
 
@@ -176,9 +183,7 @@ def parse(expr: str) -> Parsed:
 
 
 def test_tokenizer_finds_names_matchers_and_grouping() -> None:
-    p = parse(
-        'sum by (node) (rate(a_total{x="1", y=~"$v"}[$__rate_interval])) / on (node) b > 3.6e6 and c'
-    )
+    p = parse('sum by (node) (rate(a_total{x="1", y=~"$v"}[$__rate_interval])) / on (node) b > 3.6e6 and c')
     assert p.metrics == ["a_total", "b", "c"]
     assert p.matchers == [("a_total", "x"), ("a_total", "y")]
     assert p.grouping == ["node", "node"]
@@ -265,3 +270,27 @@ def test_a_wrong_label_is_caught(exported: dict[str, set[str]]) -> None:
     assert ("edpilot_gpu_power_watts", "nodename") in p.matchers
     assert "nodename" not in exported["edpilot_gpu_power_watts"]
     assert "gpu" not in exported["edpilot_gpu_power_watts"]
+
+
+def test_operator_metrics_follow_the_published_status() -> None:
+    from edpilot_operator.metrics import OperatorCollector
+
+    collector = OperatorCollector()
+
+    def values() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value for f in collector.collect() for s in f.samples
+        }
+
+    row = {"name": "w", "phase": "Exploring", "edpReductionPercent": 12.5, "energySavedJoules": 9.0}
+    collector.publish_policy("ns", "pol", {"workloads": [row], "totals": {"energySavedJoules": 9.0}})
+    labels = (("namespace", "ns"), ("policy", "pol"), ("workload", "w"))
+    got = values()
+    assert got[("edpilot_workload_edp_reduction_ratio", labels)] == 0.125
+    assert got[("edpilot_workload_phase", tuple(sorted((*labels, ("phase", "Exploring")))))] == 1.0
+    assert got[("edpilot_workload_phase", tuple(sorted((*labels, ("phase", "Converged")))))] == 0.0
+    assert ("edpilot_workload_slowdown_ratio", labels) not in got  # no figure yet, no series
+    collector.publish_policy("ns", "pol", {"workloads": [{"phase": "Nonsense"}]})  # unreadable: kept
+    assert values()[("edpilot_workload_edp_reduction_ratio", labels)] == 0.125
+    collector.forget_policy("ns", "pol")
+    assert not any(name.startswith(("edpilot_workload", "edpilot_policy")) for name, _ in values())

@@ -208,8 +208,6 @@ class Job:
                 work = math.inf
             elif event == "negative" and i == 0:
                 energy = -energy
-            elif event == "huge-energy" and i == 0:
-                energy += 1e9
             elif event == "inconsistent-config" and i == 0 and len(self.info.members) > 1:
                 batch = self.batch * 2
             members.append(
@@ -236,6 +234,9 @@ def tick(job: Job, event: str) -> Observation:
         job.energy = dict.fromkeys(job.energy, 1.0)  # a driver reload zeroes the counters
     elif event == "work-backwards":
         job.work = {k: v * 0.5 for k, v in work.items()}  # a new process counting from scratch
+    elif event == "huge-energy":
+        first = job.info.members[0].member
+        job.energy[first] += 1e9  # a glitch the counter keeps: a gigajoule in seconds
     elif event == "clock-stepped-back":
         job.clock_offset -= 3600.0  # an NTP step: the node's clock is an hour behind from now on
     return job.observation(event)
@@ -284,7 +285,10 @@ def assert_within_bounds(policy: EnergyPolicySpec, info: WorkloadInfo, d: Decisi
                 assert m.minWatts is not None and m.maxWatts is not None
                 assert m.minWatts - 1e-9 <= cap <= m.maxWatts + 1e-9
             continue
-        assert cap is not None, m
+        if cap is None:
+            # Bounds that meet in one point may round to an empty range: leaving it alone is right.
+            assert allowed[1] - allowed[0] < 1e-6, (m, policy.powerCap)
+            continue
         assert allowed[0] - 1e-6 <= cap <= allowed[1] + 1e-6, (m, policy.powerCap, cap)
     if d.batchSize is not None:
         assert d.batchSize == info.batchSize or d.batchSize in batch_candidates(policy, info), d.batchSize
@@ -340,7 +344,8 @@ def test_streams_stay_in_bounds_ignore_bad_data_and_survive_a_restore(
             exclude={"reasons", "events"}
         )
         assert_within_bounds(policy, info, d)
-        if kept is not None and (event in BAD or event in QUIET):
+        harmless = event == "inconsistent-config" and len(info.members) == 1  # nobody to disagree with
+        if kept is not None and (event in BAD or event in QUIET) and not harmless:
             assert decided(d.state) == decided(kept), f"{event} changed a decision"
         if d.badData is not None and kept is not None:
             assert decided(d.state) == decided(kept)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -238,7 +239,7 @@ def _status(state: OptimizerState) -> dict[str, Any]:
             {
                 "name": "decode-0",
                 "pods": ["default/decode-0"],
-                "nodes": ["gpu-node-0"],
+                "nodes": ["report-test-node"],
                 "gpus": 1,
                 "phase": "Converged",
                 "powerCapWatts": 450,
@@ -266,7 +267,7 @@ def _status(state: OptimizerState) -> dict[str, Any]:
 
 def _node_report() -> dict[str, Any]:
     return {
-        "nodeName": "gpu-node-0",
+        "nodeName": "report-test-node",
         "agentVersion": "test",
         "backend": "sim",
         "time": "2026-01-01T00:00:00Z",
@@ -287,10 +288,22 @@ def _node_report() -> dict[str, Any]:
     }
 
 
+@pytest.fixture
+def api(crds_installed: Cluster) -> Iterator[Cluster]:
+    """The real API server; the objects a test makes are deleted after it, as the session's
+    cluster is shared with other tests (and their operators)."""
+    yield crds_installed
+    crds_installed.kubectl(
+        "delete", "energypolicies", "report-decode", "-n", "default", "--ignore-not-found", "--wait=false"
+    )
+    crds_installed.kubectl(
+        "delete", "gpunodereports", "report-test-node", "--ignore-not-found", "--wait=false"
+    )
+
+
 def test_report_reads_policies_from_the_api_server(
-    crds_installed: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    api: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    api = crds_installed
     state = _state()
     api.kubectl("apply", "-f", "-", input=json.dumps(_policy("report-decode")))
     api.kubectl(
@@ -299,10 +312,10 @@ def test_report_reads_policies_from_the_api_server(
     )  # fmt: skip
     api.kubectl(
         "apply", "-f", "-",
-        input=json.dumps({"apiVersion": "edpilot.io/v1alpha1", "kind": "GPUNodeReport", "metadata": {"name": "gpu-node-0"}}),
+        input=json.dumps({"apiVersion": "edpilot.io/v1alpha1", "kind": "GPUNodeReport", "metadata": {"name": "report-test-node"}}),
     )  # fmt: skip
     api.kubectl(
-        "patch", "gpunodereports", "gpu-node-0", "--subresource=status", "--type=merge",
+        "patch", "gpunodereports", "report-test-node", "--subresource=status", "--type=merge",
         "-p", json.dumps({"status": _node_report()}),
     )  # fmt: skip
     stored = api.get_json("energypolicies", "report-decode", "-n", "default")["status"]
