@@ -9,7 +9,7 @@ NODES ?= 2
 GPUS ?= 8
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv tools lint test test-unit demo simulate cluster-up cluster-down kubectl helm clean
+.PHONY: help venv tools lint test test-unit demo simulate cluster-up cluster-down kubectl helm docs clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ kubectl: tools ## the pinned kubectl against the local cluster: make kubectl ARG
 
 helm: tools ## the pinned helm against the local cluster: make helm ARGS='list -A'
 	@KUBECONFIG=$(CURDIR)/.cluster/kubeconfig "$$(hack/build-tools.sh 2>/dev/null | tail -n1)/helm" $(ARGS)
+
+docs: $(STAMP) ## regenerate docs/api.md, helm-values.md and metrics.md from the CRDs, chart and code
+	$(BIN)/python hack/gen-docs.py
 
 clean: cluster-down ## remove the virtualenv and caches of this checkout
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

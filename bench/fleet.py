@@ -108,6 +108,25 @@ def metric_sum(metrics_text: str, name: str) -> float:
     return total
 
 
+def metric_by_label(metrics_text: str, name: str, label: str) -> dict[str, float]:
+    """One metric family summed by the value of one label."""
+    totals: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith(name + "{"):
+            labels_text, _, value = line[len(name) + 1 :].rpartition("} ")
+            key = _parse_labels(labels_text).get(label, "")
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
+def terminated_watchers(before: str, after: str) -> dict[str, float]:
+    """Watchers the API server closed because they did not keep up, by resource, between scrapes."""
+    name = "apiserver_terminated_watchers_total"
+    start = metric_by_label(before, name, "resource")
+    grown = {k: v - start.get(k, 0.0) for k, v in metric_by_label(after, name, "resource").items()}
+    return {k: v for k, v in grown.items() if v > 0}
+
+
 def _parse_labels(text: str) -> dict[str, str]:
     labels: dict[str, str] = {}
     i = 0
@@ -179,7 +198,7 @@ class Api:
     second from one process that costs more CPU than the operator under test.
     """
 
-    def __init__(self, kubeconfig: Path, pool_size: int = 32) -> None:
+    def __init__(self, kubeconfig: Path, pool_size: int = 48) -> None:
         config = yaml.safe_load(kubeconfig.read_text())
         server = urlsplit(config["clusters"][0]["cluster"]["server"])
         self.token = config["users"][0]["user"]["token"]
@@ -292,12 +311,17 @@ class Watcher:
     def _list_and_watch(self) -> None:
         listed = self.api.ok("GET", self.path)
         now = time.time()
+        fresh = {self.key(o): o for o in listed.get("items") or []}
         with self.lock:
-            self.items = {self.key(o): o for o in listed.get("items") or []}
+            gone = [o for k, o in self.items.items() if k not in fresh]
+            self.items = fresh
         self.relists += 1
         self.synced.set()
         if self.on_event is not None:
-            for obj in listed.get("items") or []:
+            # Deletions while the watch was down show only as absences from the new list.
+            for obj in gone:
+                self.on_event("DELETED", obj, now)
+            for obj in fresh.values():
                 self.on_event("LISTED", obj, now)
         version = listed["metadata"]["resourceVersion"]
         for event in self.api.watch(self.path, version):
@@ -458,7 +482,7 @@ class Fleet:
     """Simulated agents of many nodes, each ticking (and reporting) every `interval` seconds,
     staggered evenly, run by a few worker threads."""
 
-    def __init__(self, api: Api, interval: float = 10.0, workers: int = 12) -> None:
+    def __init__(self, api: Api, interval: float = 10.0, workers: int = 32) -> None:
         self.api = api
         self.interval = interval
         self.workers = workers

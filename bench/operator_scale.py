@@ -40,7 +40,6 @@ from bench.fleet import (
     ensure_namespace,
     gpu_pod,
     machine,
-    metric_sum,
     node_names,
     operator_command,
     parse_request_totals,
@@ -49,6 +48,7 @@ from bench.fleet import (
     ready_nodes,
     request_rates,
     summary,
+    terminated_watchers,
 )
 
 # Who issues each kind of request in this setup (the API server does not count by client).
@@ -148,7 +148,7 @@ def measure(
         "report_write_errors": fleet.writes.errors,
         "harness_tick_lateness_s": summary(fleet.stats.lateness),
         "nodes_ready": ready_nodes(api),
-        "apiserver_terminated_watchers": metric_sum(metrics_after, "apiserver_terminated_watchers_total"),
+        "apiserver_terminated_watchers": terminated_watchers(metrics_before, metrics_after),
         "requests_per_second": [
             {
                 "verb": v,
@@ -262,6 +262,13 @@ def render(r: dict[str, Any]) -> str:
         line(
             "operator alive / errors logged",
             [f"{s['operator_alive']} / {s['operator_errors_logged']}" for s in rows],
+        ),
+        line(
+            "watchers the API server cut off as too slow",
+            [
+                ", ".join(f"{k}: {v:.0f}" for k, v in s["apiserver_terminated_watchers"].items()) or "0"
+                for s in rows
+            ],
         ),
         line("node setup (s)", [_f(s["node_setup_seconds"], ".0f") for s in rows]),
     ]

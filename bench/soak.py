@@ -41,7 +41,6 @@ from bench.fleet import (
     gpu_pod,
     linear_slope,
     machine,
-    metric_sum,
     node_names,
     operator_command,
     parse_request_totals,
@@ -51,6 +50,7 @@ from bench.fleet import (
     ready_nodes,
     request_rates,
     summary,
+    terminated_watchers,
 )
 
 CYCLE_SECONDS = 60.0
@@ -285,10 +285,7 @@ def main(argv: list[str]) -> int:
                 "reports_written": fleet.writes.count,
                 "report_write_errors": fleet.writes.errors,
                 "harness_tick_lateness_s": summary(fleet.stats.lateness),
-                "apiserver_terminated_watchers": metric_sum(
-                    metrics_after, "apiserver_terminated_watchers_total"
-                )
-                - metric_sum(metrics_before, "apiserver_terminated_watchers_total"),
+                "apiserver_terminated_watchers": terminated_watchers(metrics_before, metrics_after),
                 "bench_watch_relists": watcher.relists
                 + fleet.reports.relists
                 + fleet.pods.watcher.relists
@@ -356,7 +353,9 @@ def render(r: dict[str, Any]) -> str:
         f"| writes never answered | {r['unanswered_writes']} |",
         f"| decision lag (report written -> policy status on it), p50 / p99 / max | {_f(dl['p50'])} / "
         f"{_f(dl['p99'])} / {_f(dl['max'])} s (n={dl['count']}) |",
-        f"| watchers the API server terminated as too slow | {r['apiserver_terminated_watchers']:.0f} |",
+        "| watchers the API server cut off as too slow | "
+        + (", ".join(f"{k}: {v:.0f}" for k, v in r["apiserver_terminated_watchers"].items()) or "0")
+        + " |",
         f"| reports written / write errors | {r['reports_written']} / {r['report_write_errors']} |",
         f"| harness tick lateness p99 | {_f(r['harness_tick_lateness_s']['p99'])} s |",
         f"| nodes Ready at the end | {r['nodes_ready_at_end']} of {r['nodes']} |",

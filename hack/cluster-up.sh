@@ -125,7 +125,7 @@ launch kube-scheduler "$bin/kube-scheduler" --config "$dir/scheduler.yaml" \
 
 launch kwok "$bin/kwok" --kubeconfig "$dir/kubeconfig" --manage-all-nodes=false \
   --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake --node-ip 127.0.0.1 \
-  --server-address "127.0.0.1:$kwok_port" -c "$bin/kwok-stages.yaml"
+  --server-address "127.0.0.1:$kwok_port" --node-lease-duration-seconds 40 -c "$bin/kwok-stages.yaml"
 
 # The default namespace's ServiceAccount appears once the controller-manager runs.
 wait_for "the default ServiceAccount" kube-controller-manager 60 "${kubectl[@]}" get serviceaccount default

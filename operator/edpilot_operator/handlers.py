@@ -72,8 +72,9 @@ def _policy_entry(
         ref: PolicyRef | None = PolicyRef(namespace, name, EnergyPolicySpec.model_validate(dict(spec)))
     except ValidationError:
         ref = None
+    # Status rows name their pods "namespace/name" already.
     active = frozenset(
-        f"{namespace}/{pod}"
+        str(pod)
         for row in status.get("workloads") or []
         if row.get("phase") in ("Baseline", "Exploring", "Drifted")
         for pod in row.get("pods") or []
@@ -105,6 +106,9 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         settings.posting.level = logging.INFO
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 30
+        # A policy deleted while its reconcile timer runs waits this long before release_policy
+        # (kopf's default, 60 s, held caps and hints for a minute after a delete in bench/soak.py).
+        settings.background.cancellation_polling = 1
         memo.kube = Kube(load_client(cfg.kubeconfig))
 
     @kopf.on.probe(id="policies", registry=registry)

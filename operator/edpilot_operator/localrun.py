@@ -26,6 +26,7 @@ FAST_OPERATOR_ARGS = (
     "--baseline-windows=3",
     "--probe-windows=2",
     "--apply-timeout=30",
+    "--metrics-port=0",  # several operators may share one machine in tests
 )
 FAST_AGENT_ARGS = (
     "--backend=sim",

@@ -7,11 +7,13 @@ import asyncio
 import logging
 import os
 import threading
+import zlib
 
 import kopf
 
 from edpilot.optimizer import DEFAULT_TUNING
 
+from . import metrics
 from .handlers import OperatorConfig, register
 
 
@@ -28,7 +30,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--peering", default=None, help="kopf peering name; several replicas then never act together"
     )
-    p.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    p.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority of this replica (default: derived from --identity, so replicas differ)",
+    )
+    p.add_argument("--metrics-port", type=int, default=9465, help="serve /metrics here; 0 turns it off")
     p.add_argument(
         "--liveness", default=None, help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz"
     )
@@ -63,6 +71,10 @@ def main(argv: list[str]) -> int:
     )
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
+    if args.metrics_port:
+        metrics.serve(args.metrics_port)
+    # kopf pauses every replica whose priority ties with another's, so replicas must differ.
+    priority = args.priority if args.priority is not None else zlib.crc32(args.identity.encode()) % 1000
     registry = kopf.OperatorRegistry()
     register(
         registry,
@@ -90,7 +102,7 @@ def main(argv: list[str]) -> int:
             registry=registry,
             standalone=args.peering is None,
             peering_name=args.peering,
-            priority=args.priority,
+            priority=priority,
             clusterwide=not args.namespace,
             namespaces=args.namespace,
             liveness_endpoint=args.liveness,

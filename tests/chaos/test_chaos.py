@@ -30,7 +30,11 @@ from kubetest import REPO, Cluster
 
 from edpilot.models import ANNOTATION_POLICY, ANNOTATION_POWER_CAP, GROUP, VERSION
 
-pytestmark = pytest.mark.chaos
+pytestmark = [
+    pytest.mark.chaos,
+    # The local control plane serves a self-signed certificate; the kubeconfig says so.
+    pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning"),
+]
 
 AGENT_NODES = ("gpu-node-0", "gpu-node-1")
 BAD_NODE = "chaos-bad-0"  # a KWOK node without an agent: the tests write its report
@@ -513,19 +517,27 @@ def test_agent_sigkilled_while_holding_caps_reconciles_on_restart(chaos: Chaos) 
     )
     assert node is not None, "a converged workload holds a cap below the default"
     wait_until("the cap to be enforced", lambda: reconciled(chaos, node), 30, 0.3)
+    held = {uuid for uuid, w in capped_gpus(chaos, node).items() if w < H100_DEFAULT - 1}
     killed_at = time.monotonic()
     chaos.procs.stop(f"agent-{node}-0", sig=signal.SIGKILL)
     # A simulated agent stamps its own sped-up clock, which starts again at now: only "another
     # time than the dead agent's last" tells that the new one wrote.
     previous = (chaos.api.report(node) or {})["status"]["time"]
     chaos.start_agent(node, run=1)
-    wait_until("the restarted agent to re-apply its caps", lambda: reconciled(chaos, node, previous), 60, 0.3)
+
+    def caps_back() -> bool:
+        # Until the new agent has listed its pods it reports no GPU holders, and the operator
+        # drops those caps from the spec for a moment: wait for the same GPUs capped again.
+        return held <= set(capped_gpus(chaos, node)) and reconciled(chaos, node, previous)
+
+    wait_until("the restarted agent to re-apply its caps", caps_back, 60, 0.3)
     chaos.record(
         f"agent SIGKILL on {node} holding caps",
         time.monotonic() - killed_at,
         "restarted agent re-applied the spec's caps, other GPUs at default",
     )
-    assert any(abs(w - H100_DEFAULT) > 1 for w in enforced(chaos, node).values())
+    limits = enforced(chaos, node)
+    assert all(limits[uuid] < H100_DEFAULT - 1 for uuid in held), limits
     chaos.alive()
 
 
@@ -611,11 +623,18 @@ def healthy_after(chaos: Chaos, rows: dict[str, dict[str, Any]], times: dict[str
     return all_rows_moved_on(chaos, rows)
 
 
-@pytest.mark.parametrize("component", ["etcd", "kube-apiserver"])
-def test_control_plane_restart_under_load_loses_nothing(chaos: Chaos, component: str) -> None:
+@pytest.mark.parametrize(("component", "pod"), [("etcd", "decode-c"), ("kube-apiserver", "decode-d")])
+def test_control_plane_restart_under_load_loses_nothing(chaos: Chaos, component: str, pod: str) -> None:
+    # Load: a new workload explores, so its agent reports and the operator decides every second.
+    chaos.apply(gpu_pod(LOOP_NS, pod, AGENT_NODES[1], "decode"))
+    wait_until(
+        f"{pod} to explore",
+        lambda: (loop_rows(chaos).get(pod) or {}).get("phase") in ("Exploring", "Converged"),
+        120,
+        0.5,
+    )
     rows = loop_rows(chaos)
     times = {n: _wall((chaos.api.report(n) or {})["status"]["time"]) for n in AGENT_NODES}
-    # Load: the agents report and the operator reconciles every second while one workload explores.
     started = time.monotonic()
     restart_component(chaos.cluster, component, down_seconds=3.0)
     wait_until(f"{component} to serve again", lambda: api_ready(chaos.cluster), 120, 0.3)
@@ -627,8 +646,15 @@ def test_control_plane_restart_under_load_loses_nothing(chaos: Chaos, component:
             continue
         assert after[name]["optimizer"]["exploration"] == row["optimizer"]["exploration"], name
         assert len(after[name]["optimizer"].get("probes") or []) >= len(row["optimizer"].get("probes") or [])
+    probes = len(rows[pod]["optimizer"].get("probes") or [])
+
+    def explores_on() -> bool:
+        row = loop_rows(chaos).get(pod) or {}
+        return row.get("phase") == "Converged" or len(row["optimizer"].get("probes") or []) > probes
+
+    wait_until(f"{pod}'s exploration to go on", explores_on, 120, 0.5)
     chaos.record(
-        f"{component} SIGKILL + restart (3 s down)",
+        f"{component} SIGKILL + restart (3 s down, {pod} {rows[pod]['phase']})",
         time.monotonic() - started,
         f"API ready after {api_back:.1f} s; agents report and hold the lease, operator decides again; "
         "no state lost",
@@ -715,7 +741,7 @@ def write_and_wait(chaos: Chaos, fake: FakeAgent, status: dict[str, Any]) -> dic
     def taken() -> dict[str, Any] | None:
         chaos.alive()
         row = bad_row(chaos)
-        return row if _time(row) == pytest.approx(wanted) else None
+        return row if _time(row) == pytest.approx(wanted, rel=0, abs=1e-3) else None
 
     row: dict[str, Any] = wait_until(f"the operator to read the report at {status['time']}", taken, 30, 0.2)
     return row
@@ -802,13 +828,18 @@ def test_bad_measurements_yield_conditions_and_no_decision(chaos: Chaos) -> None
     # A stalled work counter is bad data, or, right after a new hint, the workload reloading;
     # either way no decision.
     before = bad_row(chaos)
+    started = time.monotonic()
     row = write_and_wait(chaos, fake, silent(fake))
     assert decided_state(row) == decided_state(before)
     assert row["optimizer"].get("lastBad") == "SilentWorkCounter" or "reloading" in row["message"], row
+    chaos.record(
+        "bad input: work counter stopped", time.monotonic() - started, f"no decision: {row['message']}"
+    )
     write_and_wait(chaos, fake, fake.good())
 
     # A report that lost the pod's GPU: no observation, a message, the stored state kept.
     before = bad_row(chaos)
+    started = time.monotonic()
     fake.time += timedelta(seconds=10)
     missing = fake.status()
     missing["gpus"] = []
@@ -821,6 +852,7 @@ def test_bad_measurements_yield_conditions_and_no_decision(chaos: Chaos) -> None
     )
     assert decided_state(row) == decided_state(before)
     assert _time(row) == _time(before)
+    chaos.record("bad input: report lost the pod's GPU", time.monotonic() - started, row["message"])
     write_and_wait(chaos, fake, fake.good())
 
     # The agent's own verdict on a work counter becomes an event on the policy.
@@ -861,6 +893,7 @@ def test_values_the_api_server_rejects_never_reach_the_operator(chaos: Chaos) ->
 
 
 def test_flapping_pod_never_leaves_a_cap_behind(chaos: Chaos) -> None:
+    assert capped_gpus(chaos, BAD_NODE), "the bad workload holds a cap before it flaps"
     started = time.monotonic()
     for _ in range(5):
         chaos.cluster.kubectl(
@@ -953,13 +986,18 @@ def test_a_thousand_pods_in_one_policy(chaos: Chaos) -> None:
 def test_policies_created_and_deleted_in_a_tight_loop(chaos: Chaos) -> None:
     chaos.apply(gpu_pod(CHURN_NS, "churned", BAD_NODE, "churn"))
     started = time.monotonic()
-    for i in range(100):
-        chaos.api.create_policy(energy_policy(CHURN_NS, f"churn-{i:03d}", "churn"))
-        chaos.api.custom.delete_namespaced_custom_object(
-            GROUP, VERSION, CHURN_NS, "energypolicies", f"churn-{i:03d}"
-        )
+    # Each policy lives ~1 s: long enough for the operator to add its finalizer, reconcile and
+    # hint the pod, short enough that creations, reconciles and deletions overlap.
+    for i in range(100 + 4):
+        if i < 100:
+            chaos.api.create_policy(energy_policy(CHURN_NS, f"churn-{i:03d}", "churn", priority=i % 7))
+        if i >= 4:
+            chaos.api.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, CHURN_NS, "energypolicies", f"churn-{i - 4:03d}"
+            )
+        time.sleep(0.25)
     looped = time.monotonic() - started
-    assert looped < 30, f"100 create/delete pairs took {looped:.0f} s"
+    assert looped < 35, f"100 create/delete pairs took {looped:.0f} s"
 
     def all_gone() -> bool:
         chaos.alive()

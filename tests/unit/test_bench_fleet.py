@@ -6,13 +6,15 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/ runs as a package from the root
 
 from bench.fleet import (
+    Api,
+    Watcher,
     cap_policy,
     gpu_pod,
     linear_slope,
@@ -22,6 +24,7 @@ from bench.fleet import (
     percentile,
     policy_status_problems,
     request_rates,
+    terminated_watchers,
 )
 from bench.soak import CYCLE_SECONDS, schedule
 
@@ -59,6 +62,41 @@ def test_request_totals_sum_codes_by_verb_resource_and_subresource() -> None:
     assert totals[("PATCH", "pods", "")] == 7
     assert totals[("WATCH", "pods", "")] == 2
     assert metric_sum(METRICS, "apiserver_terminated_watchers_total") == 4
+
+
+def test_terminated_watchers_are_counted_by_resource_between_scrapes() -> None:
+    later = METRICS.replace('{resource="pods"} 3', '{resource="pods"} 5')
+    assert terminated_watchers(METRICS, later) == {"pods": 2}
+    assert terminated_watchers(METRICS, METRICS) == {}
+
+
+class ListsOnce:
+    """Stands in for the API server's list and watch in the harness's own bookkeeping test."""
+
+    def __init__(self, *lists: list[dict[str, Any]]) -> None:
+        self.lists = list(lists)
+
+    def ok(self, method: str, path: str) -> dict[str, Any]:
+        return {"items": self.lists.pop(0), "metadata": {"resourceVersion": "1"}}
+
+    def watch(self, path: str, version: str) -> list[dict[str, Any]]:
+        return []
+
+
+def test_a_relist_reports_objects_deleted_while_the_watch_was_down() -> None:
+    a, b = {"metadata": {"name": "a"}}, {"metadata": {"name": "b"}}
+    events: list[tuple[str, str]] = []
+    api = cast(Api, ListsOnce([a, b], [b]))
+    watcher = Watcher(
+        api,
+        "/x",
+        lambda o: str(o["metadata"]["name"]),
+        lambda k, o, _: events.append((k, o["metadata"]["name"])),
+    )
+    watcher._list_and_watch()
+    watcher._list_and_watch()
+    assert events == [("LISTED", "a"), ("LISTED", "b"), ("DELETED", "a"), ("LISTED", "b")]
+    assert list(watcher.items) == ["b"]
 
 
 def test_request_rates_divide_the_growth_and_drop_idle_kinds() -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from edpilot_operator.selection import PodInfo, PolicyRef
 from edpilot_operator.services import reconcile_policy
 from hypothesis import HealthCheck, given, settings
+from hypothesis import event as hypothesis_event
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -349,8 +350,12 @@ def test_streams_stay_in_bounds_ignore_bad_data_and_survive_a_restore(
             assert decided(d.state) == decided(kept), f"{event} changed a decision"
         if d.badData is not None and kept is not None:
             assert decided(d.state) == decided(kept)
-            assert d.events or d.state.badStreak > 1 or d.reasons
+            # The first bad window of a streak is an event; a streak makes the workload Degraded.
+            first = d.state.badStreak == 1
+            assert first == any(e.reason == "BadMeasurement" for e in d.events), d.events
+            assert (d.phase == "Degraded") == (d.state.badStreak >= TUNING.degradedAfterBadWindows)
         kept, restored = d.state, again.state
+        hypothesis_event(f"reached {d.state.phase}")
         if event != "ignore-hints":
             job.apply(d)
 
@@ -360,7 +365,8 @@ NODE_OF = {"ns/p0": "node-a", "ns/p1": "node-b"}
 
 def report(node: str, job: Job, obs: Observation, t0: datetime) -> GPUNodeReportStatus | None:
     """The GPUNodeReport status an agent writes for the job's GPUs on `node`, as the operator's
-    index reads it: None when the models reject it (the index drops such a report)."""
+    index reads it; None when the API server would refuse the write (not JSON: NaN, infinity;
+    below a schema minimum), so the operator keeps seeing the report before it."""
     by_member = {m.member: m for m in job.info.members}
     mine = [s for s in obs.members if NODE_OF[by_member[s.member].pod] == node]
     gpus = [
@@ -400,8 +406,8 @@ def report(node: str, job: Job, obs: Observation, t0: datetime) -> GPUNodeReport
         "workloads": workloads,
     }
     try:
-        return GPUNodeReportStatus.model_validate(body)
-    except ValidationError:
+        return GPUNodeReportStatus.model_validate(json.loads(json.dumps(body, allow_nan=False)))
+    except (ValueError, ValidationError):
         return None
 
 
@@ -425,12 +431,14 @@ def test_reconcile_through_reports_never_raises_and_writes_only_bounded_caps(
     ref = PolicyRef("ns", "policy", policy.model_copy(update={"groupByLabel": "job"}))
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     status: dict[str, Any] = {}
+    reports: dict[str, GPUNodeReportStatus] = {}
     annotations: dict[str, dict[str, str]] = {pod: {} for pod in pods}
     for n, event in enumerate(events):
         obs = tick(job, event)
-        reports = {node: report(node, job, obs, t0) for node in {NODE_OF[pod] for pod in pods}}
-        if n == lost:
-            reports.pop("node-b", None)
+        for node in {NODE_OF[pod] for pod in pods}:
+            written = report(node, job, obs, t0)
+            reports.update({node: written} if written is not None else {})
+        seen = {node: r for node, r in reports.items() if not (n == lost and node == "node-b")}
         pod_infos = [
             PodInfo(
                 namespace="ns",
@@ -451,7 +459,7 @@ def test_reconcile_through_reports_never_raises_and_writes_only_bounded_caps(
             generation=1,
             pods=pod_infos,
             policies=[ref],
-            reports={node: r for node, r in reports.items() if r is not None},
+            reports=seen,
             now=t0 + timedelta(seconds=job.time + 1),
             tuning=TUNING,
         )
