@@ -232,18 +232,12 @@ def _reconcile_workload(
     _write_hints(workload, snap.info, decision, outcome)
     for event in decision.events:
         outcome.events.append(PolicyEvent(event.type, event.reason, f"{workload.name}: {event.message}"))
-    figures = decision.figures
-    row.phase = figures.phase
-    row.powerCapWatts = figures.powerCapWatts
-    row.batchSize = figures.batchSize
-    row.quantization = figures.quantization
-    row.baseline = figures.baseline
-    row.current = figures.current
-    row.edpReductionPercent = _finite(figures.edpReductionPercent)
-    row.slowdownPercent = _finite(figures.slowdownPercent)
-    row.energySavedJoules = figures.energySavedJoules
-    row.probes = figures.probes
-    row.message = decision.badData.value if decision.badData else figures.message
+    # Figures are named like the status row's fields.
+    figures = decision.figures.model_dump()
+    figures["edpReductionPercent"] = _finite(figures["edpReductionPercent"])
+    figures["slowdownPercent"] = _finite(figures["slowdownPercent"])
+    row = WorkloadStatus.model_validate({**row.model_dump(), **figures})
+    row.message = decision.badData.value if decision.badData else decision.figures.message
     # No nulls: a JSON merge patch reads null as "delete this key".
     row.optimizer = decision.state.model_dump(mode="json", exclude_none=True)
     return row
