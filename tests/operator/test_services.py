@@ -35,9 +35,9 @@ def policy(
     return PolicyRef("ns", name, EnergyPolicySpec.model_validate(body))
 
 
-def pod(name: str, node: str = "n0", gpus: int = 1, **annotations: str) -> PodInfo:
+def pod(name: str, node: str = "n0", gpus: int = 1, annotations: dict[str, str] | None = None) -> PodInfo:
     labels = {"app": "llm", "job": "j1"}
-    return PodInfo("ns", name, f"uid-{name}", node, "Running", gpus, labels, dict(annotations), "img:1")
+    return PodInfo("ns", name, f"uid-{name}", node, "Running", gpus, labels, annotations or {}, "img:1")
 
 
 def test_pod_info_reads_gpus_node_restarts_and_deletion() -> None:
@@ -76,7 +76,7 @@ def test_selection_groups_jobs_and_reports_conflicts_and_exclusions() -> None:
     pods = [
         pod("a"),
         pod("b", node="n1"),
-        pod("c", **{"edpilot.io/exclude": "true"}),
+        pod("c", annotations={"edpilot.io/exclude": "true"}),
         pod("cpu-only", gpus=0),
         PodInfo("ns", "taken", "u", "n0", "Running", 1, {"app": "llm", "team": "x"}),
         PodInfo("other-ns", "elsewhere", "u", "n0", "Running", 1, {"app": "llm"}),
@@ -118,9 +118,9 @@ def report(
 
 def test_node_spec_takes_caps_from_annotations_of_live_policies_only() -> None:
     pods = [
-        pod("a", **{"edpilot.io/policy": "p", "edpilot.io/power-cap-watts": "450"}),
-        pod("orphan", **{"edpilot.io/policy": "gone", "edpilot.io/power-cap-watts": "300"}),
-        pod("bad", **{"edpilot.io/policy": "p", "edpilot.io/power-cap-watts": "nan"}),
+        pod("a", annotations={"edpilot.io/policy": "p", "edpilot.io/power-cap-watts": "450"}),
+        pod("orphan", annotations={"edpilot.io/policy": "gone", "edpilot.io/power-cap-watts": "300"}),
+        pod("bad", annotations={"edpilot.io/policy": "p", "edpilot.io/power-cap-watts": "nan"}),
     ]
     status = report(pods_on_gpu0=("ns/a",))
     spec = desired_spec(
@@ -179,7 +179,7 @@ def test_reconcile_waits_for_the_agent_and_claims_the_pod() -> None:
 
 def test_reconcile_measures_a_baseline_and_keeps_condition_transition_times() -> None:
     mine = policy(powerCap={"mode": "Auto", "minPercent": 50, "maxPercent": 100})
-    claimed = pod("a", **{"edpilot.io/policy": "p"})
+    claimed = pod("a", annotations={"edpilot.io/policy": "p"})
     first = reconcile_policy(
         policy=mine,
         status={},
