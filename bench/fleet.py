@@ -624,10 +624,14 @@ class ControlPlane:
         for i in range(0, len(docs), batch):
             self.kubectl("create", "-f", "-", input="---\n".join(docs[i : i + batch]))
         self.nodes = total
-        deadline = time.monotonic() + timeout
-        while ready_nodes(api) < total:
+        # KWOK sometimes leaves a node or two NotReady at thousands of nodes: after a grace
+        # period, 99% Ready is enough (each result reports how many were Ready).
+        deadline, grace = time.monotonic() + timeout, time.monotonic() + 60
+        while (ready := ready_nodes(api)) < total:
+            if ready >= 0.99 * total and time.monotonic() > grace:
+                break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {ready_nodes(api)} of {total} nodes Ready after {timeout:.0f} s")
+                raise TimeoutError(f"only {ready} of {total} nodes Ready after {timeout:.0f} s")
             time.sleep(2)
         return time.monotonic() - started
 
@@ -785,6 +789,8 @@ class DecisionLag:
                 if (pod, t) in self.seen:
                     continue
                 self.seen.add((pod, t))
+                if kind == "LISTED":
+                    continue  # written before this watch began: its time of writing is unknown
             written = self.writes.written_at(node, t)
             with self.lock:
                 if written is None:
@@ -795,6 +801,16 @@ class DecisionLag:
     def between(self, start: float, end: float) -> list[float]:
         with self.lock:
             return [lag for at, lag in self.lags if start <= at < end]
+
+    def wait_for_first(self, timeout: float) -> float | None:
+        """Seconds until the first decision on a report written by the fleet, or None."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            with self.lock:
+                if self.lags:
+                    return time.monotonic() - started
+            time.sleep(0.5)
+        return None
 
 
 def policy_watcher(api: Api, *handlers: EventHandler) -> Watcher:

@@ -2,7 +2,8 @@
 GPUs, simulated node agents in one process writing a report every 10 s per node (staggered),
 50 EnergyPolicies over 10 namespaces governing 400 one-GPU pods.
 
-For each size, a fresh operator runs a warm-up, then a measured window, reporting:
+For each size a fresh operator starts (how long until its first decision is reported: kopf
+lists and indexes every object first), warms up, then runs a measured window, reporting:
   - decision lag: a report's status write -> the operator's policy status write carrying the
     decision made on that report (matched by the report's time, which the optimizer keeps),
     p50 and p99;
@@ -106,6 +107,7 @@ def measure(
     warmup: float,
     seconds: float,
     operator_args: list[str],
+    startup_timeout: float,
 ) -> dict[str, Any]:
     procs = Processes(logs=cp.dir / f"logs-{size}")
     lag = DecisionLag(fleet.writes)
@@ -113,6 +115,9 @@ def measure(
     operator = procs.start("operator", operator_command(cp.kubeconfig, *operator_args))
     probe = ProcessProbe(operator.pid, period=2.0).start()
     try:
+        # kopf first lists and indexes every pod, policy and report; the warm-up starts at the
+        # operator's first decision, and how long that took is a result of its own.
+        first_decision = lag.wait_for_first(startup_timeout)
         time.sleep(warmup)
         fleet.stats.reset()
         metrics_before, cpu_before, writes_before = (
@@ -124,7 +129,7 @@ def measure(
         time.sleep(seconds)
         elapsed = time.monotonic() - start
         metrics_after, cpu_after, writes_after = api.text("/metrics"), probe.cpu_seconds(), fleet.writes.count
-        peak = probe.memory_mb("VmHWM")
+        peak, rss_end = probe.memory_mb("VmHWM"), probe.memory_mb("VmRSS")
         lags = lag.between(start_wall, start_wall + elapsed)
         rates = request_rates(
             parse_request_totals(metrics_before), parse_request_totals(metrics_after), elapsed
@@ -144,6 +149,8 @@ def measure(
         "decision_lags_unmatched": lag.unmatched,
         "operator_cpu_cores": (cpu_after - cpu_before) / elapsed,
         "operator_peak_rss_mb": peak,
+        "operator_rss_mb_at_end": rss_end,
+        "operator_first_decision_s": first_decision,
         "reports_per_second": (writes_after - writes_before) / elapsed,
         "report_write_errors": fleet.writes.errors,
         "harness_tick_lateness_s": summary(fleet.stats.lateness),
@@ -173,6 +180,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--report-interval", type=float, default=10.0)
     p.add_argument("--warmup-seconds", type=float, default=40.0)
     p.add_argument("--measure-seconds", type=float, default=60.0)
+    p.add_argument(
+        "--startup-timeout", type=float, default=240.0, help="longest wait for the operator's first decision"
+    )
     p.add_argument("--operator-arg", action="append", default=[], help="extra operator flag (repeatable)")
     p.add_argument("--name", default="operator_scale", help="results file stem")
     args = p.parse_args(argv)
@@ -192,7 +202,16 @@ def main(argv: list[str]) -> int:
             fleet.stop()
             fleet.add_nodes(node_names(size))
             fleet.start()
-            row = measure(api, cp, fleet, size, args.warmup_seconds, args.measure_seconds, args.operator_arg)
+            row = measure(
+                api,
+                cp,
+                fleet,
+                size,
+                args.warmup_seconds,
+                args.measure_seconds,
+                args.operator_arg,
+                args.startup_timeout,
+            )
             row["node_setup_seconds"] = setup
             result["sizes"].append(row)
             print(
@@ -247,6 +266,14 @@ def render(r: dict[str, Any]) -> str:
         line("decisions measured", [str(s["decision_lag_s"]["count"]) for s in rows]),
         line("operator CPU (cores)", [_f(s["operator_cpu_cores"]) for s in rows]),
         line("operator peak RSS (MB)", [_f(s["operator_peak_rss_mb"], ".0f") for s in rows]),
+        line("operator RSS at the end (MB)", [_f(s["operator_rss_mb_at_end"], ".0f") for s in rows]),
+        line(
+            "operator start to first decision (s)",
+            [
+                _f(s["operator_first_decision_s"], ".0f") if s["operator_first_decision_s"] else "none"
+                for s in rows
+            ],
+        ),
         line(
             "CPU vs first size",
             [_f(s["operator_cpu_cores"] / max(first["operator_cpu_cores"], 1e-9), ".1f") + "x" for s in rows],

@@ -27,7 +27,16 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from edpilot.budget import Allocation, Curve, GpuDemand, allocate, budget_status, committed_by
+from edpilot.budget import (
+    PRIOR_EXPONENT,
+    Allocation,
+    Curve,
+    GpuDemand,
+    allocate,
+    budget_status,
+    committed_by,
+    concave_hull,
+)
 from edpilot.models import (
     ANNOTATION_POLICY,
     ANNOTATION_POWER_CAP,
@@ -49,6 +58,8 @@ HYSTERESIS_MIN_WATTS: Final = 10.0
 # A GPU drawing less than this share of its cap runs as it would under a cap at its draw: one more
 # point of its curve for free. Closer to the cap, the draw is the cap at work.
 DRAW_BELOW_CAP: Final = 0.97
+# Spacing of the prior's points below the lowest measured cap.
+CURVE_STEP_WATTS: Final = 20.0
 
 
 @dataclass(frozen=True)
@@ -95,14 +106,30 @@ def probe_points(policy_status: Mapping[str, Any]) -> dict[str, tuple[ProbePoint
     return points
 
 
-def gpu_curve(points: Iterable[ProbePoint], baseline_cap: float) -> Curve:
-    """(cap, units/s) points of one GPU, its draw counted as a cap where it drew well below one."""
+def gpu_curve(points: Iterable[ProbePoint], baseline_cap: float, floor: float) -> Curve:
+    """(cap, units/s) points of one GPU, its draw counted as a cap where it drew well below one.
+
+    The optimizer probes near its own optimum, seldom down to the policy's floor. A straight chord
+    from the lowest probe down to the floor makes GPUs with similar work look exactly alike over that
+    whole stretch, and water-filling then fills one GPU's stretch before starting the next: some
+    GPUs starved, others spared. Below the lowest measured point the curve follows a power law
+    (throughput ~ cap^k, concave) down from that point instead: k is the prior's exponent, or more
+    where the measured curve rises faster just above, so the curve stays concave there."""
     curve: list[tuple[float, float]] = []
     for p in points:
         cap = p.cap_watts if p.cap_watts is not None else baseline_cap
         curve.append((cap, p.units_per_second))
         if p.draw_watts is not None and 0 < p.draw_watts < DRAW_BELOW_CAP * cap:
             curve.append((p.draw_watts, p.units_per_second))
+    hull = concave_hull(curve)
+    if not hull or hull[0][1] <= 0 or floor >= hull[0][0]:
+        return tuple(sorted(curve))
+    (c0, u0), rest = hull[0], hull[1:]
+    rise = (rest[0][1] - u0) / (rest[0][0] - c0) if rest else 0.0
+    k = min(1.0, max(PRIOR_EXPONENT, rise * c0 / u0))
+    n = math.ceil((c0 - floor) / CURVE_STEP_WATTS)
+    caps = (floor + (c0 - floor) * i / n for i in range(n))
+    curve.extend((c, u0 * (c / c0) ** k) for c in caps)
     return tuple(sorted(curve))
 
 
@@ -165,7 +192,7 @@ def gpu_demand(
             uuid=gpu.uuid,
             lo=bounds.lo,
             hi=hi,
-            curve=gpu_curve(points, bounds.baseline),
+            curve=gpu_curve(points, bounds.baseline, bounds.lo),
             max_slowdown_percent=policy.maxSlowdownPercent,
             reference_cap=bounds.baseline,
         )

@@ -101,7 +101,12 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         settings.persistence.finalizer = f"{GROUP}/finalizer"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PROGRESS_PREFIX)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=PROGRESS_PREFIX, key="last-handled-configuration"
+            prefix=PROGRESS_PREFIX,
+            key="last-handled-configuration",
+            # No handler reacts to spec changes (timers read the spec afresh). A copy of a spec
+            # the API accepts (a 32x64 selector: 420 KiB) can exceed the 256 KiB annotations
+            # limit, and kopf then could not even remove its finalizer from a deleted policy.
+            ignored_fields=["spec"],
         )
         settings.posting.level = logging.INFO
         settings.watching.server_timeout = 300

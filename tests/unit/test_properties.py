@@ -65,17 +65,13 @@ ACCURACY: dict[Profile, float] = {"bf16": 1.0, "fp16": 0.999, "fp8": 0.995, "int
 GOOD = "good"
 BAD = ("nan", "inf", "negative", "energy-reset", "work-backwards", "huge-energy", "inconsistent-config")
 QUIET = ("same-time", "silent-work", "clock-stepped-back")  # no window, or no work: never a decision
-EVENTS = st.lists(
-    st.one_of(
-        st.just(GOOD),
-        st.just(GOOD),
-        st.just(GOOD),
-        st.sampled_from(BAD),
-        st.sampled_from(QUIET),
-        st.just("ignore-hints"),
-    ),
-    min_size=8,
-    max_size=40,
+EVENT = st.one_of(
+    st.just(GOOD),
+    st.just(GOOD),
+    st.just(GOOD),
+    st.sampled_from(BAD),
+    st.sampled_from(QUIET),
+    st.just("ignore-hints"),
 )
 
 # ---------------------------------------------------------------- strategies
@@ -99,10 +95,10 @@ def constraints(draw: st.DrawFn) -> tuple[float, float, float] | None:
 @st.composite
 def policies(draw: st.DrawFn) -> EnergyPolicySpec:
     mode = draw(st.sampled_from(["Auto", "Auto", "Auto", "Fixed", "Off"]))
-    p_lo, p_hi = sorted(draw(st.lists(st.floats(10, 100), min_size=2, max_size=2)))
-    w_lo, w_hi = sorted(draw(st.lists(st.floats(1, 1000), min_size=2, max_size=2)))
+    p_lo, p_hi = sorted((draw(st.floats(10, 100)), draw(st.floats(10, 100))))
+    w_lo, w_hi = sorted((draw(st.floats(1, 1000)), draw(st.floats(1, 1000))))
     watts = draw(st.booleans())
-    b_lo, b_hi = sorted(draw(st.lists(st.integers(1, 512), min_size=2, max_size=2)))
+    b_lo, b_hi = sorted((draw(st.integers(1, 512)), draw(st.integers(1, 512))))
     quantize = draw(st.booleans())
     return EnergyPolicySpec(
         selector=LabelSelector(),
@@ -317,29 +313,34 @@ def decided(state: OptimizerState) -> dict[str, Any]:
 # ---------------------------------------------------------------- the properties
 
 
-@settings(max_examples=5_000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=6_000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     policy=policies(),
     info=jobs(),
-    events=EVENTS,
-    restores=st.lists(st.booleans(), min_size=40, max_size=40),
+    events=st.lists(EVENT, min_size=8, max_size=32),
     seed=st.integers(0, 2**16),
 )
 def test_streams_stay_in_bounds_ignore_bad_data_and_survive_a_restore(
-    policy: EnergyPolicySpec, info: WorkloadInfo, events: list[str], restores: list[bool], seed: int
+    policy: EnergyPolicySpec, info: WorkloadInfo, events: list[str], seed: int
 ) -> None:
     """Through a whole stream: every cap within its bounds, no bad or quiet report moves what the
     optimizer decided or measured, and an optimizer restored from its stored JSON at any report
     decides exactly as the one that never stopped."""
     job = Job(info, random.Random(seed))
+    restart = random.Random(~seed)  # which reports the second operator restarts at
     kept: OptimizerState | None = None  # the operator that never restarts
     restored: OptimizerState | None = None  # the one that reads its state back at random reports
-    for event, restore in zip(events, restores, strict=False):
+    for event in events:
         obs = tick(job, event)
         now = job.time
         d = step(policy, info, kept, obs, now, TUNING)
         again = step(
-            policy, info, roundtrip(restored) if restored and restore else restored, obs, now, TUNING
+            policy,
+            info,
+            roundtrip(restored) if restored and restart.random() < 0.3 else restored,
+            obs,
+            now,
+            TUNING,
         )
         assert again.model_dump_json(exclude={"reasons", "events"}) == d.model_dump_json(
             exclude={"reasons", "events"}
@@ -418,8 +419,14 @@ def applied_cap(m: MemberInfo, annotation: str | None) -> float | None:
     return min(max(float(annotation), m.minWatts), m.maxWatts)
 
 
-@settings(max_examples=5_000, deadline=None, suppress_health_check=list(HealthCheck))
-@given(policy=policies(), info=jobs(), events=EVENTS, seed=st.integers(0, 2**16), lost=st.integers(0, 40))
+@settings(max_examples=4_000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    policy=policies(),
+    info=jobs(),
+    events=st.lists(EVENT, min_size=8, max_size=24),
+    seed=st.integers(0, 2**16),
+    lost=st.integers(0, 24),
+)
 def test_reconcile_through_reports_never_raises_and_writes_only_bounded_caps(
     policy: EnergyPolicySpec, info: WorkloadInfo, events: list[str], seed: int, lost: int
 ) -> None:
