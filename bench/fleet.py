@@ -268,6 +268,7 @@ class Api:
 
 
 EventHandler = Callable[[str, dict[str, Any], float], None]
+WATCH_SECONDS = 300
 
 
 class Watcher:
@@ -291,6 +292,7 @@ class Watcher:
         self.stopped = threading.Event()
         self.events = 0
         self.relists = 0
+        self.cut_off = 0
         self.thread = threading.Thread(target=self._run, name=f"watch {path}", daemon=True)
 
     def start(self) -> Watcher:
@@ -324,23 +326,31 @@ class Watcher:
             for obj in fresh.values():
                 self.on_event("LISTED", obj, now)
         version = listed["metadata"]["resourceVersion"]
-        for event in self.api.watch(self.path, version):
-            if self.stopped.is_set():
+        # A watch that ends on its own time resumes from the last version seen; one that ends
+        # early was cut off (the API server drops watchers that fall behind) and relists.
+        while not self.stopped.is_set():
+            opened = time.monotonic()
+            for event in self.api.watch(self.path, version, WATCH_SECONDS):
+                if self.stopped.is_set():
+                    return
+                kind, obj = event["type"], event["object"]
+                if kind == "ERROR":
+                    return  # 410 Gone and friends: relist
+                version = obj.get("metadata", {}).get("resourceVersion", version)
+                if kind == "BOOKMARK":
+                    continue
+                received = time.time()
+                self.events += 1
+                with self.lock:
+                    if kind == "DELETED":
+                        self.items.pop(self.key(obj), None)
+                    else:
+                        self.items[self.key(obj)] = obj
+                if self.on_event is not None:
+                    self.on_event(kind, obj, received)
+            if time.monotonic() - opened < WATCH_SECONDS - 5:
+                self.cut_off += 1
                 return
-            kind, obj = event["type"], event["object"]
-            if kind == "ERROR":
-                return  # 410 Gone and friends: relist
-            if kind == "BOOKMARK":
-                continue
-            received = time.time()
-            self.events += 1
-            with self.lock:
-                if kind == "DELETED":
-                    self.items.pop(self.key(obj), None)
-                else:
-                    self.items[self.key(obj)] = obj
-            if self.on_event is not None:
-                self.on_event(kind, obj, received)
 
 
 def object_key(obj: Mapping[str, Any]) -> str:
@@ -613,7 +623,7 @@ class ControlPlane:
             raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stderr.strip()[-2000:]}")
         return proc.stdout
 
-    def grow(self, api: Api, total: int, batch: int = 250, timeout: float = 300) -> float:
+    def grow(self, api: Api, total: int, batch: int = 250, timeout: float = 180) -> float:
         """Add KWOK GPU nodes (hack/gpu-nodes.sh) up to `total` and wait until they are Ready.
         Returns the seconds it took."""
         started = time.monotonic()
@@ -624,14 +634,13 @@ class ControlPlane:
         for i in range(0, len(docs), batch):
             self.kubectl("create", "-f", "-", input="---\n".join(docs[i : i + batch]))
         self.nodes = total
-        # KWOK sometimes leaves a node or two NotReady at thousands of nodes: after a grace
-        # period, 99% Ready is enough (each result reports how many were Ready).
+        # On a busy machine KWOK leaves some nodes NotReady at thousands of nodes (its heartbeats
+        # fall behind): after a grace period 99% Ready is enough, and after `timeout` whatever is
+        # Ready. Each result reports how many nodes were Ready.
         deadline, grace = time.monotonic() + timeout, time.monotonic() + 60
-        while (ready := ready_nodes(api)) < total:
+        while (ready := ready_nodes(api)) < total and time.monotonic() < deadline:
             if ready >= 0.99 * total and time.monotonic() > grace:
                 break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {ready} of {total} nodes Ready after {timeout:.0f} s")
             time.sleep(2)
         return time.monotonic() - started
 

@@ -156,6 +156,11 @@ def measure(
         "harness_tick_lateness_s": summary(fleet.stats.lateness),
         "nodes_ready": ready_nodes(api),
         "apiserver_terminated_watchers": terminated_watchers(metrics_before, metrics_after),
+        "bench_watches_cut_off": {
+            "energypolicies": watcher.cut_off,
+            "gpunodereports": fleet.reports.cut_off,
+            "pods": fleet.pods.watcher.cut_off,
+        },
         "requests_per_second": [
             {
                 "verb": v,
@@ -195,23 +200,29 @@ def main(argv: list[str]) -> int:
         api = Api(cp.kubeconfig)
         fleet = Fleet(api, interval=args.report_interval)
         for i, size in enumerate(sizes):
-            setup = cp.grow(api, size)
-            if i == 0:
-                setup_workloads(api, args.policies, args.pods, args.namespaces, node_names(min(size, 100)))
-                fleet.start_watches()
-            fleet.stop()
-            fleet.add_nodes(node_names(size))
-            fleet.start()
-            row = measure(
-                api,
-                cp,
-                fleet,
-                size,
-                args.warmup_seconds,
-                args.measure_seconds,
-                args.operator_arg,
-                args.startup_timeout,
-            )
+            try:
+                setup = cp.grow(api, size)
+                if i == 0:
+                    setup_workloads(
+                        api, args.policies, args.pods, args.namespaces, node_names(min(size, 100))
+                    )
+                    fleet.start_watches()
+                fleet.stop()
+                fleet.add_nodes(node_names(size))
+                fleet.start()
+                row = measure(
+                    api,
+                    cp,
+                    fleet,
+                    size,
+                    args.warmup_seconds,
+                    args.measure_seconds,
+                    args.operator_arg,
+                    args.startup_timeout,
+                )
+            except Exception as exc:  # a size this machine cannot carry is a result too
+                result["failed"] = {"nodes": size, "error": f"{type(exc).__name__}: {exc}"[:1000]}
+                break
             row["node_setup_seconds"] = setup
             result["sizes"].append(row)
             print(
@@ -299,6 +310,8 @@ def render(r: dict[str, Any]) -> str:
         ),
         line("node setup (s)", [_f(s["node_setup_seconds"], ".0f") for s in rows]),
     ]
+    if "failed" in r:
+        lines += ["", f"The {r['failed']['nodes']}-node run did not complete: {r['failed']['error']}"]
     largest = rows[-1]
     lag99 = largest["decision_lag_s"]["p99"]
     lines += [

@@ -35,7 +35,6 @@ from edpilot.budget import (
     allocate,
     budget_status,
     committed_by,
-    concave_hull,
 )
 from edpilot.models import (
     ANNOTATION_POLICY,
@@ -58,8 +57,11 @@ HYSTERESIS_MIN_WATTS: Final = 10.0
 # A GPU drawing less than this share of its cap runs as it would under a cap at its draw: one more
 # point of its curve for free. Closer to the cap, the draw is the cap at work.
 DRAW_BELOW_CAP: Final = 0.97
-# Spacing of the prior's points below the lowest measured cap.
+# Spacing of the points a fitted curve is drawn with.
 CURVE_STEP_WATTS: Final = 20.0
+# How far a measurement counts in the fit at another cap (Gaussian width): wide enough to average
+# the search's closely spaced probes, narrow enough to follow the curve's knee.
+FIT_BANDWIDTH_WATTS: Final = 100.0
 
 
 @dataclass(frozen=True)
@@ -107,30 +109,59 @@ def probe_points(policy_status: Mapping[str, Any]) -> dict[str, tuple[ProbePoint
 
 
 def gpu_curve(points: Iterable[ProbePoint], baseline_cap: float, floor: float) -> Curve:
-    """(cap, units/s) points of one GPU, its draw counted as a cap where it drew well below one.
+    """(cap, units/s) of one GPU: what was measured, smoothed, drawn down to `floor`.
 
-    The optimizer probes near its own optimum, seldom down to the policy's floor. A straight chord
-    from the lowest probe down to the floor makes GPUs with similar work look exactly alike over that
-    whole stretch, and water-filling then fills one GPU's stretch before starting the next: some
-    GPUs starved, others spared. Below the lowest measured point the curve follows a power law
-    (throughput ~ cap^k, concave) down from that point instead: k is the prior's exponent, or more
-    where the measured curve rises faster just above, so the curve stays concave there."""
-    curve: list[tuple[float, float]] = []
+    Its draw counts as a cap where it drew well below one. The curve is fitted, not interpolated:
+    the search's last probes sit a few watts apart, where measurement noise alone makes the slopes
+    between neighbours anything, and water-filling follows slopes. At each cap it is a power law
+    fitted to the points near it (weighted by distance, `FIT_BANDWIDTH_WATTS`), which follows the
+    knee of a curve where one power law for the whole curve would not. Below the lowest measured
+    cap, where the optimizer seldom probes, the curve goes on down with the prior's exponent or the
+    fitted one, whichever is steeper: concave, so GPUs with similar work share a cut instead of
+    some being starved to their floor while others are spared."""
+    measured: list[tuple[float, float]] = []
     for p in points:
         cap = p.cap_watts if p.cap_watts is not None else baseline_cap
-        curve.append((cap, p.units_per_second))
+        measured.append((cap, p.units_per_second))
         if p.draw_watts is not None and 0 < p.draw_watts < DRAW_BELOW_CAP * cap:
-            curve.append((p.draw_watts, p.units_per_second))
-    hull = concave_hull(curve)
-    if not hull or hull[0][1] <= 0 or floor >= hull[0][0]:
-        return tuple(sorted(curve))
-    (c0, u0), rest = hull[0], hull[1:]
-    rise = (rest[0][1] - u0) / (rest[0][0] - c0) if rest else 0.0
-    k = min(1.0, max(PRIOR_EXPONENT, rise * c0 / u0))
-    n = math.ceil((c0 - floor) / CURVE_STEP_WATTS)
-    caps = (floor + (c0 - floor) * i / n for i in range(n))
-    curve.extend((c, u0 * (c / c0) ** k) for c in caps)
+            measured.append((p.draw_watts, p.units_per_second))
+    usable = [(c, u) for c, u in measured if c > 0 and u > 0 and math.isfinite(c) and math.isfinite(u)]
+    if not usable:
+        return ()
+    lowest, highest = min(c for c, _ in usable), max(c for c, _ in usable)
+    curve = []
+    for c in _grid(lowest, highest):
+        k, scale = _power_law_fit(usable, c)
+        curve.append((c, scale * c**k))
+    k, scale = _power_law_fit(usable, lowest)
+    below, at_lowest = max(k, PRIOR_EXPONENT), scale * lowest**k
+    curve += [(c, at_lowest * (c / lowest) ** below) for c in _grid(floor, lowest) if c < lowest]
     return tuple(sorted(curve))
+
+
+def _power_law_fit(points: Sequence[tuple[float, float]], at: float) -> tuple[float, float]:
+    """(k, scale) of units/s = scale * cap^k near `at`: least squares in log-log, points weighted by
+    their distance in watts, k within [0, 1]; with one cap measured, the prior's exponent."""
+    ws = [math.exp(-(((c - at) / FIT_BANDWIDTH_WATTS) ** 2)) + 1e-6 for c, _ in points]
+    xs = [math.log(c) for c, _ in points]
+    ys = [math.log(u) for _, u in points]
+    total = sum(ws)
+    mean_x = sum(w * x for w, x in zip(ws, xs, strict=True)) / total
+    mean_y = sum(w * y for w, y in zip(ws, ys, strict=True)) / total
+    spread = sum(w * (x - mean_x) ** 2 for w, x in zip(ws, xs, strict=True))
+    if spread < 1e-9 * total:
+        k = PRIOR_EXPONENT
+    else:
+        k = sum(w * (x - mean_x) * (y - mean_y) for w, x, y in zip(ws, xs, ys, strict=True)) / spread
+        k = min(1.0, max(0.0, k))
+    return k, math.exp(mean_y - k * mean_x)
+
+
+def _grid(start: float, stop: float) -> list[float]:
+    if stop <= start:
+        return [stop]
+    n = math.ceil((stop - start) / CURVE_STEP_WATTS)
+    return [start + (stop - start) * i / n for i in range(n + 1)]
 
 
 def selected_nodes(spec: PowerBudgetSpec, node_labels: Mapping[str, Mapping[str, str]]) -> list[str]:

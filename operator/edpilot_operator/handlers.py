@@ -24,7 +24,7 @@ from edpilot.models import (
 )
 from edpilot.optimizer import DEFAULT_TUNING, Tuning
 
-from . import budgets, services
+from . import budgets, metrics, services
 from .kube import Kube, load_client
 from .reports import ReportTiming, desired_spec
 from .selection import PodInfo, PolicyRef, governed_by, gpu_request, pod_info
@@ -189,6 +189,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             pod_ns, pod_name = pod_key.split("/", 1)
             await kube.patch_pod_annotations(pod_ns, pod_name, pod_patch)
         patch.status.update(outcome.status)
+        metrics.publish_policy_status(namespace, name, outcome.status)
         for event in outcome.events:
             target: Any = _pod_ref(event.pod, pods) if event.pod else body
             if target is not None:
@@ -290,7 +291,13 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
                 budget.maxWatts,
                 caps,
             )
-        patch.status.update(new.model_dump(mode="json", exclude_none=True))
+        status_body = new.model_dump(mode="json", exclude_none=True)
+        patch.status.update(status_body)
+        metrics.publish_budget_status(name, budget.maxWatts, status_body)
+
+    @kopf.on.delete(*BUDGETS, id="forget_budget", optional=True, registry=registry)
+    def forget_budget(name: str, **_: Any) -> None:
+        metrics.forget_budget(name)
 
     @kopf.on.delete(*POLICIES, id="release_policy", registry=registry)
     async def release_policy(
@@ -334,6 +341,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
                 budget_caps=budgets.lowest_caps(budget_caps_by_node.get(node, [])),
             )
             await kube.patch_report_spec(node, desired.model_dump(mode="json", exclude_none=True))
+        metrics.forget_policy(namespace, name)
         logger.info("EnergyPolicy %s/%s released %d pods", namespace, name, len(released))
 
 

@@ -69,10 +69,11 @@ class SimWork:
     batch: int
 
     def rate(self, cap: float) -> float:
-        profile = PROFILES[self.kind]()
-        return gpusim.operating_point(
-            gpusim.H100_SXM, profile, self.batch, self.precision, cap
-        ).units_per_second
+        """What the simulated pod does at this cap: a one-GPU synchronous step, as the sim agent runs it."""
+        step = gpusim.job_step(
+            gpusim.H100_SXM, PROFILES[self.kind](), self.precision, [self.batch], [cap], batch_size=self.batch
+        )
+        return step.units_per_second
 
 
 # Three compute-bound pods whose curves differ a little, and one memory-bound pod whose watts
@@ -287,12 +288,17 @@ def test_a_shrunk_budget_holds_within_two_report_intervals(converged: Cluster) -
     # The policy's own choice is untouched: the budget only bounds what the agents are asked for.
     assert chosen_caps(cluster) == chosen
 
-    # Throughput lost against the water-filling optimum, both on gpusim's true curves.
+    # Throughput lost against the water-filling optimum, both on gpusim's true curves, with the
+    # watts the operator had (one status: its allocations and what it reserved for the rest).
     available = max_watts - reserved
+    by_gpu = {g.uuid: g for g in gpus}
+    shares = {by_gpu[u].pods[0].split("/", 1)[1]: w for u, w in allocated.items()}
     before = sum(WORK[n].rate(chosen[n]) / WORK[n].rate(700) for n in WORK)
-    ours = sum(WORK[n].rate(caps[n]) / WORK[n].rate(700) for n in WORK)
+    ours = sum(WORK[n].rate(shares[n]) / WORK[n].rate(700) for n in WORK)
     lost_ours, lost_best = before - ours, optimum_lost(chosen, available)
-    print(f"caps {caps} (chosen {chosen}); lost {lost_ours:.4f} vs optimum {lost_best:.4f} GPU-equivalents")
+    print(
+        f"shares {shares} (chosen {chosen}); lost {lost_ours:.4f} vs optimum {lost_best:.4f} GPU-equivalents"
+    )
     measured = {
         row["name"]: sorted(
             (

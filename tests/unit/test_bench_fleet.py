@@ -79,8 +79,8 @@ class ListsOnce:
     def ok(self, method: str, path: str) -> dict[str, Any]:
         return {"items": self.lists.pop(0), "metadata": {"resourceVersion": "1"}}
 
-    def watch(self, path: str, version: str) -> list[dict[str, Any]]:
-        return []
+    def watch(self, path: str, version: str, timeout_seconds: int) -> list[dict[str, Any]]:
+        return []  # ends at once: as if the API server cut the watch off
 
 
 def test_a_relist_reports_objects_deleted_while_the_watch_was_down() -> None:
@@ -97,6 +97,7 @@ def test_a_relist_reports_objects_deleted_while_the_watch_was_down() -> None:
     watcher._list_and_watch()
     assert events == [("LISTED", "a"), ("LISTED", "b"), ("DELETED", "a"), ("LISTED", "b")]
     assert list(watcher.items) == ["b"]
+    assert watcher.cut_off == 2
 
 
 def test_request_rates_divide_the_growth_and_drop_idle_kinds() -> None:
