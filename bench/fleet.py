@@ -184,8 +184,18 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
         "edpilot": edpilot.__version__,
+        "commit": _commit(),
         "load_average_at_start": list(os.getloadavg()),
     }
+
+
+def _commit() -> str:
+    """The checkout's commit, marked dirty when files differ from it (benches run on work in progress)."""
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True)
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 # ---------------------------------------------------------------- the API server, lean

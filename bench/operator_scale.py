@@ -263,7 +263,7 @@ def render(r: dict[str, Any]) -> str:
         "",
         f"{r['date']}, {r['machine']}, {r['cpus']} CPUs shared with the control plane, KWOK, the simulated "
         f"agents and other work (load average at start {r['load_average_at_start'][0]:.2f}), Python "
-        f"{r['python']}, edpilot {r['edpilot']}. Produced by `python -m bench.operator_scale` in "
+        f"{r['python']}, edpilot {r['edpilot']} ({r.get('commit', '?')}). Produced by `python -m bench.operator_scale` in "
         f"{r['total_seconds'] / 60:.1f} min. Agents: real `NodeAgent`s with the simulated backend in one "
         "process; one shared pod watch and one report watch feed every node's view and writes share one "
         f"connection pool. Each node reports every {interval:.0f} s, staggered. Operator flags: "

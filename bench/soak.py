@@ -333,7 +333,7 @@ def render(r: dict[str, Any]) -> str:
         f"# Soak: {r['nodes']} KWOK GPU nodes, policy churn for {r['churn_minutes']:.1f} min",
         "",
         f"{r['date']}, {r['machine']}, {r['cpus']} CPUs (shared with other work; load average at start "
-        f"{r['load_average_at_start'][0]:.2f}), Python {r['python']}, edpilot {r['edpilot']}. "
+        f"{r['load_average_at_start'][0]:.2f}), Python {r['python']}, edpilot {r['edpilot']} ({r.get('commit', '?')}). "
         "Produced by `python -m bench.soak`. Simulated agents run in one process (one shared pod watch "
         "and one report watch feed every node's agent; writes share one connection pool), reporting "
         f"every {r['args']['report_interval']:.0f} s, staggered.",

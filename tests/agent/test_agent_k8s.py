@@ -216,10 +216,15 @@ def test_another_nodes_spec_is_never_applied_and_a_foreign_uuid_is_refused(runni
             "lease": fresh_lease(600),
         }
     )
-    report = wait_for(
-        "the refusal in the status",
-        lambda: condition(r := running.report(), "SpecApplied").get("reason") == "Refused" and r,
-    )
+
+    # Wait for this refusal itself: an earlier test's refusal may still be in the status.
+    def refused_foreign_uuid() -> dict[str, Any] | None:
+        report = running.report()
+        message = condition(report, "SpecApplied").get("message", "")
+        return report if "GPU-00000000-not-on-this-node" in message else None
+
+    report = wait_for("the refusal in the status", refused_foreign_uuid)
+    assert condition(report, "SpecApplied")["reason"] == "Refused"
     assert "GPU-00000000-not-on-this-node is not on this node" in condition(report, "SpecApplied")["message"]
     time.sleep(2)  # several ticks: nothing may change
     assert [running.limit(i) for i in range(8)] == [700] * 8
