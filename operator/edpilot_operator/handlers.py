@@ -195,9 +195,9 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             if target is not None:
                 kopf.event(target, type=event.type, reason=event.reason, message=event.message)
 
-    # The last spec written per report. With a lagging watch the timer saw its own lease renewal
-    # as missing and renewed again every run: 120 spec writes/s at 1,000 nodes instead of ~45,
-    # which kept the API server saturated (bench/operator_scale.py).
+    # The last spec written per report. While the watch lags, the timer would take its own lease
+    # renewal for missing and renew again: ~200 spec writes/s at 2,000 nodes for ~100 renewals
+    # due (bench/operator_scale.py).
     written_specs: dict[str, GPUNodeReportSpec] = {}
 
     @kopf.timer(
