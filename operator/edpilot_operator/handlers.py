@@ -195,6 +195,27 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             if target is not None:
                 kopf.event(target, type=event.type, reason=event.reason, message=event.message)
 
+    def node_spec(
+        pods: Iterable[PodInfo],
+        status: GPUNodeReportStatus | None,
+        entries: Iterable[PolicyEntry],
+        current: GPUNodeReportSpec,
+        budget_caps: Mapping[str, float],
+    ) -> GPUNodeReportSpec:
+        """A node's desired spec under the live (not deleting) policies."""
+        live = [e for e in entries if e.ref is not None and not e.deleting]
+        return desired_spec(
+            pods=pods,
+            status=status,
+            policies={e.ref.key: e.ref.spec for e in live if e.ref is not None},
+            active_pods={pod for e in live for pod in e.active_pods},
+            current=current,
+            holder=cfg.identity,
+            now=datetime.now(UTC),
+            timing=cfg.timing,
+            budget_caps=budget_caps,
+        )
+
     # The last spec written per report. While the watch lags, the timer would take its own lease
     # renewal for missing and renew again: ~200 spec writes/s at 2,000 nodes for ~100 renewals
     # due (bench/operator_scale.py).
@@ -213,21 +234,16 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         budget_caps_by_node: kopf.Index[str, dict[str, float]],
         **_: Any,
     ) -> None:
-        entries = [e for store in policies_by_namespace.values() for e in store]
         current = _report_spec(spec)
         mine = written_specs.get(name)
         if mine is not None and _renewed_after(mine, current):
             current = mine  # our last write has not come back through the watch yet
-        desired = desired_spec(
-            pods=pods_by_node.get(name, []),
-            status=_report_status(status),
-            policies={e.ref.key: e.ref.spec for e in entries if e.ref is not None and not e.deleting},
-            active_pods={pod for e in entries for pod in e.active_pods},
-            current=current,
-            holder=cfg.identity,
-            now=datetime.now(UTC),
-            timing=cfg.timing,
-            budget_caps=budgets.lowest_caps(budget_caps_by_node.get(name, [])),
+        desired = node_spec(
+            pods_by_node.get(name, []),
+            _report_status(status),
+            [e for store in policies_by_namespace.values() for e in store],
+            current,
+            budgets.lowest_caps(budget_caps_by_node.get(name, [])),
         )
         if desired != current:
             patch.spec.update(desired.model_dump(mode="json", exclude_none=True))
@@ -328,26 +344,21 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             await kube.patch_pod_annotations(pod.namespace, pod.name, dict.fromkeys(HINT_ANNOTATIONS))
         # Recompose the affected nodes' specs now rather than at the next report timer, so the
         # caps are gone by the time the finalizer lets the policy disappear.
-        entries = [
+        others = [
             e
             for store in policies_by_namespace.values()
             for e in store
-            if e.ref is not None and not e.deleting and e.ref.key != f"{namespace}/{name}"
+            if e.ref is not None and e.ref.key != f"{namespace}/{name}"
         ]
         released_keys = {p.key for p in released}
         for node in sorted({p.node for p in released}):
             store = reports_by_node.get(node)
-            remaining = [p for p in pods_by_node.get(node, []) if p.key not in released_keys]
-            desired = desired_spec(
-                pods=remaining,
-                status=next(iter(store)) if store else None,
-                policies={e.ref.key: e.ref.spec for e in entries if e.ref is not None},
-                active_pods={pod for e in entries for pod in e.active_pods},
-                current=GPUNodeReportSpec(),
-                holder=cfg.identity,
-                now=datetime.now(UTC),
-                timing=cfg.timing,
-                budget_caps=budgets.lowest_caps(budget_caps_by_node.get(node, [])),
+            desired = node_spec(
+                [p for p in pods_by_node.get(node, []) if p.key not in released_keys],
+                next(iter(store)) if store else None,
+                others,
+                GPUNodeReportSpec(),
+                budgets.lowest_caps(budget_caps_by_node.get(node, [])),
             )
             await kube.patch_report_spec(node, desired.model_dump(mode="json", exclude_none=True))
         metrics.forget_policy(namespace, name)
