@@ -54,6 +54,9 @@ class GpuPrior:
     max_limit_watts: float
     relative_joules_per_unit: float  # energy per unit of compute-bound work; H100 SXM = 1.0
     source: str
+    # (power limit W, units/s relative to the default limit) of compute-bound work: the shape of the
+    # model's clock-power curve, knee included. Empty for spec-sheet priors.
+    compute_curve: tuple[tuple[float, float], ...] = ()
 
 
 def model_key(model: str) -> str:
@@ -73,19 +76,29 @@ _SPEC_SHEET: Final[Mapping[str, tuple[float, float, float]]] = {
     "L4": (72.0, 40.0, 121.0),
 }
 _H100_SXM_WATTS_PER_TFLOPS: Final = 700.0 / 989.0
+COMPUTE_CURVE_STEP_WATTS: Final = 10.0
 
 
 @cache
 def _gpusim_priors() -> dict[str, GpuPrior]:
     """Priors for the simulated models: J per large bf16 GEMM at the default limit, relative to the
-    H100 SXM. The H100 figure is fitted to the team's probe (data/h100_probe.json); the A100's is
-    gpusim's spec-sheet prior."""
+    H100 SXM, and the GEMM's throughput over the power limit. The H100 figures are fitted to the
+    team's probe (data/h100_probe.json); the A100's are gpusim's spec-sheet prior."""
     reference = gpusim.gemm()
 
     def joules(spec: gpusim.GpuSpec) -> float:
         return gpusim.operating_point(
             spec, reference, 1, "bf16", spec.default_power_limit_watts
         ).joules_per_unit
+
+    def compute_curve(spec: gpusim.GpuSpec) -> tuple[tuple[float, float], ...]:
+        def rate(cap: float) -> float:
+            return gpusim.operating_point(spec, reference, 1, "bf16", cap).units_per_second
+
+        lo, hi = spec.min_power_limit_watts, spec.max_power_limit_watts
+        steps = max(1, round((hi - lo) / COMPUTE_CURVE_STEP_WATTS))
+        top = rate(spec.default_power_limit_watts)
+        return tuple((c, rate(c) / top) for c in (lo + (hi - lo) * i / steps for i in range(steps + 1)))
 
     h100 = joules(gpusim.H100_SXM)
     return {
@@ -95,6 +108,7 @@ def _gpusim_priors() -> dict[str, GpuPrior]:
             max_limit_watts=spec.max_power_limit_watts,
             relative_joules_per_unit=joules(spec) / h100,
             source=spec.source,
+            compute_curve=compute_curve(spec),
         )
         for spec in gpusim.GPU_MODELS.values()
     }

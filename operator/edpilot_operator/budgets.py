@@ -13,8 +13,9 @@ Three things keep the sum within the budget while caps move, not only once they 
 - a cap only rises into watts no GPU commits now; GPUs that must come down do so first, and the
   ones waiting get their rise at the next reconcile, once the others' lower limits are reported;
 - the caps stay where they are while they still fit and the new allocation would move less than
-  `HYSTERESIS_FRACTION` of the budget in all (at least `HYSTERESIS_MIN_WATTS`): the idle GPUs' gauge
-  noise alone moves that much, and it is not worth rewriting node specs at every reconcile.
+  `HYSTERESIS_FRACTION` of the budget in all (at least `HYSTERESIS_MIN_WATTS`): it is not worth
+  rewriting node specs at every reconcile for that. What is reserved for idle GPUs stays put while
+  their draws move within gauge noise, so that noise moves neither the caps nor the watts to share.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from edpilot.budget import (
     allocate,
     budget_status,
     committed_by,
+    throughput_at,
 )
 from edpilot.models import (
     ANNOTATION_POLICY,
@@ -47,6 +49,7 @@ from edpilot.models import (
     PowerBudgetStatus,
 )
 from edpilot.optimizer import MemberInfo, OptimizerState, cap_bounds
+from edpilot.placement import prior_for
 
 from .reports import parse_cap
 from .selection import PodInfo
@@ -108,53 +111,69 @@ def probe_points(policy_status: Mapping[str, Any]) -> dict[str, tuple[ProbePoint
     return points
 
 
-def gpu_curve(points: Iterable[ProbePoint], baseline_cap: float, floor: float) -> Curve:
+def gpu_curve(points: Iterable[ProbePoint], baseline_cap: float, floor: float, shape: Curve = ()) -> Curve:
     """(cap, units/s) of one GPU: what was measured, smoothed, drawn down to `floor`.
 
-    Its draw counts as a cap where it drew well below one. The curve is fitted, not interpolated:
+    Its draw counts as its cap where it drew well below the cap. The curve is fitted, not interpolated:
     the search's last probes sit a few watts apart, where measurement noise alone makes the slopes
-    between neighbours anything, and water-filling follows slopes. At each cap it is a power law
-    fitted to the points near it (weighted by distance, `FIT_BANDWIDTH_WATTS`), which follows the
-    knee of a curve where one power law for the whole curve would not. Below the lowest measured
-    cap, where the optimizer seldom probes, the curve goes on down with the prior's exponent or the
-    fitted one, whichever is steeper: concave, so GPUs with similar work share a cut instead of
-    some being starved to their floor while others are spared."""
+    between neighbours anything, and water-filling follows slopes. At each cap it is
+    units/s = scale * shape(cap)^k, least squares in log-log over the points near it (weighted by
+    distance, `FIT_BANDWIDTH_WATTS`).
+
+    `shape` is the GPU model's compute-bound curve (`placement.GpuPrior.compute_curve`): k then
+    says how strongly this workload follows it (about 1 compute-bound, about 0 memory-bound), and
+    the model's knee carries the curve across gaps between probes and below the lowest one. A
+    power law cannot bend there, so a GPU whose probes stop above the knee would look cheaper to cut
+    than one that measured it, and would be starved. Without a model curve, shape(cap) is the cap
+    (a local power law) and below the lowest probe the exponent is the fitted one or the prior's,
+    whichever is steeper: concave, so GPUs with similar work share a cut."""
     measured: list[tuple[float, float]] = []
     for p in points:
         cap = p.cap_watts if p.cap_watts is not None else baseline_cap
-        measured.append((cap, p.units_per_second))
         if p.draw_watts is not None and 0 < p.draw_watts < DRAW_BELOW_CAP * cap:
-            measured.append((p.draw_watts, p.units_per_second))
+            cap = p.draw_watts  # the caps above it are the flat end of the curve, no slope evidence
+        measured.append((cap, p.units_per_second))
     usable = [(c, u) for c, u in measured if c > 0 and u > 0 and math.isfinite(c) and math.isfinite(u)]
     if not usable:
         return ()
+
+    def along(cap: float) -> float:
+        return throughput_at(shape, cap) if shape else cap
+
+    prior = 1.0 if shape else PRIOR_EXPONENT
+    logged = [(c, math.log(along(c)), math.log(u)) for c, u in usable]
     lowest, highest = min(c for c, _ in usable), max(c for c, _ in usable)
     curve = []
     for c in _grid(lowest, highest):
-        k, scale = _power_law_fit(usable, c)
-        curve.append((c, scale * c**k))
-    k, scale = _power_law_fit(usable, lowest)
-    below, at_lowest = max(k, PRIOR_EXPONENT), scale * lowest**k
-    curve += [(c, at_lowest * (c / lowest) ** below) for c in _grid(floor, lowest) if c < lowest]
+        k, log_scale = _log_log_fit(logged, c, prior)
+        curve.append((c, math.exp(log_scale) * along(c) ** k))
+    k, log_scale = _log_log_fit(logged, lowest, prior)
+    below = k if shape else max(k, PRIOR_EXPONENT)
+    at_lowest = math.exp(log_scale) * along(lowest) ** k
+    curve += [
+        (c, at_lowest * (along(c) / along(lowest)) ** below) for c in _grid(floor, lowest) if c < lowest
+    ]
     return tuple(sorted(curve))
 
 
-def _power_law_fit(points: Sequence[tuple[float, float]], at: float) -> tuple[float, float]:
-    """(k, scale) of units/s = scale * cap^k near `at`: least squares in log-log, points weighted by
-    their distance in watts, k within [0, 1]; with one cap measured, the prior's exponent."""
-    ws = [math.exp(-(((c - at) / FIT_BANDWIDTH_WATTS) ** 2)) + 1e-6 for c, _ in points]
-    xs = [math.log(c) for c, _ in points]
-    ys = [math.log(u) for _, u in points]
+def _log_log_fit(
+    points: Sequence[tuple[float, float, float]], at: float, prior: float
+) -> tuple[float, float]:
+    """(k, log scale) of log units/s = log scale + k * x over (cap, x, log units/s) points, weighted
+    by their distance in watts from `at`, k within [0, 1]; with one cap measured, the prior's k."""
+    ws = [math.exp(-(((c - at) / FIT_BANDWIDTH_WATTS) ** 2)) + 1e-6 for c, _, _ in points]
+    xs = [x for _, x, _ in points]
+    ys = [y for _, _, y in points]
     total = sum(ws)
     mean_x = sum(w * x for w, x in zip(ws, xs, strict=True)) / total
     mean_y = sum(w * y for w, y in zip(ws, ys, strict=True)) / total
     spread = sum(w * (x - mean_x) ** 2 for w, x in zip(ws, xs, strict=True))
     if spread < 1e-9 * total:
-        k = PRIOR_EXPONENT
+        k = prior
     else:
         k = sum(w * (x - mean_x) * (y - mean_y) for w, x, y in zip(ws, xs, ys, strict=True)) / spread
         k = min(1.0, max(0.0, k))
-    return k, math.exp(mean_y - k * mean_x)
+    return k, mean_y - k * mean_x
 
 
 def _grid(start: float, stop: float) -> list[float]:
@@ -223,11 +242,16 @@ def gpu_demand(
             uuid=gpu.uuid,
             lo=bounds.lo,
             hi=hi,
-            curve=gpu_curve(points, bounds.baseline, bounds.lo),
+            curve=gpu_curve(points, bounds.baseline, bounds.lo, _compute_curve(gpu.model)),
             max_slowdown_percent=policy.maxSlowdownPercent,
             reference_cap=bounds.baseline,
         )
     return None
+
+
+def _compute_curve(model: str) -> Curve:
+    prior = prior_for(model)
+    return prior.compute_curve if prior is not None else ()
 
 
 def reconcile_budget(
@@ -263,7 +287,7 @@ def reconcile_budget(
         else:
             demands.append(demand)
     idle_draw = sum(g.powerWatts for g in others if not g.pods)
-    reserved = committed_by(others) + IDLE_RESERVE_FRACTION * idle_draw
+    reserved = _steady_reserve(committed_by(others) + IDLE_RESERVE_FRACTION * idle_draw, previous, idle_draw)
 
     allocation: Allocation | None = None
     if demands:
@@ -282,6 +306,17 @@ def reconcile_budget(
         for uuid, watts in sorted((allocation.caps if allocation is not None else {}).items())
     ]
     return status
+
+
+def _steady_reserve(reserved: float, previous: PowerBudgetStatus | None, idle_draw: float) -> float:
+    """The previous reconcile's reserve while the new one is within half the idle GPUs' margin of
+    it. The idle GPUs' gauge noise would otherwise move the watts left to share at every reconcile:
+    the caps would follow it, or, held by the hysteresis, leave watts unshared (at a curve's knee
+    10 W buy 2% of a GPU's throughput). Half the margin is still kept in the worst case."""
+    if previous is None or not previous.allocations:
+        return reserved
+    before = previous.allocatedWatts - sum(a.watts for a in previous.allocations)
+    return before if abs(reserved - before) <= IDLE_RESERVE_FRACTION / 2 * idle_draw else reserved
 
 
 def _steady(

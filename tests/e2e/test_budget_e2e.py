@@ -310,12 +310,11 @@ def test_a_shrunk_budget_holds_within_two_report_intervals(converged: Cluster) -
         )
         for row in policy_rows(cluster)
     }
-    # On known curves the allocation is within 5% of the optimum (tests/operator/test_budgets.py,
-    # tests/unit/test_budget.py). Here the curves are the optimizer's few noisy probes: runs have
-    # lost 1.01x to 1.27x the optimum's throughput, so this test reports the ratio rather than
-    # asserting the 5% bound it does not reliably meet; the watts are still checked above.
-    assert lost_ours > 0 and lost_best > 0, (lost_ours, lost_best, measured)
-    print(f"throughput lost vs the water-filling optimum on the true curves: {lost_ours / lost_best:.3f}x")
+    # The curves the operator allocated on are the optimizer's few noisy probes, shaped by the
+    # H100's compute-bound curve (edpilot.placement's prior) where no probe reached.
+    ratio = lost_ours / lost_best
+    print(f"throughput lost vs the water-filling optimum on the true curves: {ratio:.3f}x")
+    assert lost_best > 0 and ratio <= 1.05, (lost_ours, lost_best, measured)
 
     # Below what even the policy's floors need: every GPU at its floor, and the status says why.
     cluster.kubectl(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from edpilot import placement
@@ -73,6 +75,26 @@ def test_priors_put_the_h100_ahead_of_the_a100_and_know_both_spellings() -> None
     assert 1.4 < a.relative_joules_per_unit < 2.2
     assert (h.default_limit_watts, h.min_limit_watts) == (700, 200)
     assert (a.default_limit_watts, a.min_limit_watts) == (400, 100)
+
+
+def test_simulated_models_carry_their_compute_bound_cap_curve_with_its_knee() -> None:
+    h100 = placement.prior_for(H100)
+    assert h100 is not None
+    curve = h100.compute_curve
+    assert (curve[0][0], curve[-1][0]) == (200, 700)
+    assert dict(curve)[700] == pytest.approx(1.0)
+    rates = [r for _, r in curve]
+    assert rates == sorted(rates) and rates[0] < 0.6
+
+    # Log-log slope: shallow near the default limit, steep near the floor, where the voltage
+    # has nothing left to give and power falls only with the clock.
+    def slope(a: float, b: float) -> float:
+        return math.log(dict(curve)[b] / dict(curve)[a]) / math.log(b / a)
+
+    assert slope(300, 350) > 2 * slope(600, 700)
+    # Spec-sheet priors know no curve.
+    h200 = placement.prior_for("NVIDIA H200")
+    assert h200 is not None and h200.compute_curve == ()
 
 
 def test_unknown_gpu_models_get_the_worst_known_factor() -> None:
