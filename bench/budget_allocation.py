@@ -27,7 +27,7 @@ import random
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -35,7 +35,7 @@ from typing import Any, Final
 from edpilot_operator.budgets import gpu_curve, probe_points
 
 from edpilot import gpusim
-from edpilot.budget import Curve, GpuDemand, allocate
+from edpilot.budget import Curve, GpuDemand, allocate, grid_optimum
 from edpilot.models import EnergyPolicySpec, Profile
 from edpilot.optimizer import OptimizerState, Tuning, step
 from edpilot.placement import prior_for
@@ -80,23 +80,6 @@ PODS: Final = {
 }
 
 
-class SynchronousGpu(SimWorkload):
-    """One GPU doing one synchronous step after another, as the sim agent runs a pod."""
-
-    def _run(self, seconds: float, rng: random.Random) -> None:
-        if seconds <= 0:
-            return
-        s = self.spec
-        caps = [g.power_limit_watts for g in self.gpus]
-        job = gpusim.job_step(
-            s.gpu, s.profile, self.running.quantization, s.workPerRank, caps, self.running.batchSize
-        )
-        for gpu, rank in zip(self.gpus, job.ranks, strict=True):
-            reading = gpu.advance_at(replace(rank, units_per_second=job.units_per_second), seconds, rng)
-            self.gauge[gpu.uuid] = reading.power_watts
-        self.latency = job.step_seconds
-
-
 def converge(name: str, index: int, seed: int) -> tuple[str, OptimizerState, float]:
     """(GPU UUID, the optimizer's final state, its chosen cap) of one pod."""
     pod = PODS[name]
@@ -109,7 +92,7 @@ def converge(name: str, index: int, seed: int) -> tuple[str, OptimizerState, flo
         workPerRank=(float(pod.batch),),
         reportsBatch=False,
     )
-    sim = SynchronousGpu(spec, seed * len(PODS) + index)
+    sim = SimWorkload(spec, seed * len(PODS) + index)
     info, rng = sim.info(), random.Random(f"{seed}/{name}")
     state: OptimizerState | None = None
     now = 0.0
@@ -127,17 +110,13 @@ def converge(name: str, index: int, seed: int) -> tuple[str, OptimizerState, flo
 
 def least_loss(chosen: Mapping[str, float], available: float) -> float:
     """Throughput the best caps within [floor, chosen] summing to `available` lose (2 W grid)."""
-    best: dict[int, float] = {0: 0.0}
-    for name, hi in chosen.items():
-        top = PODS[name].rate(700)
-        values = {c: PODS[name].rate(c) / top for c in range(int(FLOOR), int(hi) + 1, 2)}
-        nxt: dict[int, float] = {}
-        for used, total in best.items():
-            for c, v in values.items():
-                if used + c <= available and nxt.get(used + c, -1.0) < total + v:
-                    nxt[used + c] = total + v
-        best = nxt
-    return sum(PODS[n].rate(c) / PODS[n].rate(700) for n, c in chosen.items()) - max(best.values())
+    choices = [
+        {c: PODS[n].rate(c) / PODS[n].rate(700) for c in range(int(FLOOR), int(hi) + 1, 2)}
+        for n, hi in chosen.items()
+    ]
+    return sum(PODS[n].rate(c) / PODS[n].rate(700) for n, c in chosen.items()) - grid_optimum(
+        choices, available
+    )
 
 
 def stretched(curve: Curve, lo: float, hi: float) -> Curve:

@@ -225,6 +225,23 @@ def _water_fill(gpus: Sequence[GpuDemand], curves: Mapping[str, Curve], availabl
     return caps
 
 
+def grid_optimum(choices: Sequence[Mapping[int, float]], max_watts: float) -> float:
+    """The largest sum of one value per GPU (each GPU's {cap in whole watts: value}) whose caps sum
+    to at most `max_watts`: the exact optimum on a grid, by dynamic programming over the watts used.
+    For checking the water-filling against (tests, benchmarks); it is too slow to allocate with."""
+    best: dict[int, float] = {0: 0.0}
+    for values in choices:
+        nxt: dict[int, float] = {}
+        for used, total in best.items():
+            for cap, value in values.items():
+                if used + cap <= max_watts and nxt.get(used + cap, -math.inf) < total + value:
+                    nxt[used + cap] = total + value
+        best = nxt
+    if not best:
+        raise ValueError(f"no caps on the grid fit in {max_watts} W")
+    return max(best.values())
+
+
 # ---------------------------------------------------------------- status
 
 

@@ -65,6 +65,8 @@ class SimWorkloadSpec:
     reportsBatch: bool = True  # a training job's unit is a sample, not a batched token
     followsHints: bool = True
     gpu: gpusim.GpuSpec = gpusim.H100_SXM
+    # One GPU too runs synchronous steps (compute, then a sync), as the sim agent runs a pod.
+    synchronous: bool = False
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ class SimWorkload:
     def true_point(self, running: Running, caps: Sequence[float]) -> tuple[float, float, float]:
         """Noiseless (units/s, watts, step seconds) of the whole workload."""
         s = self.spec
-        if len(self.gpus) == 1:
+        if len(self.gpus) == 1 and not s.synchronous:
             p = gpusim.operating_point(s.gpu, s.profile, running.batchSize, running.quantization, caps[0])
             return p.units_per_second, p.power_watts, p.step_seconds
         job = gpusim.job_step(s.gpu, s.profile, running.quantization, s.workPerRank, caps, running.batchSize)
@@ -189,7 +191,7 @@ class SimWorkload:
         if seconds <= 0:
             return
         caps = [g.power_limit_watts for g in self.gpus]
-        if len(self.gpus) == 1:
+        if len(self.gpus) == 1 and not s.synchronous:
             gpu = self.gpus[0]
             gpu.assign(s.profile, self.running.batchSize, self.running.quantization)
             point = gpu.current_point()

@@ -22,7 +22,7 @@ from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait
 from kubetest import Cluster
 
 from edpilot import gpusim
-from edpilot.budget import committed_by
+from edpilot.budget import committed_by, grid_optimum
 from edpilot.models import GPUNodeReportStatus, GPUStatus
 
 NAMESPACE = "e2e-budget"
@@ -204,19 +204,13 @@ def same(a: dict[str, float], b: dict[str, float]) -> bool:
 
 def optimum_lost(caps_hi: dict[str, float], available: float, step: int = 1) -> float:
     """The least throughput (each pod relative to its rate at 700 W) any caps within [lo, chosen]
-    summing to at most `available` lose against the chosen caps: a knapsack on the true curves."""
-    best: dict[int, float] = {0: 0.0}
-    for name, hi in caps_hi.items():
-        work, top = WORK[name], WORK[name].rate(700)
-        values = {c: work.rate(c) / top for c in range(int(LO), int(hi) + 1, step)}
-        nxt: dict[int, float] = {}
-        for used, total in best.items():
-            for c, v in values.items():
-                if used + c <= available and nxt.get(used + c, -1.0) < total + v:
-                    nxt[used + c] = total + v
-        best = nxt
+    summing to at most `available` lose against the chosen caps, on the true curves."""
+    choices = [
+        {c: WORK[n].rate(c) / WORK[n].rate(700) for c in range(int(LO), int(hi) + 1, step)}
+        for n, hi in caps_hi.items()
+    ]
     before = sum(WORK[n].rate(hi) / WORK[n].rate(700) for n, hi in caps_hi.items())
-    return before - max(best.values())
+    return before - grid_optimum(choices, available)
 
 
 def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:

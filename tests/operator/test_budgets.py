@@ -24,7 +24,7 @@ from edpilot_operator.reports import ReportTiming, desired_spec
 from edpilot_operator.selection import PodInfo
 
 from edpilot import gpusim, placement
-from edpilot.budget import committed_by, throughput_at
+from edpilot.budget import committed_by, grid_optimum, throughput_at
 from edpilot.edp import Metrics
 from edpilot.models import (
     BudgetAllocation,
@@ -565,20 +565,12 @@ def test_rises_wait_until_the_watts_they_need_are_free_whichever_node_applies_fi
 
 def optimum(fleet: Fleet, names: Sequence[str], available: float, step: int = 5) -> float:
     """Best total relative throughput (each GPU against its own rate at 700 W) with caps within
-    [lo, chosen] on a 5 W grid: a knapsack on the simulated physics, not on what the allocator sees."""
-    best: dict[int, float] = {0: 0.0}
+    [lo, chosen] on a 5 W grid, on the simulated physics, not on what the allocator sees."""
+    choices = []
     for name in names:
-        hi = fleet.work[name][5] or 700.0
-        top = fleet.rate(name, 700)
-        grid = [*range(int(LO), int(hi) + 1, step)]
-        values = {c: fleet.rate(name, c) / top for c in grid}
-        nxt: dict[int, float] = {}
-        for used, total in best.items():
-            for c, v in values.items():
-                if used + c <= available and nxt.get(used + c, -1.0) < total + v:
-                    nxt[used + c] = total + v
-        best = nxt
-    return max(best.values())
+        hi, top = fleet.work[name][5] or 700.0, fleet.rate(name, 700)
+        choices.append({c: fleet.rate(name, c) / top for c in range(int(LO), int(hi) + 1, step)})
+    return grid_optimum(choices, available)
 
 
 # What the optimizer's golden-section search on [280, 700] W left behind in the end-to-end run:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edpilot import budget, gpusim
-from edpilot.budget import GpuDemand, allocate, budget_status, concave_hull, throughput_at
+from edpilot.budget import GpuDemand, allocate, budget_status, concave_hull, grid_optimum, throughput_at
 from edpilot.models import GPUStatus, LabelSelector, PowerBudgetSpec
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -199,20 +199,10 @@ def rate(work: tuple[gpusim.WorkloadProfile, int, str], cap: float) -> float:
 
 
 def optimum_on_true_curves(max_watts: float, step: int = 10) -> float:
-    """Best total throughput (each GPU relative to its rate at 700 W) over a 10 W grid: a knapsack DP
-    on the simulated physics itself, not on anything the allocator sees."""
+    """Best total throughput (each GPU relative to its rate at 700 W) over a 10 W grid, on the
+    simulated physics itself, not on anything the allocator sees."""
     grid = range(200, 701, step)
-    best: dict[int, float] = {0: 0.0}
-    for work in FLEET:
-        top = rate(work, 700)
-        values = {c: rate(work, c) / top for c in grid}
-        nxt: dict[int, float] = {}
-        for used, total in best.items():
-            for c, v in values.items():
-                if used + c <= max_watts and nxt.get(used + c, -1.0) < total + v:
-                    nxt[used + c] = total + v
-        best = nxt
-    return max(best.values())
+    return grid_optimum([{c: rate(w, c) / rate(w, 700) for c in grid} for w in FLEET], max_watts)
 
 
 def ours_on_true_curves(probe_caps: list[int], max_watts: float) -> tuple[float, dict[str, float]]:
