@@ -301,3 +301,14 @@ def test_status_without_governed_gpus_counts_what_they_commit() -> None:
     status = budget_status(SPEC, None, ["n1"], gpus, None, 0, None, NOW)
     assert status.allocatedWatts == 580
     assert status.headroomWatts == 420
+
+
+def test_grid_optimum_picks_the_best_caps_that_fit_and_refuses_a_budget_nothing_fits() -> None:
+    steep = {100: 0.5, 200: 0.9, 300: 1.0}
+    flat = {100: 0.95, 200: 0.99, 300: 1.0}
+    # The watts go where they buy the most: to the steep GPU first.
+    assert grid_optimum([steep, flat], 400) == pytest.approx(1.0 + 0.95)
+    assert grid_optimum([steep, flat], 600) == pytest.approx(2.0)
+    assert grid_optimum([steep, flat], 399) == pytest.approx(0.9 + 0.95)
+    with pytest.raises(ValueError, match="no caps"):
+        grid_optimum([steep, flat], 150)
