@@ -10,10 +10,12 @@ optimum, the issue's goal is at most 1.05.
 
 Three curve models side by side, on the same probes:
 - the H100's compute-bound curve from its GPU-model prior (what the operator uses);
-- a bare local power law (what a GPU model without a prior gets);
-- the A100's curve stretched over the H100's power range: a prior with the wrong knee, to show
-  how much the result owes to the prior being right. The prior and the truth both come from
-  gpusim, whose cap behaviour is a model fitted to the H100 probe, not measured under caps.
+- the A100's curve stretched over the H100's power range: a prior with the wrong knee, as a GPU
+  model gpusim does not simulate gets one (the H100's, stretched over its limits), to show how
+  much the result owes to the prior being right;
+- a bare local power law (what a GPU with unknown limits gets).
+The prior and the truth both come from gpusim, whose cap behaviour is a model fitted to the H100
+probe, not measured under caps.
 
     .venv/bin/python bench/budget_allocation.py [--seeds 40]
 """
@@ -38,7 +40,7 @@ from edpilot import gpusim
 from edpilot.budget import Curve, GpuDemand, allocate, grid_optimum
 from edpilot.models import EnergyPolicySpec, Profile
 from edpilot.optimizer import OptimizerState, Tuning, step
-from edpilot.placement import prior_for
+from edpilot.placement import prior_for, stretched
 from edpilot.simulate import SimWorkload, SimWorkloadSpec
 
 RESULTS: Final = Path(__file__).resolve().parent / "results"
@@ -119,17 +121,15 @@ def least_loss(chosen: Mapping[str, float], available: float) -> float:
     )
 
 
-def stretched(curve: Curve, lo: float, hi: float) -> Curve:
-    """A curve moved onto another power range, its knee where the range puts it."""
-    c0, c1 = curve[0][0], curve[-1][0]
-    return tuple((lo + (c - c0) * (hi - lo) / (c1 - c0), t) for c, t in curve)
-
-
 def shapes() -> dict[str, Curve]:
     h100, a100 = prior_for(H100.name), prior_for(gpusim.A100_SXM.name)
     assert h100 is not None and a100 is not None
     wrong = stretched(a100.compute_curve, H100.min_power_limit_watts, H100.max_power_limit_watts)
-    return {"H100 prior (shipped)": h100.compute_curve, "bare power law": (), "A100 knee on the H100": wrong}
+    return {
+        "H100 prior (an H100's)": h100.compute_curve,
+        "A100 knee on the H100 (another model's)": wrong,
+        "bare power law (no curve)": (),
+    }
 
 
 def trial(seed: int, models: Mapping[str, Curve]) -> dict[str, dict[int, float]]:

@@ -49,7 +49,7 @@ from edpilot.models import (
     PowerBudgetStatus,
 )
 from edpilot.optimizer import MemberInfo, OptimizerState, cap_bounds
-from edpilot.placement import prior_for
+from edpilot.placement import compute_bound_curve
 
 from .reports import parse_cap
 from .selection import PodInfo
@@ -120,7 +120,7 @@ def gpu_curve(points: Iterable[ProbePoint], baseline_cap: float, floor: float, s
     units/s = scale * shape(cap)^k, least squares in log-log over the points near it (weighted by
     distance, `FIT_BANDWIDTH_WATTS`).
 
-    `shape` is the GPU model's compute-bound curve (`placement.GpuPrior.compute_curve`): k then
+    `shape` is the GPU's compute-bound curve (`placement.compute_bound_curve`): k then
     says how strongly this workload follows it (about 1 compute-bound, about 0 memory-bound), and
     the model's knee carries the curve across gaps between probes and below the lowest one. A
     power law cannot bend there, so a GPU whose probes stop above the knee would look cheaper to cut
@@ -242,16 +242,16 @@ def gpu_demand(
             uuid=gpu.uuid,
             lo=bounds.lo,
             hi=hi,
-            curve=gpu_curve(points, bounds.baseline, bounds.lo, _compute_curve(gpu.model)),
+            curve=gpu_curve(
+                points,
+                bounds.baseline,
+                bounds.lo,
+                compute_bound_curve(gpu.model, gpu.minLimitWatts, gpu.maxLimitWatts),
+            ),
             max_slowdown_percent=policy.maxSlowdownPercent,
             reference_cap=bounds.baseline,
         )
     return None
-
-
-def _compute_curve(model: str) -> Curve:
-    prior = prior_for(model)
-    return prior.compute_curve if prior is not None else ()
 
 
 def reconcile_budget(

@@ -296,3 +296,13 @@ def test_scores_stay_in_range_for_many_nodes_and_same_group_same_score() -> None
     assert len(set(scores[f"h{i}"] for i in range(50))) == 1
     assert len(set(scores[f"a{i}"] for i in range(50))) == 1
     assert scores["h0"] > scores["a0"]
+
+
+def test_gpus_of_models_without_a_curve_get_the_h100s_stretched_over_their_limits() -> None:
+    h100 = placement.prior_for(H100)
+    assert h100 is not None
+    curve = placement.compute_bound_curve("NVIDIA L40S", 100, 350)
+    assert (curve[0][0], curve[-1][0]) == (100, 350)
+    assert [t for _, t in curve] == [t for _, t in h100.compute_curve]
+    assert placement.compute_bound_curve(H100_NVML, 200, 700) == h100.compute_curve
+    assert placement.compute_bound_curve("Voodoo 5 6000", 0, 0) == ()
