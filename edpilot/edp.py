@@ -41,6 +41,7 @@ class BadData(StrEnum):
     INCONSISTENT_CONFIG = "InconsistentConfig"  # members of one workload report different configs
     MEMBERS_CHANGED = "MembersChanged"
     RESTARTED = "RestartedInWindow"
+    UNHEALTHY_SAMPLE = "UnhealthySample"  # the agent flagged the pod's counter at an end of the window
 
 
 # A configuration change inside a window is the normal way a new hint arrives, not a fault.
@@ -65,6 +66,7 @@ class MemberSample(BaseModel):
     quantization: Profile | None = None
     latencySeconds: float | None = None
     counterResets: int = 0
+    healthy: bool = True  # the agent's verdict on the pod's work counter (scrape, value, progress)
 
 
 class Sample(BaseModel):
@@ -200,6 +202,8 @@ def window(start: Sample, end: Sample, min_seconds: float = 0.0) -> Window | Bad
         return BadData.SILENT_ENERGY_COUNTER
     if any(j / seconds > MAX_PLAUSIBLE_WATTS_PER_GPU for _, j in joules_by_member):
         return BadData.IMPLAUSIBLE_POWER
+    if not all(m.healthy for m in (*start.members, *end.members)):
+        return BadData.UNHEALTHY_SAMPLE
     latencies = [m.latencySeconds for m in end.members if m.latencySeconds is not None]
     return Window(
         seconds=seconds,

@@ -922,8 +922,10 @@ def step(
         elif isinstance(w, BadData):
             if w != BadData.ZERO_LENGTH:
                 st.last = sample
+            # A workload reloading after a hint does no work; its agent soon calls the counter silent.
             reloading = (
-                w == BadData.SILENT_WORK_COUNTER and now - st.targetSince <= tuning.applyTimeoutSeconds
+                w in (BadData.SILENT_WORK_COUNTER, BadData.UNHEALTHY_SAMPLE)
+                and now - st.targetSince <= tuning.applyTimeoutSeconds
             )
             if reloading:
                 ctx.reasons.append(

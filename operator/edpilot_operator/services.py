@@ -116,6 +116,7 @@ def snapshot(workload: Workload, reports: Mapping[str, GPUNodeReportStatus]) -> 
                     quantization=work.quantization,
                     latencySeconds=work.latencySeconds,
                     counterResets=work.counterResets,
+                    healthy=work.healthy,
                 )
             )
     accuracy: dict[Profile, float] = {}

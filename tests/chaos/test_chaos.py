@@ -855,11 +855,14 @@ def test_bad_measurements_yield_conditions_and_no_decision(chaos: Chaos) -> None
     chaos.record("bad input: report lost the pod's GPU", time.monotonic() - started, row["message"])
     write_and_wait(chaos, fake.good())
 
-    # The agent's own verdict on a work counter becomes an event on the policy.
+    # The agent's own verdict on a work counter: no decision from the window, and an event on the policy.
+    before = bad_row(chaos)
     started = time.monotonic()
     status = fake.good()
     status["workloads"][0].update(healthy=False, message="scrape failed: connection refused")
-    chaos.api.write_status(BAD_NODE, status)
+    row = write_and_wait(chaos, status)
+    assert decided_state(row) == decided_state(before)
+    assert row["optimizer"].get("lastBad") == "UnhealthySample" or "reloading" in row["message"], row
     wait_until(
         "a WorkloadInput event for the unhealthy counter",
         lambda: any("scrape failed" in e for e in chaos.api.events(BAD_NS, "WorkloadInput")),
@@ -867,7 +870,9 @@ def test_bad_measurements_yield_conditions_and_no_decision(chaos: Chaos) -> None
         0.5,
     )
     chaos.record(
-        "bad input: agent marks the work counter unhealthy", time.monotonic() - started, "WorkloadInput event"
+        "bad input: agent marks the work counter unhealthy",
+        time.monotonic() - started,
+        f"no decision ({row['optimizer'].get('lastBad') or row['message']}), WorkloadInput event",
     )
     chaos.alive()
 

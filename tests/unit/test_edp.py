@@ -186,6 +186,19 @@ BAD_WINDOWS: list[tuple[str, Sample, Sample, BadData]] = [
         BadData.MEMBERS_CHANGED,
     ),
     (
+        "agent flagged the counter at the end",
+        START,
+        sample(110.0, member(energyJoules=5000.0, workUnits=2500.0, healthy=False)),
+        BadData.UNHEALTHY_SAMPLE,
+    ),
+    (
+        # a failed scrape leaves a stale total: the next window would count the missed work
+        "agent flagged the counter at the start",
+        sample(100.0, member(healthy=False)),
+        LATER,
+        BadData.UNHEALTHY_SAMPLE,
+    ),
+    (
         "members disagree on their config",
         sample(0.0, member(member="GPU-a"), member(member="GPU-b")),
         sample(
@@ -203,6 +216,13 @@ BAD_WINDOWS: list[tuple[str, Sample, Sample, BadData]] = [
 )
 def test_bad_data_is_a_typed_reason_never_a_window(start: Sample, end: Sample, expected: BadData) -> None:
     assert window(start, end, min_seconds=5.0) == expected
+
+
+def test_an_unhealthy_sample_inside_a_window_too_short_to_use_is_passed_over() -> None:
+    # Shorter than a window: wait for the next sample, which then spans it with healthy ends.
+    flagged = sample(102.0, member(energyJoules=1800.0, workUnits=500.0, healthy=False))
+    assert window(START, flagged, min_seconds=5.0) is None
+    assert isinstance(window(START, LATER, min_seconds=5.0), Window)
 
 
 def test_a_cap_within_rounding_is_the_same_config() -> None:

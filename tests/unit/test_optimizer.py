@@ -600,3 +600,42 @@ def test_bad_data_streak_reports_degraded_and_holds_the_configuration() -> None:
     assert decisions[-1].phase == "Degraded"
     assert sum(1 for d in decisions for e in d.events if e.reason == "BadMeasurement") == 1
     assert {tuple(d.capWatts.values()) for d in decisions} == {(700.0,)}
+
+
+def test_a_sample_the_agent_flags_unhealthy_yields_no_decision_unless_a_hint_is_reloading() -> None:
+    info = WorkloadInfo(name="w", members=(h100(),))
+
+    def obs(i: int, healthy: bool = True) -> Observation:
+        return Observation(
+            time=10.0 * i,
+            members=(
+                MemberSample(
+                    member="GPU-0",
+                    energyJoules=3000.0 * i,
+                    workUnits=1000.0 * i,
+                    capWatts=700.0,
+                    healthy=healthy,
+                ),
+            ),
+        )
+
+    tuning = Tuning(applyTimeoutSeconds=5.0)
+    state: OptimizerState | None = None
+    for i in range(4):
+        state = step(cap_only(), info, state, obs(i), now=10.0 * i, tuning=tuning).state
+    assert state is not None and state.phase == "Baseline"
+    before = state
+    d = step(cap_only(), info, state, obs(4, healthy=False), now=40.0, tuning=tuning)
+    assert d.badData == BadData.UNHEALTHY_SAMPLE
+    assert d.state.baseline == before.baseline and d.state.probes == before.probes
+    assert d.state.acc.windows == before.acc.windows
+    # The window after it starts at the flagged sample: discarded too, then measuring resumes.
+    d = step(cap_only(), info, d.state, obs(5), now=50.0, tuning=tuning)
+    assert d.badData == BadData.UNHEALTHY_SAMPLE and d.state.badStreak == 2
+    d = step(cap_only(), info, d.state, obs(6), now=60.0, tuning=tuning)
+    assert d.badData is None and d.state.badStreak == 0
+    assert d.state.acc.windows == before.acc.windows + 1
+    # Right after a new hint an unhealthy counter is the workload reloading, not bad data.
+    reloading = d.state.model_copy(update={"targetSince": 65.0})
+    d = step(cap_only(), info, reloading, obs(7, healthy=False), now=70.0, tuning=tuning)
+    assert d.badData is None and d.state.badStreak == 0
