@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
-import threading
 import zlib
 
 import kopf
@@ -96,8 +96,9 @@ def main(argv: list[str]) -> int:
             ),
         ),
     )
-    stop = threading.Event()
-    try:
+    # No stop_flag: kopf waits for a threading.Event in an executor thread that asyncio's shutdown
+    # then joins forever, so SIGTERM stopped the operator but never the process.
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
         kopf.run(
             registry=registry,
             standalone=args.peering is None,
@@ -106,8 +107,5 @@ def main(argv: list[str]) -> int:
             clusterwide=not args.namespace,
             namespaces=args.namespace,
             liveness_endpoint=args.liveness,
-            stop_flag=stop,
         )
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        stop.set()
     return 0
