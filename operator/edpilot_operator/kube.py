@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -55,6 +56,9 @@ class Kube:
 async def _call(fn: Any, *args: Any, missing_ok: bool = False) -> Any:
     try:
         return await asyncio.to_thread(fn, *args)
+    except urllib3.exceptions.HTTPError as exc:
+        # The API server is restarting or unreachable: retry in seconds, not kopf's default minute.
+        raise kopf.TemporaryError(f"API server unreachable: {exc}", delay=2) from exc
     except ApiException as exc:
         if missing_ok and exc.status == 404:
             return None
