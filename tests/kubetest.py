@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,33 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CRDS = REPO / "crds"
+
+
+def gpu_pod(
+    namespace: str,
+    name: str,
+    *,
+    image: str,
+    node: str | None = None,
+    gpus: int = 1,
+    labels: Mapping[str, str] | None = None,
+    annotations: Mapping[str, str] | None = None,
+    **spec: Any,
+) -> dict[str, Any]:
+    """A pod asking for `gpus` nvidia.com/gpu: bound to `node` when given (KWOK then runs it), else
+    left to a scheduler. Further keyword arguments are fields of its spec."""
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels or {})}
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    if node is not None:
+        spec = {"nodeName": node, **spec}
+    container = {"name": "main", "image": image, "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": metadata,
+        "spec": {**spec, "containers": [container]},
+    }
 
 
 @dataclass(frozen=True)

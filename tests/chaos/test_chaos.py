@@ -26,7 +26,7 @@ import pytest
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from kubetest import REPO, Cluster
+from kubetest import REPO, Cluster, gpu_pod
 
 from edpilot.models import ANNOTATION_POLICY, ANNOTATION_POWER_CAP, GROUP, VERSION
 
@@ -73,23 +73,11 @@ def energy_policy(namespace: str, name: str, app: str, **spec: Any) -> dict[str,
     }
 
 
-def gpu_pod(namespace: str, name: str, node: str, app: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {"app": app},
-            "annotations": {"sim.edpilot.io/workload": "llm-decode", "sim.edpilot.io/batch-size": "8"},
-        },
-        "spec": {
-            "nodeName": node,
-            "containers": [
-                {"name": "c", "image": "example.com/llm:1", "resources": {"limits": {"nvidia.com/gpu": 1}}}
-            ],
-        },
-    }
+def decode_pod(namespace: str, name: str, node: str, app: str) -> dict[str, Any]:
+    annotations = {"sim.edpilot.io/workload": "llm-decode", "sim.edpilot.io/batch-size": "8"}
+    return gpu_pod(
+        namespace, name, image="example.com/llm:1", node=node, labels={"app": app}, annotations=annotations
+    )
 
 
 def kwok_nodes(cluster: Cluster, count: int, gpus: int, prefix: str, pods: int) -> None:
@@ -422,7 +410,7 @@ def all_rows_moved_on(harness: Chaos, before: dict[str, dict[str, Any]]) -> bool
 def test_operator_sigkilled_five_times_resumes_from_stored_state(chaos: Chaos) -> None:
     chaos.apply(energy_policy(LOOP_NS, "loop", "decode"))
     for pod, node in LOOP_PODS.items():
-        chaos.apply(gpu_pod(LOOP_NS, pod, node, "decode"))
+        chaos.apply(decode_pod(LOOP_NS, pod, node, "decode"))
 
     def row_a() -> dict[str, Any]:
         chaos.alive()
@@ -626,7 +614,7 @@ def healthy_after(chaos: Chaos, rows: dict[str, dict[str, Any]], times: dict[str
 @pytest.mark.parametrize(("component", "pod"), [("etcd", "decode-c"), ("kube-apiserver", "decode-d")])
 def test_control_plane_restart_under_load_loses_nothing(chaos: Chaos, component: str, pod: str) -> None:
     # Load: a new workload explores, so its agent reports and the operator decides every second.
-    chaos.apply(gpu_pod(LOOP_NS, pod, AGENT_NODES[1], "decode"))
+    chaos.apply(decode_pod(LOOP_NS, pod, AGENT_NODES[1], "decode"))
     wait_until(
         f"{pod} to explore",
         lambda: (loop_rows(chaos).get(pod) or {}).get("phase") in ("Exploring", "Converged"),
@@ -753,7 +741,7 @@ def test_bad_measurements_yield_conditions_and_no_decision(chaos: Chaos) -> None
                                            "metadata": {"name": BAD_NODE}, "spec": {}}
     )  # fmt: skip
     chaos.apply(energy_policy(BAD_NS, "bad", "bad"))
-    chaos.apply(gpu_pod(BAD_NS, BAD_POD, BAD_NODE, "bad"))
+    chaos.apply(decode_pod(BAD_NS, BAD_POD, BAD_NODE, "bad"))
     fake = FakeAgent(chaos.api, datetime.now(UTC))
     chaos.api.write_status(BAD_NODE, fake.status())
     wait_until("the bad workload's state", lambda: _time(bad_row(chaos)) is not None, 60, 0.3)
@@ -907,7 +895,7 @@ def test_flapping_pod_never_leaves_a_cap_behind(chaos: Chaos) -> None:
         chaos.cluster.kubectl(
             "delete", "pod", BAD_POD, "-n", BAD_NS, "--wait=false", "--grace-period=0", "--force"
         )
-        chaos.apply(gpu_pod(BAD_NS, BAD_POD, BAD_NODE, "bad"))
+        chaos.apply(decode_pod(BAD_NS, BAD_POD, BAD_NODE, "bad"))
         time.sleep(0.5)
     chaos.cluster.kubectl(
         "delete", "pod", BAD_POD, "-n", BAD_NS, "--wait=true", "--grace-period=0", "--force"
@@ -972,7 +960,7 @@ def test_a_thousand_pods_in_one_policy(chaos: Chaos) -> None:
     pods = {
         "apiVersion": "v1",
         "kind": "List",
-        "items": [gpu_pod(MANY_NS, f"p-{i:04d}", MANY_NODE, "many") for i in range(MANY_PODS)],
+        "items": [decode_pod(MANY_NS, f"p-{i:04d}", MANY_NODE, "many") for i in range(MANY_PODS)],
     }
     started = time.monotonic()
     chaos.cluster.kubectl("create", "-f", "-", input=json.dumps(pods))
@@ -998,7 +986,7 @@ def test_a_thousand_pods_in_one_policy(chaos: Chaos) -> None:
 
 
 def test_policies_created_and_deleted_in_a_tight_loop(chaos: Chaos) -> None:
-    chaos.apply(gpu_pod(CHURN_NS, "churned", BAD_NODE, "churn"))
+    chaos.apply(decode_pod(CHURN_NS, "churned", BAD_NODE, "churn"))
     started = time.monotonic()
     # Each policy lives ~1 s: long enough for the operator to add its finalizer, reconcile and
     # hint the pod, short enough that creations, reconciles and deletions overlap.
@@ -1033,7 +1021,7 @@ def test_policies_created_and_deleted_in_a_tight_loop(chaos: Chaos) -> None:
 
 
 def test_conflicting_priorities_settle_on_one_winner(chaos: Chaos) -> None:
-    chaos.apply(gpu_pod(HOSTILE_NS, "contested", BAD_NODE, "contested"))
+    chaos.apply(decode_pod(HOSTILE_NS, "contested", BAD_NODE, "contested"))
     started = time.monotonic()
     for name, priority in (("beta", 5), ("alpha", 5)):
         chaos.apply(energy_policy(HOSTILE_NS, name, "contested", priority=priority))

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from edpilot_operator.budgets import IDLE_RESERVE_FRACTION
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
-from kubetest import Cluster
+from kubetest import Cluster, gpu_pod
 
 from edpilot import gpusim
 from edpilot.budget import committed_by, grid_optimum
@@ -87,26 +87,19 @@ WORK = {
 
 
 def sim_pod(name: str, work: SimWork) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": NAMESPACE,
-            "labels": {"app": "budgeted"},
-            "annotations": {
-                "sim.edpilot.io/workload": work.kind,
-                "sim.edpilot.io/precision": work.precision,
-                "sim.edpilot.io/batch-size": str(work.batch),
-            },
-        },
-        "spec": {
-            "nodeName": work.node,
-            "containers": [
-                {"name": "c", "image": "example.com/train:1", "resources": {"limits": {"nvidia.com/gpu": 1}}}
-            ],
-        },
+    annotations = {
+        "sim.edpilot.io/workload": work.kind,
+        "sim.edpilot.io/precision": work.precision,
+        "sim.edpilot.io/batch-size": str(work.batch),
     }
+    return gpu_pod(
+        NAMESPACE,
+        name,
+        image="example.com/train:1",
+        node=work.node,
+        labels={"app": "budgeted"},
+        annotations=annotations,
+    )
 
 
 def budget_body(max_watts: float) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from kubetest import gpu_pod
 
 if TYPE_CHECKING:
     from kubetest import Cluster
@@ -28,22 +29,15 @@ def pinned(name: str) -> str:
     raise KeyError(name)
 
 
-def gpu_pod(name: str, gpus: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default", "labels": {"test": "edpilot-cluster"}},
-        "spec": {
-            "terminationGracePeriodSeconds": 0,
-            "containers": [
-                {
-                    "name": "main",
-                    "image": "registry.example/cuda-app:1.0",
-                    "resources": {"limits": {GPU: str(gpus)}},
-                }
-            ],
-        },
-    }
+def cluster_pod(name: str, gpus: int) -> dict[str, Any]:
+    return gpu_pod(
+        "default",
+        name,
+        image="registry.example/cuda-app:1.0",
+        gpus=gpus,
+        labels={"test": "edpilot-cluster"},
+        terminationGracePeriodSeconds=0,
+    )
 
 
 def wait_for(what: str, check: Any, seconds: float = 60) -> Any:
@@ -61,8 +55,8 @@ def wait_for(what: str, check: Any, seconds: float = 60) -> Any:
 def gpu_pods(cluster: Cluster) -> Any:
     """A pod that fits (2 GPUs) and one that fits no node (9 GPUs), created together."""
     pods = {
-        "fits": gpu_pod("edpilot-cluster-two-gpus", 2),
-        "too-big": gpu_pod("edpilot-cluster-nine-gpus", 9),
+        "fits": cluster_pod("edpilot-cluster-two-gpus", 2),
+        "too-big": cluster_pod("edpilot-cluster-nine-gpus", 9),
     }
     cluster.kubectl(
         "apply",

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
-from kubetest import Cluster
+from kubetest import Cluster, gpu_pod
 
 from edpilot import gpusim
 from edpilot.models import HINT_ANNOTATIONS
@@ -46,27 +46,20 @@ POLICY = {
 
 
 def decode_pod(name: str, node: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": NAMESPACE,
-            "labels": {"app": "decode"},
-            "annotations": {
-                "sim.edpilot.io/workload": "llm-decode",
-                "sim.edpilot.io/precision": "bf16",
-                "sim.edpilot.io/batch-size": "8",
-                "edpilot.io/quantization-accuracy": json.dumps({"bf16": 1.0, "fp8": 0.995}),
-            },
-        },
-        "spec": {
-            "nodeName": node,
-            "containers": [
-                {"name": "c", "image": "example.com/llm:1", "resources": {"limits": {"nvidia.com/gpu": 1}}}
-            ],
-        },
+    annotations = {
+        "sim.edpilot.io/workload": "llm-decode",
+        "sim.edpilot.io/precision": "bf16",
+        "sim.edpilot.io/batch-size": "8",
+        "edpilot.io/quantization-accuracy": json.dumps({"bf16": 1.0, "fp8": 0.995}),
     }
+    return gpu_pod(
+        NAMESPACE,
+        name,
+        image="example.com/llm:1",
+        node=node,
+        labels={"app": "decode"},
+        annotations=annotations,
+    )
 
 
 @dataclass

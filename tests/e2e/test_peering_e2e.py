@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, repo_root, wait_until
-from kubetest import Cluster
+from kubetest import Cluster, gpu_pod
 
 NAMESPACE = "e2e-peering"
 NODE = "gpu-node-0"
@@ -43,22 +43,10 @@ def policy(name: str) -> dict[str, Any]:
 
 
 def pod(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": NAMESPACE,
-            "labels": {"app": name},
-            "annotations": {"sim.edpilot.io/workload": "training"},
-        },
-        "spec": {
-            "nodeName": NODE,
-            "containers": [
-                {"name": "c", "image": "example.com/train:1", "resources": {"limits": {"nvidia.com/gpu": 1}}}
-            ],
-        },
-    }
+    annotations = {"sim.edpilot.io/workload": "training"}
+    return gpu_pod(
+        NAMESPACE, name, image="example.com/train:1", node=NODE, labels={"app": name}, annotations=annotations
+    )
 
 
 def replica(cluster: Cluster, name: str, priority: int) -> list[str]:

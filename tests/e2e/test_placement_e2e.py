@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
+from kubetest import gpu_pod
 
 from edpilot import gpusim
 from edpilot.models import GPUNodeReportStatus, GPUStatus
@@ -136,25 +137,18 @@ def measured_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def gpu_pod(name: str, gpus: int = 2) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"app": "llm"}},
-        "spec": {
-            "schedulerName": SCHEDULER,
-            "nodeSelector": {MARK: "true"},
-            "terminationGracePeriodSeconds": 0,
-            "tolerations": [{"key": MARK, "operator": "Exists", "effect": "NoSchedule"}],
-            "containers": [
-                {
-                    "name": "llm",
-                    "image": "registry.example/llm:1",
-                    "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
-                }
-            ],
-        },
-    }
+def llm_pod(name: str, gpus: int = 2) -> dict[str, Any]:
+    return gpu_pod(
+        NAMESPACE,
+        name,
+        image="registry.example/llm:1",
+        gpus=gpus,
+        labels={"app": "llm"},
+        schedulerName=SCHEDULER,
+        nodeSelector={MARK: "true"},
+        terminationGracePeriodSeconds=0,
+        tolerations=[{"key": MARK, "operator": "Exists", "effect": "NoSchedule"}],
+    )
 
 
 def apply(cluster: Cluster, obj: dict[str, Any]) -> None:
@@ -166,7 +160,7 @@ def node_of(cluster: Cluster, pod: str) -> str:
 
 
 def schedule(cluster: Cluster, name: str, gpus: int = 2) -> str:
-    apply(cluster, gpu_pod(name, gpus))
+    apply(cluster, llm_pod(name, gpus))
     return str(wait_for(f"pod {name} bound", lambda: node_of(cluster, name), 60))
 
 
@@ -373,7 +367,7 @@ def test_a_pod_that_would_break_a_full_budget_stays_pending_with_the_extenders_r
         },
     )
     time.sleep(1)  # the watch event reaches the extender
-    apply(cluster, gpu_pod("llm-over-budget"))
+    apply(cluster, llm_pod("llm-over-budget"))
     message = wait_for("a FailedScheduling event", lambda: failed_scheduling(cluster, "llm-over-budget"), 60)
     assert "PowerBudget edp-place-a100-pool cannot take 2 GPU(s)" in message, message
     assert "at the lowest allowed cap of 200 W" in message
