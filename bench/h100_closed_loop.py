@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib
 import itertools
 import json
 import math
@@ -43,6 +42,7 @@ from typing import Any, Protocol
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "node_agent")]
 
+from bench.gpu_preflight import open_gpu  # noqa: E402
 from edpilot.edp import MemberSample  # noqa: E402
 from edpilot.models import (  # noqa: E402
     BatchSizeSpec,
@@ -801,28 +801,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run with short windows")
     args = p.parse_args(argv)
     started = time.monotonic()
-    try:
-        from edpilot_agent.backend import GpuBackendError
-        from edpilot_agent.nvml import NvmlBackend, forbid_setters
-
-        disabled = forbid_setters()
-        backend = NvmlBackend(read_only=True)
-    except (ImportError, GpuBackendError) as exc:
-        print(f"h100_closed_loop: no usable NVIDIA GPU here (NVML): {exc}", file=sys.stderr)
+    opened = open_gpu("h100_closed_loop", args.gpu)
+    if opened is None:
         return 2
-    try:
-        torch = importlib.import_module("torch")
-    except ImportError:
-        print("h100_closed_loop: PyTorch is not installed; it runs the workload", file=sys.stderr)
-        return 2
-    if not torch.cuda.is_available():
-        print("h100_closed_loop: PyTorch sees no CUDA GPU", file=sys.stderr)
-        return 2
-    gpus = backend.gpus()
-    if not 0 <= args.gpu < len(gpus):
-        print(f"h100_closed_loop: no GPU {args.gpu}; NVML sees {len(gpus)}", file=sys.stderr)
-        return 2
-    info = gpus[args.gpu]
+    backend, info, torch = opened.backend, opened.info, opened.torch
     if info.mig_enabled:
         print(
             "h100_closed_loop: MIG is enabled on this GPU; the benchmark needs a whole GPU", file=sys.stderr
@@ -886,7 +868,7 @@ def main(argv: list[str]) -> int:
         limit_after = backend.read(info.uuid, energy=False).enforced_limit_watts
         backend.close()
     result["safety"] = {
-        "setters_forbidden": len(disabled),
+        "setters_forbidden": opened.setters_forbidden,
         "limit_before_watts": limit_before,
         "limit_after_watts": limit_after,
         "default_limit_watts": info.default_limit_watts,

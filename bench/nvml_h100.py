@@ -32,8 +32,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "node_agent")]
 
-from edpilot_agent.backend import GpuBackendError  # noqa: E402
 from edpilot_agent.sampler import PowerSampler  # noqa: E402
+
+from bench.gpu_preflight import open_gpu  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 WINDOW_STEP_SECONDS = 5.0
@@ -297,27 +298,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seconds", type=float, default=40.0, help="length of each loaded phase")
     p.add_argument("--idle-seconds", type=float, default=20.0)
     args = p.parse_args(argv)
-    try:
-        from edpilot_agent.nvml import NvmlBackend, forbid_setters
-
-        disabled = forbid_setters()
-        backend = NvmlBackend(read_only=True)
-    except (ImportError, GpuBackendError) as exc:
-        print(f"nvml_h100: cannot use NVML here, so there is nothing to measure: {exc}", file=sys.stderr)
+    opened = open_gpu("nvml_h100", args.gpu)
+    if opened is None:
         return 2
-    try:
-        torch = importlib.import_module("torch")
-    except ImportError:
-        print("nvml_h100: PyTorch is not installed; it provides the GPU load", file=sys.stderr)
-        return 2
-    if not torch.cuda.is_available():
-        print("nvml_h100: PyTorch sees no CUDA device", file=sys.stderr)
-        return 2
-    gpus = backend.gpus()
-    if not 0 <= args.gpu < len(gpus):
-        print(f"nvml_h100: no GPU {args.gpu}; NVML sees {len(gpus)}", file=sys.stderr)
-        return 2
-    uuid = gpus[args.gpu].uuid
+    backend, gpus, torch = opened.backend, opened.gpus, opened.torch
+    uuid = opened.info.uuid
     inventory = [
         {**asdict(g), "enforced_limit_watts": backend.read(g.uuid).enforced_limit_watts} for g in gpus
     ]
@@ -344,7 +329,7 @@ def main(argv: list[str]) -> int:
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine,
-        "setters_forbidden": len(disabled),
+        "setters_forbidden": opened.setters_forbidden,
         "gpu_index": args.gpu,
         "inventory": inventory,
         "overhead": overhead,
