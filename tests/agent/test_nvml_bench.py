@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +15,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "nvml_h100.py"
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("nvml_h100", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.nvml_h100")
 
 
 def test_integrate_interpolates_at_the_window_ends(bench: ModuleType) -> None:

@@ -3,14 +3,10 @@ matching, the soak's churn plan and its end-state check."""
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any, cast
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/ runs as a package from the root
 
 from bench.fleet import (
     Api,

@@ -3,7 +3,7 @@ H100 (edpilot.gpusim) with a virtual clock; the script itself needs a GPU."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import random
 import subprocess
 import sys
@@ -20,12 +20,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "h100_closed_loop.py"
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("h100_closed_loop", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["h100_closed_loop"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.h100_closed_loop")
 
 
 def measured(bench: ModuleType, precision: str, batch: int, tokens_per_second: float, watts: float) -> Any:

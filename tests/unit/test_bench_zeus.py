@@ -3,8 +3,7 @@ and one short search by each optimiser."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 from types import ModuleType
 
@@ -17,12 +16,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "cap_search_vs_zeus.py"
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("cap_search_vs_zeus", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.cap_search_vs_zeus")
 
 
 @pytest.fixture(scope="module")
