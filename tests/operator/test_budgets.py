@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from builders import h100_status
 from edpilot_operator.budgets import (
     HYSTERESIS_FRACTION,
     IDLE_RESERVE_FRACTION,
@@ -64,18 +65,8 @@ def uuid(node: str, index: int) -> str:
 
 
 def gpu(node: str, index: int, pod: str | None = None, enforced: float = 700, power: float = 70) -> GPUStatus:
-    return GPUStatus(
-        index=index,
-        uuid=uuid(node, index),
-        model="NVIDIA H100 80GB HBM3",
-        minLimitWatts=200,
-        maxLimitWatts=700,
-        defaultLimitWatts=700,
-        enforcedLimitWatts=enforced,
-        powerWatts=power,
-        energyJoules=0,
-        pods=[f"{NS}/{pod}"] if pod else [],
-    )
+    pods = [f"{NS}/{pod}"] if pod else []
+    return h100_status(index, uuid(node, index), enforcedLimitWatts=enforced, powerWatts=power, pods=pods)
 
 
 def report(node: str, gpus: Sequence[GPUStatus]) -> GPUNodeReportStatus:

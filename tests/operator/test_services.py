@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from builders import h100_status
 from edpilot_operator.reports import ReportTiming, desired_spec
 from edpilot_operator.selection import PodInfo, PolicyRef, governing_policy, pod_info, select
 from edpilot_operator.services import parse_batch_range, reconcile_policy
@@ -15,7 +16,6 @@ from edpilot.models import (
     EnergyPolicySpec,
     GPUNodeReportSpec,
     GPUNodeReportStatus,
-    GPUStatus,
     Lease,
     WorkloadSample,
 )
@@ -94,14 +94,9 @@ def report(
     node: str = "n0", pods_on_gpu0: tuple[str, ...] = ("ns/a",), work: float = 100.0
 ) -> GPUNodeReportStatus:
     gpus = [
-        GPUStatus(
-            index=i,
-            uuid=f"GPU-{node}-{i}",
-            model="NVIDIA H100 80GB HBM3",
-            minLimitWatts=200,
-            maxLimitWatts=700,
-            defaultLimitWatts=700,
-            enforcedLimitWatts=700,
+        h100_status(
+            i,
+            f"GPU-{node}-{i}",
             powerWatts=400,
             energyJoules=1000.0,
             pods=list(pods_on_gpu0) if i == 0 else [],

@@ -6,6 +6,7 @@ import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from builders import h100_status
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -238,18 +239,7 @@ def test_six_probes_keep_total_throughput_within_5_percent_of_the_optimum(max_wa
 
 
 def gpu(index: int, enforced: float, power: float, pods: list[str]) -> GPUStatus:
-    return GPUStatus(
-        index=index,
-        uuid=f"GPU-{index}",
-        model="NVIDIA H100 80GB HBM3",
-        minLimitWatts=200,
-        maxLimitWatts=700,
-        defaultLimitWatts=700,
-        enforcedLimitWatts=enforced,
-        powerWatts=power,
-        energyJoules=0,
-        pods=pods,
-    )
+    return h100_status(index, enforcedLimitWatts=enforced, powerWatts=power, pods=pods)
 
 
 SPEC = PowerBudgetSpec(nodeSelector=LabelSelector(matchLabels={"rack": "a"}), maxWatts=1000)

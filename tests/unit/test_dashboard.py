@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from builders import h100_status
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from edpilot.models import GPUNodeReportStatus, GPUStatus, WorkloadSample
+from edpilot.models import GPUNodeReportStatus, WorkloadSample
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "charts" / "edpilot" / "dashboards" / "edpilot.json"
@@ -48,20 +49,7 @@ def _agent_samples() -> list[tuple[str, dict[str, str]]]:
         agentVersion="t",
         backend="sim",
         time=datetime(2026, 1, 1, tzinfo=UTC),
-        gpus=[
-            GPUStatus(
-                index=0,
-                uuid="GPU-0",
-                model="H100",
-                minLimitWatts=200,
-                maxLimitWatts=700,
-                defaultLimitWatts=700,
-                enforcedLimitWatts=700,
-                powerWatts=300,
-                energyJoules=1,
-                pods=["ns/p"],
-            )
-        ],
+        gpus=[h100_status(model="H100", powerWatts=300, energyJoules=1, pods=["ns/p"])],
         workloads=[WorkloadSample(namespace="ns", pod="p", workUnits=1)],
     )
     collector = AgentCollector("n", lambda: status, lambda: Counter({("GPU-0", "lease", "applied"): 1}))

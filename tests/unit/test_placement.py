@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from builders import h100_status
 
 from edpilot import placement
 from edpilot.models import GPUStatus, PowerCapSpec
@@ -48,13 +49,9 @@ def gpu(
     pods: tuple[str, ...] = (),
     throttle: tuple[str, ...] = (),
 ) -> GPUStatus:
-    return GPUStatus(
-        index=index,
-        uuid=f"GPU-{index}",
+    return h100_status(
+        index,
         model=H100_NVML,
-        minLimitWatts=200,
-        maxLimitWatts=700,
-        defaultLimitWatts=700,
         enforcedLimitWatts=enforced,
         powerWatts=power,
         energyJoules=1.0,
