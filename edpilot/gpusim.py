@@ -116,7 +116,7 @@ PRECISIONS: Final[tuple[Precision, ...]] = ("fp32", "tf32", "bf16", "fp16", "fp8
 
 # A compute engine of the GPU: SIMT fp32 or a tensor-core data type.
 Engine = Literal["fp32", "tf32", "fp16", "fp8", "int8"]
-WorkloadKind = Literal["decode", "gemm", "training"]
+WorkloadKind = Literal["decode", "prefill", "gemm", "training"]
 
 # Throttle reasons, named like NVML's clocks-event reasons.
 SW_POWER_CAP: Final = "sw_power_cap"
@@ -130,6 +130,29 @@ OVERLAP_EXPONENT: Final = 2.79
 # (launch latency): fitted to the probe's n = 2048 GEMMs (~28 us each), a few
 # microseconds like the usual CUDA launch-latency figures.
 GEMM_LAUNCH_GAP_S: Final = 3e-6
+
+# A decode step of a real decoder launches hundreds of short kernels besides its matmuls (norms,
+# rotary and cache writes, activations, residual adds); each runs on its own for about this long
+# at the maximum clock, whatever the batch. Fitted to h100_llama8b_decode*.json: with the ~870
+# kernels of the Llama-3-8B-shaped step it explains the ~2 ms by which a CUDA-graph step exceeds
+# the time to stream its bytes.
+SMALL_KERNEL_S: Final = 2.85e-6
+
+# Attention over the KV cache reads each sequence's cache in blocks per head and layer, and pays
+# a fixed cost per sequence on top (launching the blocks, the softmax reduction). Counted as this
+# many extra cache positions read: fitted so that the cache streams at about the HBM rate at
+# 4,160 positions and about 15% slower at 1,088 (h100_llama8b_decode*.json).
+ATTENTION_FIXED_POSITIONS: Final = 250
+
+# Eager execution (no CUDA graph): the host issues kernels one by one while the GPU runs those
+# already queued, so the step is a smooth maximum of host time and GPU time. Fitted to the eager
+# rows of h100_llama8b_decode*.json (host-bound at small batches, GPU-bound at batch 64).
+EAGER_OVERLAP_EXPONENT: Final = 3.6
+# Host time per kernel launched from Python on the machine that took the H100 files (PyTorch
+# 2.11). The H200 file's host needed 15.6 us (H200_EAGER_HOST_S_PER_KERNEL): a property of the
+# host CPU, not of the GPU.
+EAGER_HOST_S_PER_KERNEL: Final = 11.0e-6
+H200_EAGER_HOST_S_PER_KERNEL: Final = 15.6e-6
 
 # Energy of multiplying a zero (padding) row relative to a real one. Operand
 # values change GPU power a lot (up to 67% for DGEMM on an A100: "Understanding
@@ -184,6 +207,8 @@ class GpuSpec:
     mem_bandwidth_tbps: float  # spec-sheet peak
     mem_efficiency: float  # fraction of the peak a streaming kernel reaches
     kernel_ramp_s: float  # per matmul kernel at the maximum clock: prologue, epilogue, tail wave
+    small_kernel_s: float  # one short non-matmul kernel (norm, cache write, activation) at the maximum clock
+    memory_bytes: float  # HBM capacity: weights and the KV cache must fit in it
     onchip_bandwidth_ratio: float  # what the SMs and L2 can stream at the maximum clock, in HBM bandwidths
     engines: tuple[EngineSpec, ...]
     voltage_floor: float  # V / V(max clock) at low clocks: the minimum operating voltage
@@ -240,6 +265,8 @@ H100_SXM: Final = GpuSpec(
     mem_bandwidth_tbps=3.35,
     mem_efficiency=0.90,
     kernel_ramp_s=4.19e-6,
+    small_kernel_s=SMALL_KERNEL_S,
+    memory_bytes=80e9,
     onchip_bandwidth_ratio=2.0,
     engines=(
         EngineSpec("fp32", peak_tflops=66.9, efficiency=0.856, watts=821.0),
@@ -280,6 +307,8 @@ A100_SXM: Final = GpuSpec(
     mem_bandwidth_tbps=2.039,
     mem_efficiency=0.90,
     kernel_ramp_s=8e-6,
+    small_kernel_s=SMALL_KERNEL_S,
+    memory_bytes=80e9,
     onchip_bandwidth_ratio=2.0,
     engines=(
         EngineSpec("fp32", peak_tflops=19.5, efficiency=0.80, watts=250.0),
@@ -297,7 +326,29 @@ A100_SXM: Final = GpuSpec(
     source="uncalibrated prior from NVIDIA A100 spec-sheet figures",
 )
 
-GPU_MODELS: Final[Mapping[str, GpuSpec]] = {g.name: g for g in (H100_SXM, A100_SXM)}
+# H200 SXM (141 GB HBM3e, 4.8 TB/s; the same GH100 die, clocks and tensor peaks as the H100 SXM).
+# Fitted to h200_llama8b_decode_ctx4k.json (one NVIDIA H200, driver 580.159.04, 2026-12-06,
+# read-only) with the H100's compute engines, voltage curve and kernel costs kept: the memory
+# system (bandwidth efficiency, HBM and data-movement watts) and idle/awake power are the H200's
+# own. The file has only a 4,160-position decode and prefill at the 700 W limit, so what the
+# H200 does under a lowered cap is the H100's physics. Its power-limit constraints were not in
+# the file: the H100's 200-700 W are assumed (on real nodes the agent reports NVML's).
+H200_SXM: Final = replace(
+    H100_SXM,
+    name="NVIDIA H200",
+    idle_watts=78.0,
+    awake_watts=105.0,
+    hbm_watts=135.0,
+    data_movement_watts=300.0,
+    mem_clock_mhz=3201.0,
+    mem_bandwidth_tbps=4.8,
+    mem_efficiency=0.82,
+    memory_bytes=141e9,
+    calibrated=True,
+    source="H100 physics with the memory system fitted to h200_llama8b_decode_ctx4k.json (2026-12-06)",
+)
+
+GPU_MODELS: Final[Mapping[str, GpuSpec]] = {g.name: g for g in (H100_SXM, H200_SXM, A100_SXM)}
 
 
 # ---------------------------------------------------------------- precisions
@@ -315,6 +366,13 @@ class PrecisionTraits:
     host_s_per_matmul: float  # host time to issue one matmul and its (de)quantisation ops
     compute_factor: float  # extra math per useful FLOP (dequantisation)
     calibrated: bool
+    # Short kernels a matmul of this precision adds in a real decoder step: fp8 casts the
+    # activations and pads the rows (h100_llama8b_decode_fp8.json's `lin`).
+    extra_kernels_per_matmul: int = 0
+    # Share of the engine's large-GEMM rate its kernels reach on prefill-shaped matmuls: the
+    # probe's per-tensor-scaled fp8 matmuls with activation casts prefill only 1.35-1.39x faster
+    # than bf16 (h100_llama8b_decode_fp8.json), not the 2x of the tensor peaks.
+    prefill_efficiency: float = 1.0
 
 
 # fp32 / bf16 / fp8 rows are fitted to the probe's decode sweep. There fp8 pads
@@ -329,8 +387,8 @@ PRECISION_TRAITS: Final[Mapping[str, PrecisionTraits]] = {
     "tf32": PrecisionTraits(4.0, 4.0, "tf32", 16, 1, 10e-6, 1.0, False),
     "bf16": PrecisionTraits(2.0, 2.0, "fp16", 16, 1, 10e-6, 1.0, True),
     "fp16": PrecisionTraits(2.0, 2.0, "fp16", 16, 1, 10e-6, 1.0, False),
-    "fp8": PrecisionTraits(1.0, 2.0, "fp8", 16, 16, 26.5e-6, 1.0, True),
-    "int8": PrecisionTraits(1.0, 2.0, "int8", 16, 16, 26.5e-6, 1.0, False),
+    "fp8": PrecisionTraits(1.0, 2.0, "fp8", 16, 16, 26.5e-6, 1.0, True, 3, prefill_efficiency=0.74),
+    "int8": PrecisionTraits(1.0, 2.0, "int8", 16, 16, 26.5e-6, 1.0, False, 3, prefill_efficiency=0.74),
     "int4-awq": PrecisionTraits(0.5, 2.0, "fp16", 16, 1, 15e-6, 1.15, False),
 }
 
@@ -346,8 +404,75 @@ def _traits(precision: str) -> PrecisionTraits:
 
 
 @dataclass(frozen=True)
+class DecoderShape:
+    """A decoder-only transformer: what one decode step streams from HBM and computes.
+
+    Grouped-query attention: `heads` query heads share `kv_heads` key/value heads of `head_dim`.
+    The KV cache holds keys and values of every layer in 16-bit floats (2 bytes), whatever
+    precision the weights use, as the probe and most serving deployments do.
+    """
+
+    layers: int
+    hidden_size: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn_size: int  # SwiGLU: gate and up projections of this width, then down
+    vocab_size: int
+    # Kernels one layer of the probe's step launches: 4 matmuls, 2 RMSNorms of ~8 elementwise
+    # kernels each, 2 cache writes, attention, SiLU, a product and 2 residual adds.
+    kernels_per_layer: int = 27
+
+    def __post_init__(self) -> None:
+        if min(self.layers, self.hidden_size, self.heads, self.kv_heads, self.head_dim, self.ffn_size) < 1:
+            raise ValueError("a decoder shape needs positive sizes")
+        if self.heads % self.kv_heads:
+            raise ValueError("query heads must be a multiple of KV heads")
+        if self.kernels_per_layer < 4:
+            raise ValueError("a layer launches at least its 4 matmuls")
+
+    @property
+    def layer_params(self) -> int:
+        qkv = (self.heads + 2 * self.kv_heads) * self.head_dim * self.hidden_size
+        out = self.heads * self.head_dim * self.hidden_size
+        return qkv + out + 3 * self.hidden_size * self.ffn_size
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of the layers' matmuls: quantization applies to these."""
+        return self.layers * self.layer_params
+
+    @property
+    def head_params(self) -> int:
+        """The output projection over the vocabulary: read every step, kept in 16 bits."""
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def params(self) -> int:
+        """Every parameter, the input embedding included (a step reads only its rows)."""
+        return self.linear_params + 2 * self.head_params
+
+    @property
+    def kv_bytes_per_position(self) -> int:
+        """Cache bytes one sequence adds per position: keys and values of every layer."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * 2
+
+    @property
+    def attention_flops_per_position(self) -> int:
+        """One query token against one cached position: Q.K and P.V over every head and layer."""
+        return 4 * self.layers * self.heads * self.head_dim
+
+
+# Llama 3 8B (Meta's published configuration): the shape of h100_llama8b_decode*.json.
+LLAMA3_8B: Final = DecoderShape(
+    layers=32, hidden_size=4096, heads=32, kv_heads=8, head_dim=128, ffn_size=14336, vocab_size=128256
+)
+
+
+@dataclass(frozen=True)
 class WorkloadProfile:
-    """What a simulated workload does per step. Build one with `llm_decode`, `gemm` or `training`."""
+    """What a simulated workload does per step. Build one with `llama_decode`, `llama_prefill`,
+    `llm_decode` (the older projection-only stack), `gemm` or `training`."""
 
     kind: WorkloadKind
     name: str
@@ -360,8 +485,20 @@ class WorkloadProfile:
     compute_efficiency: float = 1.0  # FLOP/s relative to a large GEMM (training kernels mix in slower ops)
     compute_activity: float = 1.0  # energy per FLOP relative to a large GEMM (operand traffic, reuse)
     thermal_clock_limit_mhz: float | None = None  # a thermally throttled GPU's sustained clock ceiling
+    # A real decoder (decode and prefill): its layers, attention over a KV cache of
+    # `context_tokens` positions per sequence (prefill: the prompt length), and how the host
+    # launches a step: 0 replays a CUDA graph, more is eager launching at that cost per kernel.
+    shape: DecoderShape | None = None
+    context_tokens: int = 0
+    host_s_per_kernel: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.kind == "prefill" and (self.shape is None or self.context_tokens < 1):
+            raise ValueError("a prefill profile needs a decoder shape and a prompt length >= 1")
+        if self.shape is not None and (self.kind not in ("decode", "prefill") or self.context_tokens < 0):
+            raise ValueError("a decoder shape belongs to a decode or prefill profile with context >= 0")
+        if self.host_s_per_kernel < 0:
+            raise ValueError("host time per kernel must be non-negative")
         if self.kind == "gemm" and self.n < 1:
             raise ValueError("a gemm profile needs n >= 1")
         if self.kind != "gemm" and (self.params < 1 or self.hidden_size < 1):
@@ -386,6 +523,8 @@ class WorkloadProfile:
 
     @property
     def flops_per_unit(self) -> float:
+        if self.shape is not None:
+            return 2.0 * (self.shape.linear_params + self.shape.head_params)
         if self.kind == "gemm":
             return 2.0 * self.n**3
         if self.kind == "training":
@@ -414,6 +553,61 @@ def llm_decode(
         hidden_size=hidden_size,
         step_overhead_s=step_overhead_s,
         compute_activity=compute_activity,
+    )
+
+
+# A real decoder's decode matmuls spend less energy per FLOP than a large square GEMM (skinny
+# operands, weights streamed once), as the older projection stack's did (0.618, llm_decode).
+DECODER_COMPUTE_ACTIVITY: Final = 0.63
+# Prefill's matmuls, attention and elementwise work reach this share of a large GEMM's FLOP rate
+# and spend this share of its energy per FLOP: fitted to the 1 x 1,024 and 8 x 1,024-token
+# prefill rows of h100_llama8b_decode*.json (700 W limit, SM clock held at 1,560-1,725 MHz).
+PREFILL_COMPUTE_EFFICIENCY: Final = 0.65
+PREFILL_COMPUTE_ACTIVITY: Final = 0.50
+
+
+def llama_decode(
+    context_tokens: int = 1088,
+    cuda_graphs: bool = True,
+    shape: DecoderShape = LLAMA3_8B,
+    host_s_per_kernel: float = EAGER_HOST_S_PER_KERNEL,
+    name: str = "llama3-8b-decode",
+) -> WorkloadProfile:
+    """Decode of a real decoder (default Llama 3 8B): one token per sequence per step, every
+    weight and each sequence's whole KV cache of `context_tokens` positions read per step.
+    cuda_graphs=False launches kernels eagerly from the host (engines without CUDA graphs)."""
+    return WorkloadProfile(
+        kind="decode",
+        name=name,
+        unit="token",
+        params=shape.params,
+        hidden_size=shape.hidden_size,
+        compute_activity=DECODER_COMPUTE_ACTIVITY,
+        shape=shape,
+        context_tokens=context_tokens,
+        host_s_per_kernel=0.0 if cuda_graphs else host_s_per_kernel,
+    )
+
+
+def llama_prefill(
+    prompt_tokens: int = 1024,
+    shape: DecoderShape = LLAMA3_8B,
+    host_s_per_kernel: float = EAGER_HOST_S_PER_KERNEL,
+    name: str = "llama3-8b-prefill",
+) -> WorkloadProfile:
+    """Prefill: one causal pass over a prompt of `prompt_tokens` per sequence (batch_size
+    prompts at once), compute-bound; a unit is a prompt token."""
+    return WorkloadProfile(
+        kind="prefill",
+        name=name,
+        unit="token",
+        params=shape.params,
+        hidden_size=shape.hidden_size,
+        compute_efficiency=PREFILL_COMPUTE_EFFICIENCY,
+        compute_activity=PREFILL_COMPUTE_ACTIVITY,
+        shape=shape,
+        context_tokens=prompt_tokens,
+        host_s_per_kernel=host_s_per_kernel,
     )
 
 
@@ -522,6 +716,8 @@ def _step(
     f_mhz: float,
     mem_scale: float,
 ) -> _Step:
+    if profile.shape is not None:
+        return _decoder_step(gpu, profile, profile.shape, batch, traits, f_mhz, mem_scale)
     eng = gpu.engine(traits.engine)
     clock = f_mhz / gpu.max_sm_clock_mhz
     flops_per_s = eng.peak_tflops * 1e12 * eng.efficiency * profile.compute_efficiency * clock
@@ -574,6 +770,64 @@ def _step(
         compute_s=compute_s,
         busy_s=busy,
         units=batch,
+        activity=activity,
+    )
+
+
+def _decoder_step(
+    gpu: GpuSpec,
+    profile: WorkloadProfile,
+    shape: DecoderShape,
+    batch: int,
+    traits: PrecisionTraits,
+    f_mhz: float,
+    mem_scale: float,
+) -> _Step:
+    """One step of a real decoder: `batch` sequences decode one token each against their KV
+    caches, or (prefill) `batch` prompts of `context_tokens` pass through once."""
+    eng = gpu.engine(traits.engine)
+    clock = f_mhz / gpu.max_sm_clock_mhz
+    flops_per_s = eng.peak_tflops * 1e12 * eng.efficiency * profile.compute_efficiency * clock
+    if profile.kind == "prefill":
+        flops_per_s *= traits.prefill_efficiency
+    ctx = profile.context_tokens
+    weights = shape.linear_params * traits.weight_bytes + shape.head_params * 2.0
+    if profile.kind == "prefill":
+        tokens = batch * ctx
+        rows = tokens
+        # Causal attention: a prompt token attends to the positions before it, ctx / 2 on average.
+        attention_flops = tokens * (ctx / 2.0) * shape.attention_flops_per_position
+        cache_bytes = tokens * shape.kv_bytes_per_position  # written once
+    else:
+        tokens = batch
+        rows = batch if batch == 1 else math.ceil(batch / traits.tile_rows) * traits.tile_rows
+        rows = max(rows, traits.min_rows)
+        attention_flops = batch * ctx * shape.attention_flops_per_position
+        cache_bytes = batch * (ctx + ATTENTION_FIXED_POSITIONS) * shape.kv_bytes_per_position
+    activations = tokens * 16.0 * shape.hidden_size * shape.layers * traits.activation_bytes
+    memory_s = (weights + cache_bytes + activations) / gpu.bandwidth_bytes_per_s
+    compute_s = (2.0 * (shape.linear_params + shape.head_params) * rows * traits.compute_factor) / flops_per_s
+    compute_s += attention_flops / flops_per_s
+    matmuls = 4 * shape.layers + 1
+    small = shape.layers * (shape.kernels_per_layer - 4 + 4 * traits.extra_kernels_per_matmul)
+    ramp_s = matmuls * gpu.kernel_ramp_s / clock
+    bandwidth_share = min(mem_scale, gpu.onchip_bandwidth_ratio * clock)
+    # Short kernels run one after another between the matmuls: nothing hides them.
+    busy = _overlap(memory_s / bandwidth_share, compute_s + ramp_s) + small * gpu.small_kernel_s / clock
+    host = (matmuls + small) * profile.host_s_per_kernel
+    seconds = busy
+    if host > 0.0:
+        big = max(host, busy)
+        p = EAGER_OVERLAP_EXPONENT
+        seconds = big * float(((host / big) ** p + (busy / big) ** p) ** (1.0 / p))
+    real = tokens / rows
+    activity = profile.compute_activity * (real + ZERO_OPERAND_ENERGY * (1.0 - real))
+    return _Step(
+        seconds=seconds,
+        memory_s=memory_s,
+        compute_s=compute_s,
+        busy_s=busy,
+        units=tokens,
         activity=activity,
     )
 
