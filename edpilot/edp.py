@@ -67,6 +67,11 @@ class MemberSample(BaseModel):
     latencySeconds: float | None = None
     counterResets: int = 0
     healthy: bool = True  # the agent's verdict on the pod's work counter (scrape, value, progress)
+    # A serving engine's load gauges: requests running and waiting for a slot, and its counter of
+    # finished requests (None: not exposed).
+    requestsRunning: float | None = None
+    requestsWaiting: float | None = None
+    requestsFinished: float | None = None
 
 
 class Sample(BaseModel):
@@ -100,6 +105,13 @@ class Window:
     latencySeconds: float | None
     config: ReportedConfig
     joulesByMember: tuple[tuple[str, float], ...]
+    waiting: tuple[float, float] | None = None  # requests waiting at the window's start and end
+    running: float | None = None  # requests running at the window's end
+    arrivals: float | None = None  # requests that arrived in the window: finished + the rise in flight
+
+    @property
+    def watts(self) -> float:
+        return self.joules / self.seconds
 
     @property
     def unitsPerSecond(self) -> float:
@@ -154,7 +166,11 @@ def _numbers(sample: Sample) -> list[float]:
     values = [sample.time]
     for m in sample.members:
         values += [m.energyJoules, m.workUnits, m.powerWatts]
-        values += [v for v in (m.capWatts, m.latencySeconds) if v is not None]
+        values += [
+            v
+            for v in (m.capWatts, m.latencySeconds, m.requestsRunning, m.requestsWaiting, m.requestsFinished)
+            if v is not None
+        ]
     return values
 
 
@@ -212,7 +228,38 @@ def window(start: Sample, end: Sample, min_seconds: float = 0.0) -> Window | Bad
         latencySeconds=max(latencies) if latencies else None,
         config=config_end,
         joulesByMember=joules_by_member,
+        waiting=_waiting(start, end),
+        running=_pod_gauge(end, "requestsRunning"),
+        arrivals=_arrivals(start, end),
     )
+
+
+def _pod_gauge(sample: Sample, name: str) -> float | None:
+    """A serving gauge of the workload: the pod's value (its GPUs report the same), None if absent."""
+    values = [getattr(m, name) for m in sample.members]
+    return None if any(v is None for v in values) or not values else max(values)
+
+
+def _arrivals(start: Sample, end: Sample) -> float | None:
+    """Requests offered in the window, whatever the engine made of them: those that finished plus
+    the rise of those in flight. Unlike tokens served, it does not swell while a backlog drains."""
+
+    def finished_and_in_flight(sample: Sample) -> tuple[float, float] | None:
+        done, running, waiting = (
+            _pod_gauge(sample, n) for n in ("requestsFinished", "requestsRunning", "requestsWaiting")
+        )
+        return None if done is None or running is None or waiting is None else (done, running + waiting)
+
+    a, b = finished_and_in_flight(start), finished_and_in_flight(end)
+    if a is None or b is None or b[0] < a[0]:
+        return None
+    arrived = b[0] - a[0] + b[1] - a[1]
+    return arrived if arrived >= 0 else None
+
+
+def _waiting(start: Sample, end: Sample) -> tuple[float, float] | None:
+    first, last = _pod_gauge(start, "requestsWaiting"), _pod_gauge(end, "requestsWaiting")
+    return None if first is None or last is None else (first, last)
 
 
 def relative_std(values: list[float]) -> float:
@@ -264,6 +311,13 @@ class Metrics(BaseModel):
     windows: int = 0
     seconds: float = 0.0
     wattsByMember: dict[str, float] = {}
+    # Load-driven (serving) workloads: the latency noise, and the queue of requests waiting for a
+    # slot (its largest value at a window's end, and how much it grew from first to last window).
+    latencyNoise: float = 0.0
+    arrivalRate: float | None = None  # requests offered per second
+    peakWaiting: float | None = None
+    queueGrowth: float | None = None
+    peakRunning: float | None = None
 
     @property
     def watts(self) -> float:
@@ -285,6 +339,10 @@ class Accumulator(BaseModel):
     throughputs: list[float] = []
     latencies: list[float] = []
     joulesByMember: dict[str, float] = {}
+    watts: list[float] = []  # per window: what a load-driven workload's energy is judged on
+    arrivals: float | None = None  # requests offered over the windows (None: not reported)
+    waiting: list[tuple[float, float]] = []
+    running: list[float] = []
 
     def accepts(self, w: Window) -> bool:
         return self.windows == 0 or (
@@ -308,22 +366,52 @@ class Accumulator(BaseModel):
             throughputs=[*base.throughputs, w.unitsPerSecond],
             latencies=[*base.latencies, w.latencySeconds] if w.latencySeconds is not None else base.latencies,
             joulesByMember=by_member,
+            watts=[*base.watts, w.watts],
+            arrivals=None
+            if w.arrivals is None or (base.windows and base.arrivals is None)
+            else (base.arrivals or 0.0) + w.arrivals,
+            waiting=[*base.waiting, w.waiting] if w.waiting is not None else base.waiting,
+            running=[*base.running, w.running] if w.running is not None else base.running,
         )
 
-    def metrics(self, objective: Objective) -> Metrics:
+    def metrics(self, objective: Objective, served_load: float | None = None) -> Metrics:
+        """The configuration's figures. With `served_load` (units/s) the workload is load-driven:
+        demand, not the configuration, sets its work rate, so energy per unit is its power over
+        that load (the random load of each window would otherwise dominate the comparison), the
+        delay a unit sees is its measured latency, and the objective is the energy per unit: the
+        latency is bounded by the policy's SLO and slowdown limit instead of traded against
+        energy, because a window's latency quantile is far noisier than its power."""
         ups = self.units / self.seconds
-        jpu = self.joules / self.units
-        spu = seconds_per_unit(ups, self.batchSize)
+        latency = sum(self.latencies) / len(self.latencies) if self.latencies else None
+        queue: dict[str, float | None] = {"peakWaiting": None, "queueGrowth": None, "peakRunning": None}
+        if self.waiting:
+            queue["peakWaiting"] = max(end for _, end in self.waiting)
+            queue["queueGrowth"] = self.waiting[-1][1] - self.waiting[0][0]
+        if self.running:
+            queue["peakRunning"] = max(self.running)
+        if served_load is not None and served_load > 0 and latency is not None:
+            jpu = self.joules / self.seconds / served_load
+            spu = latency
+            value = jpu
+            noise = relative_std(self.watts)
+        else:
+            jpu = self.joules / self.units
+            spu = seconds_per_unit(ups, self.batchSize)
+            value = objective_value(objective, jpu, spu)
+            noise = relative_std(self.objectives)
         return Metrics(
             joulesPerUnit=jpu,
             secondsPerUnit=spu,
             unitsPerSecond=ups,
             edp=jpu * spu,
-            objective=objective_value(objective, jpu, spu),
-            latencySeconds=sum(self.latencies) / len(self.latencies) if self.latencies else None,
-            noise=relative_std(self.objectives),
+            objective=value,
+            latencySeconds=latency,
+            noise=noise,
             throughputNoise=relative_std(self.throughputs),
             windows=self.windows,
             seconds=self.seconds,
             wattsByMember={m: j / self.seconds for m, j in self.joulesByMember.items()},
+            latencyNoise=relative_std(self.latencies),
+            arrivalRate=None if self.arrivals is None else self.arrivals / self.seconds,
+            **queue,
         )

@@ -9,7 +9,16 @@ configuration the workload REPORTS it runs, and moves a small state machine:
 
 Every probe is measured over enough windows to beat the noise measured at the baseline, and a
 probe only replaces the best configuration so far when it is better by more than that noise and
-keeps throughput within `maxSlowdownPercent` (and the latency SLO). Every decision is a function
+keeps throughput within `maxSlowdownPercent` (and the latency SLO).
+
+A policy with a latency SLO governs load-driven (serving) workloads: demand sets their work
+rate, so a configuration is judged at the load it serves. Its slowdown is the rise of the named
+latency over the baseline's, its energy per unit is its power over the served load (which is
+what it minimises, the latency being bounded by the SLO and the slowdown limit), and one whose
+queue of waiting requests grows cannot carry the load and is never kept. A converged
+serving workload that breaks its SLO falls back to its safe configuration at once; when its load
+moves to another level it switches to what it found for that level before, or explores anew
+(quantization only once: engines reload their weights to change it). Every decision is a function
 of its inputs; the whole state is a JSON-serialisable pydantic model, so a restarted operator
 resumes mid-exploration from what it stored in the policy's status.
 """
@@ -77,6 +86,12 @@ class Tuning(BaseModel):
     driftMinPercent: float = Field(default=10.0, gt=0)
     driftHoldoffSeconds: float = Field(default=120.0, ge=0)
     degradedAfterBadWindows: int = Field(default=3, ge=1)
+    # Load-driven workloads: a load level spans this relative change of the served load, judged on
+    # the mean of this many windows (a window's load is as random as its arrivals).
+    loadTolerance: float = Field(default=0.25, gt=0)
+    loadWindows: int = Field(default=6, ge=1)
+    # Requests waiting for a slot that a configuration may leave (or add to the queue) in a probe.
+    queueAllowance: float = Field(default=4.0, ge=0)
 
 
 DEFAULT_TUNING = Tuning()
@@ -170,6 +185,16 @@ class Probe(BaseModel):
     failed: str | None = None
 
 
+class LoadLevel(BaseModel):
+    """A load-driven workload's choice at one level of load, kept to switch back to it cheaply."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    load: float  # offered while it was measured: requests/s, or units/s (`offered_load`)
+    baseline: Probe
+    choice: Probe
+
+
 class OptimizerState(BaseModel):
     """Everything the optimizer remembers about one workload (stored in the policy's status)."""
 
@@ -196,6 +221,10 @@ class OptimizerState(BaseModel):
     driftStreak: int = 0
     convergedAt: float | None = None
     energySavedJoules: float = 0.0
+    latencyNoise: float = 0.0
+    levels: list[LoadLevel] = []  # load-driven: what each load level converged on
+    heldQuantization: Profile | None = None  # load-driven: chosen once, at the first level
+    recentLoads: list[float] = []  # load-driven: the last windows' units/s while converged
 
 
 # ---------------------------------------------------------------- outputs
@@ -305,6 +334,11 @@ class _Ctx:
     def known_bounds(self) -> list[CapBounds]:
         return [b for b in self.bounds.values() if not isinstance(b, str)]
 
+    @property
+    def load_driven(self) -> bool:
+        """A policy with a latency SLO governs serving: demand, not the configuration, sets the work rate."""
+        return self.policy.latencySLO is not None
+
     def event(self, kind: Literal["Normal", "Warning"], reason: str, message: str) -> None:
         self.events.append(Event(type=kind, reason=reason, message=message))
         self.reasons.append(message)
@@ -314,18 +348,39 @@ def _threshold(st: OptimizerState, t: Tuning) -> float:
     return significance_threshold(st.noise, st.windowsPerProbe, t.noiseK, t.noiseFloor)
 
 
+def slowdown_percent(m: Metrics, baseline: Metrics, load_driven: bool) -> float | None:
+    """How much slower `m` is than `baseline`: throughput lost, or for a load-driven workload
+    (whose throughput is its demand) the rise of its latency. None when it cannot be told."""
+    if not load_driven:
+        return 100.0 * (1.0 - m.unitsPerSecond / baseline.unitsPerSecond)
+    if m.latencySeconds is None or not baseline.latencySeconds:
+        return None
+    return 100.0 * (m.latencySeconds / baseline.latencySeconds - 1.0)
+
+
 def _slack(m: Metrics, st: OptimizerState, ctx: _Ctx) -> float:
-    """Percentage points of throughput left before the slowdown limit, less the measurement noise."""
+    """Percentage points left before the slowdown limit, less the measurement noise."""
     assert st.baseline is not None and st.baseline.metrics is not None
     t = ctx.tuning
-    margin = 100.0 * t.slowdownNoiseK * st.throughputNoise * math.sqrt(2.0 / max(st.windowsPerProbe, 1))
-    slowdown = 100.0 * (1.0 - m.unitsPerSecond / st.baseline.metrics.unitsPerSecond)
+    noise = st.latencyNoise if ctx.load_driven else st.throughputNoise
+    margin = 100.0 * t.slowdownNoiseK * noise * math.sqrt(2.0 / max(st.windowsPerProbe, 1))
+    slowdown = slowdown_percent(m, st.baseline.metrics, ctx.load_driven)
+    if slowdown is None:
+        return -100.0  # a slowdown that cannot be checked is not within the limit
     return ctx.policy.maxSlowdownPercent - slowdown - margin
+
+
+def _overloaded(m: Metrics, st: OptimizerState, ctx: _Ctx) -> bool:
+    """Requests queue up: the configuration cannot carry the load it was offered."""
+    if m.peakWaiting is None:
+        return False
+    normal = _normal_queue(st, ctx)
+    return (m.queueGrowth or 0.0) > normal or m.peakWaiting > normal
 
 
 def _violation(m: Metrics, st: OptimizerState, ctx: _Ctx) -> float:
     """How far a measurement breaks the policy's limits (0: within them). The slowdown limit is
-    tightened by the throughput noise, so a kept configuration is within it with confidence."""
+    tightened by the measurement noise, so a kept configuration is within it with confidence."""
     policy = ctx.policy
     over = max(0.0, -_slack(m, st, ctx))
     slo = policy.latencySLO
@@ -334,6 +389,12 @@ def _violation(m: Metrics, st: OptimizerState, ctx: _Ctx) -> float:
             over += 100.0  # an SLO that cannot be checked is not met
         elif m.latencySeconds > slo.maxSeconds:
             over += 100.0 * (m.latencySeconds / slo.maxSeconds - 1.0)
+    if (
+        ctx.load_driven
+        and m is not (st.baseline.metrics if st.baseline else None)
+        and _overloaded(m, st, ctx)
+    ):
+        over += 100.0
     return over
 
 
@@ -409,15 +470,26 @@ def _stage_best(st: OptimizerState, stage: Stage, ctx: _Ctx) -> Probe:
     return best
 
 
+def _limit_binds(st: OptimizerState, ctx: _Ctx) -> bool:
+    """Does the serving engine's sequence limit bind: do requests wait, or run close to it?"""
+    assert st.incumbent is not None and st.incumbent.metrics is not None
+    m, limit = st.incumbent.metrics, st.incumbent.config.batchSize
+    if m.peakRunning is None or limit is None:
+        return True  # no load gauges: the limit may bind, so it is searched
+    return (m.peakWaiting or 0.0) > ctx.tuning.queueAllowance or m.peakRunning >= 0.9 * limit
+
+
 def _next_batch(st: OptimizerState, ctx: _Ctx) -> Config | None:
-    """Hill-climb over the candidates (a unimodal curve): up from the best, then down."""
+    """Hill-climb over the candidates (a unimodal curve): up from the best, then down. A serving
+    engine's batch knob only limits what runs: a lower limit never saves energy (the same work
+    waits for fewer slots), so a load-driven workload is only probed upwards."""
     assert st.incumbent is not None and st.incumbent.config.batchSize is not None
     candidates = batch_candidates(ctx.policy, ctx.workload)
     probed = {st.incumbent.config.batchSize} | {p.config.batchSize for p in _stage_probes(st, "batch")}
     best = _stage_best(st, "batch", ctx).config.batchSize
     assert best is not None
     up = [c for c in candidates if c > best]
-    down = [c for c in candidates if c < best]
+    down = [] if ctx.load_driven else [c for c in candidates if c < best]
     for neighbour in up[:1] + down[-1:]:
         if neighbour not in probed:
             return st.incumbent.config.model_copy(update={"batchSize": neighbour})
@@ -631,6 +703,8 @@ def _stage_applies(stage: Stage, st: OptimizerState, ctx: _Ctx) -> str | None:
             return "quantization: the workload does not report the profile it runs"
         if not _eligible_profiles(st, ctx):
             return "quantization: no allowed profile declares an accuracy within maxAccuracyDropPercent"
+        if ctx.load_driven and st.heldQuantization is not None:
+            return "quantization: chosen at the first load level (a serving engine reloads to change it)"
     elif stage == "batch":
         if policy.batchSize.mode != "Auto":
             return "batch size: mode Off"
@@ -638,6 +712,8 @@ def _stage_applies(stage: Stage, st: OptimizerState, ctx: _Ctx) -> str | None:
             return "batch size: the workload does not report the batch size it runs"
         if not batch_candidates(policy, ctx.workload):
             return "batch size: no multiple of multipleOf inside the allowed range"
+        if ctx.load_driven and not _limit_binds(st, ctx):
+            return "batch size: the sequence limit does not bind at this load (fewer run, none wait)"
     else:
         if policy.powerCap.mode != "Auto":
             return f"power cap: mode {policy.powerCap.mode}"
@@ -697,7 +773,16 @@ def _describe(config: Config, ctx: _Ctx) -> str:
 
 
 def _baseline_target(st: OptimizerState, ctx: _Ctx) -> Config:
-    return Config(quantization=st.origin.quantization, batchSize=st.origin.batchSize)
+    """The workload's own hints at the baseline cap. A serving workload keeps the precision and
+    any larger sequence limit its first level chose: changing the precision reloads the engine,
+    and a smaller limit only takes capacity away."""
+    origin = Config(quantization=st.origin.quantization, batchSize=st.origin.batchSize)
+    if not ctx.load_driven:
+        return origin
+    batch = max((lv.choice.config.batchSize or 0 for lv in st.levels), default=0)
+    if origin.batchSize is not None:
+        batch = max(batch, origin.batchSize)
+    return Config(quantization=st.heldQuantization or origin.quantization, batchSize=batch or None)
 
 
 def _set_target(st: OptimizerState, config: Config, ctx: _Ctx) -> None:
@@ -753,6 +838,9 @@ def _converge(st: OptimizerState, ctx: _Ctx) -> None:
     st.stage = None
     st.convergedAt = ctx.now
     st.driftStreak = 0
+    st.recentLoads = []
+    if ctx.load_driven:
+        _remember_level(st, ctx)
     _set_target(st, st.incumbent.config, ctx)
     ctx.event("Normal", "Converged", f"converged on {_describe(st.incumbent.config, ctx)}: {_summary(st)}")
 
@@ -811,11 +899,17 @@ def _measure(st: OptimizerState, w: Window, ctx: _Ctx) -> None:
     if st.settle > 0:
         st.settle -= 1
         return
+    if ctx.load_driven and _draining(w, st, ctx):
+        # A backlog (after a reload, or a burst) is being served, and its requests keep the batch
+        # large a while after the queue is empty: neither is this configuration's steady state.
+        st.settle = 1
+        ctx.reasons.append("serving a backlog of waiting requests: the window is not measured")
+        return
     st.acc = st.acc.add(w, ctx.policy.objective)
     if st.phase in ("Baseline", "Drifted"):
         if st.acc.windows < t.baselineWindows:
             return
-        metrics = st.acc.metrics(ctx.policy.objective)
+        metrics = st.acc.metrics(ctx.policy.objective, _served_load(st, ctx))
         needed = windows_to_beat_noise(metrics.noise, t.noiseK, t.noiseFloor, t.baselineWindows, t.maxWindows)
         if st.acc.windows < needed:
             return
@@ -832,12 +926,87 @@ def _measure(st: OptimizerState, w: Window, ctx: _Ctx) -> None:
         )
         _advance(st, ctx)
         return
+    breach = _breach(w, st, ctx) if ctx.load_driven else None
+    if breach is not None:
+        # A probe that cannot carry the load is stopped at once, not measured to the end.
+        metrics = st.acc.metrics(ctx.policy.objective, _served_load(st, ctx))
+        st.probes = [
+            *st.probes,
+            Probe(stage=st.stage or "cap", config=st.target, metrics=metrics, failed=breach),
+        ]
+        ctx.event("Warning", "ProbeFailed", f"{_describe(st.target, ctx)}: {breach}")
+        _advance(st, ctx)
+        return
     if st.acc.windows < st.windowsPerProbe:
         return
-    metrics = st.acc.metrics(ctx.policy.objective)
+    metrics = st.acc.metrics(ctx.policy.objective, _served_load(st, ctx))
+    if ctx.load_driven and not _same_level(offered_load(metrics), st, ctx):
+        _rebaseline(
+            st, ctx, f"the load moved to {_load_text(offered_load(metrics), metrics)} during the exploration"
+        )
+        return
     st.probes = [*st.probes, Probe(stage=st.stage or "cap", config=st.target, metrics=metrics)]
     _update_noise(st, t)
     _advance(st, ctx)
+
+
+def _served_load(st: OptimizerState, ctx: _Ctx) -> float | None:
+    """The load a load-driven workload's configurations are compared at: its baseline's (the
+    baseline itself: its own); None for workloads whose configuration sets their work rate."""
+    if not ctx.load_driven:
+        return None
+    if st.baseline is not None and st.baseline.metrics is not None:
+        return st.baseline.metrics.unitsPerSecond
+    return st.acc.units / st.acc.seconds if st.acc.seconds > 0 else None
+
+
+def offered_load(m: Metrics) -> float:
+    """What a load-driven workload is offered: requests per second where the engine reports them,
+    else the units per second it serves."""
+    return m.arrivalRate if m.arrivalRate is not None else m.unitsPerSecond
+
+
+def _window_load(w: Window) -> float:
+    return w.arrivals / w.seconds if w.arrivals is not None else w.unitsPerSecond
+
+
+def _load_text(load: float, m: Metrics | Window) -> str:
+    unit = (
+        "requests/s" if (m.arrivalRate if isinstance(m, Metrics) else m.arrivals) is not None else "units/s"
+    )
+    return f"{load:.4g} {unit}"
+
+
+def _same_level(load: float, st: OptimizerState, ctx: _Ctx) -> bool:
+    if st.baseline is None or st.baseline.metrics is None:
+        return True
+    reference = offered_load(st.baseline.metrics)
+    return reference <= 0 or abs(math.log(max(load, 1e-12) / reference)) <= math.log1p(
+        ctx.tuning.loadTolerance
+    )
+
+
+def _normal_queue(st: OptimizerState, ctx: _Ctx) -> float:
+    """Requests that may wait at this load: the allowance, or twice what the baseline left waiting."""
+    base = st.baseline.metrics if st.baseline is not None else None
+    return max(ctx.tuning.queueAllowance, 2.0 * (base.peakWaiting or 0.0) if base else 0.0)
+
+
+def _draining(w: Window, st: OptimizerState, ctx: _Ctx) -> bool:
+    """The window started with a backlog and ended with a shorter one."""
+    return w.waiting is not None and w.waiting[0] > _normal_queue(st, ctx) and w.waiting[1] < w.waiting[0]
+
+
+def _breach(w: Window, st: OptimizerState, ctx: _Ctx) -> str | None:
+    """Why one window of a serving workload shows it cannot carry its load, or None."""
+    slo = ctx.policy.latencySLO
+    if slo is not None and w.latencySeconds is not None and w.latencySeconds > slo.maxSeconds:
+        return f"latency {w.latencySeconds:.3g} s over the SLO's {slo.maxSeconds:g} s"
+    if w.waiting is not None:
+        start, end = w.waiting
+        if end > _normal_queue(st, ctx) and end > start:
+            return f"{end:.0f} requests waiting for a slot and the queue growing: it cannot carry the load"
+    return None
 
 
 def _update_noise(st: OptimizerState, t: Tuning) -> None:
@@ -846,6 +1015,7 @@ def _update_noise(st: OptimizerState, t: Tuning) -> None:
     measured = [p.metrics for p in [st.baseline, *st.probes] if p is not None and p.metrics is not None]
     st.noise = pooled_relative_std([(m.noise, m.windows) for m in measured])
     st.throughputNoise = pooled_relative_std([(m.throughputNoise, m.windows) for m in measured])
+    st.latencyNoise = pooled_relative_std([(m.latencyNoise, m.windows) for m in measured])
     st.windowsPerProbe = windows_to_beat_noise(st.noise, t.noiseK, t.noiseFloor, t.probeWindows, t.maxWindows)
 
 
@@ -859,6 +1029,9 @@ def _watch_drift(st: OptimizerState, w: Window, ctx: _Ctx) -> None:
     if st.settle > 0:
         st.settle -= 1
         return
+    if ctx.load_driven:
+        _follow_load(st, w, ctx)
+        return
     reference = st.incumbent.metrics.unitsPerSecond
     change = w.unitsPerSecond / reference - 1.0
     limit = max(t.driftMinPercent / 100.0, t.noiseK * st.noise)
@@ -866,6 +1039,59 @@ def _watch_drift(st: OptimizerState, w: Window, ctx: _Ctx) -> None:
     st.driftStreak = st.driftStreak + 1 if abs(change) > limit and settled else 0
     if st.driftStreak >= t.driftWindows:
         _rebaseline(st, ctx, f"work rate changed by {100 * change:+.0f}% at the same configuration")
+
+
+def _follow_load(st: OptimizerState, w: Window, ctx: _Ctx) -> None:
+    """A converged serving workload: fall back at once when its configuration stops carrying the
+    load, and move with the load between levels, reusing what each level found."""
+    assert st.incumbent is not None and st.incumbent.metrics is not None
+    t = ctx.tuning
+    safe = _baseline_target(st, ctx)
+    breach = _breach(w, st, ctx)
+    if breach is not None and st.target != safe:
+        ctx.event("Warning", "SLOBreach", f"{_describe(st.target, ctx)}: {breach}; falling back")
+        st.levels = [lv for lv in st.levels if lv.choice.config != st.target]
+        _rebaseline(st, ctx, "the chosen configuration stopped carrying the load")
+        return
+    st.recentLoads = [*st.recentLoads, _window_load(w)][-t.loadWindows :]
+    settled = st.convergedAt is not None and ctx.now - st.convergedAt >= t.driftHoldoffSeconds
+    if len(st.recentLoads) < t.loadWindows or not settled:
+        return
+    load = sum(st.recentLoads) / len(st.recentLoads)
+    if _same_level(load, st, ctx):
+        return
+    st.recentLoads = []
+    known = [
+        lv for lv in st.levels if abs(math.log(max(load, 1e-12) / lv.load)) <= math.log1p(t.loadTolerance)
+    ]
+    if not known:
+        _rebaseline(st, ctx, f"the load moved to {_load_text(load, w)}, a level not explored yet")
+        return
+    level = min(known, key=lambda lv: abs(math.log(max(load, 1e-12) / lv.load)))
+    st.baseline, st.incumbent = level.baseline, level.choice
+    st.convergedAt = ctx.now
+    _set_target(st, level.choice.config, ctx)
+    ctx.event(
+        "Normal",
+        "LoadLevelChanged",
+        f"the load moved to {_load_text(load, w)}: back to {_describe(level.choice.config, ctx)}, "
+        f"found for {_load_text(level.load, w)}",
+    )
+
+
+def _remember_level(st: OptimizerState, ctx: _Ctx) -> None:
+    """Keep what this level converged on (replacing an older record of the same level), and the
+    precision a serving engine keeps from now on."""
+    if st.baseline is None or st.baseline.metrics is None or st.incumbent is None:
+        return
+    load = offered_load(st.baseline.metrics)
+    if load <= 0:
+        return
+    same = math.log1p(ctx.tuning.loadTolerance)
+    kept = [lv for lv in st.levels if abs(math.log(load / lv.load)) > same]
+    st.levels = [*kept, LoadLevel(load=load, baseline=st.baseline, choice=st.incumbent)][-16:]
+    if st.heldQuantization is None:
+        st.heldQuantization = st.incumbent.config.quantization or st.origin.quantization
 
 
 def _initial(policy: EnergyPolicySpec, workload: WorkloadInfo, ctx: _Ctx) -> OptimizerState:
@@ -979,7 +1205,7 @@ def _decision(st: OptimizerState, ctx: _Ctx, bad: BadData | None) -> Decision:
         baseline=_measurement(baseline) if baseline else None,
         current=_measurement(current) if current else None,
         edpReductionPercent=100.0 * (1.0 - current.edp / baseline.edp) if baseline and current else None,
-        slowdownPercent=100.0 * (1.0 - current.unitsPerSecond / baseline.unitsPerSecond)
+        slowdownPercent=slowdown_percent(current, baseline, ctx.load_driven)
         if baseline and current
         else None,
         energySavedJoules=max(0.0, st.energySavedJoules),

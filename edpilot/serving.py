@@ -279,7 +279,9 @@ class ServingEngine:
     def _costs_for(self, config: EngineConfig) -> StepCosts:
         if not self.model.gpu.supports(config.precision):
             raise ValueError(f"{self.model.gpu.name} cannot run precision {config.precision!r}")
-        return step_costs(self.model, config.precision, config.cap_watts, config.max_num_seqs)
+        # Sequences admitted under a larger limit finish under the new one.
+        most = max(config.max_num_seqs, self.running)
+        return step_costs(self.model, config.precision, config.cap_watts, most)
 
     def configure(self, config: EngineConfig, reload_seconds: float = 0.0) -> None:
         """Apply a new configuration. A new precision reloads the weights: the engine serves
@@ -444,7 +446,8 @@ def _cumulative(fine: dict[int, float], bounds: Sequence[float]) -> list[tuple[f
 
 def exposition(engine: ServingEngine, model_name: str = "llama-3-8b") -> str:
     """The engine's metrics in Prometheus text format under vLLM's names (v1 engine metrics:
-    generation/prompt token counters, ITL and TTFT histograms, running/waiting and KV gauges)."""
+    generation/prompt token and finished-request counters, ITL and TTFT histograms, running,
+    waiting and KV-cache gauges)."""
     c = engine.counters
     label = f'model_name="{model_name}"'
     lines = [
@@ -452,6 +455,8 @@ def exposition(engine: ServingEngine, model_name: str = "llama-3-8b") -> str:
         f"vllm:generation_tokens_total{{{label}}} {c.generation_tokens}",
         "# TYPE vllm:prompt_tokens_total counter",
         f"vllm:prompt_tokens_total{{{label}}} {c.prompt_tokens}",
+        "# TYPE vllm:request_success_total counter",
+        f'vllm:request_success_total{{{label},finished_reason="stop"}} {c.finished}',
         "# TYPE vllm:num_requests_running gauge",
         f"vllm:num_requests_running{{{label}}} {engine.running}",
         "# TYPE vllm:num_requests_waiting gauge",

@@ -7,6 +7,11 @@ interval the agent's view (cumulative energy, work, enforced limit, reported con
 through `optimizer.step`, and its decision is applied: caps at once (the agent), hints later
 (the workload).
 
+Serving workloads run `serving.ServingEngine` under offered load (a steady rate or a diurnal
+trace): demand sets their work rate, their batch knob limits the sequences in flight, and they
+report what a vLLM engine exposes (generated tokens, the policy's latency, running and waiting
+requests), so the optimizer judges them on latency at the load they serve.
+
 `run_fleet(config, seed)` is the reusable pure part; `main` prints a table or `--json`.
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 from collections.abc import Sequence
@@ -21,9 +27,10 @@ from dataclasses import dataclass, field, replace
 
 from pydantic import BaseModel, ConfigDict
 
-from edpilot import gpusim
+from edpilot import gpusim, serving
 from edpilot.edp import MemberSample, Metrics, objective_value, seconds_per_unit
 from edpilot.models import (
+    PROFILES,
     BatchSizeSpec,
     EnergyPolicySpec,
     LabelSelector,
@@ -52,6 +59,26 @@ RELOAD_SECONDS = 20.0  # a quantization switch reloads the weights: no work mean
 
 
 @dataclass(frozen=True)
+class ServingLoad:
+    """What a serving workload is offered: requests per second over the day (a steady rate when
+    troughFraction is 1), of the model's prompt and output lengths."""
+
+    model: serving.ServedModel
+    peakRequestsPerSecond: float
+    troughFraction: float = 1.0
+    peakHour: float = 15.0
+    startHour: float = 0.0  # the hour of the day at simulated time 0
+
+    def rate(self, t_seconds: float) -> float:
+        return serving.diurnal_rate(
+            t_seconds + 3600.0 * self.startHour,
+            self.peakRequestsPerSecond,
+            self.troughFraction,
+            self.peakHour,
+        )
+
+
+@dataclass(frozen=True)
 class SimWorkloadSpec:
     """One simulated workload: what it runs, the policy that selects it, and its GPUs."""
 
@@ -67,6 +94,7 @@ class SimWorkloadSpec:
     gpu: gpusim.GpuSpec = gpusim.H100_SXM
     # One GPU too runs synchronous steps (compute, then a sync), as the sim agent runs a pod.
     synchronous: bool = False
+    serving: ServingLoad | None = None  # a serving engine under offered load (profile unused)
 
 
 @dataclass(frozen=True)
@@ -87,27 +115,49 @@ def _policy(**overrides: object) -> EnergyPolicySpec:
 
 DECODE_ACCURACY: dict[Profile, float] = {"bf16": 1.0, "fp16": 0.999, "fp8": 0.995, "int8": 0.97}
 
+# Chat serving of a Llama-3-8B-shaped model: tokens counted and latency read under vLLM's names.
+# The median inter-token latency is what the policy bounds (within 50 ms, and at most 20% above
+# what the defaults give): a window's median is stable, its 99th percentile swings by 15-30%
+# from one 5 s window to the next, which no slowdown limit of a few tens of percent can resolve.
+CHAT_WORK = WorkMetric(name="vllm:generation_tokens_total", unit="tokens")
+CHAT_ITL_SLO = LatencySLO(metricName="vllm:inter_token_latency_seconds", quantile=0.5, maxSeconds=0.05)
 
-def sample_fleet() -> FleetConfig:
-    """The sample fleet of the issue: decode at several batch sizes and precisions, a compute-bound
-    training job and a two-GPU job with a straggler."""
-    decode = gpusim.llm_decode()
-    serving = _policy(
+
+def serving_policy(knobs: bool = True, min_cap_percent: float = 30.0) -> EnergyPolicySpec:
+    """The chat policy: every knob, or (knobs=False) the power cap alone."""
+    return _policy(
         objective="EDP",
-        maxSlowdownPercent=10,
-        latencySLO=LatencySLO(metricName="time_per_output_token_seconds", maxSeconds=0.005),
-        powerCap=PowerCapSpec(mode="Auto", minPercent=50, maxPercent=100),
-        batchSize=BatchSizeSpec(mode="Auto", min=8, max=1024, multipleOf=8),
+        maxSlowdownPercent=20,
+        latencySLO=CHAT_ITL_SLO,
+        workMetric=CHAT_WORK,
+        powerCap=PowerCapSpec(mode="Auto", minPercent=min_cap_percent, maxPercent=100),
+        batchSize=BatchSizeSpec(mode="Auto" if knobs else "Off", min=64, max=1024, multipleOf=64),
         quantization=QuantizationSpec(
-            mode="Auto", allowed=["bf16", "fp8", "int8"], maxAccuracyDropPercent=1.0
+            mode="Auto" if knobs else "Off", allowed=["bf16", "fp8"], maxAccuracyDropPercent=1.0
         ),
     )
-    fixed_batch = serving.model_copy(
-        update={
-            "batchSize": BatchSizeSpec(mode="Off"),
-            "quantization": QuantizationSpec(mode="Off"),
-        }
+
+
+def chat(
+    name: str, gpu: gpusim.GpuSpec, requests_per_second: float, policy: EnergyPolicySpec, **load: float
+) -> SimWorkloadSpec:
+    """A chat-serving replica of a Llama-3-8B-shaped model (bf16, 256 sequences, CUDA graphs)."""
+    model = serving.ServedModel(gpu=gpu)
+    return SimWorkloadSpec(
+        name,
+        gpusim.llama_decode(),
+        256,
+        "bf16",
+        policy,
+        DECODE_ACCURACY,
+        gpu=gpu,
+        serving=ServingLoad(model, requests_per_second, **load),
     )
+
+
+def sample_fleet() -> FleetConfig:
+    """Chat replicas on H100 and H200 at a moderate and a busy steady load, a compute-bound
+    training job and a two-GPU job with a straggler."""
     training = _policy(
         objective="EDP",
         maxSlowdownPercent=10,
@@ -116,9 +166,9 @@ def sample_fleet() -> FleetConfig:
     job = _policy(objective="EDP", maxSlowdownPercent=5, groupByLabel="edpilot.io/job")
     return FleetConfig(
         workloads=(
-            SimWorkloadSpec("decode-bf16-b8", decode, 8, "bf16", serving, DECODE_ACCURACY),
-            SimWorkloadSpec("decode-fp16-b64", decode, 64, "fp16", fixed_batch, DECODE_ACCURACY),
-            SimWorkloadSpec("decode-fp8-b32", decode, 32, "fp8", fixed_batch, DECODE_ACCURACY),
+            chat("chat-h100", gpusim.H100_SXM, 8.0, serving_policy()),
+            chat("chat-h100-busy", gpusim.H100_SXM, 16.0, serving_policy()),
+            chat("chat-h200-caps", gpusim.H200_SXM, 12.0, serving_policy(knobs=False)),
             SimWorkloadSpec("training-bf16", gpusim.training(), 16, "bf16", training, reportsBatch=False),
             SimWorkloadSpec(
                 "job-2gpu-straggler",
@@ -142,6 +192,29 @@ class Running:
     quantization: Profile
 
 
+def _workload_info(
+    spec: SimWorkloadSpec, gpus: Sequence[gpusim.SimulatedGpu], pods: Sequence[str]
+) -> WorkloadInfo:
+    g = spec.gpu
+    return WorkloadInfo(
+        name=spec.name,
+        members=tuple(
+            MemberInfo(
+                member=gpu.uuid,
+                pod=pod,
+                minWatts=g.min_power_limit_watts,
+                maxWatts=g.max_power_limit_watts,
+                defaultWatts=g.default_power_limit_watts,
+            )
+            for gpu, pod in zip(gpus, pods, strict=True)
+        ),
+        accuracy=spec.accuracy,
+        batchSize=spec.batchSize,
+        quantization=spec.quantization,
+        image="registry.example/sim:1",
+    )
+
+
 class SimWorkload:
     """GPUs running one workload that follows its hints the way a real one would."""
 
@@ -158,24 +231,7 @@ class SimWorkload:
         self.gauge: dict[str, float] = {}  # the last instantaneous power reading per GPU
 
     def info(self) -> WorkloadInfo:
-        g = self.spec.gpu
-        return WorkloadInfo(
-            name=self.spec.name,
-            members=tuple(
-                MemberInfo(
-                    member=gpu.uuid,
-                    pod=pod,
-                    minWatts=g.min_power_limit_watts,
-                    maxWatts=g.max_power_limit_watts,
-                    defaultWatts=g.default_power_limit_watts,
-                )
-                for gpu, pod in zip(self.gpus, self.pods, strict=True)
-            ),
-            accuracy=self.spec.accuracy,
-            batchSize=self.spec.batchSize,
-            quantization=self.spec.quantization,
-            image="registry.example/sim:1",
-        )
+        return _workload_info(self.spec, self.gpus, self.pods)
 
     def true_point(self, running: Running, caps: Sequence[float]) -> tuple[float, float, float]:
         """Noiseless (units/s, watts, step seconds) of the whole workload."""
@@ -263,6 +319,121 @@ class SimWorkload:
             self.applyAt = now + BATCH_APPLY_SECONDS
 
 
+class SimServing:
+    """One serving replica: a continuous-batching engine on one simulated GPU under offered load.
+
+    Like a vLLM deployment whose engine reloads to change its precision (no work meanwhile,
+    requests queue) and applies a new sequence limit at its next scheduling round; a cap applies
+    at once."""
+
+    def __init__(self, spec: SimWorkloadSpec, index: int, seed: int = 0) -> None:
+        assert spec.serving is not None
+        self.spec = spec
+        self.load = spec.serving
+        self.gpus = [gpusim.SimulatedGpu(spec.gpu, 0, seed_name=f"sim-node-{index}")]
+        self.pods = [f"default/{spec.name}-0"]
+        self.engine = serving.ServingEngine(
+            self.load.model,
+            serving.EngineConfig(spec.batchSize, spec.quantization, spec.gpu.default_power_limit_watts),
+            random.Random(f"{seed}/{spec.name}/arrivals"),
+        )
+        self.pending: Running | None = None
+        self.applyAt = 0.0
+        self._last: serving.Counters | None = None
+        self._gauge = 0.0
+
+    @property
+    def running(self) -> Running:
+        c = self.engine.config
+        precision = next(p for p in PROFILES if p == c.precision)
+        return Running(c.max_num_seqs, precision)
+
+    def info(self) -> WorkloadInfo:
+        return _workload_info(self.spec, self.gpus, self.pods)
+
+    def _configure(self, running: Running, reload: bool) -> None:
+        config = serving.EngineConfig(running.batchSize, running.quantization, self.gpus[0].power_limit_watts)
+        self.engine.configure(config, reload_seconds=RELOAD_SECONDS if reload else 0.0)
+
+    def advance(self, start: float, seconds: float, rng: random.Random) -> None:
+        del rng  # the engine draws its arrivals from its own seeded generator
+        end = start + seconds
+        t = start
+        energy = self.engine.counters.energy_joules
+        while t < end:
+            chunk = min(end - t, 5.0)
+            if self.pending is not None and t >= self.applyAt:
+                self._configure(self.pending, self.pending.quantization != self.running.quantization)
+                self.pending = None
+            elif self.pending is not None:
+                chunk = min(chunk, self.applyAt - t)
+            self.engine.run(chunk, self.load.rate(t))
+            t += chunk
+        self._gauge = (self.engine.counters.energy_joules - energy) / seconds if seconds > 0 else 0.0
+
+    def _latency(self) -> float | None:
+        """The policy's latency over the last window, from the engine's histograms as a scraper
+        reads them: ITL unless the metric names time to first token; the quantile or the mean."""
+        slo = self.spec.policy.latencySLO
+        c = self.engine.counters
+        ttft = slo is not None and "first_token" in slo.metricName
+        fine, total = (c.ttft_fine, c.ttft_sum) if ttft else (c.itl_fine, c.itl_sum)
+        before = self._last
+        old_fine, old_total = (
+            ({}, 0.0)
+            if before is None
+            else ((before.ttft_fine, before.ttft_sum) if ttft else (before.itl_fine, before.itl_sum))
+        )
+        window = {k: v - old_fine.get(k, 0.0) for k, v in fine.items() if v - old_fine.get(k, 0.0) > 0}
+        count = sum(window.values())
+        if count <= 0:
+            return None
+        if slo is not None and slo.quantile is not None:
+            return serving.quantile(window, slo.quantile)
+        return (total - old_total) / count
+
+    def observation(self, now: float) -> Observation:
+        e, c = self.engine, self.engine.counters
+        latency = self._latency()
+        self._last = replace(c, itl_fine=dict(c.itl_fine), ttft_fine=dict(c.ttft_fine))
+        gpu = self.gpus[0]
+        return Observation(
+            time=now,
+            members=(
+                MemberSample(
+                    member=gpu.uuid,
+                    energyJoules=c.energy_joules,
+                    workUnits=float(c.generation_tokens),
+                    powerWatts=self._gauge,
+                    capWatts=gpu.power_limit_watts,
+                    batchSize=e.config.max_num_seqs,
+                    quantization=self.running.quantization,
+                    latencySeconds=latency,
+                    requestsRunning=float(e.running),
+                    requestsWaiting=float(e.waiting),
+                    requestsFinished=float(c.finished),
+                ),
+            ),
+        )
+
+    def apply(self, decision: Decision, now: float) -> None:
+        gpu = self.gpus[0]
+        cap = decision.capWatts.get(gpu.uuid)
+        if cap is not None and cap != gpu.power_limit_watts:
+            gpu.set_power_limit(cap)
+            self._configure(self.running, reload=False)
+        wanted = Running(
+            decision.batchSize or self.running.batchSize, decision.quantization or self.running.quantization
+        )
+        if wanted != (self.pending or self.running) and self.spec.followsHints:
+            self.pending = wanted
+            self.applyAt = now + BATCH_APPLY_SECONDS
+
+
+def sim_workload(spec: SimWorkloadSpec, index: int, seed: int = 0) -> SimWorkload | SimServing:
+    return SimServing(spec, index, seed) if spec.serving is not None else SimWorkload(spec, index)
+
+
 # ---------------------------------------------------------------- results
 
 
@@ -342,12 +513,61 @@ def _true_edp(sim: SimWorkload, running: Running, caps: Sequence[float]) -> tupl
     return objective_value("EDP", watts / ups, spu), ups
 
 
+def policy_latency(policy: EnergyPolicySpec, counters: serving.Counters) -> float | None:
+    """What the policy's latency SLO measures over a whole run of an engine (ITL unless it names
+    time to first token; its quantile, or the mean)."""
+    slo = policy.latencySLO
+    ttft = slo is not None and "first_token" in slo.metricName
+    fine, total = (counters.ttft_fine, counters.ttft_sum) if ttft else (counters.itl_fine, counters.itl_sum)
+    count = sum(fine.values())
+    if count <= 0:
+        return None
+    if slo is not None and slo.quantile is not None:
+        return serving.quantile(fine, slo.quantile)
+    return total / count
+
+
+TRUTH_SECONDS = 900.0
+
+
+def serving_truth(
+    spec: SimWorkloadSpec, running: Running, cap_watts: float, rate: float, seed: int = 0
+) -> tuple[float, float]:
+    """(J/token, the policy's latency) of a configuration over a long run at a steady `rate`.
+    The same seed gives the same arrivals, so two configurations compare on the same requests."""
+    assert spec.serving is not None
+    engine = serving.ServingEngine(
+        spec.serving.model,
+        serving.EngineConfig(running.batchSize, running.quantization, cap_watts),
+        random.Random(f"truth/{seed}"),
+    )
+    engine.run(TRUTH_SECONDS, rate)
+    c = engine.counters
+    return c.energy_joules / max(c.generation_tokens, 1), policy_latency(spec.policy, c) or math.inf
+
+
+def _true_figures(
+    sim: SimWorkload | SimServing, baseline: Running, final: Running, final_caps: Sequence[float], end: float
+) -> tuple[float, float]:
+    """(EDP reduction %, slowdown %) of the final configuration against the baseline, by the model."""
+    default = sim.spec.gpu.default_power_limit_watts
+    if isinstance(sim, SimServing):
+        rate = sim.load.rate(end)
+        b_j, b_lat = serving_truth(sim.spec, baseline, default, rate)
+        f_j, f_lat = serving_truth(sim.spec, final, final_caps[0], rate)
+        return 100.0 * (1.0 - f_j * f_lat / (b_j * b_lat)), 100.0 * (f_lat / b_lat - 1.0)
+    b_edp, b_ups = _true_edp(sim, baseline, [default] * len(sim.gpus))
+    f_edp, f_ups = _true_edp(sim, final, final_caps)
+    return 100.0 * (1.0 - f_edp / b_edp), 100.0 * (1.0 - f_ups / b_ups)
+
+
 def _result(
-    sim: SimWorkload,
+    sim: SimWorkload | SimServing,
     decision: Decision,
     converged_at: float | None,
     series: list[tuple[float, float]],
     bad: dict[str, int],
+    end: float,
 ) -> WorkloadResult:
     st = decision.state
     spec = sim.spec
@@ -361,10 +581,7 @@ def _result(
         b_run = Running(b_cfg.batchSize or spec.batchSize, b_cfg.quantization or spec.quantization)
         f_run = Running(f_cfg.batchSize or b_run.batchSize, f_cfg.quantization or b_run.quantization)
         final_caps = [c if c is not None else default for c in decision.capWatts.values()]
-        b_edp, b_ups = _true_edp(sim, b_run, [default] * len(sim.gpus))
-        f_edp, f_ups = _true_edp(sim, f_run, final_caps)
-        true_red = 100.0 * (1.0 - f_edp / b_edp)
-        true_slow = 100.0 * (1.0 - f_ups / b_ups)
+        true_red, true_slow = _true_figures(sim, b_run, f_run, final_caps, end)
     explored = [
         ProbeRecord(
             stage=p.stage,
@@ -409,7 +626,7 @@ def run_fleet(config: FleetConfig, seed: int = 0) -> FleetResult:
     results = []
     for index, spec in enumerate(config.workloads):
         rng = random.Random(f"{seed}/{spec.name}")
-        sim = SimWorkload(spec, index)
+        sim = sim_workload(spec, index, seed)
         info = sim.info()
         state: OptimizerState | None = None
         decision: Decision | None = None
@@ -429,7 +646,7 @@ def run_fleet(config: FleetConfig, seed: int = 0) -> FleetResult:
             sim.advance(now, config.reportSeconds, rng)
             now += config.reportSeconds
         assert decision is not None
-        results.append(_result(sim, decision, converged_at, series[:: max(1, len(series) // 60)], bad))
+        results.append(_result(sim, decision, converged_at, series[:: max(1, len(series) // 60)], bad, now))
     return FleetResult(seed=seed, durationSeconds=config.durationSeconds, workloads=results)
 
 
