@@ -72,6 +72,7 @@ class MemberSample(BaseModel):
     requestsRunning: float | None = None
     requestsWaiting: float | None = None
     requestsFinished: float | None = None
+    firstTokenSeconds: float | None = None  # a serving engine's time to first token (the policy's quantile)
 
 
 class Sample(BaseModel):
@@ -108,6 +109,7 @@ class Window:
     waiting: tuple[float, float] | None = None  # requests waiting at the window's start and end
     running: float | None = None  # requests running at the window's end
     arrivals: float | None = None  # requests that arrived in the window: finished + the rise in flight
+    firstTokenSeconds: float | None = None
 
     @property
     def watts(self) -> float:
@@ -168,7 +170,14 @@ def _numbers(sample: Sample) -> list[float]:
         values += [m.energyJoules, m.workUnits, m.powerWatts]
         values += [
             v
-            for v in (m.capWatts, m.latencySeconds, m.requestsRunning, m.requestsWaiting, m.requestsFinished)
+            for v in (
+                m.capWatts,
+                m.latencySeconds,
+                m.requestsRunning,
+                m.requestsWaiting,
+                m.requestsFinished,
+                m.firstTokenSeconds,
+            )
             if v is not None
         ]
     return values
@@ -231,6 +240,7 @@ def window(start: Sample, end: Sample, min_seconds: float = 0.0) -> Window | Bad
         waiting=_waiting(start, end),
         running=_pod_gauge(end, "requestsRunning"),
         arrivals=_arrivals(start, end),
+        firstTokenSeconds=_pod_gauge(end, "firstTokenSeconds"),
     )
 
 
@@ -315,6 +325,7 @@ class Metrics(BaseModel):
     # slot (its largest value at a window's end, and how much it grew from first to last window).
     latencyNoise: float = 0.0
     arrivalRate: float | None = None  # requests offered per second
+    firstTokenSeconds: float | None = None
     peakWaiting: float | None = None
     queueGrowth: float | None = None
     peakRunning: float | None = None
@@ -341,6 +352,7 @@ class Accumulator(BaseModel):
     joulesByMember: dict[str, float] = {}
     watts: list[float] = []  # per window: what a load-driven workload's energy is judged on
     arrivals: float | None = None  # requests offered over the windows (None: not reported)
+    firstTokens: list[float] = []
     waiting: list[tuple[float, float]] = []
     running: list[float] = []
 
@@ -372,6 +384,9 @@ class Accumulator(BaseModel):
             else (base.arrivals or 0.0) + w.arrivals,
             waiting=[*base.waiting, w.waiting] if w.waiting is not None else base.waiting,
             running=[*base.running, w.running] if w.running is not None else base.running,
+            firstTokens=[*base.firstTokens, w.firstTokenSeconds]
+            if w.firstTokenSeconds is not None
+            else base.firstTokens,
         )
 
     def metrics(self, objective: Objective, served_load: float | None = None) -> Metrics:
@@ -413,5 +428,6 @@ class Accumulator(BaseModel):
             wattsByMember={m: j / self.seconds for m, j in self.joulesByMember.items()},
             latencyNoise=relative_std(self.latencies),
             arrivalRate=None if self.arrivals is None else self.arrivals / self.seconds,
+            firstTokenSeconds=sum(self.firstTokens) / len(self.firstTokens) if self.firstTokens else None,
             **queue,
         )

@@ -170,12 +170,24 @@ class QuantizationSpec(ApiModel):
         return self
 
 
+MetricName = Annotated[str, Field(pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")]
+
+
+class LoadMetrics(ApiModel):
+    """A serving engine's load: requests in flight, waiting for a slot, finished (vLLM's names)."""
+
+    running: MetricName = "vllm:num_requests_running"
+    waiting: MetricName = "vllm:num_requests_waiting"
+    finished: MetricName = "vllm:request_success_total"
+
+
 class WorkMetric(ApiModel):
     port: Port = 9400
     path: str = Field(default="/metrics", pattern=r"^/")
     name: str = Field(min_length=1, pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
     unit: str = Field(default="units", min_length=1, max_length=32)
     configMetric: str = Field(default="edpilot_workload_config_info", pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+    load: LoadMetrics | None = None
 
 
 class EnergyPolicySpec(ApiModel):
@@ -184,6 +196,7 @@ class EnergyPolicySpec(ApiModel):
     objective: Objective = "EDP"
     maxSlowdownPercent: float = Field(default=10, ge=0, le=90)
     latencySLO: LatencySLO | None = None
+    firstTokenSLO: LatencySLO | None = None
     target: Target | None = None
     powerCap: PowerCapSpec = Field(default_factory=PowerCapSpec)
     batchSize: BatchSizeSpec = Field(default_factory=BatchSizeSpec)
@@ -275,6 +288,11 @@ class MeasuredWorkload(ApiModel):
     configMetric: str = "edpilot_workload_config_info"
     latencyMetric: str | None = None
     latencyQuantile: float | None = Field(default=None, gt=0, lt=1)
+    firstTokenMetric: str | None = None
+    firstTokenQuantile: float | None = Field(default=None, gt=0, lt=1)
+    runningMetric: str | None = None
+    waitingMetric: str | None = None
+    finishedMetric: str | None = None
 
 
 class Lease(ApiModel):
@@ -319,6 +337,10 @@ class WorkloadSample(ApiModel):
     batchSize: int | None = Field(default=None, ge=1)
     quantization: Profile | None = None
     latencySeconds: float | None = Field(default=None, ge=0)
+    firstTokenSeconds: float | None = Field(default=None, ge=0)
+    requestsRunning: float | None = Field(default=None, ge=0)
+    requestsWaiting: float | None = Field(default=None, ge=0)
+    requestsFinished: float | None = Field(default=None, ge=0)
     counterResets: int = Field(default=0, ge=0)
     healthy: bool = True
     message: str = ""

@@ -383,12 +383,13 @@ def _violation(m: Metrics, st: OptimizerState, ctx: _Ctx) -> float:
     tightened by the measurement noise, so a kept configuration is within it with confidence."""
     policy = ctx.policy
     over = max(0.0, -_slack(m, st, ctx))
-    slo = policy.latencySLO
-    if slo is not None:
-        if m.latencySeconds is None:
+    for slo, value in ((policy.latencySLO, m.latencySeconds), (policy.firstTokenSLO, m.firstTokenSeconds)):
+        if slo is None:
+            continue
+        if value is None:
             over += 100.0  # an SLO that cannot be checked is not met
-        elif m.latencySeconds > slo.maxSeconds:
-            over += 100.0 * (m.latencySeconds / slo.maxSeconds - 1.0)
+        elif value > slo.maxSeconds:
+            over += 100.0 * (value / slo.maxSeconds - 1.0)
     if (
         ctx.load_driven
         and m is not (st.baseline.metrics if st.baseline else None)
@@ -854,10 +855,11 @@ def _summary(st: OptimizerState) -> str:
     ):
         return "no measurement yet"
     b, c = st.baseline.metrics, st.incumbent.metrics
-    return (
-        f"objective {100 * (1 - c.objective / b.objective):.1f}% lower than baseline, "
-        f"throughput {100 * (c.unitsPerSecond / b.unitsPerSecond - 1):+.1f}%"
-    )
+    if c.latencySeconds is not None and b.latencySeconds and c.arrivalRate is not None:
+        change = f"latency {100 * (c.latencySeconds / b.latencySeconds - 1):+.1f}% at the load served"
+    else:
+        change = f"throughput {100 * (c.unitsPerSecond / b.unitsPerSecond - 1):+.1f}%"
+    return f"objective {100 * (1 - c.objective / b.objective):.1f}% lower than baseline, {change}"
 
 
 def _rebaseline(st: OptimizerState, ctx: _Ctx, why: str) -> None:
@@ -896,14 +898,15 @@ def _measure(st: OptimizerState, w: Window, ctx: _Ctx) -> None:
             )
             _advance(st, ctx)
         return
-    if st.settle > 0:
-        st.settle -= 1
-        return
     if ctx.load_driven and _draining(w, st, ctx):
         # A backlog (after a reload, or a burst) is being served, and its requests keep the batch
-        # large a while after the queue is empty: neither is this configuration's steady state.
-        st.settle = 1
+        # large and their first tokens late a while after the queue is empty: neither is this
+        # configuration's steady state.
+        st.settle = max(st.settle, 1)
         ctx.reasons.append("serving a backlog of waiting requests: the window is not measured")
+        return
+    if st.settle > 0:
+        st.settle -= 1
         return
     st.acc = st.acc.add(w, ctx.policy.objective)
     if st.phase in ("Baseline", "Drifted"):
@@ -999,9 +1002,13 @@ def _draining(w: Window, st: OptimizerState, ctx: _Ctx) -> bool:
 
 def _breach(w: Window, st: OptimizerState, ctx: _Ctx) -> str | None:
     """Why one window of a serving workload shows it cannot carry its load, or None."""
-    slo = ctx.policy.latencySLO
-    if slo is not None and w.latencySeconds is not None and w.latencySeconds > slo.maxSeconds:
-        return f"latency {w.latencySeconds:.3g} s over the SLO's {slo.maxSeconds:g} s"
+    policy = ctx.policy
+    for what, slo, value in (
+        ("latency", policy.latencySLO, w.latencySeconds),
+        ("time to first token", policy.firstTokenSLO, w.firstTokenSeconds),
+    ):
+        if slo is not None and value is not None and value > slo.maxSeconds:
+            return f"{what} {value:.3g} s over the SLO's {slo.maxSeconds:g} s"
     if w.waiting is not None:
         start, end = w.waiting
         if end > _normal_queue(st, ctx) and end > start:
