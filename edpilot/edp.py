@@ -353,6 +353,7 @@ class Accumulator(BaseModel):
     watts: list[float] = []  # per window: what a load-driven workload's energy is judged on
     arrivals: float | None = None  # requests offered over the windows (None: not reported)
     firstTokens: list[float] = []
+    loads: list[float] = []  # per window: requests offered per second, else units per second
     waiting: list[tuple[float, float]] = []
     running: list[float] = []
 
@@ -387,6 +388,7 @@ class Accumulator(BaseModel):
             firstTokens=[*base.firstTokens, w.firstTokenSeconds]
             if w.firstTokenSeconds is not None
             else base.firstTokens,
+            loads=[*base.loads, w.arrivals / w.seconds if w.arrivals is not None else w.unitsPerSecond],
         )
 
     def metrics(self, objective: Objective, served_load: float | None = None) -> Metrics:

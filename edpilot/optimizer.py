@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -86,10 +87,11 @@ class Tuning(BaseModel):
     driftMinPercent: float = Field(default=10.0, gt=0)
     driftHoldoffSeconds: float = Field(default=120.0, ge=0)
     degradedAfterBadWindows: int = Field(default=3, ge=1)
-    # Load-driven workloads: a load level spans this relative change of the served load, judged on
-    # the mean of this many windows (a window's load is as random as its arrivals).
+    # Load-driven workloads: a load level spans this relative change of the offered load, judged on
+    # the mean of this many windows (a window's arrivals are Poisson: at 6 requests/s, 60 s of them
+    # vary by 5%, 30 s by 7.5%, which puts a 25% step 5 and 3 standard deviations out).
     loadTolerance: float = Field(default=0.25, gt=0)
-    loadWindows: int = Field(default=6, ge=1)
+    loadWindows: int = Field(default=12, ge=1)
     # Requests waiting for a slot that a configuration may leave (or add to the queue) in a probe.
     queueAllowance: float = Field(default=4.0, ge=0)
 
@@ -186,11 +188,13 @@ class Probe(BaseModel):
 
 
 class LoadLevel(BaseModel):
-    """A load-driven workload's choice at one level of load, kept to switch back to it cheaply."""
+    """A load-driven workload's choice at one level of load, kept to switch back to it cheaply.
+    Levels are fixed bands of the offered load, (1 + loadTolerance) apart (`load_band`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    load: float  # offered while it was measured: requests/s, or units/s (`offered_load`)
+    band: int
+    load: float  # offered while it was measured
     baseline: Probe
     choice: Probe
 
@@ -224,7 +228,9 @@ class OptimizerState(BaseModel):
     latencyNoise: float = 0.0
     levels: list[LoadLevel] = []  # load-driven: what each load level converged on
     heldQuantization: Profile | None = None  # load-driven: chosen once, at the first level
-    recentLoads: list[float] = []  # load-driven: the last windows' units/s while converged
+    band: int | None = None  # load-driven: the level being explored or held
+    levelLoad: float | None = None  # load-driven: the offered load that level was measured at
+    recentLoads: list[float] = []  # load-driven: the last windows' offered load while converged
 
 
 # ---------------------------------------------------------------- outputs
@@ -873,6 +879,8 @@ def _rebaseline(st: OptimizerState, ctx: _Ctx, why: str) -> None:
     st.capBracket = None
     st.driftStreak = 0
     st.convergedAt = None
+    st.band = st.levelLoad = None
+    st.recentLoads = []
     _set_target(st, _baseline_target(st, ctx), ctx)
 
 
@@ -916,8 +924,16 @@ def _measure(st: OptimizerState, w: Window, ctx: _Ctx) -> None:
         needed = windows_to_beat_noise(metrics.noise, t.noiseK, t.noiseFloor, t.baselineWindows, t.maxWindows)
         if st.acc.windows < needed:
             return
+        if ctx.load_driven and _load_stepped(st.acc.loads, t):
+            # A baseline straddling a load step belongs to neither level.
+            st.acc = Accumulator()
+            ctx.reasons.append("the load changed while the baseline was measured: measuring it again")
+            return
         config = Config(quantization=st.acc.quantization, batchSize=st.acc.batchSize)
         st.baseline = st.incumbent = Probe(stage="baseline", config=config, metrics=metrics)
+        if ctx.load_driven:
+            st.levelLoad = offered_load(metrics)
+            st.band = load_band(st.levelLoad, t)
         _update_noise(st, t)
         st.phase = "Exploring"
         st.stage = None
@@ -943,7 +959,8 @@ def _measure(st: OptimizerState, w: Window, ctx: _Ctx) -> None:
     if st.acc.windows < st.windowsPerProbe:
         return
     metrics = st.acc.metrics(ctx.policy.objective, _served_load(st, ctx))
-    if ctx.load_driven and not _same_level(offered_load(metrics), st, ctx):
+    # A probe's few windows carry more arrival noise than the baseline's: half a tolerance more.
+    if ctx.load_driven and not _same_level(offered_load(metrics), st, ctx, slack=1.5):
         _rebaseline(
             st, ctx, f"the load moved to {_load_text(offered_load(metrics), metrics)} during the exploration"
         )
@@ -963,6 +980,15 @@ def _served_load(st: OptimizerState, ctx: _Ctx) -> float | None:
     return st.acc.units / st.acc.seconds if st.acc.seconds > 0 else None
 
 
+def _load_stepped(loads: list[float], t: Tuning) -> bool:
+    """Did the offered load move by more than a level between the two halves of these windows?"""
+    half = len(loads) // 2
+    if half == 0:
+        return False
+    first, second = statistics.median(loads[:half]), statistics.median(loads[half:])
+    return first > 0 and second > 0 and abs(math.log(second / first)) > math.log1p(t.loadTolerance)
+
+
 def offered_load(m: Metrics) -> float:
     """What a load-driven workload is offered: requests per second where the engine reports them,
     else the units per second it serves."""
@@ -980,19 +1006,26 @@ def _load_text(load: float, m: Metrics | Window) -> str:
     return f"{load:.4g} {unit}"
 
 
-def _same_level(load: float, st: OptimizerState, ctx: _Ctx) -> bool:
-    if st.baseline is None or st.baseline.metrics is None:
+def load_band(load: float, t: Tuning) -> int:
+    """The level an offered load belongs to: bands centred on powers of (1 + loadTolerance)."""
+    return round(math.log(max(load, 1e-9)) / math.log1p(t.loadTolerance))
+
+
+def _same_level(load: float, st: OptimizerState, ctx: _Ctx, slack: float = 1.0) -> bool:
+    """Is `load` within `slack` tolerances of the load the current level was measured at?"""
+    if st.levelLoad is None or st.levelLoad <= 0:
         return True
-    reference = offered_load(st.baseline.metrics)
-    return reference <= 0 or abs(math.log(max(load, 1e-12) / reference)) <= math.log1p(
-        ctx.tuning.loadTolerance
-    )
+    return abs(math.log(max(load, 1e-9) / st.levelLoad)) <= slack * math.log1p(ctx.tuning.loadTolerance)
 
 
 def _normal_queue(st: OptimizerState, ctx: _Ctx) -> float:
-    """Requests that may wait at this load: the allowance, or twice what the baseline left waiting."""
+    """Requests that may wait at this load: the allowance, or twice the queue the baseline held
+    steady at (a baseline whose queue grew could not carry the load: its queue is no norm)."""
+    allowance = ctx.tuning.queueAllowance
     base = st.baseline.metrics if st.baseline is not None else None
-    return max(ctx.tuning.queueAllowance, 2.0 * (base.peakWaiting or 0.0) if base else 0.0)
+    if base is None or (base.queueGrowth or 0.0) > allowance:
+        return allowance
+    return max(allowance, 2.0 * (base.peakWaiting or 0.0))
 
 
 def _draining(w: Window, st: OptimizerState, ctx: _Ctx) -> bool:
@@ -1057,46 +1090,52 @@ def _follow_load(st: OptimizerState, w: Window, ctx: _Ctx) -> None:
     breach = _breach(w, st, ctx)
     if breach is not None and st.target != safe:
         ctx.event("Warning", "SLOBreach", f"{_describe(st.target, ctx)}: {breach}; falling back")
-        st.levels = [lv for lv in st.levels if lv.choice.config != st.target]
+        if _same_level(_window_load(w), st, ctx):
+            # It fails at the very load it was chosen for: forget it. (After a load step it may
+            # still be right for its own level.)
+            st.levels = [lv for lv in st.levels if lv.band != st.band]
         _rebaseline(st, ctx, "the chosen configuration stopped carrying the load")
         return
     st.recentLoads = [*st.recentLoads, _window_load(w)][-t.loadWindows :]
     settled = st.convergedAt is not None and ctx.now - st.convergedAt >= t.driftHoldoffSeconds
     if len(st.recentLoads) < t.loadWindows or not settled:
         return
-    load = sum(st.recentLoads) / len(st.recentLoads)
+    # The median: a window that straddles a step must not decide which level follows it.
+    load = statistics.median(st.recentLoads)
     if _same_level(load, st, ctx):
         return
+    if _load_stepped(st.recentLoads, t):
+        # The windows straddle a step: wait until they all show the new load.
+        st.recentLoads = st.recentLoads[len(st.recentLoads) // 2 :]
+        return
     st.recentLoads = []
-    known = [
-        lv for lv in st.levels if abs(math.log(max(load, 1e-12) / lv.load)) <= math.log1p(t.loadTolerance)
-    ]
-    if not known:
+    # The level measured nearest this load, within a tolerance (its band may be the next one over:
+    # a load near a band's edge is measured on either side).
+    step = math.log1p(t.loadTolerance)
+    near = [lv for lv in st.levels if abs(math.log(max(load, 1e-9) / lv.load)) <= step]
+    level = min(near, key=lambda lv: abs(math.log(max(load, 1e-9) / lv.load)), default=None)
+    if level is None:
         _rebaseline(st, ctx, f"the load moved to {_load_text(load, w)}, a level not explored yet")
         return
-    level = min(known, key=lambda lv: abs(math.log(max(load, 1e-12) / lv.load)))
-    st.baseline, st.incumbent = level.baseline, level.choice
+    st.baseline, st.incumbent, st.band, st.levelLoad = level.baseline, level.choice, level.band, load
     st.convergedAt = ctx.now
     _set_target(st, level.choice.config, ctx)
     ctx.event(
         "Normal",
         "LoadLevelChanged",
         f"the load moved to {_load_text(load, w)}: back to {_describe(level.choice.config, ctx)}, "
-        f"found for {_load_text(level.load, w)}",
+        "found for this level before",
     )
 
 
 def _remember_level(st: OptimizerState, ctx: _Ctx) -> None:
     """Keep what this level converged on (replacing an older record of the same level), and the
     precision a serving engine keeps from now on."""
-    if st.baseline is None or st.baseline.metrics is None or st.incumbent is None:
+    if st.baseline is None or st.incumbent is None or st.band is None or st.levelLoad is None:
         return
-    load = offered_load(st.baseline.metrics)
-    if load <= 0:
-        return
-    same = math.log1p(ctx.tuning.loadTolerance)
-    kept = [lv for lv in st.levels if abs(math.log(load / lv.load)) > same]
-    st.levels = [*kept, LoadLevel(load=load, baseline=st.baseline, choice=st.incumbent)][-16:]
+    kept = [lv for lv in st.levels if lv.band != st.band]
+    level = LoadLevel(band=st.band, load=st.levelLoad, baseline=st.baseline, choice=st.incumbent)
+    st.levels = [*kept, level][-16:]
     if st.heldQuantization is None:
         st.heldQuantization = st.incumbent.config.quantization or st.origin.quantization
 

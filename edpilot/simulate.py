@@ -69,8 +69,12 @@ class ServingLoad:
     troughFraction: float = 1.0
     peakHour: float = 15.0
     startHour: float = 0.0  # the hour of the day at simulated time 0
+    # Or load steps: (from simulated second, requests per second), in order; they replace the trace.
+    steps: tuple[tuple[float, float], ...] = ()
 
     def rate(self, t_seconds: float) -> float:
+        if self.steps:
+            return next((r for start, r in reversed(self.steps) if t_seconds >= start), self.steps[0][1])
         return serving.diurnal_rate(
             t_seconds + 3600.0 * self.startHour,
             self.peakRequestsPerSecond,
@@ -143,19 +147,22 @@ def serving_policy(knobs: bool = True, min_cap_percent: float = 40.0) -> EnergyP
 
 
 def chat(
-    name: str, gpu: gpusim.GpuSpec, requests_per_second: float, policy: EnergyPolicySpec, **load: float
+    name: str,
+    gpu: gpusim.GpuSpec,
+    requests_per_second: float,
+    policy: EnergyPolicySpec,
+    trough_fraction: float = 1.0,
+    start_hour: float = 0.0,
+    steps: tuple[tuple[float, float], ...] = (),
 ) -> SimWorkloadSpec:
-    """A chat-serving replica of a Llama-3-8B-shaped model (bf16, 256 sequences, CUDA graphs)."""
+    """A chat-serving replica of a Llama-3-8B-shaped model (bf16, 256 sequences, CUDA graphs),
+    offered `requests_per_second` (the peak of a day when trough_fraction < 1, or load steps)."""
     model = serving.ServedModel(gpu=gpu)
+    load = ServingLoad(
+        model, requests_per_second, troughFraction=trough_fraction, startHour=start_hour, steps=steps
+    )
     return SimWorkloadSpec(
-        name,
-        gpusim.llama_decode(),
-        256,
-        "bf16",
-        policy,
-        DECODE_ACCURACY,
-        gpu=gpu,
-        serving=ServingLoad(model, requests_per_second, **load),
+        name, gpusim.llama_decode(), 256, "bf16", policy, DECODE_ACCURACY, gpu=gpu, serving=load
     )
 
 
@@ -326,9 +333,10 @@ class SimWorkload:
 class SimServing:
     """One serving replica: a continuous-batching engine on one simulated GPU under offered load.
 
-    Like a vLLM deployment whose engine reloads to change its precision (no work meanwhile,
-    requests queue) and applies a new sequence limit at its next scheduling round; a cap applies
-    at once."""
+    Like a vLLM Deployment rolled out with a surge pod: a new precision takes RELOAD_SECONDS to
+    load on another GPU while this one keeps serving, then traffic moves to it (the surge GPU's
+    energy is counted in `surgeJoules`). A new sequence limit applies at the next scheduling
+    round, a cap at once."""
 
     def __init__(self, spec: SimWorkloadSpec, index: int, seed: int = 0) -> None:
         assert spec.serving is not None
@@ -345,6 +353,7 @@ class SimServing:
         self.applyAt = 0.0
         self._last: serving.Counters | None = None
         self._gauge = 0.0
+        self.surgeJoules = 0.0
 
     @property
     def running(self) -> Running:
@@ -355,9 +364,9 @@ class SimServing:
     def info(self) -> WorkloadInfo:
         return _workload_info(self.spec, self.gpus, self.pods)
 
-    def _configure(self, running: Running, reload: bool) -> None:
+    def _configure(self, running: Running) -> None:
         config = serving.EngineConfig(running.batchSize, running.quantization, self.gpus[0].power_limit_watts)
-        self.engine.configure(config, reload_seconds=RELOAD_SECONDS if reload else 0.0)
+        self.engine.configure(config)
 
     def advance(self, start: float, seconds: float, rng: random.Random) -> None:
         del rng  # the engine draws its arrivals from its own seeded generator
@@ -367,7 +376,7 @@ class SimServing:
         while t < end:
             chunk = min(end - t, 5.0)
             if self.pending is not None and t >= self.applyAt:
-                self._configure(self.pending, self.pending.quantization != self.running.quantization)
+                self._configure(self.pending)
                 self.pending = None
             elif self.pending is not None:
                 chunk = min(chunk, self.applyAt - t)
@@ -416,13 +425,17 @@ class SimServing:
         cap = decision.capWatts.get(gpu.uuid)
         if cap is not None and cap != gpu.power_limit_watts:
             gpu.set_power_limit(cap)
-            self._configure(self.running, reload=False)
+            self._configure(self.running)
         wanted = Running(
             decision.batchSize or self.running.batchSize, decision.quantization or self.running.quantization
         )
         if wanted != (self.pending or self.running) and self.spec.followsHints:
             self.pending = wanted
             self.applyAt = now + BATCH_APPLY_SECONDS
+            if wanted.quantization != self.running.quantization:
+                # The surge pod loads the new weights on another GPU, awake, meanwhile.
+                self.applyAt = now + RELOAD_SECONDS
+                self.surgeJoules += RELOAD_SECONDS * self.spec.gpu.awake_watts
 
 
 def sim_workload(spec: SimWorkloadSpec, index: int, seed: int = 0) -> SimWorkload | SimServing:
