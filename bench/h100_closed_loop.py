@@ -1,11 +1,14 @@
-"""Closed loop on a real H100: edpilot's optimizer steers a real PyTorch LLM-decode-like workload.
+"""Closed loop on a real H100: edpilot's optimizer steers a real PyTorch LLM decode with a KV cache.
 
-The workload is the probe's decode step (edpilot/data/README.md): a 1.21 B-parameter stack of
-projection matrices, d = 4096, 6 layers of d×3d, d×d, d×4d, 4d×d, one token per sequence per
-step, weights in bf16 or fp8 (torch._scaled_mm; fp8 pads the batch to at least 16 rows). It runs
-in a thread, counts the tokens of completed steps and follows a hint (precision, batch size) the
-way a pod follows its downward-API file. Energy comes from the agent's own NVML backend,
-read-only, with every pynvml setter disabled before anything else runs.
+The workload has the shape of the Llama-3-8B decode the team probed (edpilot/data/README.md,
+h100_llama8b_decode*.json): 32 layers, hidden 4096, 32 query and 8 KV heads of 128, SwiGLU FFN
+14336, vocabulary 128,256, random weights; every sequence attends over a preallocated KV cache of
+1,088 positions with grouped-query SDPA; greedy sampling; each step replayed from a CUDA graph as
+serving engines do. Weights of the linear layers in bf16 or fp8 (torch._scaled_mm, rows padded to
+16; the KV cache, attention, norms, embedding and output head stay bf16). It runs in a thread,
+counts the tokens of completed steps and follows a hint (precision, batch size) the way a pod
+follows its downward-API file. Energy comes from the agent's own NVML backend, read-only, with
+every pynvml setter disabled before anything else runs.
 
 1. Oracle: an exhaustive sweep of every allowed (precision, batch) pair.
 2. Closed loop: from the default (bf16, batch 8), `edpilot.optimizer.step` (the operator's core)
@@ -15,9 +18,12 @@ read-only, with every pynvml setter disabled before anything else runs.
    explored; any cap the optimizer asked for would be logged, never set.
 3. The converged configuration, the oracle's and the default are measured again back to back.
 
-Needs torch, nvidia-ml-py, pydantic and this repository:
+It runs the decode at a fixed batch (a saturated, offline decode): the serving side, where demand
+sets the work rate, is `bench/serving_fleet.py` on the simulator calibrated to the same probes.
+
+Needs torch, nvidia-ml-py, pydantic and this repository, and about 61 GB of GPU memory:
     python bench/h100_closed_loop.py [--gpu 0] [--out bench/results]
-Writes h100_closed_loop.json and h100_closed_loop.md; takes about 3 minutes on an H100 (--quick: 45 s).
+Writes h100_closed_loop.json and h100_closed_loop.md; takes about 4 minutes on an H100 (--quick: 1.5).
 """
 
 from __future__ import annotations
@@ -64,11 +70,10 @@ from edpilot.optimizer import (  # noqa: E402
 )
 
 RESULTS = REPO / "bench" / "results"
-D_MODEL = 4096
-LAYERS = 6
-# (rows, columns) of each layer's matrices in units of d: QKV, attention output, MLP up, MLP down.
-LAYER_SHAPES = ((1, 3), (1, 1), (1, 4), (4, 1))
-BATCHES = (8, 16, 32, 64, 128, 256, 512)
+# Llama 3 8B's shape (gpusim.LLAMA3_8B) and the probe's context: 1,024 prompt + 64 generated.
+LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB = 32, 4096, 32, 8, 128, 14336, 128256
+CONTEXT = 1088
+BATCHES = (8, 16, 32, 64, 128, 256)
 PRECISIONS: tuple[Profile, ...] = ("bf16", "fp8")
 ACCURACY: dict[Profile, float] = {"bf16": 1.0, "fp8": 0.995}  # declared by the workload's owner
 FP8_MIN_ROWS = 16  # torch._scaled_mm wants every dimension a multiple of 16
@@ -118,8 +123,11 @@ TUNING = Tuning(
 # ---------------------------------------------------------------- pure parts (tested on CPU)
 
 
-def parameter_count(d: int = D_MODEL, layers: int = LAYERS) -> int:
-    return layers * sum(r * c for r, c in LAYER_SHAPES) * d * d
+def parameter_count() -> int:
+    """Every weight: the layers' linear layers, the embedding and the output head (norms aside)."""
+    qkv = (HEADS + 2 * KV_HEADS) * HEAD_DIM * HIDDEN
+    layer = qkv + HEADS * HEAD_DIM * HIDDEN + 3 * HIDDEN * FFN
+    return LAYERS * layer + 2 * VOCAB * HIDDEN
 
 
 def padded_rows(config: RunConfig) -> int:
@@ -636,7 +644,8 @@ class TorchDecodeRig:
 
     The thread keeps two steps in flight and counts a step's tokens once it has completed, so
     the token counter is exact to two steps; a new hint is applied between steps after the
-    steps in flight have been counted, so every counted token belongs to the reported config."""
+    steps in flight have been counted, so every counted token belongs to the reported config.
+    One KV cache for the largest batch serves every batch (a batch of b uses its first b rows)."""
 
     IN_FLIGHT = 2
 
@@ -651,20 +660,38 @@ class TorchDecodeRig:
         torch.cuda.set_device(gpu_index)
         self.device = torch.device("cuda", gpu_index)
         gen = torch.Generator(device=self.device).manual_seed(0)
-        d = D_MODEL
-        self.bf16: list[list[Any]] = []
-        self.fp8: list[list[Any]] = []  # transposed (out, in) row-major: _scaled_mm's column-major B
+        dt = torch.bfloat16
+
+        def weight(*shape: int) -> Any:
+            return torch.empty(*shape, device=self.device, dtype=dt).normal_(0.0, 0.02, generator=gen)
+
+        self.embedding = weight(VOCAB, HIDDEN)
+        self.head = weight(VOCAB, HIDDEN)
+        self.norm = torch.ones(HIDDEN, device=self.device, dtype=dt)
+        # Per layer: qkv, o, gate+up, down (out, in); fp8 copies of the same matrices, e4m3.
+        self.bf16: list[tuple[Any, ...]] = []
+        self.fp8: list[tuple[Any, ...]] = []
         for _ in range(LAYERS):
-            mats = [
-                torch.randn(r * d, c * d, device=self.device, dtype=torch.bfloat16, generator=gen)
-                / math.sqrt(r * d)
-                for r, c in LAYER_SHAPES
-            ]
+            mats = (
+                weight((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN),
+                weight(HIDDEN, HEADS * HEAD_DIM),
+                weight(2 * FFN, HIDDEN),
+                weight(HIDDEN, FFN),
+            )
             self.bf16.append(mats)
-            self.fp8.append([w.t().contiguous().to(torch.float8_e4m3fn) for w in mats])
+            self.fp8.append(tuple(w.to(torch.float8_e4m3fn) for w in mats))
         self.one = torch.ones((), device=self.device, dtype=torch.float32)
-        rows = max(padded_rows(c) for c in configs)
-        self.x = torch.randn(rows, d, device=self.device, dtype=torch.bfloat16, generator=gen)
+        most = max(c.batch for c in configs)
+        self.cache = [
+            (
+                torch.randn(most, KV_HEADS, CONTEXT, HEAD_DIM, device=self.device, dtype=dt, generator=gen),
+                torch.randn(most, KV_HEADS, CONTEXT, HEAD_DIM, device=self.device, dtype=dt, generator=gen),
+            )
+            for _ in range(LAYERS)
+        ]
+        self.mask = torch.ones(most, 1, 1, CONTEXT, device=self.device, dtype=torch.bool)
+        self.position = torch.tensor([CONTEXT - 1], device=self.device)
+        self.tokens_in = torch.randint(0, VOCAB, (most,), device=self.device, generator=gen)
         self.graphs: dict[RunConfig, Any] = {}
         self.cuda_graphs = True
         try:
@@ -686,31 +713,53 @@ class TorchDecodeRig:
         self._thread = threading.Thread(target=self._work, name="decode", daemon=True)
         self._thread.start()
 
+    def _linear(self, x: Any, w: Any, fp8: bool) -> Any:
+        """x @ w.T; in fp8 the activations are cast per call and their rows padded to 16."""
+        torch = self.torch
+        if not fp8:
+            return x @ w.t()
+        rows = x.shape[0]
+        pad = (-rows) % FP8_MIN_ROWS
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+        y = torch._scaled_mm(x.to(torch.float8_e4m3fn), w.t(), self.one, self.one, out_dtype=torch.bfloat16)
+        return y[:rows]
+
+    def _rms(self, x: Any) -> Any:
+        torch = self.torch
+        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5).to(x.dtype) * self.norm
+
     def _forward(self, c: RunConfig) -> Any:
-        torch, d = self.torch, D_MODEL
-        x = self.x[: padded_rows(c)]
-        if c.precision == "bf16":
-            for wqkv, wo, wup, wdown in self.bf16:
-                h = x @ wqkv
-                x = ((h[:, :d] @ wo) @ wup) @ wdown
-            return x
-
-        def mm(a: Any, wt: Any) -> Any:
-            return torch._scaled_mm(
-                a.contiguous().to(torch.float8_e4m3fn), wt.t(), self.one, self.one, out_dtype=torch.bfloat16
+        """One decode step of `c.batch` sequences: one new token each, attending over the cache."""
+        torch = self.torch
+        b, fp8 = c.batch, c.precision == "fp8"
+        functional = torch.nn.functional
+        x = self.embedding[self.tokens_in[:b]]
+        mask = self.mask[:b]
+        for (wqkv, wo, wgu, wdown), (k_cache, v_cache) in zip(
+            self.fp8 if fp8 else self.bf16, self.cache, strict=True
+        ):
+            h = self._rms(x)
+            q, k, v = self._linear(h, wqkv, fp8).split(
+                [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1
             )
-
-        for wqkv, wo, wup, wdown in self.fp8:
-            h = mm(x, wqkv)
-            x = mm(mm(mm(h[:, :d], wo), wup), wdown)
-        return x
+            kc, vc = k_cache[:b], v_cache[:b]
+            kc.index_copy_(2, self.position, k.view(b, KV_HEADS, 1, HEAD_DIM))
+            vc.index_copy_(2, self.position, v.view(b, KV_HEADS, 1, HEAD_DIM))
+            a = functional.scaled_dot_product_attention(
+                q.view(b, HEADS, 1, HEAD_DIM), kc, vc, attn_mask=mask, enable_gqa=True
+            )
+            x = x + self._linear(a.reshape(b, HEADS * HEAD_DIM), wo, fp8)
+            gate, up = self._linear(self._rms(x), wgu, fp8).chunk(2, dim=-1)
+            x = x + self._linear(functional.silu(gate) * up, wdown, fp8)
+        return (self._rms(x) @ self.head.t()).argmax(-1)
 
     def _capture(self, c: RunConfig) -> Any:
         torch = self.torch
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(3):
+            for _ in range(2):
                 self._forward(c)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
@@ -831,8 +880,10 @@ def main(argv: list[str]) -> int:
         "machine": machine,
         "quick": args.quick,
         "workload": (
-            f"{parameter_count() / 1e9:.2f} B-parameter decode stack, d = {D_MODEL}, {LAYERS} layers of "
-            "d×3d, d×d, d×4d, 4d×d; bf16 or fp8 weights (torch._scaled_mm, batch padded to >= 16 rows)"
+            f"Llama-3-8B-shaped decode ({parameter_count() / 1e9:.2f} B parameters: {LAYERS} layers, hidden "
+            f"{HIDDEN}, {HEADS} query / {KV_HEADS} KV heads of {HEAD_DIM}, FFN {FFN}, vocabulary {VOCAB}), KV cache "
+            f"of {CONTEXT} positions per sequence read every step; linear layers in bf16 or fp8 "
+            "(torch._scaled_mm, rows padded to 16), cache, attention and head in bf16"
         ),
     }
     code = 0

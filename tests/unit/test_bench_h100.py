@@ -39,7 +39,7 @@ class SimRig:
     def __init__(self, bench: ModuleType, seed: int = 0, noise: float = 0.003) -> None:
         self.bench = bench
         self.gpu = gpusim.H100_SXM
-        self.profile = gpusim.llm_decode()
+        self.profile = gpusim.llama_decode(bench.CONTEXT)
         self.uuid = "GPU-sim-0"
         self.min_limit_watts = self.gpu.min_power_limit_watts
         self.max_limit_watts = self.gpu.max_power_limit_watts
@@ -79,10 +79,11 @@ class SimRig:
         )
 
 
-def test_the_workload_is_the_probes_stack(bench: ModuleType) -> None:
-    assert bench.parameter_count() == 1_207_959_552
-    rows = [bench.padded_rows(bench.RunConfig(q, b)) for q in ("bf16", "fp8") for b in (8, 16, 24, 512)]
-    assert rows == [8, 16, 24, 512, 16, 16, 32, 512]
+def test_the_workload_is_the_llama_shaped_decode_the_probes_measured(bench: ModuleType) -> None:
+    assert bench.parameter_count() == gpusim.LLAMA3_8B.params
+    assert (bench.LAYERS, bench.HIDDEN, bench.KV_HEADS, bench.CONTEXT) == (32, 4096, 8, 1088)
+    rows = [bench.padded_rows(bench.RunConfig(q, b)) for q in ("bf16", "fp8") for b in (8, 16, 24, 256)]
+    assert rows == [8, 16, 24, 256, 16, 16, 32, 256]
 
 
 def test_a_measurement_is_a_ratio_of_sums_with_the_step_as_delay(bench: ModuleType) -> None:
@@ -112,20 +113,24 @@ def test_a_measurement_refuses_a_config_change_or_a_silent_counter(bench: Module
 
 def test_the_oracle_is_the_lowest_edp_the_policy_allows(bench: ModuleType) -> None:
     policy = bench.policy_spec()
+    # The Llama probes' figures (h100_llama8b_decode*.json): the KV cache makes big batches' steps
+    # long, so EDP (J/token x step) is lowest at a moderate batch.
     rows = [
-        measured(bench, "bf16", 8, 8000.0, 480.0),  # the default
-        measured(bench, "bf16", 256, 220_000.0, 700.0),
-        measured(bench, "fp8", 256, 310_000.0, 680.0),
-        measured(bench, "fp8", 512, 460_000.0, 670.0),
+        measured(bench, "bf16", 8, 965.0, 380.0),  # the default
+        measured(bench, "bf16", 128, 8640.0, 588.0),
+        measured(bench, "bf16", 256, 11563.0, 673.0),
+        measured(bench, "fp8", 64, 6808.0, 475.0),
+        measured(bench, "fp8", 128, 9946.0, 569.0),
+        measured(bench, "fp8", 256, 12677.0, 636.0),
     ]
     best = bench.oracle(rows, policy, bench.ACCURACY, bench.DEFAULT)
-    assert best.config == bench.RunConfig("fp8", 512)
+    assert best.config == bench.RunConfig("fp8", 64)
     # fp8 declared 2% less accurate than bf16: beyond maxAccuracyDropPercent (1%), so excluded.
     strict = bench.oracle(rows, policy, {"bf16": 1.0, "fp8": 0.98}, bench.DEFAULT)
-    assert strict.config == bench.RunConfig("bf16", 256)
+    assert strict.config == bench.RunConfig("bf16", 128)
     # A batch outside the policy's range is no candidate, however good.
-    outside = [*rows, measured(bench, "fp8", 1024, 500_000.0, 600.0)]
-    assert bench.oracle(outside, policy, bench.ACCURACY, bench.DEFAULT).config == bench.RunConfig("fp8", 512)
+    outside = [*rows, measured(bench, "fp8", 512, 50_000.0, 600.0)]
+    assert bench.oracle(outside, policy, bench.ACCURACY, bench.DEFAULT).config == bench.RunConfig("fp8", 64)
 
 
 def test_the_oracle_respects_the_slowdown_limit(bench: ModuleType) -> None:
@@ -143,7 +148,7 @@ def test_the_oracle_respects_the_slowdown_limit(bench: ModuleType) -> None:
 
 
 def test_ratios_and_exploration_energy(bench: ModuleType) -> None:
-    fast = measured(bench, "fp8", 512, 400_000.0, 600.0)
+    fast = measured(bench, "fp8", 256, 400_000.0, 600.0)
     slow = measured(bench, "bf16", 8, 8000.0, 480.0)
     r = bench.ratios(fast, slow)
     assert r["joules_per_token"] == pytest.approx((600 / 400_000) / (480 / 8000))
@@ -172,7 +177,7 @@ def test_the_closed_loop_on_a_simulated_h100_reaches_the_oracle(bench: ModuleTyp
     assert ran[:3] == [("bf16", 8), ("fp8", 8), ("fp8", 16)]
     assert all(p["windows"] >= bench.TUNING.probeWindows for p in loop["probe_log"])
     assert result["ratios"]["vs_oracle_sweep"]["edp"] <= bench.GOAL_EDP_RATIO
-    assert result["ratios"]["vs_default_sweep"]["edp"] < 0.2  # the default is far from the optimum
+    assert result["ratios"]["vs_default_sweep"]["edp"] < 0.3  # the default is far from the optimum
     assert result["goal_met"]
     assert result["exploration"]["joules"] > 0
     assert result["exploration"]["seconds"] < bench.TUNING.applyTimeoutSeconds * 10
