@@ -47,6 +47,7 @@ from edpilot.edp import objective_value
 from edpilot.models import EnergyPolicySpec, PowerCapSpec
 from edpilot.optimizer import Decision, OptimizerState, step
 from edpilot.simulate import (
+    Running,
     SimServing,
     SimWorkload,
     SimWorkloadSpec,
@@ -194,28 +195,25 @@ def hourly_peak(replica: Replica, hour: int) -> float:
 
 
 def job_oracle_caps(spec: SimWorkloadSpec) -> list[float]:
-    """The caps gpusim's noiseless model finds best for a job (EDP within its slowdown limit)."""
-    gpu = spec.gpu
-    default = gpu.default_power_limit_watts
-    grid = [float(c) for c in range(200, 701, 10)]
-    lo_cap = spec.policy.powerCap.minPercent / 100.0 * default
+    """The caps the simulated job's noiseless truth finds best (EDP within its slowdown limit)."""
+    truth = SimWorkload(spec, 0)
+    running = Running(spec.batchSize, spec.quantization)
+    default = spec.gpu.default_power_limit_watts
+    ranks = len(spec.workPerRank)
 
-    def edp(caps: Sequence[float]) -> tuple[float, float]:
-        job = gpusim.job_step(gpu, spec.profile, spec.quantization, spec.workPerRank, caps, spec.batchSize)
-        return objective_value(
-            "EDP", sum(job.per_rank_power_watts) / job.units_per_second, 1 / job.units_per_second
-        ), job.units_per_second
+    def edp(caps: list[float]) -> tuple[float, float]:
+        ups, watts, _ = truth.true_point(running, caps)
+        return objective_value("EDP", watts / ups, 1.0 / ups), ups
 
-    base_edp, base_ups = edp([default] * len(spec.workPerRank))
-    limit = 1.0 - spec.policy.maxSlowdownPercent / 100.0
-    best = (base_edp, [default] * len(spec.workPerRank))
-    if len(spec.workPerRank) == 1:
-        candidates: list[list[float]] = [[c] for c in grid if c >= lo_cap]
-    else:
-        candidates = [[a, b] for a in grid for b in grid]
+    base_edp, base_ups = edp([default] * ranks)
+    floor = (1.0 - spec.policy.maxSlowdownPercent / 100.0) * base_ups
+    lowest = spec.policy.powerCap.minPercent / 100.0 * default
+    grid = [float(c) for c in range(200, 701, 10) if c >= lowest]
+    candidates = [[c] for c in grid] if ranks == 1 else [[a, b] for a in grid for b in grid]
+    best = (base_edp, [default] * ranks)
     for caps in candidates:
         value, ups = edp(caps)
-        if ups >= limit * base_ups and value < best[0]:
+        if ups >= floor and value < best[0]:
             best = (value, caps)
     return best[1]
 
