@@ -289,7 +289,7 @@ def cap_bounds(spec: PowerCapSpec, member: MemberInfo) -> CapBounds | str:
     if lo_c is None or hi_c is None or default is None or not lo_c <= default <= hi_c:
         return f"GPU {member.member} has unknown or inconsistent power-limit constraints: its limit is left alone"
     if spec.mode == "Off":
-        return CapBounds(default, default, default)
+        return f"power cap mode Off: the limit of GPU {member.member} is left alone"
     if spec.mode == "Fixed":
         assert spec.watts is not None  # the model's validator guarantees it
         fixed = min(max(spec.watts, lo_c), hi_c)

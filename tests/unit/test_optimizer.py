@@ -119,7 +119,7 @@ def final_caps(sim: SimWorkload, d: Decision) -> list[float]:
         (PowerCapSpec(mode="Fixed", watts=450), h100(), (450.0, 450.0, 450.0)),
         (PowerCapSpec(mode="Fixed", watts=900), h100(), (700.0, 700.0, 700.0)),  # clamped into constraints
         (PowerCapSpec(mode="Fixed", watts=100), h100(), (200.0, 200.0, 200.0)),
-        (PowerCapSpec(mode="Off", minPercent=60), h100(), (700.0, 700.0, 700.0)),
+        (PowerCapSpec(mode="Off", minPercent=60), h100(), None),  # left alone, never written
         (PowerCapSpec(minWatts=800), h100(), None),  # empty intersection
         (PowerCapSpec(), MemberInfo(member="GPU-x", pod="p"), None),  # unknown GPU
         (
@@ -202,7 +202,7 @@ def expected_range(spec: PowerCapSpec, m: MemberInfo) -> tuple[float, float] | s
     if not m.minWatts <= m.defaultWatts <= m.maxWatts:
         return None
     if spec.mode == "Off":
-        return (m.defaultWatts, m.defaultWatts)
+        return None  # the GPU's limit is left alone
     if spec.mode == "Fixed":
         assert spec.watts is not None
         w = min(max(spec.watts, m.minWatts), m.maxWatts)
@@ -548,9 +548,10 @@ def test_a_tight_latency_slo_keeps_the_batch_small() -> None:
 
 @pytest.mark.parametrize(
     ("spec", "expected"),
-    [(PowerCapSpec(mode="Fixed", watts=450), 450.0), (PowerCapSpec(mode="Off"), 700.0)],
+    # Off leaves every GPU's limit alone: no cap is ever asked for, not even the default.
+    [(PowerCapSpec(mode="Fixed", watts=450), 450.0), (PowerCapSpec(mode="Off"), None)],
 )
-def test_fixed_and_off_caps_are_held_from_the_start(spec: PowerCapSpec, expected: float) -> None:
+def test_fixed_and_off_caps_are_held_from_the_start(spec: PowerCapSpec, expected: float | None) -> None:
     pol = policy(powerCap=spec)
     _, decisions = drive(
         SimWorkloadSpec("t", gpusim.training(), 1, "bf16", pol, reportsBatch=False), seconds=300
