@@ -42,6 +42,7 @@ from edpilot.models import (
     WorkMetric,
 )
 from edpilot.optimizer import (
+    Config,
     Decision,
     MemberInfo,
     Observation,
@@ -561,14 +562,18 @@ def serving_truth(
 def _true_figures(
     sim: SimWorkload | SimServing, baseline: Running, final: Running, final_caps: Sequence[float], end: float
 ) -> tuple[float, float]:
-    """(EDP reduction %, slowdown %) of the final configuration against the baseline, by the model."""
+    """(EDP reduction %, slowdown %) of the final configuration against the baseline, by the model.
+    The baseline runs at the baseline cap the optimizer measured it at (`member_caps` of no config)."""
     default = sim.spec.gpu.default_power_limit_watts
+    baseline_caps = [
+        default if c is None else c for c in member_caps(sim.spec.policy, sim.info(), Config()).values()
+    ]
     if isinstance(sim, SimServing):
         rate = sim.load.rate(end)
-        b_j, b_lat = serving_truth(sim.spec, baseline, default, rate)
+        b_j, b_lat = serving_truth(sim.spec, baseline, baseline_caps[0], rate)
         f_j, f_lat = serving_truth(sim.spec, final, final_caps[0], rate)
         return 100.0 * (1.0 - f_j * f_lat / (b_j * b_lat)), 100.0 * (f_lat / b_lat - 1.0)
-    b_edp, b_ups = _true_edp(sim, baseline, [default] * len(sim.gpus))
+    b_edp, b_ups = _true_edp(sim, baseline, baseline_caps)
     f_edp, f_ups = _true_edp(sim, final, final_caps)
     return 100.0 * (1.0 - f_edp / b_edp), 100.0 * (1.0 - f_ups / b_ups)
 
