@@ -115,7 +115,7 @@ def test_a_path_cannot_inject_headers_or_change_the_host() -> None:
     with hostile_server(body("tokens 1\n")) as server:
         scraper = HttpScraper(timeout_seconds=1.0)
         for path in ("/metrics\r\nX-Injected: 1", "/metrics HTTP/1.1\r\nHost: evil"):
-            w = MeasuredWorkload.model_construct(**workload(server.port).model_dump(), path=path)
+            w = workload(server.port, path=path)
             reading = settle(scraper, w, POD, timeout=5.0)
             assert reading.work_units is None
             assert "path" in reading.error
