@@ -19,8 +19,8 @@ from edpilot_agent.main import run
 from edpilot_agent.pods import PodInfo
 from edpilot_agent.scraper import HttpScraper, WorkReading
 from edpilot_agent.sim import SIM_WORKLOAD, SimBackend, SimWorkloads
-from hostile_http import body, drip, hang, hostile_server
 
+from bench.hostile_http import body, drip, hang, hostile_server
 from edpilot.models import DesiredPowerLimit, GPUNodeReportSpec, Lease, MeasuredWorkload
 
 NODE = "gpu-node-0"

@@ -13,8 +13,8 @@ from typing import Any
 from edpilot_agent.kube import pod_info
 from edpilot_agent.pods import PodInfo
 from edpilot_agent.scraper import HttpScraper, MetricsParser, WorkReading
-from hostile_http import body, drip, hostile_server, huge, redirect
 
+from bench.hostile_http import body, drip, hostile_server, huge, redirect
 from edpilot.models import MeasuredWorkload
 
 POD = PodInfo("tenant-a", "hostile-0", ip="127.0.0.1", phase="Running")

@@ -1,5 +1,6 @@
-"""A tenant's /metrics endpoint that misbehaves on purpose, on loopback, for the agent's security tests
-and the hostile-endpoint benchmark. Each connection gets `behaviour(sock)` after its request was read."""
+"""A tenant's /metrics endpoint that misbehaves on purpose, on loopback, for the hostile-endpoint
+benchmark and the agent's security tests (tests/security). Each connection gets `behaviour(sock)`
+after its request was read."""
 
 from __future__ import annotations
 
