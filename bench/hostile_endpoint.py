@@ -14,7 +14,7 @@ pods serve, from this process, on loopback:
 Every pod's GPU is capped under a lease of LEASE_SECONDS that nobody renews: the restore must come
 within one tick of its expiry, whatever the endpoints do.
 
-    .venv/bin/python bench/hostile_endpoint.py [--seconds 9]
+    .venv/bin/python -m bench.hostile_endpoint [--seconds 9]
 """
 
 from __future__ import annotations
@@ -112,9 +112,7 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     workloads = SimWorkloads(backend)
     held = workloads.allocations(infos)
     spec = GPUNodeReportSpec(
-        powerLimits=[
-            DesiredPowerLimit(gpuUUID=held[p.key][0], watts=CAP_WATTS, pod=p.key) for p in infos
-        ],
+        powerLimits=[DesiredPowerLimit(gpuUUID=held[p.key][0], watts=CAP_WATTS, pod=p.key) for p in infos],
         workloads=[
             MeasuredWorkload(namespace="tenant", pod=name, port=port, metricName="tokens")
             for name, port in pods.items()
@@ -146,7 +144,10 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     agent.tick = timed_tick  # type: ignore[method-assign]
     stop = threading.Event()
     threading.Timer(config["seconds"], stop.set).start()
+    cpu0 = time.process_time()
     run(agent, stop, TICK_SECONDS)
+    cpu = time.process_time() - cpu0
+    elapsed = time.monotonic() - started
     scraper.close()
     durations = [d for _, d in ticks]
     first_lease_tick = ticks[0][0]  # the agent starts its lease clock when it first sees the lease
@@ -156,6 +157,7 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
         "tick_ms_p50": statistics.median(durations) * 1000,
         "tick_ms_max": max(durations) * 1000,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cpu_core_fraction": cpu / elapsed,
         "lease_expired_at_s": first_lease_tick + LEASE_SECONDS,
         "restored_at_s": restored_at,
         "restore_delay_s": None if restored_at is None else restored_at - (first_lease_tick + LEASE_SECONDS),
@@ -238,19 +240,30 @@ def main(argv: list[str]) -> int:
         f"{args.seconds:g} s per scenario, each in its own process, 8 simulated GPUs, every pod capped "
         f"at {CAP_WATTS:.0f} W under a {LEASE_SECONDS} s lease nobody renews.",
         "",
-        "| scenario | tick p50 (ms) | tick max (ms) | peak RSS (MiB) | p50 / baseline | max / baseline "
-        "| RSS / baseline | restore after lease expiry (s) | good pod healthy | requests to the redirect target |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | tick p50 (ms) | tick max (ms) | peak RSS (MiB) | agent CPU (share of a core) "
+        "| p50 / baseline | max / baseline | RSS / baseline | CPU / baseline "
+        f"| restore after lease expiry (s; goal <= {TICK_SECONDS:g}) | good pod healthy "
+        "| requests to the redirect target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in runs.items():
         delay = "never" if r["restore_delay_s"] is None else f"{r['restore_delay_s']:.2f}"
         rows.append(
             f"| {name} | {r['tick_ms_p50']:.2f} | {r['tick_ms_max']:.2f} | {r['peak_rss_mib']:.0f} "
+            f"| {r['cpu_core_fraction']:.2%} "
             f"| {r['tick_ms_p50'] / base['tick_ms_p50']:.2f} | {r['tick_ms_max'] / base['tick_ms_max']:.2f} "
-            f"| {r['peak_rss_mib'] / base['peak_rss_mib']:.2f} | {delay} | {r['good_pod_healthy']} "
+            f"| {r['peak_rss_mib'] / base['peak_rss_mib']:.2f} "
+            f"| {r['cpu_core_fraction'] / base['cpu_core_fraction']:.2f} | {delay} | {r['good_pod_healthy']} "
             f"| {r['internal_requests'] if name in ('redirect', 'all-at-once') else '-'} |"
         )
-    rows += ["", "What the agent reported about each hostile pod (its own words, nothing the pod sent):", ""]
+    rows += [
+        "",
+        "For scale, the issue measured the agent before the fix: the slow drip held one scrape (and the "
+        "whole tick, lease check included) over 25 s, and the 8 MiB body took 7.2 s and 424 MiB.",
+        "",
+        "What the agent reported about each hostile pod (its own words, nothing the pod sent):",
+        "",
+    ]
     for name, message in runs["all-at-once"]["hostile_messages"].items():
         rows.append(f"- {name}: {message or '(healthy)'}")
     (RESULTS / "hostile_endpoint.md").write_text("\n".join(rows) + "\n")
