@@ -44,8 +44,9 @@ QUANTIZATION_LABEL = "quantization"
 MAX_BODY_BYTES = 1 << 20
 MAX_LINE_BYTES = 64 << 10
 MAX_HEADER_LINES = 64
-# Samples of the wanted metrics one scrape may hold (a histogram has a few dozen).
-MAX_WANTED_SAMPLES = 4096
+# Samples of the wanted metrics one scrape may parse: a histogram has a few dozen, and parsing is
+# the one per-sample cost, so this bounds the CPU a pod can make each of its scrapes take.
+MAX_WANTED_SAMPLES = 1024
 MAX_BUCKETS = 256
 # A float counts by one up to 2^53; a counter beyond it is absurd, and summing two could overflow.
 MAX_COUNTER = 2.0**53

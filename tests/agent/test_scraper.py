@@ -157,3 +157,10 @@ def test_histogram_quantile_interpolates_inside_the_bucket() -> None:
 def test_text_that_is_not_prometheus_format_is_an_error() -> None:
     spec = MeasuredWorkload(namespace="d", pod="p", metricName="tokens")
     assert "not Prometheus text format" in MetricsParser().parse(spec, "tokens{ 12 garbage\n").error
+
+
+def test_more_wanted_samples_than_the_limit_are_refused_not_parsed() -> None:
+    spec = MeasuredWorkload(namespace="d", pod="p", metricName="tokens")
+    lines = [f'tokens{{shard="{i}"}} 1' for i in range(1025)]
+    assert MetricsParser().parse(spec, "\n".join(lines[:1024])).work_units == 1024
+    assert "more than 1024 samples" in MetricsParser().parse(spec, "\n".join(lines)).error
