@@ -50,6 +50,7 @@ from edpilot.models import (
     GPUNodeReportSpec,
     GPUNodeReportStatus,
 )
+from edpilot.textnum import ascii_int
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -526,7 +527,7 @@ class Fleet:
         for node in nodes:
             if node in self.agents:
                 continue
-            seed = int(node.rsplit("-", 1)[-1]) if node.rsplit("-", 1)[-1].isdigit() else 0
+            seed = ascii_int(node.rsplit("-", 1)[-1]) or 0
             sim = SimBackend(node, gpus=8, seed=seed)
             workloads = SimWorkloads(sim)
             self.agents[node] = NodeAgent(

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("edpilot_operator.main", "run the kopf operator that closes the EDP loop"),
     "agent": ("edpilot_agent.main", "run the node agent for one GPU node"),
+    "agent-setter": ("edpilot_agent.setter", "the agent's privileged helper: sets GPU power limits"),
     "extender": ("edpilot_operator.extender", "run the kube-scheduler extender HTTP server"),
     "simulate": ("edpilot.simulate", "run the closed loop on a simulated fleet, no cluster"),
     "demo": ("edpilot_operator.demo", "local control plane + KWOK GPU nodes + operator, converging"),
@@ -19,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def usage() -> str:
-    rows = "\n".join(f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items())
+    rows = "\n".join(f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items())
     return (
         f"usage: edpilot <command> [options]\n\ncommands:\n{rows}\n\n`edpilot <command> --help` for options."
     )

@@ -41,6 +41,7 @@ from edpilot.models import (
     WorkMetric,
 )
 from edpilot.optimizer import parse_accuracy
+from edpilot.textnum import positive_int
 
 log = logging.getLogger("edpilot.workload")
 
@@ -115,7 +116,7 @@ class Hints:
         except ValueError:
             cap_watts = None
         return cls(
-            batch_size=int(batch) if batch.isdigit() and int(batch) > 0 else None,
+            batch_size=positive_int(batch),
             quantization=next((p for p in PROFILES if p == quant), None),
             power_cap_watts=cap_watts,
             policy=annotations.get(ANNOTATION_POLICY) or None,
@@ -292,7 +293,7 @@ class Workload:
 
 def _batch_range(text: str) -> tuple[int, int] | None:
     lo, sep, hi = text.replace("..", "-").partition("-")
-    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+    low, high = positive_int(lo), positive_int(hi)
+    if not sep or low is None or high is None:
         return None
-    low, high = int(lo), int(hi)
-    return (low, high) if 1 <= low <= high else None
+    return (low, high) if low <= high else None

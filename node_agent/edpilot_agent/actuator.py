@@ -1,8 +1,8 @@
 """Power-limit decisions (pure) and the thin layer that applies them.
 
 `plan_limits` is a pure function of the spec, the node's GPUs, the pods, the lease and the
-current limits. It enforces the safety invariants: limits only inside the GPU's constraints,
-only for GPUs of this node held by a pod that still exists, default limits when the lease is
+current limits. It enforces the safety invariants: limits only inside the GPU's constraints and
+never above its default limit, only for GPUs of this node held by a pod that still exists, default limits when the lease is
 missing or expired, MIG GPUs never touched.
 """
 

@@ -1,6 +1,7 @@
 """`NodeAgent`: one node's measure-apply-report loop, one `tick()` at a time.
 
-Each tick reads every GPU and every selected pod's work counter, decides the power limits
+Each tick reads every GPU and every selected pod's work counter (from a `WorkSource` that never
+blocks: pods' HTTP endpoints are scraped in the background, see scraper.py), decides the power limits
 (`actuator.plan_limits`) and applies them, and writes the node's GPUNodeReport status when it
 is due: every `reportIntervalSeconds` of the spec (clamped to [min, default] interval), sooner
 (but not more often than the min interval) when a limit changed or a condition flipped, and

@@ -28,8 +28,15 @@ class GpuInfo:
     mig_enabled: bool = False
     energy_source: EnergySource = "counter"
 
+    @property
+    def highest_cap_watts(self) -> float:
+        """edpilot lowers power limits and never raises one above the default, even where NVML
+        allows more (an H100 PCIe: default 350 W, maximum 400 W): more power than the vendor's
+        default is never "energy-aware", and a spec asking for it is wrong or hostile."""
+        return min(self.max_limit_watts, self.default_limit_watts)
+
     def clamp(self, watts: float) -> float:
-        return min(max(watts, self.min_limit_watts), self.max_limit_watts)
+        return min(max(watts, self.min_limit_watts), self.highest_cap_watts)
 
 
 @dataclass(frozen=True)

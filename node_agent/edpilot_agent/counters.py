@@ -9,6 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# A float counts by one up to 2^53: a raw value beyond it is absurd (a hostile or broken source).
+MAX_RAW = 2.0**53
+# Finite and far beyond any real total, so that no sequence of accepted samples reaches infinity.
+MAX_TOTAL = 2.0**63
+
 
 @dataclass
 class CounterTracker:
@@ -21,6 +26,7 @@ class CounterTracker:
     """
 
     wrap_at: float | None = None
+    max_raw: float = MAX_RAW
     total: float | None = None
     last_raw: float | None = None
     resets: int = 0
@@ -31,22 +37,33 @@ class CounterTracker:
 
     def update(self, raw: float, now: float) -> bool:
         """Take one raw sample at monotonic time `now`; False (and `problem` set) if rejected."""
-        if not math.isfinite(raw) or raw < 0:
+        limit = self.wrap_at if self.wrap_at is not None else self.max_raw
+        if not (math.isfinite(raw) and 0 <= raw <= limit):
             self.rejected += 1
-            self.problem = f"counter value {raw!r} is not a finite non-negative number; sample ignored"
+            self.problem = (
+                f"counter value {raw!r} is not a finite non-negative number up to {limit:g}; sample ignored"
+            )
             return False
         self.problem = ""
         if self.total is None or self.last_raw is None:
             self.total, self.last_raw, self.last_increase_at = raw, raw, now
             return True
         delta = raw - self.last_raw
-        if delta < 0:
-            if self.wrap_at is not None and self.wrap_at - self.last_raw + raw < self.wrap_at / 2:
-                delta = self.wrap_at - self.last_raw + raw
-                self.wraps += 1
-            else:
-                delta = raw
-                self.resets += 1
+        wrapped = (
+            delta < 0 and self.wrap_at is not None and self.wrap_at - self.last_raw + raw < self.wrap_at / 2
+        )
+        if wrapped and self.wrap_at is not None:
+            delta = self.wrap_at - self.last_raw + raw
+        elif delta < 0:
+            delta = raw
+        if self.total + delta > MAX_TOTAL:
+            self.rejected += 1
+            self.problem = f"the counter's total would pass {MAX_TOTAL:g}; sample ignored"
+            return False
+        if wrapped:
+            self.wraps += 1
+        elif raw < self.last_raw:
+            self.resets += 1
         if delta > 0:
             self.total += delta
             self.last_increase_at = now

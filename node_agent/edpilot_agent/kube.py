@@ -20,6 +20,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from edpilot.models import GROUP, VERSION, GPUNodeReportSpec, GPUNodeReportStatus
+from edpilot.textnum import ascii_int
 from edpilot_agent.pods import PodInfo
 
 PLURAL = "gpunodereports"
@@ -61,7 +62,7 @@ def pod_info(obj: dict[str, Any]) -> PodInfo | None:
         wanted = (resources.get("limits") or {}).get(GPU_RESOURCE) or (resources.get("requests") or {}).get(
             GPU_RESOURCE
         )
-        gpus += int(str(wanted)) if wanted and str(wanted).isdigit() else 0
+        gpus += ascii_int(str(wanted)) or 0 if wanted else 0
     return PodInfo(
         namespace=meta.get("namespace", ""),
         name=meta.get("name", ""),
@@ -69,6 +70,7 @@ def pod_info(obj: dict[str, Any]) -> PodInfo | None:
         ip=status.get("podIP") or "",
         phase=phase,
         gpu_request=gpus,
+        host_network=spec.get("hostNetwork") is True,
         annotations=dict(meta.get("annotations") or {}),
     )
 
@@ -233,6 +235,14 @@ class KubeClient:
         if not self._report_exists:
             self.ensure_report()
         body = {"status": status.model_dump(mode="json", exclude_none=True)}
+        try:
+            # The client would write NaN or Infinity, which is not JSON: the trackers keep every
+            # number finite, and this keeps a slip from sending the API server a body it rejects.
+            json.dumps(body, allow_nan=False)
+        except ValueError as exc:
+            raise KubeError(
+                f"GPUNodeReport {self.node_name} status has a non-finite number; not written"
+            ) from exc
         try:
             self.custom.patch_cluster_custom_object_status(
                 GROUP,

@@ -1,4 +1,9 @@
-"""`edpilot agent`: the node agent for one GPU node (a DaemonSet pod in a cluster)."""
+"""`edpilot agent`: the node agent for one GPU node (a DaemonSet pod in a cluster).
+
+With `--setter-socket` (the Helm chart's way) this process holds no privilege: it reads NVML
+read-only and asks `edpilot agent-setter`, in its own container, to set limits and to read the
+kubelet's pod-resources socket. Without it, it does both itself and needs root and CAP_SYS_ADMIN.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,13 @@ import threading
 import time
 from types import FrameType
 
-from edpilot_agent.agent import NodeAgent, SystemClock
-from edpilot_agent.backend import GpuBackendError
+from edpilot_agent.agent import GpuAllocations, NodeAgent, SystemClock
+from edpilot_agent.backend import GpuBackend, GpuBackendError
 from edpilot_agent.kube import KubeClient
-from edpilot_agent.metrics import AgentCollector, serve
+from edpilot_agent.kube_auth import KubeAuthorizer
+from edpilot_agent.metrics import AgentCollector, Heartbeat, serve
+from edpilot_agent.scraper import HttpScraper, WorkSource
+from edpilot_agent.setter import SetterBackend, SetterClient
 
 log = logging.getLogger("edpilot_agent")
 
@@ -26,7 +34,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--backend", choices=("nvml", "sim"), default="nvml")
     p.add_argument("--dry-run", action="store_true", help="log and count power-limit changes, set none")
-    p.add_argument("--metrics-port", type=int, default=9464, help="serve /metrics here; 0 turns it off")
+    p.add_argument(
+        "--metrics-port", type=int, default=9464, help="serve /metrics and /healthz here; 0 turns it off"
+    )
+    p.add_argument(
+        "--metrics-auth",
+        choices=("kube", "none"),
+        default="kube",
+        help="kube: /metrics only for callers the API server allows `get` on /metrics (TokenReview and "
+        "SubjectAccessReview); none: anyone who reaches the port",
+    )
+    p.add_argument(
+        "--liveness-max-age",
+        type=float,
+        default=60.0,
+        help="/healthz fails when the main loop has not finished a tick for this many seconds",
+    )
+    p.add_argument(
+        "--setter-socket",
+        default="",
+        help="nvml: set limits and read GPU allocations through `edpilot agent-setter` on this socket",
+    )
+    p.add_argument("--scrape-timeout", type=float, default=2.0, help="seconds for one whole scrape of a pod")
     p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None, help="default: in-cluster")
     p.add_argument("--gpus", type=int, default=8, help="sim: GPUs on the node")
     p.add_argument("--seed", type=int, default=0, help="sim: noise seed")
@@ -59,12 +88,16 @@ def install_signal_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handle)
 
 
-def run(agent: NodeAgent, stop: threading.Event, tick_seconds: float) -> int:
+def run(
+    agent: NodeAgent, stop: threading.Event, tick_seconds: float, heartbeat: Heartbeat | None = None
+) -> int:
     """Tick until `stop` is set, then give the GPUs back their default limits."""
     next_at = time.monotonic()
     try:
         while not stop.is_set():
             agent.tick()
+            if heartbeat is not None:
+                heartbeat.beat()
             next_at = max(next_at + tick_seconds, time.monotonic())
             stop.wait(next_at - time.monotonic())
     finally:
@@ -78,6 +111,10 @@ def main(argv: list[str]) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     clock = SystemClock()
+    scraper: HttpScraper | None = None
+    backend: GpuBackend
+    work: WorkSource
+    allocations: GpuAllocations
     try:
         if args.backend == "sim":
             from edpilot_agent.sim import SimBackend, SimWorkloads
@@ -86,11 +123,17 @@ def main(argv: list[str]) -> int:
             backend, work, allocations = sim, SimWorkloads(sim), SimWorkloads(sim)
         else:
             from edpilot_agent.nvml import NvmlBackend
-            from edpilot_agent.podresources import PodResourcesClient
-            from edpilot_agent.scraper import HttpScraper
 
-            backend = NvmlBackend(read_only=args.dry_run)  # type: ignore[assignment]
-            work, allocations = HttpScraper(), PodResourcesClient(args.pod_resources_socket)  # type: ignore[assignment]
+            scraper = HttpScraper(timeout_seconds=args.scrape_timeout, interval_seconds=args.tick)
+            work = scraper
+            if args.setter_socket:
+                setter = SetterClient(args.setter_socket)
+                backend, allocations = SetterBackend(NvmlBackend(read_only=True), setter), setter
+            else:
+                from edpilot_agent.podresources import PodResourcesClient
+
+                backend = NvmlBackend(read_only=args.dry_run)
+                allocations = PodResourcesClient(args.pod_resources_socket)
     except GpuBackendError as exc:
         print(f"edpilot agent: {exc}", file=sys.stderr)
         return 1
@@ -114,10 +157,13 @@ def main(argv: list[str]) -> int:
         energy_period_seconds=args.energy_period,
         time_scale=args.sim_speed if args.backend == "sim" else 1.0,
     )
+    heartbeat = Heartbeat(args.liveness_max_age)
     if args.metrics_port:
         serve(
             AgentCollector(args.node_name, lambda: agent.snapshot, lambda: agent.applier.counts),
             args.metrics_port,
+            liveness=heartbeat,
+            authorizer=KubeAuthorizer(kube.api) if args.metrics_auth == "kube" else None,
         )
     stop = threading.Event()
     install_signal_handlers(stop)
@@ -129,7 +175,9 @@ def main(argv: list[str]) -> int:
         ", dry-run" if args.dry_run else "",
     )
     try:
-        return run(agent, stop, args.tick)
+        return run(agent, stop, args.tick, heartbeat)
     finally:
+        if scraper is not None:
+            scraper.close()
         kube.close()
         backend.close()

@@ -1,16 +1,29 @@
 """/metrics: the agent's latest measurements in Prometheus form, built at scrape time from the
-agent's snapshot, so a scrape costs nothing between scrapes and never disagrees with the report."""
+agent's snapshot, so a scrape costs nothing between scrapes and never disagrees with the report.
+
+The same port serves /healthz for the kubelet's liveness probe: healthy while the agent's main
+loop completes ticks, whatever the thread that serves HTTP does. /metrics names every pod of the
+node and what it draws, so it answers only callers an `Authorizer` lets in (a TokenReview and a
+SubjectAccessReview for `get` on the non-resource URL /metrics, as kube-rbac-proxy does).
+"""
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from edpilot.models import GPUNodeReportStatus
+
+log = logging.getLogger(__name__)
 
 GPU_LABELS = ["node", "gpu_uuid", "gpu_index", "namespace", "pod"]
 
@@ -74,8 +87,82 @@ class AgentCollector(Collector):
         yield from (energy, power, limit, util, work, actuations)
 
 
-def serve(collector: AgentCollector, port: int, addr: str = "0.0.0.0") -> CollectorRegistry:
+class Heartbeat:
+    """When the main loop last finished a tick. Alive until `max_age_seconds` pass without one
+    (counting from creation, so a starting agent is not killed before its first tick)."""
+
+    def __init__(self, max_age_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_age_seconds = max_age_seconds
+        self._clock = clock
+        self._at = clock()
+
+    def beat(self) -> None:
+        self._at = self._clock()
+
+    def age(self) -> float:
+        return self._clock() - self._at
+
+    def alive(self) -> bool:
+        return self.age() <= self.max_age_seconds
+
+
+class Authorizer(Protocol):
+    def check(self, authorization: str | None) -> int:
+        """200 to serve /metrics; 401 without valid credentials; 403 when they may not read it."""
+        ...
+
+
+class MetricsServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # A client that stops sending holds one thread for this long at most.
+    request_timeout_seconds = 10.0
+
+
+def serve(
+    collector: AgentCollector,
+    port: int,
+    addr: str = "0.0.0.0",
+    *,
+    liveness: Heartbeat | None = None,
+    authorizer: Authorizer | None = None,
+) -> MetricsServer:
+    """Serves /metrics and /healthz in a daemon thread; returns the server (`server_port`,
+    `shutdown()`). Without an authorizer /metrics is open: only for tests and local demos."""
     registry = CollectorRegistry()
     registry.register(collector)
-    start_http_server(port, addr=addr, registry=registry)
-    return registry
+
+    class Handler(BaseHTTPRequestHandler):
+        timeout = MetricsServer.request_timeout_seconds
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/healthz":
+                if liveness is None or liveness.alive():
+                    self._answer(200, b"ok\n")
+                else:
+                    age = liveness.age()
+                    self._answer(503, f"the agent's loop has not finished a tick for {age:.0f} s\n".encode())
+            elif path == "/metrics":
+                status = 200 if authorizer is None else authorizer.check(self.headers.get("Authorization"))
+                if status == 200:
+                    self._answer(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                else:
+                    self._answer(status, b"Unauthorized\n" if status == 401 else b"Forbidden\n")
+            else:
+                self._answer(404, b"not found\n")
+
+        def _answer(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            if status == 401:
+                self.send_header("WWW-Authenticate", 'Bearer realm="edpilot-agent"')
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            log.debug("metrics %s: " + format, self.client_address[0], *args)
+
+    server = MetricsServer((addr, port), Handler)
+    threading.Thread(target=server.serve_forever, name="edpilot-metrics", daemon=True).start()
+    return server

@@ -13,6 +13,8 @@ class PodInfo:
     ip: str = ""
     phase: str = "Pending"
     gpu_request: int = 0
+    # A host-network pod's IP is its node's: the agent never scrapes it.
+    host_network: bool = False
     annotations: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -86,7 +86,7 @@ def workload_sample(
         if reading.quantization in PROFILES:
             quantization = next(p for p in PROFILES if p == reading.quantization)
         else:
-            problems.append(f"the pod reports an unknown quantization {reading.quantization!r}")
+            problems.append("the pod reports a quantization profile edpilot does not know")
     latency = reading.latency_seconds
     return WorkloadSample(
         namespace=workload.namespace,

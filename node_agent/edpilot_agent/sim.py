@@ -19,6 +19,7 @@ from typing import Literal
 
 from edpilot import gpusim
 from edpilot.models import ANNOTATION_BATCH_SIZE, ANNOTATION_QUANTIZATION, MeasuredWorkload
+from edpilot.textnum import positive_int
 from edpilot_agent.backend import GpuBackendError, GpuInfo, GpuReading
 from edpilot_agent.pods import PodInfo
 from edpilot_agent.scraper import WorkReading
@@ -188,10 +189,6 @@ class SimBackend:
         return point
 
 
-def _positive_int(text: str | None) -> int | None:
-    return int(text) if text is not None and text.strip().isdigit() and int(text) > 0 else None
-
-
 class SimWorkloads:
     """Pods of a KWOK node as simulated workloads: GPU allocation and work counters."""
 
@@ -228,7 +225,7 @@ class SimWorkloads:
         if kind is not None and kind not in PROFILES:
             log.warning("pod %s: unknown %s %r; it idles", pod.key, SIM_WORKLOAD, kind)
             kind = None
-        batch = _positive_int(pod.annotations.get(SIM_BATCH_SIZE)) or DEFAULT_BATCH.get(kind or "", 1)
+        batch = positive_int(pod.annotations.get(SIM_BATCH_SIZE)) or DEFAULT_BATCH.get(kind or "", 1)
         precision = pod.annotations.get(SIM_PRECISION, DEFAULT_PRECISION)
         if precision not in gpusim.PRECISIONS:
             precision = DEFAULT_PRECISION
@@ -240,7 +237,7 @@ class SimWorkloads:
         return SimJob(pod.key, gpu_indices, kind, batch, precision, work_share=share)
 
     def _follow_hints(self, job: SimJob, pod: PodInfo) -> None:
-        batch = _positive_int(pod.annotations.get(ANNOTATION_BATCH_SIZE)) or job.batch_size
+        batch = positive_int(pod.annotations.get(ANNOTATION_BATCH_SIZE)) or job.batch_size
         precision = pod.annotations.get(ANNOTATION_QUANTIZATION, job.precision)
         spec = self.backend.devices[job.gpu_indices[0]].spec if job.gpu_indices else None
         if spec is None or not spec.supports(precision):

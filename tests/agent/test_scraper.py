@@ -67,7 +67,7 @@ def spec_for(w: Workload, **kw: Any) -> MeasuredWorkload:
 
 def test_reads_the_counter_and_the_configuration_the_workload_reports(workload: Workload) -> None:
     workload.tokens.inc(1234)
-    r = HttpScraper().read(spec_for(workload), POD)
+    r = HttpScraper().scrape_now(spec_for(workload), POD)
     assert r.error == ""
     assert r.work_units == 1234
     assert (r.batch_size, r.quantization) == (32, "bf16")
@@ -76,13 +76,13 @@ def test_reads_the_counter_and_the_configuration_the_workload_reports(workload: 
 def test_a_restarted_workload_is_a_reset_folded_into_the_cumulative_count(workload: Workload) -> None:
     scraper, tracker = HttpScraper(), CounterTracker()
     workload.tokens.inc(500)
-    reading = scraper.read(spec_for(workload), POD)
+    reading = scraper.scrape_now(spec_for(workload), POD)
     assert reading.work_units is not None and tracker.update(reading.work_units, 0)
     workload.stop()  # the container restarts on the same port with a fresh counter
     restarted = Workload.start(workload.port)
     try:
         restarted.tokens.inc(30)
-        reading = scraper.read(spec_for(restarted), POD)
+        reading = scraper.scrape_now(spec_for(restarted), POD)
         assert reading.work_units is not None and tracker.update(reading.work_units, 1)
     finally:
         restarted.stop()
@@ -95,7 +95,7 @@ def test_a_counter_that_stops_makes_the_sample_unhealthy(workload: Workload) -> 
     spec = spec_for(workload)
     workload.tokens.inc(10)
     for t in (0.0, 5.0, 20.0):
-        reading = scraper.read(spec, POD)
+        reading = scraper.scrape_now(spec, POD)
         accepted = reading.work_units is not None and tracker.update(reading.work_units, t)
     sample = workload_sample(spec, reading, accepted, tracker, ["GPU-a"], 20.0, silent_after_seconds=10.0)
     assert not sample.healthy
@@ -106,11 +106,11 @@ def test_a_counter_that_stops_makes_the_sample_unhealthy(workload: Workload) -> 
 def test_an_unreachable_or_wrong_endpoint_is_an_error_not_an_exception(workload: Workload) -> None:
     scraper = HttpScraper(timeout_seconds=1.0)
     gone = MeasuredWorkload(namespace="default", pod="llm-0", port=free_port(), metricName="tokens")
-    assert "failed" in scraper.read(gone, POD).error
+    assert "failed" in scraper.scrape_now(gone, POD).error
     missing = spec_for(workload).model_copy(update={"metricName": "no_such_metric"})
-    assert "not exposed" in scraper.read(missing, POD).error
-    assert "no IP" in scraper.read(spec_for(workload), PodInfo("default", "llm-0")).error
-    assert "not on this node" in scraper.read(spec_for(workload), None).error
+    assert "not exposed" in scraper.scrape_now(missing, POD).error
+    assert "no IP" in scraper.scrape_now(spec_for(workload), PodInfo("default", "llm-0")).error
+    assert "not on this node" in scraper.scrape_now(spec_for(workload), None).error
 
 
 def test_latency_quantile_covers_the_window_since_the_last_scrape(workload: Workload) -> None:
@@ -118,11 +118,11 @@ def test_latency_quantile_covers_the_window_since_the_last_scrape(workload: Work
     spec = spec_for(workload, latencyMetric="time_per_token_seconds", latencyQuantile=0.5)
     for _ in range(100):
         workload.latency.observe(0.015)
-    assert scraper.read(spec, POD).latency_seconds == pytest.approx(0.015)
+    assert scraper.scrape_now(spec, POD).latency_seconds == pytest.approx(0.015)
     for _ in range(100):
         workload.latency.observe(0.08)  # the workload got slower: the window shows it at once
-    assert scraper.read(spec, POD).latency_seconds == pytest.approx(0.075)
-    assert scraper.read(spec, POD).latency_seconds is None  # no observations in this window
+    assert scraper.scrape_now(spec, POD).latency_seconds == pytest.approx(0.075)
+    assert scraper.scrape_now(spec, POD).latency_seconds is None  # no observations in this window
 
 
 def test_gauge_and_summary_latency() -> None:
@@ -139,9 +139,9 @@ def test_gauge_and_summary_latency() -> None:
         gauge = MeasuredWorkload(
             namespace="d", pod="p", port=port, metricName="tokens", latencyMetric="tpot_seconds"
         )
-        assert scraper.read(gauge, POD).latency_seconds == pytest.approx(0.021)
+        assert scraper.scrape_now(gauge, POD).latency_seconds == pytest.approx(0.021)
         mean = gauge.model_copy(update={"latencyMetric": "req_seconds"})
-        assert scraper.read(mean, POD).latency_seconds == pytest.approx(0.3)
+        assert scraper.scrape_now(mean, POD).latency_seconds == pytest.approx(0.3)
     finally:
         server.shutdown()
         server.server_close()
@@ -156,4 +156,11 @@ def test_histogram_quantile_interpolates_inside_the_bucket() -> None:
 
 def test_text_that_is_not_prometheus_format_is_an_error() -> None:
     spec = MeasuredWorkload(namespace="d", pod="p", metricName="tokens")
-    assert "not Prometheus format" in MetricsParser().parse(spec, "tokens{ 12 garbage\n").error
+    assert "not Prometheus text format" in MetricsParser().parse(spec, "tokens{ 12 garbage\n").error
+
+
+def test_more_wanted_samples_than_the_limit_are_refused_not_parsed() -> None:
+    spec = MeasuredWorkload(namespace="d", pod="p", metricName="tokens")
+    lines = [f'tokens{{shard="{i}"}} 1' for i in range(1025)]
+    assert MetricsParser().parse(spec, "\n".join(lines[:1024])).work_units == 1024
+    assert "more than 1024 samples" in MetricsParser().parse(spec, "\n".join(lines)).error

@@ -71,6 +71,10 @@ def container(workload: dict[str, Any]) -> dict[str, Any]:
     return containers[0]
 
 
+def named_containers(workload: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in workload["spec"]["template"]["spec"]["containers"]}
+
+
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
@@ -240,19 +244,30 @@ def test_defaults_install_every_component_with_least_privilege(render: Render) -
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert "runtimeClassName" not in pod
-    c = container(agent)
-    assert c["args"] == ["agent", "--node-name=$(NODE_NAME)", "--backend=nvml", "--metrics-port=9464"]
+    c, setter = named_containers(agent)["agent"], named_containers(agent)["setter"]
+    assert c["args"] == [
+        "agent",
+        "--node-name=$(NODE_NAME)",
+        "--backend=nvml",
+        "--metrics-port=9464",
+        "--metrics-auth=kube",
+        "--setter-socket=/run/edpilot/setter.sock",
+    ]
     env = {e["name"]: e for e in c["env"]}
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert env["NVIDIA_DRIVER_CAPABILITIES"]["value"] == "utility"
-    assert "nvidia.com/gpu" not in json.dumps(c["resources"]), "the agent must not take a GPU from workloads"
-    mount = next(m for m in c["volumeMounts"] if m["name"] == "pod-resources")
+    for each in (c, setter):
+        assert "nvidia.com/gpu" not in json.dumps(each["resources"]), "the agent must not take a GPU"
+        assert each["securityContext"].items() >= RESTRICTED_CONTAINER.items()
+        assert "privileged" not in each["securityContext"]
+    # Only the setter reads the kubelet's socket and holds the capability NVML needs to set limits.
+    mount = next(m for m in setter["volumeMounts"] if m["name"] == "pod-resources")
     assert mount == {"name": "pod-resources", "mountPath": "/var/lib/kubelet/pod-resources", "readOnly": True}
     volume = next(v for v in pod["volumes"] if v["name"] == "pod-resources")
     assert volume["hostPath"]["path"] == "/var/lib/kubelet/pod-resources"
-    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN"]}
-    assert c["securityContext"].items() >= RESTRICTED_CONTAINER.items()
-    assert "privileged" not in c["securityContext"]
+    assert setter["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN"]}
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 65532
 
     assert not {"ServiceMonitor", "ConfigMap", "Role", "RoleBinding"} & kinds(manifests)
 
@@ -292,8 +307,10 @@ def test_nvml_dry_run_agent_gets_no_capability(render: Render) -> None:
     agent = one(
         render("-f", str(CHART / "ci" / "nvml-dry-run-values.yaml")), "DaemonSet", "rel-edpilot-agent"
     )
-    assert container(agent)["securityContext"]["capabilities"] == {"drop": ["ALL"]}
-    assert "--dry-run" in container(agent)["args"]
+    for c in named_containers(agent).values():
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert "--dry-run" in named_containers(agent)["agent"]["args"]
+    assert "--read-only" in named_containers(agent)["setter"]["args"]
     assert agent["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
 
 

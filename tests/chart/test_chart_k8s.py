@@ -284,10 +284,14 @@ AGENT_ALLOWED = [
     "create gpunodereports.edpilot.io",
     "patch gpunodereports.edpilot.io/status",
     "update gpunodereports.edpilot.io/status",
-    "create events default",
+    "create tokenreviews.authentication.k8s.io",
+    "create subjectaccessreviews.authorization.k8s.io",
 ]
 AGENT_FORBIDDEN = [
     "get secrets default",
+    "get pods default",
+    "create events default",
+    "create events.events.k8s.io default",
     "list configmaps",
     "patch pods default",
     "delete pods default",
