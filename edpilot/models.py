@@ -294,6 +294,28 @@ class MeasuredWorkload(ApiModel):
     waitingMetric: str | None = None
     finishedMetric: str | None = None
 
+    @classmethod
+    def of_policy(cls, namespace: str, pod: str, spec: EnergyPolicySpec) -> MeasuredWorkload:
+        """What the agent must scrape from a pod the policy governs: its work counter, the
+        latencies its SLOs name and, for serving engines, their load."""
+        metric, slo, first, load = spec.workMetric, spec.latencySLO, spec.firstTokenSLO, spec.workMetric.load
+        return cls(
+            namespace=namespace,
+            pod=pod,
+            port=metric.port,
+            path=metric.path,
+            metricName=metric.name,
+            unit=metric.unit,
+            configMetric=metric.configMetric,
+            latencyMetric=slo.metricName if slo else None,
+            latencyQuantile=slo.quantile if slo else None,
+            firstTokenMetric=first.metricName if first else None,
+            firstTokenQuantile=first.quantile if first else None,
+            runningMetric=load.running if load else None,
+            waitingMetric=load.waiting if load else None,
+            finishedMetric=load.finished if load else None,
+        )
+
 
 class Lease(ApiModel):
     holderIdentity: str = ""

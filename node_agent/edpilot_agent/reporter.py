@@ -62,6 +62,11 @@ def _gauge(value: float) -> float:
     return value if math.isfinite(value) and value >= 0 else 0.0
 
 
+def _reading(value: float | None) -> float | None:
+    """A value read from a pod, if it is a finite, non-negative number."""
+    return value if value is not None and math.isfinite(value) and value >= 0 else None
+
+
 def workload_sample(
     workload: MeasuredWorkload,
     reading: WorkReading,
@@ -87,7 +92,6 @@ def workload_sample(
             quantization = next(p for p in PROFILES if p == reading.quantization)
         else:
             problems.append("the pod reports a quantization profile edpilot does not know")
-    latency = reading.latency_seconds
     return WorkloadSample(
         namespace=workload.namespace,
         pod=workload.pod,
@@ -96,7 +100,11 @@ def workload_sample(
         unit=workload.unit,
         batchSize=reading.batch_size,
         quantization=quantization,
-        latencySeconds=latency if latency is not None and math.isfinite(latency) and latency >= 0 else None,
+        latencySeconds=_reading(reading.latency_seconds),
+        firstTokenSeconds=_reading(reading.first_token_seconds),
+        requestsRunning=_reading(reading.requests_running),
+        requestsWaiting=_reading(reading.requests_waiting),
+        requestsFinished=_reading(reading.requests_finished),
         counterResets=tracker.resets,
         healthy=not problems,
         message="; ".join(problems)[:1000],

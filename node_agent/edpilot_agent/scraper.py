@@ -27,7 +27,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from edpilot.models import MeasuredWorkload
@@ -74,6 +74,11 @@ class WorkReading:
     latency_seconds: float | None = None
     error: str = ""
     pending: bool = False
+    # A serving engine's: time to first token, requests running and waiting, requests finished.
+    first_token_seconds: float | None = None
+    requests_running: float | None = None
+    requests_waiting: float | None = None
+    requests_finished: float | None = None
 
 
 class WorkSource(Protocol):
@@ -167,22 +172,56 @@ class _Latency:
 
 
 @dataclass
+class LatencyScrape:
+    """One latency metric of a scrape: a summary's quantile, a histogram, or a plain gauge."""
+
+    base: str
+    quantile_wanted: float | None
+    quantile: float | None = None
+    buckets: dict[float, float] = field(default_factory=dict)
+    total: float | None = None
+    count: float | None = None
+    plain: float | None = None
+
+    @property
+    def names(self) -> set[str]:
+        return {self.base, f"{self.base}_bucket", f"{self.base}_sum", f"{self.base}_count"}
+
+    def sample(self, name: str, labels: dict[str, str], value: float) -> None:
+        base, q = self.base, self.quantile_wanted
+        usable = math.isfinite(value) and value >= 0
+        if name == base and "quantile" in labels:
+            at = ascii_float(labels["quantile"])
+            if q is not None and at is not None and math.isclose(at, q) and self.quantile is None:
+                self.quantile = value if usable else None
+        elif name == base and not labels:
+            self.plain = value if usable and self.plain is None else self.plain
+        elif name == f"{base}_bucket" and "le" in labels:
+            le = ascii_float(labels["le"])
+            if le is not None and not math.isnan(le) and usable:
+                self.buckets[le] = value
+                if len(self.buckets) > MAX_BUCKETS:
+                    raise ScrapeError(f"the latency histogram has more than {MAX_BUCKETS} buckets")
+        elif name == f"{base}_sum" and self.total is None and usable:
+            self.total = value
+        elif name == f"{base}_count" and self.count is None and usable:
+            self.count = value
+
+
+@dataclass
 class Scrape:
     """Running aggregates of one scrape: only what the workload's spec asks for."""
 
     workload: MeasuredWorkload
     counters: set[str]
     configs: set[str]
-    latency: set[str]
+    latencies: list[LatencyScrape]
+    # A serving engine's load: gauges and a counter, each summed over its series.
+    load: dict[str, float | None] = field(default_factory=dict)
     work: float | None = None
     batch_size: int | None = None
     quantization: str | None = None
     config_seen: bool = False
-    quantile: float | None = None
-    buckets: dict[float, float] = field(default_factory=dict)
-    total: float | None = None
-    count: float | None = None
-    plain: float | None = None
     samples: int = 0
     _wanted: re.Pattern[bytes] | None = None
 
@@ -191,9 +230,10 @@ class Scrape:
         the lines of wanted series are decoded and parsed: a regular expression finds them at C
         speed, so a body of a million unwanted series costs about as much as reading it."""
         if self._wanted is None:
-            names = b"|".join(
-                re.escape(n.encode()) for n in sorted(self.counters | self.configs | self.latency)
-            )
+            wanted = self.counters | self.configs | set(self.load)
+            for latency in self.latencies:
+                wanted |= latency.names
+            names = b"|".join(re.escape(n.encode()) for n in sorted(wanted))
             self._wanted = re.compile(rb"^[ \t]*(?:" + names + rb")(?=[{ \t])[^\n]*", re.MULTILINE)
         end = data.rfind(b"\n") + 1
         for match in self._wanted.finditer(data, 0, end):
@@ -221,28 +261,13 @@ class Scrape:
                 self.config_seen = True
                 self.batch_size = positive_int(labels.get(BATCH_SIZE_LABEL), MAX_BATCH_SIZE)
                 self.quantization = labels.get(QUANTIZATION_LABEL) or None
+        elif name in self.load:
+            if not (math.isfinite(value) and 0 <= value <= MAX_COUNTER):
+                raise ScrapeError("a load metric is not a finite number in [0, 2^53]")
+            self.load[name] = min((self.load[name] or 0.0) + value, MAX_COUNTER)
         else:
-            self._latency_sample(name, labels, value)
-
-    def _latency_sample(self, name: str, labels: dict[str, str], value: float) -> None:
-        base, q = self.workload.latencyMetric, self.workload.latencyQuantile
-        usable = math.isfinite(value) and value >= 0
-        if name == base and "quantile" in labels:
-            at = ascii_float(labels["quantile"])
-            if q is not None and at is not None and math.isclose(at, q) and self.quantile is None:
-                self.quantile = value if usable else None
-        elif name == base and not labels:
-            self.plain = value if usable and self.plain is None else self.plain
-        elif name == f"{base}_bucket" and "le" in labels:
-            le = ascii_float(labels["le"])
-            if le is not None and not math.isnan(le) and usable:
-                self.buckets[le] = value
-                if len(self.buckets) > MAX_BUCKETS:
-                    raise ScrapeError(f"the latency histogram has more than {MAX_BUCKETS} buckets")
-        elif name == f"{base}_sum" and self.total is None and usable:
-            self.total = value
-        elif name == f"{base}_count" and self.count is None and usable:
-            self.count = value
+            for latency in self.latencies:
+                latency.sample(name, labels, value)
 
 
 class MetricsParser:
@@ -254,10 +279,21 @@ class MetricsParser:
 
     @staticmethod
     def begin(workload: MeasuredWorkload) -> Scrape:
-        latency = workload.latencyMetric
-        names = {latency, f"{latency}_bucket", f"{latency}_sum", f"{latency}_count"} if latency else set()
+        latencies = [
+            LatencyScrape(name, quantile)
+            for name, quantile in (
+                (workload.latencyMetric, workload.latencyQuantile),
+                (workload.firstTokenMetric, workload.firstTokenQuantile),
+            )
+            if name is not None
+        ]
         configs = {workload.configMetric, f"{workload.configMetric}_info"}
-        return Scrape(workload, _counter_names(workload.metricName), configs, names)
+        load: dict[str, float | None] = {
+            name: None
+            for name in (workload.runningMetric, workload.waitingMetric, workload.finishedMetric)
+            if name is not None
+        }
+        return Scrape(workload, _counter_names(workload.metricName), configs, latencies, load)
 
     def parse(self, workload: MeasuredWorkload, text: str) -> WorkReading:
         """A whole response at once (tests, tools); the scraper feeds lines as they arrive."""
@@ -270,27 +306,38 @@ class MetricsParser:
 
     def finish(self, scrape: Scrape) -> WorkReading:
         workload = scrape.workload
-        latency = self._latency_seconds(scrape)
-        if scrape.work is None:
-            return WorkReading(
-                None,
-                scrape.batch_size,
-                scrape.quantization,
-                latency,
-                error=f"metric {workload.metricName} is not exposed by the pod",
-            )
-        return WorkReading(scrape.work, scrape.batch_size, scrape.quantization, latency)
+        key = f"{workload.namespace}/{workload.pod}"
+        by_name = {lat.base: self._latency_seconds(key, lat) for lat in scrape.latencies}
+        latency = by_name.get(workload.latencyMetric or "")
+        first_token = by_name.get(workload.firstTokenMetric or "")
+        load = scrape.load
 
-    def _latency_seconds(self, s: Scrape) -> float | None:
-        workload = s.workload
-        if workload.latencyMetric is None:
-            return None
+        def gauge(name: str | None) -> float | None:
+            return None if name is None else load.get(name)
+
+        reading = WorkReading(
+            scrape.work,
+            scrape.batch_size,
+            scrape.quantization,
+            latency,
+            first_token_seconds=first_token,
+            requests_running=gauge(workload.runningMetric),
+            requests_waiting=gauge(workload.waitingMetric),
+            requests_finished=gauge(workload.finishedMetric),
+        )
+        if scrape.work is None:
+            return replace(reading, error=f"metric {workload.metricName} is not exposed by the pod")
+        return reading
+
+    def _latency_seconds(self, pod: str, s: LatencyScrape) -> float | None:
+        """The metric over the last scrape interval: a quantile of its histogram's increase, or
+        its mean; a summary's quantile or a gauge as they are."""
         if s.quantile is not None:
             return s.quantile
         if s.total is None or s.count is None:
             return s.plain
         buckets, total, count = dict(s.buckets), s.total, s.count
-        key = f"{workload.namespace}/{workload.pod}"
+        key = f"{pod}/{s.base}"
         previous = self._latency.get(key)
         self._latency[key] = _Latency(buckets, total, count)
         if previous is not None and count >= previous.count:
@@ -299,13 +346,15 @@ class MetricsParser:
             total, count = total - previous.total, count - previous.count
         if count <= 0:
             return None
-        if workload.latencyQuantile is not None and buckets:
-            return histogram_quantile(workload.latencyQuantile, list(buckets.items()))
+        if s.quantile_wanted is not None and buckets:
+            return histogram_quantile(s.quantile_wanted, list(buckets.items()))
         return total / count
 
-    def forget(self, keys: Iterable[str]) -> None:
-        for key in keys:
-            self._latency.pop(key, None)
+    def forget(self, pods: Iterable[str]) -> None:
+        """Drop the histograms kept for these pods (namespace/name)."""
+        prefixes = tuple(f"{p}/" for p in pods)
+        for key in [k for k in self._latency if k.startswith(prefixes)] if prefixes else []:
+            del self._latency[key]
 
 
 # ---------------------------------------------------------------- one bounded scrape

@@ -6,23 +6,30 @@ stable set of GPUs (like the device plugin), runs the workload its `sim.edpilot.
 annotations describe, follows the operator's batch-size / quantization hints after a reload
 delay (as a real workload does through its downward-API file), and reports work through the
 `WorkSource` interface the HTTP scraper implements. Pods without sim annotations idle.
+
+An `llm-serving` pod is a serving engine (`edpilot.serving`) offered the requests per second of
+its `sim.edpilot.io/requests-per-second` annotation: it reports what a vLLM engine exposes, as
+Prometheus text that goes through the agent's own parser, and reloads (serving nothing while
+requests queue) to change its precision or sequence limit, as an engine restarted with new
+arguments does.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
-from edpilot import gpusim
+from edpilot import gpusim, serving
 from edpilot.models import ANNOTATION_BATCH_SIZE, ANNOTATION_QUANTIZATION, MeasuredWorkload
-from edpilot.textnum import positive_int
+from edpilot.textnum import ascii_float, positive_int
 from edpilot_agent.backend import GpuBackendError, GpuInfo, GpuReading
 from edpilot_agent.pods import PodInfo
-from edpilot_agent.scraper import WorkReading
+from edpilot_agent.scraper import MetricsParser, WorkReading
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +37,20 @@ SIM_WORKLOAD = "sim.edpilot.io/workload"
 SIM_PRECISION = "sim.edpilot.io/precision"
 SIM_BATCH_SIZE = "sim.edpilot.io/batch-size"
 SIM_WORK_SHARE = "sim.edpilot.io/work-share"
+SIM_REQUESTS_PER_SECOND = "sim.edpilot.io/requests-per-second"
 
+SERVING = "llm-serving"
 PROFILES: dict[str, Callable[[], gpusim.WorkloadProfile]] = {
-    "llm-decode": gpusim.llm_decode,
+    # A saturated (offline) decode of the Llama-3-8B shape at a fixed batch; `llm-serving` is
+    # the same model served under offered load.
+    "llm-decode": gpusim.llama_decode,
+    SERVING: gpusim.llama_decode,
     "training": gpusim.training,
     "gemm": gpusim.gemm,
 }
-DEFAULT_BATCH = {"llm-decode": 8, "training": 8, "gemm": 4}
+DEFAULT_BATCH = {"llm-decode": 8, SERVING: 256, "training": 8, "gemm": 4}
 DEFAULT_PRECISION = "bf16"
+DEFAULT_REQUESTS_PER_SECOND = 8.0
 
 # gpusim names throttle reasons in snake case; the agent reports NVML's names for both backends.
 THROTTLE_NAMES = {gpusim.SW_POWER_CAP: "SwPowerCap", gpusim.HW_THERMAL_SLOWDOWN: "HwThermalSlowdown"}
@@ -57,6 +70,8 @@ class SimJob:
     step_seconds: float | None = None
     pending: tuple[int, str] | None = None  # a hinted (batch, precision) waiting for the reload
     pending_since: float = 0.0
+    engine: serving.ServingEngine | None = None  # an llm-serving pod's engine
+    requests_per_second: float = 0.0
 
     @property
     def profile(self) -> gpusim.WorkloadProfile | None:
@@ -147,6 +162,10 @@ class SimBackend:
         self.sim_time += seconds
         busy: set[int] = set()
         for job in self.jobs.values():
+            if job.engine is not None and job.gpu_indices:
+                self._serve(job, seconds)
+                busy.add(job.gpu_indices[0])
+                continue
             self._apply_reload(job)
             if job.kind is None or not job.gpu_indices:
                 continue
@@ -162,11 +181,47 @@ class SimBackend:
                 d.clear()
                 self._window[d.index] = d.advance(seconds, self._rng)
 
+    def _serve(self, job: SimJob, seconds: float) -> None:
+        """Run a serving pod's engine under its offered load; its GPU draws what the engine spent."""
+        engine = job.engine
+        assert engine is not None
+        device = self.devices[job.gpu_indices[0]]
+        if engine.config.cap_watts != device.power_limit_watts:
+            engine.configure(replace(engine.config, cap_watts=device.power_limit_watts))
+        joules, tokens = engine.counters.energy_joules, engine.counters.generation_tokens
+        start = self.sim_time - seconds
+        if job.pending is not None:
+            # The restart with the hinted arguments happens inside this interval or later.
+            due = min(max(job.pending_since + self.reload_delay_seconds, start), self.sim_time)
+            engine.run(due - start, job.requests_per_second)
+            self._apply_reload(job)
+            engine.run(self.sim_time - due, job.requests_per_second)
+        else:
+            engine.run(seconds, job.requests_per_second)
+        watts = (engine.counters.energy_joules - joules) / seconds
+        rate = (engine.counters.generation_tokens - tokens) / seconds
+        point = gpusim.OperatingPoint(
+            units_per_second=rate,
+            power_watts=watts,
+            sm_clock_mhz=device.spec.max_sm_clock_mhz,
+            mem_clock_mhz=device.spec.mem_clock_mhz,
+            step_seconds=seconds,
+            joules_per_unit=watts / rate if rate > 0 else math.inf,
+            utilization=1.0 if engine.running else 0.0,
+            cap_watts=device.power_limit_watts,
+            throttle_reasons=(),
+        )
+        self._window[device.index] = device.advance_at(point, seconds, self._rng)
+
     def _apply_reload(self, job: SimJob) -> None:
         if job.pending is not None and self.sim_time - job.pending_since >= self.reload_delay_seconds:
             job.batch_size, job.precision = job.pending
             job.pending = None
             log.info("simulated pod %s now runs batch %d at %s", job.pod, job.batch_size, job.precision)
+            if job.engine is not None:
+                # The engine restarts with its new arguments: nothing is served while it loads.
+                config = serving.EngineConfig(job.batch_size, job.precision, job.engine.config.cap_watts)
+                job.engine.configure(config, reload_seconds=self.reload_delay_seconds)
 
     def _job_point(self, job: SimJob) -> gpusim.JobPoint:
         """A synchronous step over the pod's GPUs. A pod with work-share < 1 waits each step for a
@@ -194,6 +249,7 @@ class SimWorkloads:
 
     def __init__(self, backend: SimBackend) -> None:
         self.backend = backend
+        self._parser = MetricsParser()
 
     def allocations(self, pods: Sequence[PodInfo]) -> Mapping[str, tuple[str, ...]]:
         """Keep each pod's GPUs stable, free those of pods that are gone, and hand the free ones
@@ -213,6 +269,8 @@ class SimWorkloads:
                     )
                     continue
                 job = self._new_job(pod, tuple(free[: pod.gpu_request]))
+                if job.kind == SERVING:
+                    self._start_engine(job, pod)
                 jobs[key] = job
                 used.update(job.gpu_indices)
             self._follow_hints(job, pod)
@@ -236,6 +294,22 @@ class SimWorkloads:
         share = min(max(share, 0.05), 1.0)
         return SimJob(pod.key, gpu_indices, kind, batch, precision, work_share=share)
 
+    def _start_engine(self, job: SimJob, pod: PodInfo) -> None:
+        """An llm-serving pod serves on its first GPU (one replica, one GPU)."""
+        device = self.backend.devices[job.gpu_indices[0]]
+        if not device.spec.supports(job.precision):
+            job.precision = DEFAULT_PRECISION
+        rate = ascii_float(pod.annotations.get(SIM_REQUESTS_PER_SECOND, ""))
+        job.requests_per_second = (
+            rate if rate is not None and 0 <= rate <= 1e4 else DEFAULT_REQUESTS_PER_SECOND
+        )
+        job.gpu_indices = job.gpu_indices[:1]
+        job.engine = serving.ServingEngine(
+            serving.ServedModel(gpu=device.spec),
+            serving.EngineConfig(job.batch_size, job.precision, device.power_limit_watts),
+            random.Random(f"{job.pod}/arrivals"),
+        )
+
     def _follow_hints(self, job: SimJob, pod: PodInfo) -> None:
         batch = positive_int(pod.annotations.get(ANNOTATION_BATCH_SIZE)) or job.batch_size
         precision = pod.annotations.get(ANNOTATION_QUANTIZATION, job.precision)
@@ -257,5 +331,11 @@ class SimWorkloads:
         self.backend.advance()
         if job.kind is None:
             return WorkReading(0.0)
+        if job.engine is not None:
+            # What a vLLM engine exposes, and the config info line of edpilot's workload helper,
+            # read by the agent's own parser.
+            config = job.engine.config
+            info = f'{workload.configMetric}{{batch_size="{config.max_num_seqs}",quantization="{config.precision}"}} 1\n'
+            return self._parser.parse(workload, serving.exposition(job.engine) + info)
         latency = job.step_seconds if workload.latencyMetric is not None else None
         return WorkReading(job.work_units, job.batch_size, job.precision, latency)

@@ -66,21 +66,7 @@ def desired_spec(
         spec = policies.get(f"{pod.namespace}/{policy_name}") if policy_name else None
         if spec is None or pod.deleting:
             continue
-        metric = spec.workMetric
-        slo = spec.latencySLO
-        measured.append(
-            MeasuredWorkload(
-                namespace=pod.namespace,
-                pod=pod.name,
-                port=metric.port,
-                path=metric.path,
-                metricName=metric.name,
-                unit=metric.unit,
-                configMetric=metric.configMetric,
-                latencyMetric=slo.metricName if slo else None,
-                latencyQuantile=slo.quantile if slo else None,
-            )
-        )
+        measured.append(MeasuredWorkload.of_policy(pod.namespace, pod.name, spec))
         fast = fast or pod.key in active_pods
         policy_cap = parse_cap(pod.annotations.get(ANNOTATION_POWER_CAP))
         for uuid in sorted(gpus_of.get(pod.key, [])):

@@ -115,6 +115,10 @@ def snapshot(workload: Workload, reports: Mapping[str, GPUNodeReportStatus]) -> 
                     batchSize=work.batchSize,
                     quantization=work.quantization,
                     latencySeconds=work.latencySeconds,
+                    firstTokenSeconds=work.firstTokenSeconds,
+                    requestsRunning=work.requestsRunning,
+                    requestsWaiting=work.requestsWaiting,
+                    requestsFinished=work.requestsFinished,
                     counterResets=work.counterResets,
                     healthy=work.healthy,
                 )
