@@ -92,8 +92,10 @@ class Tuning(BaseModel):
     # vary by 5%, 30 s by 7.5%, which puts a 25% step 5 and 3 standard deviations out).
     loadTolerance: float = Field(default=0.25, gt=0)
     loadWindows: int = Field(default=12, ge=1)
-    # Requests waiting for a slot that a configuration may leave (or add to the queue) in a probe.
-    queueAllowance: float = Field(default=4.0, ge=0)
+    # Requests waiting for a slot that a configuration may leave (or add to the queue) in a
+    # window: near capacity, Poisson bursts queue a few requests for a moment under any
+    # configuration; a queue past this and growing means the load is not being carried.
+    queueAllowance: float = Field(default=16.0, ge=0)
 
 
 DEFAULT_TUNING = Tuning()
@@ -228,6 +230,7 @@ class OptimizerState(BaseModel):
     latencyNoise: float = 0.0
     levels: list[LoadLevel] = []  # load-driven: what each load level converged on
     heldQuantization: Profile | None = None  # load-driven: chosen once, at the first level
+    latencyScale: float | None = None  # load-driven: own precision's latency / the chosen one's
     band: int | None = None  # load-driven: the level being explored or held
     levelLoad: float | None = None  # load-driven: the offered load that level was measured at
     recentLoads: list[float] = []  # load-driven: the last windows' offered load while converged
@@ -373,6 +376,10 @@ def _slack(m: Metrics, st: OptimizerState, ctx: _Ctx) -> float:
     slowdown = slowdown_percent(m, st.baseline.metrics, ctx.load_driven)
     if slowdown is None:
         return -100.0  # a slowdown that cannot be checked is not within the limit
+    if ctx.load_driven and st.latencyScale is not None and st.heldQuantization != st.origin.quantization:
+        # This level's baseline runs the precision chosen at the first level, not the workload's
+        # own: the limit is against the workload's own latency, which the first level measured.
+        slowdown = 100.0 * ((1.0 + slowdown / 100.0) / st.latencyScale - 1.0)
     return ctx.policy.maxSlowdownPercent - slowdown - margin
 
 
@@ -747,6 +754,10 @@ def _finish_stage(st: OptimizerState, stage: Stage, ctx: _Ctx) -> None:
         winners = [p for p in probes if _better(p, st.incumbent, st, ctx)]
         if winners:
             best = min(winners, key=lambda p: _key(p, st, ctx))
+            own, faster = st.incumbent.metrics, best.metrics
+            if own is not None and faster is not None and own.latencySeconds and faster.latencySeconds:
+                # How much slower the workload's own precision is, at the same cap and load.
+                st.latencyScale = own.latencySeconds / faster.latencySeconds
     else:
         best = _stage_best(st, stage, ctx)
     changed = best is not st.incumbent

@@ -6,6 +6,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import pytest
+
 from edpilot import gpusim, serving
 from edpilot.edp import MemberSample
 from edpilot.models import EnergyPolicySpec, LatencySLO
@@ -107,6 +109,9 @@ class FakeReplica:
 
     physics: Callable[[float], tuple[float, float, float]]  # cap -> (watts, latency s, waiting growth/s)
     requests_per_second: float = 10.0
+    precision: str = "bf16"
+    # fp8: the same physics, this much faster and frugal (weights read in half the bytes).
+    fp8_factor: float = 0.8
     tokens_per_request: float = 250.0
     rng: random.Random = field(default_factory=lambda: random.Random(7))
     energy: float = 0.0
@@ -118,6 +123,8 @@ class FakeReplica:
 
     def advance(self, seconds: float) -> None:
         watts, latency, growth = self.physics(self.cap)
+        if self.precision == "fp8":
+            watts, latency = watts * self.fp8_factor, latency * self.fp8_factor
         noise = self.rng.gauss(1.0, 0.01)
         self.energy += watts * seconds * noise
         self.tokens += (
@@ -138,7 +145,7 @@ class FakeReplica:
                     powerWatts=0.0,
                     capWatts=self.cap,
                     batchSize=256,
-                    quantization="bf16",
+                    quantization="fp8" if self.precision == "fp8" else "bf16",
                     latencySeconds=self.latency,
                     firstTokenSeconds=0.2,
                     requestsRunning=40.0,
@@ -157,16 +164,25 @@ INFO = WorkloadInfo(
 )
 
 
-def run_fake(replica: FakeReplica, policy: EnergyPolicySpec, seconds: float = 3000.0) -> Decision:
+def run_fake(
+    replica: FakeReplica,
+    policy: EnergyPolicySpec,
+    seconds: float = 3000.0,
+    info: WorkloadInfo | None = None,
+    load: Callable[[float], float] | None = None,
+) -> Decision:
     state: OptimizerState | None = None
     decision: Decision | None = None
     now = 0.0
     while now < seconds:
-        decision = step(policy, INFO, state, replica.observation(now), now)
+        if load is not None:
+            replica.requests_per_second = load(now)
+        decision = step(policy, info or INFO, state, replica.observation(now), now)
         state = decision.state
         cap = decision.capWatts.get(MEMBER)
         if cap is not None:
             replica.cap = cap
+        replica.precision = decision.quantization or replica.precision
         replica.advance(REPORT_SECONDS)
         now += REPORT_SECONDS
     assert decision is not None
@@ -247,3 +263,29 @@ def test_the_engine_model_is_what_the_simulated_replica_serves() -> None:
     spec = chat("c", gpusim.H200_SXM, 5.0, serving_policy())
     assert spec.serving is not None
     assert spec.serving.model == serving.ServedModel(gpu=gpusim.H200_SXM)
+
+
+def test_a_later_levels_slowdown_is_against_the_workloads_own_precision_not_the_chosen_one() -> None:
+    # fp8 is 20% faster than bf16. At the first level edpilot measures both at the default cap;
+    # later levels measure their baseline in fp8 (a reload back to bf16 would cost a restart),
+    # but the limit (20%) is still against the latency bf16 would have, 1.25x fp8's.
+    policy = serving_policy(min_cap_percent=30.0)
+    info = INFO.model_copy(update={"accuracy": {"bf16": 1.0, "fp8": 0.995}})
+    decision = run_fake(
+        FakeReplica(decode_like),
+        policy,
+        seconds=4000.0,
+        info=info,
+        load=lambda t: 10.0 if t < 1500.0 else 14.0,
+    )
+    state = decision.state
+    assert state.heldQuantization == "fp8" and state.latencyScale is not None
+    assert state.latencyScale == pytest.approx(1.25, rel=0.03)
+    assert len(state.levels) == 2 and decision.phase == "Converged"
+    cap = decision.capWatts[MEMBER]
+    assert cap is not None
+    _, bf16_latency_at_cap, _ = decode_like(cap)
+    fp8_latency = 0.8 * bf16_latency_at_cap
+    # Within 20% of bf16 at the default cap (10 ms), and past 20% over fp8's own 8 ms there.
+    assert fp8_latency <= 0.010 * 1.20
+    assert fp8_latency > 0.008 * 1.20
