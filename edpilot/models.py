@@ -204,6 +204,20 @@ class EnergyPolicySpec(ApiModel):
     workMetric: WorkMetric
     groupByLabel: str | None = Field(default=None, min_length=1, max_length=316)
 
+    @model_validator(mode="after")
+    def _load_driven_needs_a_latency(self) -> EnergyPolicySpec:
+        if self.workMetric.load is not None and self.latencySLO is None:
+            raise ValueError(
+                "workMetric.load makes the workloads load-driven (serving), whose slowdown is measured "
+                "on their latency: set latencySLO too"
+            )
+        return self
+
+    @property
+    def load_driven(self) -> bool:
+        """Serving engines under offered load: demand, not the configuration, sets the work rate."""
+        return self.workMetric.load is not None
+
 
 class Measurement(ApiModel):
     """Efficiency of one configuration, per unit of work."""

@@ -11,8 +11,9 @@ Every probe is measured over enough windows to beat the noise measured at the ba
 probe only replaces the best configuration so far when it is better by more than that noise and
 keeps throughput within `maxSlowdownPercent` (and the latency SLO).
 
-A policy with a latency SLO governs load-driven (serving) workloads: demand sets their work
-rate, so a configuration is judged at the load it serves. Its slowdown is the rise of the named
+A policy whose work metric names a serving engine's load (`workMetric.load`) governs
+load-driven workloads: demand sets their work rate, so a configuration is judged at the load it
+serves. Its slowdown is the rise of the named
 latency over the baseline's, its energy per unit is its power over the served load (which is
 what it minimises, the latency being bounded by the SLO and the slowdown limit), and one whose
 queue of waiting requests grows cannot carry the load and is never kept. A converged
@@ -345,8 +346,7 @@ class _Ctx:
 
     @property
     def load_driven(self) -> bool:
-        """A policy with a latency SLO governs serving: demand, not the configuration, sets the work rate."""
-        return self.policy.latencySLO is not None
+        return self.policy.load_driven
 
     def event(self, kind: Literal["Normal", "Warning"], reason: str, message: str) -> None:
         self.events.append(Event(type=kind, reason=reason, message=message))

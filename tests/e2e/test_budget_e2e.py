@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from edpilot_agent.sim import PROFILES
 from edpilot_operator.budgets import IDLE_RESERVE_FRACTION
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
 from kubetest import Cluster, gpu_pod
@@ -51,13 +52,6 @@ POLICY = {
         "powerCap": {"mode": "Auto", "minPercent": MIN_PERCENT, "maxPercent": 100},
         "workMetric": {"port": 8000, "name": "work_units_total", "unit": "units"},
     },
-}
-
-
-PROFILES: dict[str, Callable[[], gpusim.WorkloadProfile]] = {
-    "training": gpusim.training,
-    "gemm": gpusim.gemm,
-    "llm-decode": gpusim.llm_decode,
 }
 
 

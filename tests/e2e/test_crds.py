@@ -399,6 +399,13 @@ CASES = [
         "less than or equal to 1000",
     ),
     Invalid(
+        "serving-load-without-a-latency",
+        policy,
+        {"spec.latencySLO": DELETE, "spec.workMetric.load": {}},
+        "spec.latencySLO",
+        "workMetric.load makes the workloads load-driven (serving)",
+    ),
+    Invalid(
         "power-min-above-max",
         policy,
         {"spec.powerCap.minPercent": 90, "spec.powerCap.maxPercent": 60},

@@ -135,7 +135,9 @@ def converged(cluster: Cluster, procs: Processes, pod: str) -> dict[str, Any] | 
 
 def true_point(row: dict[str, Any], precision: str | None, batch: int | None) -> gpusim.OperatingPoint:
     cap = row.get("powerCapWatts") or 700.0
-    return gpusim.operating_point(gpusim.H100_SXM, gpusim.llm_decode(), batch or 8, precision or "bf16", cap)
+    return gpusim.operating_point(
+        gpusim.H100_SXM, gpusim.llama_decode(), batch or 8, precision or "bf16", cap
+    )
 
 
 def true_edp(point: gpusim.OperatingPoint, batch: int) -> float:
@@ -162,7 +164,7 @@ def test_policy_converges_within_bounds_and_matches_the_simulator(loop: tuple[Cl
 
     batch, precision = row["batchSize"], row["quantization"]
     chosen = true_point(row, precision, batch)
-    baseline = gpusim.operating_point(gpusim.H100_SXM, gpusim.llm_decode(), 8, "bf16", 700.0)
+    baseline = gpusim.operating_point(gpusim.H100_SXM, gpusim.llama_decode(), 8, "bf16", 700.0)
     expected_reduction = 100 * (1 - true_edp(chosen, batch) / true_edp(baseline, 8))
     expected_slowdown = 100 * (1 - chosen.units_per_second / baseline.units_per_second)
     # The status is measured through noisy simulated counters; the simulator knows the truth.

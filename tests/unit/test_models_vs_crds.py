@@ -268,14 +268,26 @@ def test_sample_is_valid_in_the_model_and_the_crd_schema(name: str, doc: dict[st
     jsonschema.Draft4Validator(schema_of(CRD_BY_KIND[doc["kind"]])).validate(doc)
 
 
-def test_llm_serving_sample_steers_all_three_knobs() -> None:
+def test_llm_serving_sample_steers_all_three_knobs_of_a_vllm_engine_under_load() -> None:
     policy = models.EnergyPolicy.model_validate(
         yaml.safe_load((SAMPLES / "llm-serving-policy.yaml").read_text())
     )
     spec = policy.spec
-    assert spec.quantization.mode == "Auto" and spec.quantization.allowed == ["bf16", "fp8", "int8"]
-    assert (spec.batchSize.mode, spec.batchSize.min, spec.batchSize.max) == ("Auto", 8, 512)
-    assert spec.latencySLO is not None and "time_per_output_token" in spec.latencySLO.metricName
+    assert spec.quantization.mode == "Auto" and spec.quantization.allowed == ["bf16", "fp8"]
+    assert (spec.batchSize.mode, spec.batchSize.min, spec.batchSize.max) == ("Auto", 64, 1024)
+    # vLLM's own metric names (v1 engine), and its load gauges: a load-driven policy.
+    assert spec.workMetric.name == "vllm:generation_tokens_total"
+    assert spec.latencySLO is not None and spec.latencySLO.metricName == "vllm:inter_token_latency_seconds"
+    assert spec.firstTokenSLO is not None
+    assert spec.firstTokenSLO.metricName == "vllm:time_to_first_token_seconds"
+    assert spec.workMetric.load == models.LoadMetrics() and spec.load_driven
+
+
+def test_a_load_driven_policy_without_a_latency_is_refused() -> None:
+    doc = yaml.safe_load((SAMPLES / "llm-serving-policy.yaml").read_text())
+    del doc["spec"]["latencySLO"]
+    with pytest.raises(ValueError, match="set latencySLO too"):
+        models.EnergyPolicy.model_validate(doc)
 
 
 def test_training_sample_caps_power_of_a_job_as_one_workload() -> None:

@@ -209,7 +209,13 @@ def test_latency_not_throughput_gates_the_slowdown_of_a_load_driven_workload() -
     assert cap < 560.0  # it did cut power where latency allowed
     assert decision.figures.slowdownPercent is not None and decision.figures.slowdownPercent <= 20.0
     # The same measurements under a throughput policy (no latency SLO) end at the floor.
-    throughput_one = serving_one.model_copy(update={"latencySLO": None, "firstTokenSLO": None})
+    throughput_one = serving_one.model_copy(
+        update={
+            "latencySLO": None,
+            "firstTokenSLO": None,
+            "workMetric": serving_one.workMetric.model_copy(update={"load": None}),
+        }
+    )
     floor = run_fake(FakeReplica(decode_like), throughput_one).capWatts[MEMBER]
     assert floor is not None and floor < cap
 
