@@ -78,7 +78,7 @@ PODS: Final = {
     "train-a": Pod(gpusim.training(), "bf16", 8),
     "train-b": Pod(gpusim.training(), "bf16", 2),
     "gemm-c": Pod(gpusim.gemm(), "bf16", 4),
-    "decode-d": Pod(gpusim.llm_decode(), "bf16", 64),
+    "decode-d": Pod(gpusim.llama_decode(), "bf16", 64),
 }
 
 
