@@ -367,12 +367,15 @@ def slowdown_percent(m: Metrics, baseline: Metrics, load_driven: bool) -> float 
     return 100.0 * (m.latencySeconds / baseline.latencySeconds - 1.0)
 
 
-def _slack(m: Metrics, st: OptimizerState, ctx: _Ctx) -> float:
-    """Percentage points left before the slowdown limit, less the measurement noise."""
+def _slack(m: Metrics, st: OptimizerState, ctx: _Ctx, noise_margin: bool = True) -> float:
+    """Percentage points left before the slowdown limit, less the measurement noise (unless
+    `noise_margin` is False: the point estimate)."""
     assert st.baseline is not None and st.baseline.metrics is not None
     t = ctx.tuning
     noise = st.latencyNoise if ctx.load_driven else st.throughputNoise
     margin = 100.0 * t.slowdownNoiseK * noise * math.sqrt(2.0 / max(st.windowsPerProbe, 1))
+    if not noise_margin:
+        margin = 0.0
     slowdown = slowdown_percent(m, st.baseline.metrics, ctx.load_driven)
     if slowdown is None:
         return -100.0  # a slowdown that cannot be checked is not within the limit
@@ -665,12 +668,19 @@ def _straggler_range(st: OptimizerState, ctx: _Ctx, waiting: list[str]) -> tuple
 
 
 def _keeps_pace(p: Probe, st: OptimizerState, ctx: _Ctx) -> bool:
-    """A straggler cap may not slow the job beyond noise, nor break the policy's limits."""
+    """A straggler cap is judged by its own effect: it may not slow the job beyond noise against
+    the configuration it changes. The incumbent already kept the slowdown limit with the noise
+    margin; holding each probe to that margin again, right at the edge the cap stage left, would
+    fail a probe with no effect at all about half the time. The limit itself still holds, on the
+    probe's point estimate, and the latency SLOs as always."""
     assert st.incumbent is not None and st.incumbent.metrics is not None
-    if p.metrics is None or _violation(p.metrics, st, ctx) > 0:
+    m = p.metrics
+    if m is None or _slack(m, st, ctx, noise_margin=False) < 0:
         return False
+    if _violation(m, st, ctx) > max(0.0, -_slack(m, st, ctx)):
+        return False  # a latency SLO or a queue, not the slowdown margin
     floor = st.incumbent.metrics.unitsPerSecond * (1.0 - _threshold(st, ctx.tuning))
-    return p.metrics.unitsPerSecond >= floor
+    return m.unitsPerSecond >= floor
 
 
 def _next_straggler(st: OptimizerState, ctx: _Ctx) -> Config | None:
@@ -747,9 +757,12 @@ def _finish_stage(st: OptimizerState, stage: Stage, ctx: _Ctx) -> None:
         if chosen is not None and _better(chosen, st.incumbent, st, ctx):
             best = chosen
     elif stage == "straggler":
-        ranked = sorted((p for p in probes if _keeps_pace(p, st, ctx)), key=lambda p: _key(p, st, ctx))
-        if ranked and _better(ranked[0], st.incumbent, st, ctx):
-            best = ranked[0]
+        pace = [p for p in probes if _keeps_pace(p, st, ctx)]
+        assert st.incumbent.metrics is not None
+        bar = st.incumbent.metrics.objective * (1.0 - _threshold(st, ctx.tuning))
+        winner = min(pace, key=lambda p: p.metrics.objective if p.metrics else math.inf, default=None)
+        if winner is not None and winner.metrics is not None and winner.metrics.objective < bar:
+            best = winner
     elif stage == "quantization":
         winners = [p for p in probes if _better(p, st.incumbent, st, ctx)]
         if winners:
