@@ -243,6 +243,7 @@ class WorkloadStatus(ApiModel):
     slowdownPercent: float | None = None
     energySavedJoules: float = Field(default=0, ge=0)
     probes: int = Field(default=0, ge=0)
+    noiseMarginPercent: float | None = Field(default=None, ge=0)
     message: str = ""
     # The optimizer's whole state, so a restarted operator resumes where it was.
     optimizer: dict[str, object] | None = None

@@ -262,6 +262,9 @@ class Figures(BaseModel):
     energySavedJoules: float = 0.0
     probes: int = 0
     message: str = ""
+    # The slowdown limit's noise margin at the most windows (None before a baseline): a limit at
+    # or below it cannot be told from noise, so no cap is probed.
+    noiseMarginPercent: float | None = None
 
 
 class Decision(BaseModel):
@@ -384,6 +387,16 @@ def _slack(m: Metrics, st: OptimizerState, ctx: _Ctx, noise_margin: bool = True)
         # own: the limit is against the workload's own latency, which the first level measured.
         slowdown = 100.0 * ((1.0 + slowdown / 100.0) / st.latencyScale - 1.0)
     return ctx.policy.maxSlowdownPercent - slowdown - margin
+
+
+def noise_margin_percent(st: OptimizerState, ctx: _Ctx) -> float | None:
+    """The smallest slowdown the search could tell from noise: the slowdown limit's noise margin
+    at the most windows a probe may take. None before a baseline."""
+    if st.baseline is None:
+        return None
+    t = ctx.tuning
+    noise = st.latencyNoise if ctx.load_driven else st.throughputNoise
+    return 100.0 * t.slowdownNoiseK * noise * math.sqrt(2.0 / t.maxWindows)
 
 
 def _overloaded(m: Metrics, st: OptimizerState, ctx: _Ctx) -> bool:
@@ -741,6 +754,14 @@ def _stage_applies(stage: Stage, st: OptimizerState, ctx: _Ctx) -> str | None:
     else:
         if policy.powerCap.mode != "Auto":
             return f"power cap: mode {policy.powerCap.mode}"
+        margin = noise_margin_percent(st, ctx)
+        if margin is not None and margin >= policy.maxSlowdownPercent:
+            # A lower cap never speeds work up: every probe would slow the workload, and none
+            # could be shown to keep the limit.
+            return (
+                f"{stage}: maxSlowdownPercent {policy.maxSlowdownPercent:g}% is within the measurement "
+                f"noise ({margin:.1f}% even at {ctx.tuning.maxWindows} windows a probe): no lower cap is probed"
+            )
         if not ctx.known_bounds() or len(ctx.known_bounds()) != len(ctx.bounds):
             return "power cap: some GPU has no usable bounds"
         if stage == "straggler" and len(ctx.workload.members) < 2:
@@ -1281,6 +1302,7 @@ def _decision(st: OptimizerState, ctx: _Ctx, bad: BadData | None) -> Decision:
         energySavedJoules=max(0.0, st.energySavedJoules),
         probes=len(st.probes),
         message=ctx.reasons[-1] if ctx.reasons else "",
+        noiseMarginPercent=noise_margin_percent(st, ctx),
     )
     return Decision(
         state=st,

@@ -663,3 +663,22 @@ def test_a_straggler_probe_is_judged_by_its_own_effect_not_by_the_edge_the_cap_s
     assert caps[1] >= critical_at - 5.0, "the waiting rank was capped into the job's critical path"
     after = gpusim.job_step(H100, spec.profile, "bf16", spec.workPerRank, caps)
     assert after.units_per_second >= 0.99 * common.units_per_second
+
+
+def test_a_slowdown_limit_within_the_noise_probes_no_cap_and_says_so() -> None:
+    # Training's throughput noise leaves a margin of about 1% at the most windows: a 0.5% limit
+    # can never be shown to hold under a lower cap, so no cap probe slows the job for nothing.
+    pol = policy(maxSlowdownPercent=0.5, powerCap=PowerCapSpec(mode="Auto", minPercent=50))
+    spec = SimWorkloadSpec("t", gpusim.training(), 16, "bf16", pol, reportsBatch=False)
+    _, decisions = drive(spec, seconds=600)
+    d = decisions[-1]
+    assert d.phase == "Converged"
+    assert not [p for p in d.state.probes if p.stage == "cap"]
+    assert {c for dd in decisions for c in dd.capWatts.values()} == {700.0}
+    margin = d.figures.noiseMarginPercent
+    assert margin is not None and margin >= 0.5
+    assert any("within the measurement noise" in r for dd in decisions for r in dd.reasons)
+    # A limit well above the noise is probed as before.
+    roomy = policy(maxSlowdownPercent=10, powerCap=PowerCapSpec(mode="Auto", minPercent=50))
+    _, probed = drive(replace(spec, policy=roomy), seconds=600)
+    assert [p for p in probed[-1].state.probes if p.stage == "cap"]
