@@ -231,6 +231,7 @@ class OptimizerState(BaseModel):
     latencyNoise: float = 0.0
     levels: list[LoadLevel] = []  # load-driven: what each load level converged on
     heldQuantization: Profile | None = None  # load-driven: chosen once, at the first level
+    requantized: bool = False  # the precision was re-checked at the batch the batch stage chose
     latencyScale: float | None = None  # load-driven: own precision's latency / the chosen one's
     band: int | None = None  # load-driven: the level being explored or held
     levelLoad: float | None = None  # load-driven: the offered load that level was measured at
@@ -470,9 +471,29 @@ def _eligible_profiles(st: OptimizerState, ctx: _Ctx) -> list[Profile]:
     return sorted(eligible, key=lambda p: (-accuracy[p], PROFILES.index(p)))
 
 
+def _quantization_probes(st: OptimizerState) -> list[Probe]:
+    """The quantization probes at the incumbent's batch size (a re-check runs at a new batch)."""
+    assert st.incumbent is not None
+    batch = st.incumbent.config.batchSize
+    return [p for p in _stage_probes(st, "quantization") if p.config.batchSize == batch]
+
+
+def _requantize(st: OptimizerState, ctx: _Ctx) -> bool:
+    """Re-check the precision once when the batch search moved the batch: which precision is best
+    depends on it (at small batches bytes decide, at large ones the math). Not for serving, where a
+    precision change restarts the engine."""
+    assert st.incumbent is not None
+    if st.requantized or ctx.load_driven or st.baseline is None:
+        return False
+    if st.incumbent.config.batchSize == st.baseline.config.batchSize:
+        return False
+    st.requantized = _stage_applies("quantization", st, ctx) is None
+    return st.requantized
+
+
 def _next_quantization(st: OptimizerState, ctx: _Ctx) -> Config | None:
     assert st.incumbent is not None
-    tried = {p.config.quantization for p in _stage_probes(st, "quantization")}
+    tried = {p.config.quantization for p in _quantization_probes(st)}
     for profile in _eligible_profiles(st, ctx):
         if profile not in tried:
             return st.incumbent.config.model_copy(update={"quantization": profile})
@@ -785,7 +806,8 @@ def _finish_stage(st: OptimizerState, stage: Stage, ctx: _Ctx) -> None:
         if winner is not None and winner.metrics is not None and winner.metrics.objective < bar:
             best = winner
     elif stage == "quantization":
-        winners = [p for p in probes if _better(p, st.incumbent, st, ctx)]
+        batch = st.incumbent.config.batchSize
+        winners = [p for p in probes if p.config.batchSize == batch and _better(p, st.incumbent, st, ctx)]
         if winners:
             best = min(winners, key=lambda p: _key(p, st, ctx))
             own, faster = st.incumbent.metrics, best.metrics
@@ -868,8 +890,13 @@ def _advance(st: OptimizerState, ctx: _Ctx) -> None:
             if config is not None:
                 _set_target(st, config, ctx)
                 return
-            _finish_stage(st, st.stage, ctx)
-            following = order[order.index(st.stage) + 1 :]
+            finished = st.stage
+            _finish_stage(st, finished, ctx)
+            following = order[order.index(finished) + 1 :]
+            if finished == "quantization" and st.requantized:
+                following = order[order.index("batch") + 1 :]
+            elif finished == "batch" and _requantize(st, ctx):
+                following = ["quantization", *following]
         else:
             following = order
         st.stage = None
@@ -926,6 +953,7 @@ def _rebaseline(st: OptimizerState, ctx: _Ctx, why: str) -> None:
     st.convergedAt = None
     st.band = st.levelLoad = None
     st.recentLoads = []
+    st.requantized = False
     _set_target(st, _baseline_target(st, ctx), ctx)
 
 
