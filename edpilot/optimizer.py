@@ -289,6 +289,11 @@ def member_caps(policy: EnergyPolicySpec, workload: WorkloadInfo, config: Config
     return _member_caps({m.member: cap_bounds(policy.powerCap, m) for m in workload.members}, config)
 
 
+def cap_for(spec: PowerCapSpec, member: MemberInfo, config: Config) -> float | None:
+    """The cap one member GPU gets under `config` and the bounds of `spec`; None: left alone."""
+    return _member_caps({member.member: cap_bounds(spec, member)}, config)[member.member]
+
+
 @dataclass
 class _Ctx:
     policy: EnergyPolicySpec
