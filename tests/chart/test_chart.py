@@ -276,6 +276,8 @@ def test_node_restriction_policy_names_the_agents_service_account(render: Render
             "agent.nodeRestriction.enabled=false",
             "--set",
             "operator.podPatchRestriction.enabled=false",
+            "--set",
+            "operator.annotationOwnership.enabled=false",
         )
     )
 
