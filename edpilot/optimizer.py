@@ -128,6 +128,9 @@ def parse_accuracy(text: str) -> dict[Profile, float]:
         raw = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{where} is not valid JSON: {err.msg} at position {err.pos}") from None
+    except RecursionError:
+        # A tenant writes this annotation: nesting deep enough to exhaust the parser is just bad input.
+        raise ValueError(f"{where} is nested too deeply to be a table of profiles") from None
     if not isinstance(raw, dict):
         raise ValueError(f'{where} must be a JSON object like {{"bf16": 1.0, "fp8": 0.995}}')
     parsed: dict[Profile, float] = {}
