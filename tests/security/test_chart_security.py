@@ -66,3 +66,124 @@ def test_annotation_ownership_covers_the_operators_annotations_on_create_and_upd
         "validationActions": ["Deny"],
     }
     assert "matchResources" not in binding["spec"], "every namespace is protected"
+
+
+def granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_with_watch_namespaces_the_operator_patches_pods_only_there(render: Render) -> None:
+    """Finding 8 (operator part): a namespaced operator holds no cluster-wide pod patch."""
+    manifests = render("--set", "operator.watchNamespaces={team-a,team-b}")
+    cluster_wide = granted(named(manifests, "ClusterRole", "rel-edpilot-operator"))
+    assert not {
+        r for r in cluster_wide if r[1] in ("pods", "energypolicies", "energypolicies/status", "events")
+    }
+    for namespace in ("team-a", "team-b"):
+        role = [m for m in manifests if m["kind"] == "Role" and m["metadata"].get("namespace") == namespace]
+        assert len(role) == 1, namespace
+        assert {("", "pods", "patch"), ("edpilot.io", "energypolicies/status", "patch")} <= granted(role[0])
+        binding = [
+            m for m in manifests if m["kind"] == "RoleBinding" and m["metadata"].get("namespace") == namespace
+        ]
+        assert binding[0]["subjects"] == [
+            {"kind": "ServiceAccount", "name": "rel-edpilot-operator", "namespace": "gpu-energy"}
+        ]
+    # kopf posts the events of cluster-scoped objects into the operator's own namespace.
+    own = [m for m in manifests if m["kind"] == "Role" and m["metadata"].get("namespace") == "gpu-energy"]
+    assert granted(own[0]) == {
+        ("", "events", "create"),
+        ("", "events", "patch"),
+        ("events.k8s.io", "events", "create"),
+        ("events.k8s.io", "events", "patch"),
+    }
+    # Without watchNamespaces the operator serves every namespace: cluster-wide, as before.
+    assert ("", "pods", "patch") in granted(named(render(), "ClusterRole", "rel-edpilot-operator"))
+
+
+def ingress_rules(policy: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    return {
+        port["port"]: rule.get("from", [])
+        for rule in policy["spec"]["ingress"] or []
+        for port in rule["ports"]
+    }
+
+
+def test_metrics_and_the_extender_are_reachable_only_from_named_peers(render: Render) -> None:
+    """Finding 7 (operator and extender part) and finding 4: NetworkPolicies in the chart."""
+    manifests = render("--set", "scheduler.enabled=true")
+    monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    operator = named(manifests, "NetworkPolicy", "rel-edpilot-operator")
+    assert operator["spec"]["policyTypes"] == ["Ingress"]
+    assert operator["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    assert ingress_rules(operator) == {"metrics": monitoring}
+    extender = named(manifests, "NetworkPolicy", "rel-edpilot-extender")
+    rules = ingress_rules(extender)
+    assert rules["metrics"] == monitoring
+    (scheduler,) = rules["scheduler"]
+    assert scheduler["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "scheduler"
+    assert set(rules) == {"scheduler", "metrics"}
+    # The named ports are the containers': metrics and probes never share the scheduler's port.
+    deployment = named(manifests, "Deployment", "rel-edpilot-extender")
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"scheduler": 8888, "metrics": 9466}
+    assert c["livenessProbe"]["httpGet"]["port"] == "metrics"
+
+
+def test_the_scheduler_reaches_the_extender_over_tls_with_a_client_certificate(
+    render: Render, tmp_path: Any
+) -> None:
+    manifests = render("--set", "scheduler.enabled=true")
+    (c,) = named(manifests, "Deployment", "rel-edpilot-extender")["spec"]["template"]["spec"]["containers"]
+    assert "--client-ca-file=/etc/edpilot/tls/ca.crt" in c["args"] and "--insecure-http" not in c["args"]
+    config = yaml.safe_load(named(manifests, "ConfigMap", "rel-edpilot-scheduler")["data"]["config.yaml"])
+    (extender,) = config["extenders"]
+    assert extender["urlPrefix"].startswith("https://") and set(extender["tlsConfig"]) == {
+        "certFile",
+        "keyFile",
+        "caFile",
+    }
+    # The generated certificates: one CA signs the server's (for the Service's name) and the client's.
+    import base64
+
+    server = named(manifests, "Secret", "rel-edpilot-extender-tls")["data"]
+    client = named(manifests, "Secret", "rel-edpilot-extender-client")["data"]
+    assert server["ca.crt"] == client["ca.crt"]
+    for name, data in (("server", server), ("client", client), ("ca", {"tls.crt": server["ca.crt"]})):
+        (tmp_path / f"{name}.crt").write_bytes(base64.b64decode(data["tls.crt"]))
+    for name in ("server", "client"):
+        proc = subprocess.run(
+            ["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / f"{name}.crt")],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = subprocess.run(
+        ["openssl", "x509", "-noout", "-text", "-in", str(tmp_path / "server.crt")],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "DNS:rel-edpilot-extender.gpu-energy.svc" in text
+
+
+def test_a_certificate_of_your_own_needs_the_schedulers_client_secret_too(render: Render) -> None:
+    helm = tool_dir() / "helm"
+    proc = subprocess.run(
+        [str(helm), "template", "rel", str(CHART), "--kube-version", "1.36.3", "--set", "scheduler.enabled=true",
+         "--set", "extender.tls.existingSecret=mine"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "scheduler.extender.clientSecret is required" in proc.stderr
+    manifests = render(
+        "--set", "scheduler.enabled=true", "--set", "extender.tls.existingSecret=mine",
+        "--set", "scheduler.extender.clientSecret=theirs",
+    )  # fmt: skip
+    assert not [m for m in manifests if m["kind"] == "Secret"]
+    volumes = named(manifests, "Deployment", "rel-edpilot-scheduler")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "extender-client", "secret": {"secretName": "theirs"}} in volumes
