@@ -497,4 +497,12 @@ def test_dockerignore_keeps_local_state_out_of_images() -> None:
     ]
     assert rules[0] == "**", "ignore everything, then allow only what the images build from"
     allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "edpilot", "operator", "node_agent"}
+    assert allowed == {
+        "pyproject.toml",
+        "README.md",
+        "edpilot",
+        "operator",
+        "node_agent",
+        "docker/requirements.lock",
+        "docker/build-requirements.lock",
+    }

@@ -187,3 +187,42 @@ def test_a_certificate_of_your_own_needs_the_schedulers_client_secret_too(render
     assert not [m for m in manifests if m["kind"] == "Secret"]
     volumes = named(manifests, "Deployment", "rel-edpilot-scheduler")["spec"]["template"]["spec"]["volumes"]
     assert {"name": "extender-client", "secret": {"secretName": "theirs"}} in volumes
+
+
+def locked(path: Any) -> dict[str, list[str]]:
+    """name -> hashes of a --require-hashes requirements file."""
+    text = path.read_text().replace("\\\n", " ")
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement, *options = line.split()
+            name, _, version = requirement.partition("==")
+            assert version, f"{requirement} is not pinned to one version"
+            found[name] = [
+                o.removeprefix("--hash=sha256:") for o in options if o.startswith("--hash=sha256:")
+            ]
+    return found
+
+
+def test_images_install_python_dependencies_only_from_a_hash_pinned_lock() -> None:
+    """Finding 8: the images' Python dependencies are pinned by hash, the Dockerfiles refuse anything else."""
+    import re
+    import tomllib
+
+    runtime = locked(REPO / "docker" / "requirements.lock")
+    build = locked(REPO / "docker" / "build-requirements.lock")
+    for name, hashes in {**runtime, **build}.items():
+        assert hashes and all(re.fullmatch("[0-9a-f]{64}", h) for h in hashes), name
+    wanted = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for requirement in wanted:
+        name = re.split(r"[<>=!~ ;\[]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        assert name in runtime, f"{name} ({requirement}) is missing from docker/requirements.lock"
+    assert {"setuptools", "wheel"} <= set(build)
+    for dockerfile in ("operator.Dockerfile", "agent.Dockerfile"):
+        text = (REPO / "docker" / dockerfile).read_text().replace("\\\n", " ")
+        installs = [line for line in text.splitlines() if re.search(r"\bpip (install|wheel)\b", line)]
+        assert installs, dockerfile
+        for line in installs:
+            for command in re.findall(r"pip (?:install|wheel)[^&]*", line):
+                # Either from the lock with hashes, or edpilot's own wheel with no dependencies.
+                assert "--require-hashes" in command or "--no-deps" in command, (dockerfile, command)
