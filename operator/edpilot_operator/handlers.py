@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -76,7 +77,7 @@ def _policy_entry(namespace: str, name: str, spec: Mapping[str, Any], meta: Any)
 def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
     """Register every handler on `registry` with the intervals of `cfg`."""
     # Each namespace's governance, shared by the policy timers, the report composer and budgets.
-    governance = GovernanceCache()
+    governance = GovernanceCache(max_age=cfg.reconcile_interval, clock=time.monotonic)
 
     def governed(
         pods: Iterable[PodInfo],

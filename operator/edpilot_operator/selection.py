@@ -14,8 +14,9 @@ quadratic (issue 14, finding 5).
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Collection, Hashable, Iterable, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,34 +166,46 @@ def governance(pods: Iterable[PodInfo], policies: Iterable[PolicyRef]) -> Govern
 
 
 class GovernanceCache:
-    """Each namespace's `Governance`, recomputed only when something it depends on changed.
+    """Each namespace's `Governance`, recomputed only when something it depends on changed, and at
+    least every `max_age` seconds of `clock`.
 
     The operator's watch indexes call `note` with what governance reads of each object (a pod's
     labels and opt-out, a policy's uid, generation and deletion); a namespace is recomputed when a
     note differs from the last one or when its pod or policy count changed (an object gone from an
-    index is never noted). Status writes, the bulk of the events, change nothing here. No I/O."""
+    index is never noted). Status writes, the bulk of the events, change nothing here. A note lands
+    a moment before its index does, so `max_age` (one reconcile interval) bounds how long a
+    computation made in between can stand. No I/O."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_age: float = math.inf, clock: Callable[[], float] = lambda: 0.0) -> None:
         self._lock = threading.Lock()
+        self._max_age = max_age
+        self._clock = clock
         self._versions: dict[str, int] = {}
-        self._seen: dict[tuple[str, str], Hashable] = {}
-        self._cached: dict[str, tuple[tuple[int, int, int], Governance]] = {}
+        self._seen: dict[str, dict[str, Hashable]] = {}  # namespace -> "pod/x" or "policy/y" -> note
+        self._cached: dict[str, tuple[tuple[int, int, int], float, Governance]] = {}
 
     def note(self, namespace: str, key: str, fingerprint: Hashable) -> None:
         with self._lock:
-            if self._seen.get((namespace, key)) != fingerprint:
-                self._seen[(namespace, key)] = fingerprint
+            seen = self._seen.setdefault(namespace, {})
+            if seen.get(key) != fingerprint:
+                seen[key] = fingerprint
                 self._versions[namespace] = self._versions.get(namespace, 0) + 1
 
     def get(self, namespace: str, pods: Collection[PodInfo], policies: Collection[PolicyEntry]) -> Governance:
         """The governance of the namespace's `pods` under its `policies` (live or not, as indexed)."""
         with self._lock:
+            now = self._clock()
             stamp = (self._versions.get(namespace, 0), len(pods), len(policies))
             cached = self._cached.get(namespace)
-            if cached is not None and cached[0] == stamp:
-                return cached[1]
+            if cached is not None and cached[0] == stamp and now - cached[1] < self._max_age:
+                return cached[2]
             result = governance(pods, [e.live for e in policies if e.live is not None])
-            self._cached[namespace] = (stamp, result)
+            self._cached[namespace] = (stamp, now, result)
+            # Forget the notes of pods gone from the index: generated pod names would pile up.
+            present = {f"pod/{p.name}" for p in pods}
+            seen = self._seen.get(namespace, {})
+            for key in [k for k in seen if k.startswith("pod/") and k not in present]:
+                del seen[key]
             return result
 
 

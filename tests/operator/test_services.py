@@ -317,3 +317,28 @@ def test_a_pod_another_policy_wins_is_reported_as_a_conflict() -> None:
     assert row["phase"] == "Conflict" and "stronger" in row["message"]
     assert outcome.pod_annotations == {}
     assert outcome.status["totals"]["workloads"] == 0
+
+
+def test_the_governance_cache_recomputes_only_when_governance_may_have_changed() -> None:
+    from edpilot_operator.selection import GovernanceCache, PolicyEntry
+
+    now = [0.0]
+    cache = GovernanceCache(max_age=5, clock=lambda: now[0])
+    pods, entries = [pod("a")], [PolicyEntry(policy("p"))]
+    first = cache.get("ns", pods, entries)
+    cache.note("ns", "policy/p", ("uid", 1, False, False))
+    second = cache.get("ns", pods, entries)
+    assert second is not first  # a policy seen for the first time
+    cache.note("ns", "policy/p", ("uid", 1, False, False))  # a status write: same uid and generation
+    assert cache.get("ns", pods, entries) is second
+    assert cache.get("ns", [*pods, pod("b")], entries) is not second  # a pod more (or one gone)
+    third = cache.get("ns", pods, entries)
+    cache.note("ns", "pod/a", ("uid-a", (("app", "other"),), False))  # relabelled
+    assert cache.get("ns", pods, entries) is not third
+    fourth = cache.get("ns", pods, entries)
+    now[0] = 5.0
+    assert cache.get("ns", pods, entries) is not fourth  # at least once per max_age
+    cache.note("ns", "pod/gone", ("uid-g", (), False))
+    fifth = cache.get("ns", pods, entries)  # pod "gone" is not in the index: its note is dropped
+    cache.note("ns", "pod/gone", ("uid-g", (), False))  # so the same note counts as new
+    assert cache.get("ns", pods, entries) is not fifth
