@@ -37,7 +37,7 @@ from edpilot_agent.kube import KubeError
 from edpilot_agent.kube import pod_info as agent_pod_info
 from edpilot_agent.pods import PodInfo as AgentPodInfo
 from edpilot_agent.sim import SIM_BATCH_SIZE, SIM_PRECISION, SIM_WORKLOAD, SimBackend, SimWorkloads
-from edpilot_operator.selection import PolicyRef, gpu_request, pod_info, select
+from edpilot_operator.selection import PolicyRef, governance, gpu_request, pod_info, select
 from pydantic import ValidationError
 
 import edpilot
@@ -858,6 +858,7 @@ def policy_status_problems(
             problems.append(f"{meta['namespace']}/{meta['name']}: still being deleted")
             continue
         live.append(PolicyRef(meta["namespace"], meta["name"], EnergyPolicySpec.model_validate(p["spec"])))
+    shared = governance(infos, live)
     governed: set[str] = set()
     statuses = {object_key(p): p.get("status") or {} for p in policies}
     generations = {object_key(p): p["metadata"].get("generation") for p in policies}
@@ -870,7 +871,7 @@ def policy_status_problems(
         ready = [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]
         if not ready or ready[0].get("status") != "True":
             problems.append(f"{ref.key}: not Ready")
-        chosen = select(ref, infos, [r for r in live if r.namespace == ref.namespace])
+        chosen = select(ref, infos, shared)
         expected = {w.name: sorted(pod.key for pod in w.pods) for w in chosen.workloads}
         rows = [r for r in status.get("workloads") or [] if isinstance(r, Mapping)]
         actual = {

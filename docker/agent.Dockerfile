@@ -8,11 +8,18 @@
 
 FROM python:3.12.8-slim-bookworm AS build
 WORKDIR /src
+# Every dependency from hash-pinned locks (hack/lock-image-deps.py): a package that changed on the
+# index, or one nobody locked, fails the build instead of landing in the image.
+COPY docker/requirements.lock docker/build-requirements.lock docker/
+RUN pip install --no-cache-dir --disable-pip-version-check --require-hashes -r docker/build-requirements.lock \
+    && pip wheel --no-cache-dir --disable-pip-version-check --require-hashes --only-binary=:all: \
+       --wheel-dir /wheels -r docker/requirements.lock \
+    && cp docker/requirements.lock /wheels/
 COPY pyproject.toml README.md ./
 COPY edpilot/ edpilot/
 COPY operator/ operator/
 COPY node_agent/ node_agent/
-RUN pip wheel --no-cache-dir --disable-pip-version-check --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --disable-pip-version-check --no-deps --no-build-isolation --wheel-dir /wheels .
 
 FROM nvidia/cuda:12.6.3-base-ubuntu24.04
 LABEL org.opencontainers.image.title="edpilot-agent" \
@@ -30,7 +37,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     NVIDIA_DRIVER_CAPABILITIES=utility
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python3 -m venv /opt/edpilot \
-    && /opt/edpilot/bin/pip install --no-index --find-links=/wheels edpilot \
+    && /opt/edpilot/bin/pip install --no-index --find-links=/wheels --require-hashes -r /wheels/requirements.lock \
+    && /opt/edpilot/bin/pip install --no-index --no-deps /wheels/edpilot-*.whl \
     && edpilot --version
 # Non-root by default (the sim backend needs nothing more). With the NVML backend the Helm chart
 # runs the container as uid 0, because the kubelet's pod-resources socket is root-owned, and adds

@@ -62,7 +62,8 @@ class LabelSelectorRequirement(ApiModel):
 
 
 class LabelSelector(ApiModel):
-    matchLabels: dict[str, str] = Field(default_factory=dict)
+    # Bounded like matchExpressions: every selector is evaluated against every pod of its namespace.
+    matchLabels: dict[str, str] = Field(default_factory=dict, max_length=64)
     # Bounded so the API server can afford the CEL rules evaluated per requirement.
     matchExpressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=32)
 
@@ -410,9 +411,14 @@ class GPUNodeReport(ApiModel):
 # ---------------------------------------------------------------- PowerBudget
 
 
+BudgetScope = Literal["Governed", "AllGPUs"]
+
+
 class PowerBudgetSpec(ApiModel):
     nodeSelector: LabelSelector
     maxWatts: float = Field(gt=0, le=100_000_000)
+    # Governed: steer only GPUs an Auto policy governs; AllGPUs: every busy GPU of the nodes.
+    scope: BudgetScope = "Governed"
 
 
 class BudgetAllocation(ApiModel):

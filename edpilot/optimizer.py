@@ -148,6 +148,9 @@ def parse_accuracy(text: str) -> dict[Profile, float]:
         raw = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{where} is not valid JSON: {err.msg} at position {err.pos}") from None
+    except RecursionError:
+        # A tenant writes this annotation: nesting deep enough to exhaust the parser is just bad input.
+        raise ValueError(f"{where} is nested too deeply to be a table of profiles") from None
     if not isinstance(raw, dict):
         raise ValueError(f'{where} must be a JSON object like {{"bf16": 1.0, "fp8": 0.995}}')
     parsed: dict[Profile, float] = {}
@@ -330,6 +333,11 @@ def _member_caps(bounds: dict[str, CapBounds | str], config: Config) -> dict[str
 def member_caps(policy: EnergyPolicySpec, workload: WorkloadInfo, config: Config) -> dict[str, float | None]:
     """The cap each member GPU gets under `config`, always inside its bounds; None: left alone."""
     return _member_caps({m.member: cap_bounds(policy.powerCap, m) for m in workload.members}, config)
+
+
+def cap_for(spec: PowerCapSpec, member: MemberInfo, config: Config) -> float | None:
+    """The cap one member GPU gets under `config` and the bounds of `spec`; None: left alone."""
+    return _member_caps({member.member: cap_bounds(spec, member)}, config)[member.member]
 
 
 @dataclass

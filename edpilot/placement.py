@@ -4,8 +4,10 @@ much energy per unit of work the pod is expected to spend on each of the others.
 Budget accounting (shared with `edpilot.budget` and the operator): a GPU that holds pods
 commits its enforced power limit (what it may draw); an idle GPU commits what it draws now,
 because edpilot caps GPUs per pod and cannot lower an idle one's limit. A budget's headroom is
-`maxWatts` minus what its GPUs commit. A pod fits when its GPUs, capped at the lowest limit its
-policy allows, fit in that headroom.
+`maxWatts` minus what its GPUs commit. A pod fits when its GPUs, at the lowest limit the operator
+may give them under that budget, fit in that headroom: the lowest its Auto policy allows; for a pod
+no Auto policy steers, its default limit (a Governed budget never caps it) or, under an AllGPUs
+budget, what `DEFAULT_CAP` allows.
 
 Expected energy per unit of work, best evidence first:
 1. what edpilot measured for this policy and image on this GPU model (EnergyPolicy status rows);
@@ -40,7 +42,7 @@ BLOCKING_THROTTLE_REASONS: Final[Mapping[str, str]] = {
 
 THROTTLED_PREFIX: Final = "edpilot: node GPUs are throttled: "
 
-# A pod no policy governs is treated like one under a default policy (PowerCapSpec defaults).
+# What a budget of scope AllGPUs allows a pod no Auto policy steers (operator: budgets.UNMANAGED_CAP).
 DEFAULT_CAP: Final = PowerCapSpec()
 
 
@@ -207,6 +209,7 @@ class BudgetView:
     name: str
     max_watts: float
     committed_watts: float
+    all_gpus: bool = False  # scope AllGPUs: the operator caps every busy GPU, governed or not
 
     @property
     def headroom_watts(self) -> float:
@@ -243,19 +246,24 @@ def committed_watts(gpus: Sequence[GPUStatus], unreported_gpus: int, default_lim
     return total
 
 
-def lowest_cap_watts(cap: PowerCapSpec | None, node: NodeView) -> float:
-    """The lowest power limit the pod's policy allows on this node's GPUs (0 when unknown)."""
+def lowest_cap_watts(cap: PowerCapSpec | None, node: NodeView, all_gpus: bool = False) -> float:
+    """The lowest power limit the operator may give the pod's GPUs on this node under a budget
+    (0 when unknown). `cap` is the governing policy's; a GPU no Auto policy steers keeps its
+    default (or Fixed) limit unless the budget is of scope AllGPUs."""
     default, hw_min = node.default_limit_watts, node.min_limit_watts
     hw_max = node.max_limit_watts or default
     if default <= 0:
         return 0.0
-    spec = cap or DEFAULT_CAP
-    if spec.mode == "Off":
-        return default
-    if spec.mode == "Fixed" and spec.watts is not None:
-        return min(max(spec.watts, hw_min), hw_max)
-    lowest = max(hw_min, default * spec.minPercent / 100.0, spec.minWatts or 0.0)
-    return min(lowest, hw_max)
+
+    def floor(spec: PowerCapSpec) -> float:
+        return min(max(hw_min, default * spec.minPercent / 100.0, spec.minWatts or 0.0), hw_max)
+
+    if cap is not None and cap.mode == "Auto":
+        return floor(cap)
+    left = default
+    if cap is not None and cap.mode == "Fixed" and cap.watts is not None:
+        left = min(max(cap.watts, hw_min), hw_max)
+    return min(left, floor(DEFAULT_CAP)) if all_gpus else left
 
 
 # ---------------------------------------------------------------- filter
@@ -268,11 +276,13 @@ class FilterResult:
 
 
 def _budget_verdict(pod: PodDemand, node: NodeView, budgets: Mapping[str, BudgetView]) -> str:
-    cap = lowest_cap_watts(pod.power_cap, node)
-    need = pod.gpus * cap
     for name in node.budgets:
         budget = budgets.get(name)
-        if budget is None or need <= budget.headroom_watts:
+        if budget is None:
+            continue
+        cap = lowest_cap_watts(pod.power_cap, node, budget.all_gpus)
+        need = pod.gpus * cap
+        if need <= budget.headroom_watts:
             continue
         left = max(0.0, budget.headroom_watts)
         return (
@@ -389,11 +399,11 @@ def expected_joules_per_unit(pod: PodDemand, gpu_model: str, history: EnergyHist
 
 def _headroom_fraction(pod: PodDemand, node: NodeView, budgets: Mapping[str, BudgetView]) -> float:
     """The tightest budget's headroom left after placing the pod, as a fraction of its maxWatts."""
-    need = pod.gpus * lowest_cap_watts(pod.power_cap, node)
     fraction = 1.0
     for name in node.budgets:
         budget = budgets.get(name)
         if budget is not None and budget.max_watts > 0:
+            need = pod.gpus * lowest_cap_watts(pod.power_cap, node, budget.all_gpus)
             fraction = min(fraction, (budget.headroom_watts - need) / budget.max_watts)
     return min(1.0, max(0.0, fraction))
 

@@ -5,7 +5,8 @@
 # kubeconfig is CLUSTER_DIR/kubeconfig. Returns when the API is ready and the nodes are Ready.
 #
 # Environment: NODES (2), GPUS (8), CLUSTER_DIR (.cluster), EXTENDER_URL (optional: wire
-# a scheduler extender at this URL into kube-scheduler, ignorable, for nvidia.com/gpu).
+# a scheduler extender at this URL into kube-scheduler, ignorable, for nvidia.com/gpu) and
+# EXTENDER_TLS_DIR (with an https URL: client.crt, client.key and ca.crt for its tlsConfig).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -109,6 +110,13 @@ if [ -n "${EXTENDER_URL:-}" ]; then
   managedResources:
   - name: nvidia.com/gpu
     ignoredByScheduler: false"
+  if [ -n "${EXTENDER_TLS_DIR:-}" ]; then
+    extenders="$extenders
+  tlsConfig:
+    certFile: $EXTENDER_TLS_DIR/client.crt
+    keyFile: $EXTENDER_TLS_DIR/client.key
+    caFile: $EXTENDER_TLS_DIR/ca.crt"
+  fi
 fi
 cat >"$dir/scheduler.yaml" <<SCHED
 apiVersion: kubescheduler.config.k8s.io/v1

@@ -3,9 +3,12 @@ go through `edpilot.budget.allocate`; what comes back is the budget's status. Pu
 
 The status's `allocations` bound the caps `reports.desired_spec` asks each agent for (the lower of
 the policy's cap and the budget's), so the sum of power limits stays within `maxWatts`. A GPU is
-governed when it holds a pod carrying the hints of a live EnergyPolicy whose power cap is Auto:
-exactly the pods whose caps the report composer writes. Every other GPU holds what
-`edpilot.budget.committed_by` says it commits (busy: its enforced limit; idle: its draw).
+steered when the pod on it is governed (as the operator computes it, never as its annotations
+claim) by a live EnergyPolicy whose power cap is Auto. With `scope: AllGPUs` every other busy GPU
+of the budget's nodes is steered too, within `UNMANAGED_CAP`'s bounds and never above what its own
+policy leaves it at. Every GPU not steered is counted at what it will hold: busy, the larger of its
+enforced limit and the limit the operator leaves it at (its default unless a Fixed policy says
+less), so a pod that opts out after it was placed still consumes the budget; idle, its draw.
 
 Three things keep the sum within the budget while caps move, not only once they have moved:
 - idle GPUs are reserved at their draw plus `IDLE_RESERVE_FRACTION`: the power gauge is noisy and
@@ -35,26 +38,26 @@ from edpilot.budget import (
     GpuDemand,
     allocate,
     budget_status,
-    committed_by,
     throughput_at,
 )
 from edpilot.models import (
-    ANNOTATION_POLICY,
-    ANNOTATION_POWER_CAP,
     BudgetAllocation,
-    EnergyPolicySpec,
     GPUNodeReportStatus,
     GPUStatus,
     PowerBudgetSpec,
     PowerBudgetStatus,
+    PowerCapSpec,
 )
-from edpilot.optimizer import MemberInfo, OptimizerState, cap_bounds
+from edpilot.optimizer import Config, OptimizerState, cap_bounds
 from edpilot.placement import compute_bound_curve
 
-from .reports import parse_cap
-from .selection import PodInfo
+from .reports import known_limits, member_info, planned_cap
+from .selection import Governed, PodInfo
 
 IDLE_RESERVE_FRACTION: Final = 0.10
+# The bounds a budget of scope AllGPUs gives a busy GPU that no Auto policy steers: 50-100% of its
+# default limit, as if a policy with the default powerCap governed it (what the extender assumes).
+UNMANAGED_CAP: Final = PowerCapSpec()
 HYSTERESIS_FRACTION: Final = 0.01
 HYSTERESIS_MIN_WATTS: Final = 10.0
 # A GPU drawing less than this share of its cap runs as it would under a cap at its draw: one more
@@ -211,47 +214,73 @@ def lowest_caps(per_budget: Iterable[Mapping[str, float]]) -> dict[str, float]:
 def gpu_demand(
     gpu: GPUStatus,
     pods: Mapping[str, PodInfo],
-    policies: Mapping[str, EnergyPolicySpec],
-    points: Iterable[ProbePoint],
+    governed: Mapping[str, Governed],
+    curves: Mapping[tuple[str, str], Sequence[ProbePoint]],
+    all_gpus: bool = False,
 ) -> GpuDemand | None:
-    """The GPU as the allocation sees it, or None when edpilot does not cap it."""
-    if gpu.migEnabled:
-        return None
+    """The GPU as the allocation sees it, or None when the budget does not steer it. `curves` are
+    the probe points by (policy key, GPU UUID): only the governing policy's own measurements shape
+    its GPU's curve, never another namespace's status."""
+    if not known_limits(gpu):
+        return None  # unknown constraints: its limit is left alone, like the optimizer does
     for pod_key in gpu.pods:
         pod = pods.get(pod_key)
         if pod is None or pod.deleting:
             continue
-        policy_name = pod.annotations.get(ANNOTATION_POLICY)
-        policy = policies.get(f"{pod.namespace}/{policy_name}") if policy_name else None
-        if policy is None or policy.powerCap.mode != "Auto":
-            continue
-        member = MemberInfo(
-            member=gpu.uuid,
-            pod=pod.key,
-            minWatts=gpu.minLimitWatts,
-            maxWatts=gpu.maxLimitWatts,
-            defaultWatts=gpu.defaultLimitWatts,
-        )
-        bounds = cap_bounds(policy.powerCap, member)
-        if isinstance(bounds, str):
-            continue  # unknown constraints: its limit is left alone, like the optimizer does
-        # The optimizer's choice is the most the GPU needs; the budget only ever takes from it.
-        chosen = parse_cap(pod.annotations.get(ANNOTATION_POWER_CAP))
-        hi = bounds.hi if chosen is None else min(bounds.hi, max(bounds.lo, chosen))
-        return GpuDemand(
-            uuid=gpu.uuid,
-            lo=bounds.lo,
-            hi=hi,
-            curve=gpu_curve(
-                points,
-                bounds.baseline,
-                bounds.lo,
-                compute_bound_curve(gpu.model, gpu.minLimitWatts, gpu.maxLimitWatts),
-            ),
-            max_slowdown_percent=policy.maxSlowdownPercent,
-            reference_cap=bounds.baseline,
-        )
+        rule = governed.get(pod_key)
+        if rule is not None and rule.policy.spec.powerCap.mode == "Auto":
+            return _steered(gpu, pod_key, rule, curves.get((rule.policy.key, gpu.uuid), ()))
+        if all_gpus:
+            return _unmanaged(gpu, pod_key, rule)
     return None
+
+
+def _steered(gpu: GPUStatus, pod_key: str, rule: Governed, points: Sequence[ProbePoint]) -> GpuDemand | None:
+    power_cap = rule.policy.spec.powerCap
+    bounds = cap_bounds(power_cap, member_info(gpu, pod_key))
+    if isinstance(bounds, str):
+        return None
+    # The optimizer's choice is the most the GPU needs; the budget only ever takes from it.
+    chosen = planned_cap(power_cap, rule.target, gpu, pod_key)
+    hi = bounds.hi if chosen is None else min(bounds.hi, max(bounds.lo, chosen))
+    return GpuDemand(
+        uuid=gpu.uuid,
+        lo=bounds.lo,
+        hi=hi,
+        curve=gpu_curve(
+            points,
+            bounds.baseline,
+            bounds.lo,
+            compute_bound_curve(gpu.model, gpu.minLimitWatts, gpu.maxLimitWatts),
+        ),
+        max_slowdown_percent=rule.policy.spec.maxSlowdownPercent,
+        reference_cap=bounds.baseline,
+    )
+
+
+def _unmanaged(gpu: GPUStatus, pod_key: str, rule: Governed | None) -> GpuDemand | None:
+    bounds = cap_bounds(UNMANAGED_CAP, member_info(gpu, pod_key))
+    if isinstance(bounds, str):
+        return None
+    hi = min(bounds.hi, _left_at(gpu, pod_key, rule))
+    return GpuDemand(uuid=gpu.uuid, lo=min(bounds.lo, hi), hi=hi, reference_cap=hi)
+
+
+def _left_at(gpu: GPUStatus, pod_key: str, rule: Governed | None) -> float:
+    """The limit the operator leaves a GPU at when no budget steers it: its Fixed or Off policy's
+    cap, or the default limit."""
+    fixed = planned_cap(rule.policy.spec.powerCap, Config(), gpu, pod_key) if rule is not None else None
+    return gpu.defaultLimitWatts if fixed is None else fixed
+
+
+def _holds(gpu: GPUStatus, pods: Mapping[str, PodInfo], governed: Mapping[str, Governed]) -> float:
+    """What a GPU the budget does not steer holds against it: busy, the larger of its enforced
+    limit and the limit it will be left at; idle, its draw (edpilot cannot cap an idle GPU)."""
+    holders = [p for p in gpu.pods if p in pods and not pods[p].deleting] or list(gpu.pods)
+    if not holders:
+        return gpu.powerWatts
+    left = max(_left_at(gpu, p, governed.get(p)) for p in holders)
+    return max(gpu.enforcedLimitWatts, left)
 
 
 def reconcile_budget(
@@ -262,13 +291,13 @@ def reconcile_budget(
     node_labels: Mapping[str, Mapping[str, str]],
     reports: Mapping[str, GPUNodeReportStatus],
     pods: Mapping[str, PodInfo],
-    policies: Mapping[str, EnergyPolicySpec],
-    curves: Mapping[str, Sequence[ProbePoint]],
+    governed: Mapping[str, Governed],
+    curves: Mapping[tuple[str, str], Sequence[ProbePoint]],
     now: datetime,
 ) -> PowerBudgetStatus:
     """The budget's next status. `node_labels` covers every node; `reports` and `pods` (by
-    "namespace/name") at least those of the selected nodes; `policies` are the live ones by
-    "namespace/name"; `curves` are `probe_points` by GPU UUID."""
+    "namespace/name") at least those of the selected nodes; `governed` maps pod keys to how the
+    operator governs them; `curves` are `probe_points` by (policy key, GPU UUID)."""
     nodes = selected_nodes(spec, node_labels)
     gpus: list[GPUStatus] = []
     node_of: dict[str, str] = {}
@@ -281,13 +310,14 @@ def reconcile_budget(
     demands: list[GpuDemand] = []
     others: list[GPUStatus] = []
     for gpu in gpus:
-        demand = gpu_demand(gpu, pods, policies, curves.get(gpu.uuid, ()))
+        demand = gpu_demand(gpu, pods, governed, curves, all_gpus=spec.scope == "AllGPUs")
         if demand is None:
             others.append(gpu)
         else:
             demands.append(demand)
     idle_draw = sum(g.powerWatts for g in others if not g.pods)
-    reserved = _steady_reserve(committed_by(others) + IDLE_RESERVE_FRACTION * idle_draw, previous, idle_draw)
+    held = sum(_holds(g, pods, governed) for g in others)
+    reserved = _steady_reserve(held + IDLE_RESERVE_FRACTION * idle_draw, previous, idle_draw)
 
     allocation: Allocation | None = None
     if demands:

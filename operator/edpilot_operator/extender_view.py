@@ -270,7 +270,7 @@ class ClusterView:
                 self._budget_committed.pop(name, None)
             else:
                 committed = self._budget_committed.get(name, 0.0)
-                self.budget_views[name] = BudgetView(name, spec.maxWatts, committed)
+                self.budget_views[name] = BudgetView(name, spec.maxWatts, committed, spec.scope == "AllGPUs")
 
     # ------------------------------------------------------------ what requests read
 

@@ -3,8 +3,10 @@ and write back. Watches feed in-memory indexes, so a decision reads no object wi
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,8 +28,17 @@ from edpilot.optimizer import DEFAULT_TUNING, Tuning
 
 from . import budgets, metrics, services
 from .kube import Kube, load_client
-from .reports import ReportTiming, desired_spec
-from .selection import PodInfo, PolicyRef, governed_by, gpu_request, pod_info
+from .reports import Decided, ReportTiming, decided, desired_spec
+from .selection import (
+    GovernanceCache,
+    Governed,
+    PodInfo,
+    PolicyEntry,
+    PolicyRef,
+    governed_by,
+    gpu_request,
+    pod_info,
+)
 
 POLICIES = (GROUP, VERSION, "energypolicies")
 REPORTS = (GROUP, VERSION, "gpunodereports")
@@ -51,43 +62,42 @@ class OperatorConfig:
         return ReportTiming(self.lease_seconds, self.fast_report_interval, self.slow_report_interval)
 
 
-@dataclass(frozen=True)
-class PolicyEntry:
-    """What the indexes keep of a policy: its spec (None when the API server accepted a spec the
-    models reject), the pods its workloads are exploring with, and whether it is being deleted."""
-
-    ref: PolicyRef | None
-    active_pods: frozenset[str]
-    deleting: bool
-
-
 def _is_gpu_pod(spec: Mapping[str, Any], **_: Any) -> bool:
     return gpu_request(spec) > 0
 
 
-def _policy_entry(
-    namespace: str, name: str, spec: Mapping[str, Any], status: Mapping[str, Any], meta: Any
-) -> PolicyEntry:
+def _policy_entry(namespace: str, name: str, spec: Mapping[str, Any], meta: Any) -> PolicyEntry:
     try:
         ref: PolicyRef | None = PolicyRef(namespace, name, EnergyPolicySpec.model_validate(dict(spec)))
     except ValidationError:
         ref = None
-    # Status rows name their pods "namespace/name" already.
-    active = frozenset(
-        str(pod)
-        for row in status.get("workloads") or []
-        if row.get("phase") in ("Baseline", "Exploring", "Drifted")
-        for pod in row.get("pods") or []
-    )
-    return PolicyEntry(ref=ref, active_pods=active, deleting=meta.get("deletionTimestamp") is not None)
-
-
-def _live_policies(entries: Iterable[PolicyEntry]) -> list[PolicyRef]:
-    return [e.ref for e in entries if e.ref is not None and not e.deleting]
+    return PolicyEntry(ref=ref, deleting=meta.get("deletionTimestamp") is not None)
 
 
 def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
     """Register every handler on `registry` with the intervals of `cfg`."""
+    # Each namespace's governance, shared by the policy timers, the report composer and budgets.
+    governance = GovernanceCache(max_age=cfg.reconcile_interval, clock=time.monotonic)
+
+    def governed(
+        pods: Iterable[PodInfo],
+        pods_by_namespace: kopf.Index[str, PodInfo],
+        policies_by_namespace: kopf.Index[str, PolicyEntry],
+        decisions_by_policy: kopf.Index[str, Decided],
+    ) -> dict[str, Governed]:
+        """How the operator governs each of `pods`: the winning policy from labels and specs (never
+        from annotations), and that policy's decision for the pod from its status."""
+        result: dict[str, Governed] = {}
+        for pod in pods:
+            namespace = pod.namespace
+            winner = governance.get(
+                namespace, pods_by_namespace.get(namespace, []), policies_by_namespace.get(namespace, [])
+            ).of(pod)
+            if winner is None:
+                continue
+            decision = next(iter(decisions_by_policy.get(winner.key, [])), Decided())
+            result[pod.key] = Governed(winner, decision.targets.get(pod.key), pod.key in decision.exploring)
+        return result
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -122,7 +132,11 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
 
     @kopf.index("pods", id="pods_by_namespace", when=_is_gpu_pod, registry=registry)
     def pods_by_namespace(namespace: str, body: kopf.Body, **_: Any) -> dict[str, PodInfo]:
-        return {namespace: pod_info(body)}
+        info = pod_info(body)
+        governance.note(
+            namespace, f"pod/{info.name}", (info.uid, tuple(sorted(info.labels.items())), info.excluded)
+        )
+        return {namespace: info}
 
     @kopf.index("pods", id="pods_by_node", when=_is_gpu_pod, registry=registry)
     def pods_by_node(spec: kopf.Spec, body: kopf.Body, **_: Any) -> dict[str, PodInfo] | None:
@@ -131,9 +145,17 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
 
     @kopf.index(*POLICIES, id="policies_by_namespace", registry=registry)
     def policies_by_namespace(
-        namespace: str, name: str, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, **_: Any
+        namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
     ) -> dict[str, PolicyEntry]:
-        return {namespace: _policy_entry(namespace, name, spec, status, meta)}
+        entry = _policy_entry(namespace, name, spec, meta)
+        # Status writes (most policy events) leave uid and generation alone: no recompute.
+        fingerprint = (meta.get("uid"), meta.get("generation"), entry.deleting, entry.ref is None)
+        governance.note(namespace, f"policy/{name}", fingerprint)
+        return {namespace: entry}
+
+    @kopf.index(*POLICIES, id="decisions_by_policy", registry=registry)
+    def decisions_by_policy(namespace: str, name: str, status: kopf.Status, **_: Any) -> dict[str, Decided]:
+        return {f"{namespace}/{name}": decided(namespace, status)}
 
     @kopf.index(*REPORTS, id="reports_by_node", registry=registry)
     def reports_by_node(name: str, status: kopf.Status, **_: Any) -> dict[str, GPUNodeReportStatus] | None:
@@ -171,15 +193,18 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             )
             logger.error("EnergyPolicy %s/%s: spec rejected by edpilot: %s", namespace, name, exc)
             return
-        pods = list(pods_by_namespace.get(namespace, []))
-        policies = _live_policies(policies_by_namespace.get(namespace, []))
-        reports = {node: next(iter(store)) for node, store in reports_by_node.items() if store}
-        outcome = services.reconcile_policy(
+        members: Collection[PodInfo] = pods_by_namespace.get(namespace, [])
+        pods = list(members)
+        shared = governance.get(namespace, members, policies_by_namespace.get(namespace, []))
+        reports = {p.node: next(iter(store)) for p in pods if (store := reports_by_node.get(p.node))}
+        # The optimizer is CPU work: off the event loop, so watches and lease renewals go on.
+        outcome = await asyncio.to_thread(
+            services.reconcile_policy,
             policy=policy,
             status=dict(status),
             generation=meta.get("generation"),
             pods=pods,
-            policies=policies,
+            governance=shared,
             reports=reports,
             now=now,
             tuning=cfg.tuning,
@@ -196,19 +221,17 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
                 kopf.event(target, type=event.type, reason=event.reason, message=event.message)
 
     def node_spec(
-        pods: Iterable[PodInfo],
+        pods: Collection[PodInfo],
         status: GPUNodeReportStatus | None,
-        entries: Iterable[PolicyEntry],
+        rules: Mapping[str, Governed],
         current: GPUNodeReportSpec,
         budget_caps: Mapping[str, float],
     ) -> GPUNodeReportSpec:
-        """A node's desired spec under the live (not deleting) policies."""
-        live = [e for e in entries if e.ref is not None and not e.deleting]
+        """A node's desired spec: `rules` says how the operator governs its pods."""
         return desired_spec(
             pods=pods,
             status=status,
-            policies={e.ref.key: e.ref.spec for e in live if e.ref is not None},
-            active_pods={pod for e in live for pod in e.active_pods},
+            governed=rules,
             current=current,
             holder=cfg.identity,
             now=datetime.now(UTC),
@@ -230,7 +253,9 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         status: kopf.Status,
         patch: kopf.Patch,
         pods_by_node: kopf.Index[str, PodInfo],
+        pods_by_namespace: kopf.Index[str, PodInfo],
         policies_by_namespace: kopf.Index[str, PolicyEntry],
+        decisions_by_policy: kopf.Index[str, Decided],
         budget_caps_by_node: kopf.Index[str, dict[str, float]],
         **_: Any,
     ) -> None:
@@ -238,10 +263,11 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         mine = written_specs.get(name)
         if mine is not None and _renewed_after(mine, current):
             current = mine  # our last write has not come back through the watch yet
+        pods = list(pods_by_node.get(name, []))
         desired = node_spec(
-            pods_by_node.get(name, []),
+            pods,
             _report_status(status),
-            [e for store in policies_by_namespace.values() for e in store],
+            governed(pods, pods_by_namespace, policies_by_namespace, decisions_by_policy),
             current,
             budgets.lowest_caps(budget_caps_by_node.get(name, [])),
         )
@@ -255,9 +281,13 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
     def node_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, str]]:
         return {name: dict(labels)}
 
-    @kopf.index(*POLICIES, id="probe_points_by_gpu", registry=registry)
-    def probe_points_by_gpu(status: kopf.Status, **_: Any) -> dict[str, tuple[budgets.ProbePoint, ...]]:
-        return budgets.probe_points(status)
+    @kopf.index(*POLICIES, id="probe_points_by_policy_gpu", registry=registry)
+    def probe_points_by_policy_gpu(
+        namespace: str, name: str, status: kopf.Status, **_: Any
+    ) -> dict[tuple[str, str], tuple[budgets.ProbePoint, ...]]:
+        # Keyed by policy too: a status names any GPU UUID it likes, but only the policy that
+        # governs a GPU's pod shapes that GPU's curve.
+        return {(f"{namespace}/{name}", uuid): p for uuid, p in budgets.probe_points(status).items()}
 
     @kopf.index(*BUDGETS, id="budget_caps_by_node", registry=registry)
     def budget_caps_by_node(status: kopf.Status, **_: Any) -> dict[str, dict[str, float]]:
@@ -276,8 +306,10 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         node_labels: kopf.Index[str, dict[str, str]],
         reports_by_node: kopf.Index[str, GPUNodeReportStatus],
         pods_by_node: kopf.Index[str, PodInfo],
+        pods_by_namespace: kopf.Index[str, PodInfo],
         policies_by_namespace: kopf.Index[str, PolicyEntry],
-        probe_points_by_gpu: kopf.Index[str, tuple[budgets.ProbePoint, ...]],
+        decisions_by_policy: kopf.Index[str, Decided],
+        probe_points_by_policy_gpu: kopf.Index[tuple[str, str], tuple[budgets.ProbePoint, ...]],
         **_: Any,
     ) -> None:
         if meta.get("deletionTimestamp"):
@@ -294,17 +326,24 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         labels = {node: next(iter(store)) for node, store in node_labels.items() if store}
         nodes = budgets.selected_nodes(budget, labels)
         reports = {n: next(iter(reports_by_node[n])) for n in nodes if reports_by_node.get(n)}
-        entries = [e for store in policies_by_namespace.values() for e in store]
-        uuids = [g.uuid for r in reports.values() for g in r.gpus]
+        pods = {p.key: p for n in nodes for p in pods_by_node.get(n, [])}
+        rules = governed(pods.values(), pods_by_namespace, policies_by_namespace, decisions_by_policy)
+        keys = {
+            (rule.policy.key, g.uuid)
+            for r in reports.values()
+            for g in r.gpus
+            for p in g.pods
+            if (rule := rules.get(p))
+        }
         new = budgets.reconcile_budget(
             spec=budget,
             generation=meta.get("generation"),
             previous=previous,
             node_labels=labels,
             reports=reports,
-            pods={p.key: p for n in nodes for p in pods_by_node.get(n, [])},
-            policies={e.ref.key: e.ref.spec for e in entries if e.ref is not None and not e.deleting},
-            curves={u: next(iter(probe_points_by_gpu[u])) for u in uuids if probe_points_by_gpu.get(u)},
+            pods=pods,
+            governed=rules,
+            curves={k: next(iter(store)) for k in keys if (store := probe_points_by_policy_gpu.get(k))},
             now=datetime.now(UTC),
         )
         if previous is None or new.allocations != previous.allocations:
@@ -333,6 +372,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         pods_by_namespace: kopf.Index[str, PodInfo],
         pods_by_node: kopf.Index[str, PodInfo],
         policies_by_namespace: kopf.Index[str, PolicyEntry],
+        decisions_by_policy: kopf.Index[str, Decided],
         reports_by_node: kopf.Index[str, GPUNodeReportStatus],
         budget_caps_by_node: kopf.Index[str, dict[str, float]],
         **_: Any,
@@ -344,19 +384,14 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             await kube.patch_pod_annotations(pod.namespace, pod.name, dict.fromkeys(HINT_ANNOTATIONS))
         # Recompose the affected nodes' specs now rather than at the next report timer, so the
         # caps are gone by the time the finalizer lets the policy disappear.
-        others = [
-            e
-            for store in policies_by_namespace.values()
-            for e in store
-            if e.ref is not None and e.ref.key != f"{namespace}/{name}"
-        ]
-        released_keys = {p.key for p in released}
         for node in sorted({p.node for p in released}):
             store = reports_by_node.get(node)
+            pods = list(pods_by_node.get(node, []))
+            rules = governed(pods, pods_by_namespace, policies_by_namespace, decisions_by_policy)
             desired = node_spec(
-                [p for p in pods_by_node.get(node, []) if p.key not in released_keys],
+                pods,
                 next(iter(store)) if store else None,
-                others,
+                {k: r for k, r in rules.items() if r.policy.key != f"{namespace}/{name}"},
                 GPUNodeReportSpec(),
                 budgets.lowest_caps(budget_caps_by_node.get(node, [])),
             )

@@ -1,31 +1,37 @@
 """The desired `GPUNodeReport.spec` of one node, composed from the pods on it. Pure.
 
-Pod annotations are the single source of the caps: the policy reconciler writes
-`edpilot.io/power-cap-watts` on the pods it governs, and this module turns the pods of one node
-into that node's spec (caps per GPU UUID, pods to measure, lease). A cap whose policy is gone is
-dropped, so the agent restores the GPU's default limit. A PowerBudget's allocation bounds the cap of
-every GPU it governs: the spec asks for the lower of the two.
+A cap comes only from state the operator owns, never from what a pod says about itself (issue 14,
+finding 1: a tenant writes its pods' annotations):
+- the policy that governs the pod, computed by the operator from labels and the policy's spec
+  (`selection.governance`), and the configuration its optimizer decided for the pod's workload
+  (the policy's status), re-clamped to that policy's mode and bounds on this GPU;
+- the PowerBudgets' allocations (cluster-scoped status only the operator writes).
+The spec asks for the lowest of those, never above the GPU's default limit nor below its minimum.
+An excluded or ungoverned pod's GPU gets no policy cap, so its agent restores the default limit; a
+budget of scope AllGPUs may still bound it. A GPU whose constraints are unknown gets no cap at all.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
 
 from edpilot.models import (
-    ANNOTATION_POLICY,
-    ANNOTATION_POWER_CAP,
     DesiredPowerLimit,
-    EnergyPolicySpec,
     GPUNodeReportSpec,
     GPUNodeReportStatus,
+    GPUStatus,
     Lease,
     MeasuredWorkload,
+    PowerCapSpec,
 )
+from edpilot.optimizer import Config, MemberInfo, cap_for
 
-from .selection import PodInfo
+from .selection import Governed, PodInfo
 
 
 @dataclass(frozen=True)
@@ -37,43 +43,108 @@ class ReportTiming:
     slow_interval_seconds: int = 60
 
 
+@dataclass(frozen=True)
+class Decided:
+    """What a policy's status says its optimizer decided: the configuration it targets for each
+    pod (by key) and the pods whose workloads are exploring."""
+
+    targets: Mapping[str, Config] = field(default_factory=dict)
+    exploring: frozenset[str] = frozenset()
+
+
+def decided(namespace: str, status: Mapping[str, Any]) -> Decided:
+    """The decisions in a policy's status. Rows naming pods of another namespace are ignored: a
+    policy governs only its own namespace, whatever its status says."""
+    targets: dict[str, Config] = {}
+    exploring: set[str] = set()
+    for row in status.get("workloads") or []:
+        if not isinstance(row, Mapping):
+            continue
+        pods = [p for p in row.get("pods") or [] if isinstance(p, str) and p.startswith(f"{namespace}/")]
+        if row.get("phase") in ("Baseline", "Exploring", "Drifted"):
+            exploring.update(pods)
+        stored = row.get("optimizer")
+        target = stored.get("target") if isinstance(stored, Mapping) else None
+        if not isinstance(target, Mapping):
+            continue
+        try:
+            config = Config.model_validate(dict(target))
+        except ValidationError:
+            continue
+        targets.update(dict.fromkeys(pods, config))
+    return Decided(targets=targets, exploring=frozenset(exploring))
+
+
+def known_limits(gpu: GPUStatus) -> bool:
+    """Whether the GPU's power-limit constraints are known and consistent (else it is left alone)."""
+    return (
+        not gpu.migEnabled
+        and gpu.maxLimitWatts > 0
+        and gpu.minLimitWatts <= gpu.defaultLimitWatts <= gpu.maxLimitWatts
+    )
+
+
+def member_info(gpu: GPUStatus, pod: str) -> MemberInfo:
+    known = known_limits(gpu)
+    return MemberInfo(
+        member=gpu.uuid,
+        pod=pod,
+        minWatts=gpu.minLimitWatts if known else None,
+        maxWatts=gpu.maxLimitWatts if known else None,
+        defaultWatts=gpu.defaultLimitWatts if known else None,
+    )
+
+
+def planned_cap(power_cap: PowerCapSpec, target: Config | None, gpu: GPUStatus, pod: str) -> float | None:
+    """The cap the optimizer's `target` means for this GPU, inside the policy's bounds there (its
+    mode included: Off means the default limit); None before a decision or on an unknown GPU."""
+    return None if target is None else cap_for(power_cap, member_info(gpu, pod), target)
+
+
+def clamp_to_board(watts: float, gpu: GPUStatus) -> float:
+    """Never above the default limit (a tenant must not win watts), never below the minimum."""
+    return max(gpu.minLimitWatts, min(watts, gpu.defaultLimitWatts))
+
+
 def desired_spec(
     *,
     pods: Iterable[PodInfo],
     status: GPUNodeReportStatus | None,
-    policies: Mapping[str, EnergyPolicySpec],
-    active_pods: set[str],
+    governed: Mapping[str, Governed],
     current: GPUNodeReportSpec,
     holder: str,
     now: datetime,
     timing: ReportTiming,
     budget_caps: Mapping[str, float] | None = None,
 ) -> GPUNodeReportSpec:
-    """`policies` maps "namespace/name" to spec; `active_pods` are pods whose workload explores;
-    `budget_caps` maps GPU UUID to the most its PowerBudgets allow it."""
+    """`governed` maps the key of each governed pod to its policy and decision (pods missing there
+    are ungoverned); `budget_caps` maps GPU UUID to the most its PowerBudgets allow it."""
     budget_caps = budget_caps or {}
-    gpus_of: dict[str, list[str]] = {}
+    gpus_of: dict[str, list[GPUStatus]] = {}
     if status is not None:
         for gpu in status.gpus:
             for pod_key in gpu.pods:
-                gpus_of.setdefault(pod_key, []).append(gpu.uuid)
+                gpus_of.setdefault(pod_key, []).append(gpu)
 
     limits: list[DesiredPowerLimit] = []
     measured: list[MeasuredWorkload] = []
     fast = False
     for pod in sorted(pods, key=lambda p: p.key):
-        policy_name = pod.annotations.get(ANNOTATION_POLICY)
-        spec = policies.get(f"{pod.namespace}/{policy_name}") if policy_name else None
-        if spec is None or pod.deleting:
+        if pod.deleting:
             continue
-        measured.append(MeasuredWorkload.of_policy(pod.namespace, pod.name, spec))
-        fast = fast or pod.key in active_pods
-        policy_cap = parse_cap(pod.annotations.get(ANNOTATION_POWER_CAP))
-        for uuid in sorted(gpus_of.get(pod.key, [])):
+        rule = governed.get(pod.key)
+        if rule is not None:
+            measured.append(MeasuredWorkload.of_policy(pod.namespace, pod.name, rule.policy.spec))
+            fast = fast or rule.exploring
+        for gpu in sorted(gpus_of.get(pod.key, []), key=lambda g: g.uuid):
+            if not known_limits(gpu):
+                continue
+            policy_cap = planned_cap(rule.policy.spec.powerCap, rule.target, gpu, pod.key) if rule else None
             # A GPU the budget governs gets its share even before the optimizer picks a cap.
-            wanted = [w for w in (policy_cap, budget_caps.get(uuid)) if w is not None]
+            wanted = [w for w in (policy_cap, budget_caps.get(gpu.uuid)) if w is not None]
             if wanted:
-                limits.append(DesiredPowerLimit(gpuUUID=uuid, watts=min(wanted), pod=pod.key))
+                watts = clamp_to_board(min(wanted), gpu)
+                limits.append(DesiredPowerLimit(gpuUUID=gpu.uuid, watts=watts, pod=pod.key))
 
     lease = current.lease
     if (
@@ -88,14 +159,3 @@ def desired_spec(
         lease=lease,
         reportIntervalSeconds=timing.fast_interval_seconds if fast else timing.slow_interval_seconds,
     )
-
-
-def parse_cap(value: str | None) -> float | None:
-    """The watts of an `edpilot.io/power-cap-watts` annotation; None when absent or not a limit."""
-    if value is None:
-        return None
-    try:
-        watts = float(value)
-    except ValueError:
-        return None
-    return watts if math.isfinite(watts) and watts > 0 else None

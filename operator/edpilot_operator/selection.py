@@ -1,18 +1,27 @@
-"""Which pods a policy governs, and how they form workloads. Pure: plain data in, plain data out.
+"""Which pods a policy governs, and how they form workloads. Plain data in, plain data out.
 
 A pod is governed by the policy of highest `priority` (ties: the smallest name) among the policies
 of its namespace whose selector matches it, unless it opts out with `edpilot.io/exclude: "true"`.
 Pods that share the policy's `groupByLabel` value form one workload (a job); otherwise each pod is
 its own workload.
+
+Governance is computed from labels, the opt-out and the policies' specs only, never from the
+`edpilot.io/policy` annotation (a tenant can write annotations; see docs/security.md). A namespace's
+governance is computed once and shared by every policy's reconcile, the report composer and the
+budgets (`GovernanceCache`): per policy, with the policy count bounded only by a quota, it was
+quadratic (issue 14, finding 5).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import math
+import threading
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from edpilot.models import ANNOTATION_EXCLUDE, ANNOTATION_POLICY, EnergyPolicySpec
+from edpilot.optimizer import Config
 
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -90,16 +99,114 @@ class PolicyRef:
         return f"{self.namespace}/{self.name}"
 
 
+@dataclass(frozen=True)
+class PolicyEntry:
+    """What the operator's index keeps of a policy: its spec (None when the API server accepted a
+    spec the models reject) and whether it is being deleted."""
+
+    ref: PolicyRef | None
+    deleting: bool = False
+
+    @property
+    def live(self) -> PolicyRef | None:
+        return self.ref if not self.deleting else None
+
+
+@dataclass(frozen=True)
+class Governed:
+    """A pod as the operator governs it: its policy, the configuration the policy's optimizer
+    decided for its workload (None before the first decision), and whether that workload explores."""
+
+    policy: PolicyRef
+    target: Config | None = None
+    exploring: bool = False
+
+
 def governing_policy(pod: PodInfo, policies: Iterable[PolicyRef]) -> PolicyRef | None:
     """The policy that wins this pod, or None when none selects it or it opts out."""
     if pod.excluded:
         return None
-    candidates = [
-        p for p in policies if p.namespace == pod.namespace and p.spec.selector.matches(dict(pod.labels))
-    ]
-    if not candidates:
-        return None
-    return min(candidates, key=lambda p: (-p.spec.priority, p.name))
+    labels = dict(pod.labels)
+    candidates = [p for p in policies if p.namespace == pod.namespace and p.spec.selector.matches(labels)]
+    return _winner(candidates)
+
+
+def _winner(candidates: Iterable[PolicyRef]) -> PolicyRef | None:
+    return min(candidates, key=lambda p: (-p.spec.priority, p.name), default=None)
+
+
+@dataclass(frozen=True)
+class Governance:
+    """Which policy governs each pod, and which policies select it at all (by pod key)."""
+
+    winners: Mapping[str, PolicyRef] = field(default_factory=dict)
+    selected_by: Mapping[str, frozenset[str]] = field(default_factory=dict)  # policy names
+
+    def of(self, pod: PodInfo) -> PolicyRef | None:
+        return self.winners.get(pod.key)
+
+
+def governance(pods: Iterable[PodInfo], policies: Iterable[PolicyRef]) -> Governance:
+    """Every pod's governing policy: each selector is evaluated once per pod of its namespace."""
+    by_namespace: dict[str, list[PolicyRef]] = {}
+    for policy in policies:
+        by_namespace.setdefault(policy.namespace, []).append(policy)
+    winners: dict[str, PolicyRef] = {}
+    selected_by: dict[str, frozenset[str]] = {}
+    for pod in pods:
+        labels = dict(pod.labels)
+        matching = [p for p in by_namespace.get(pod.namespace, ()) if p.spec.selector.matches(labels)]
+        if not matching:
+            continue
+        selected_by[pod.key] = frozenset(p.name for p in matching)
+        winner = None if pod.excluded else _winner(matching)
+        if winner is not None:
+            winners[pod.key] = winner
+    return Governance(winners=winners, selected_by=selected_by)
+
+
+class GovernanceCache:
+    """Each namespace's `Governance`, recomputed only when something it depends on changed, and at
+    least every `max_age` seconds of `clock`.
+
+    The operator's watch indexes call `note` with what governance reads of each object (a pod's
+    labels and opt-out, a policy's uid, generation and deletion); a namespace is recomputed when a
+    note differs from the last one or when its pod or policy count changed (an object gone from an
+    index is never noted). Status writes, the bulk of the events, change nothing here. A note lands
+    a moment before its index does, so `max_age` (one reconcile interval) bounds how long a
+    computation made in between can stand. No I/O."""
+
+    def __init__(self, max_age: float = math.inf, clock: Callable[[], float] = lambda: 0.0) -> None:
+        self._lock = threading.Lock()
+        self._max_age = max_age
+        self._clock = clock
+        self._versions: dict[str, int] = {}
+        self._seen: dict[str, dict[str, Hashable]] = {}  # namespace -> "pod/x" or "policy/y" -> note
+        self._cached: dict[str, tuple[tuple[int, int, int], float, Governance]] = {}
+
+    def note(self, namespace: str, key: str, fingerprint: Hashable) -> None:
+        with self._lock:
+            seen = self._seen.setdefault(namespace, {})
+            if seen.get(key) != fingerprint:
+                seen[key] = fingerprint
+                self._versions[namespace] = self._versions.get(namespace, 0) + 1
+
+    def get(self, namespace: str, pods: Collection[PodInfo], policies: Collection[PolicyEntry]) -> Governance:
+        """The governance of the namespace's `pods` under its `policies` (live or not, as indexed)."""
+        with self._lock:
+            now = self._clock()
+            stamp = (self._versions.get(namespace, 0), len(pods), len(policies))
+            cached = self._cached.get(namespace)
+            if cached is not None and cached[0] == stamp and now - cached[1] < self._max_age:
+                return cached[2]
+            result = governance(pods, [e.live for e in policies if e.live is not None])
+            self._cached[namespace] = (stamp, now, result)
+            # Forget the notes of pods gone from the index: generated pod names would pile up.
+            present = {f"pod/{p.name}" for p in pods}
+            seen = self._seen.get(namespace, {})
+            for key in [k for k in seen if k.startswith("pod/") and k not in present]:
+                del seen[key]
+            return result
 
 
 @dataclass(frozen=True)
@@ -126,8 +233,9 @@ class Selection:
     excluded: tuple[str, ...]
 
 
-def select(policy: PolicyRef, pods: Iterable[PodInfo], policies: Sequence[PolicyRef]) -> Selection:
-    """Workloads the policy governs among running GPU pods of its namespace."""
+def select(policy: PolicyRef, pods: Iterable[PodInfo], governed: Governance) -> Selection:
+    """Workloads the policy governs among running GPU pods of its namespace, read from the
+    namespace's `governance` (no selector is evaluated here)."""
     grouped: dict[str, list[PodInfo]] = {}
     lost_to: dict[str, str] = {}
     excluded: list[str] = []
@@ -136,12 +244,12 @@ def select(policy: PolicyRef, pods: Iterable[PodInfo], policies: Sequence[Policy
             continue
         if pod.phase not in ("Running", "Pending"):
             continue
-        if not policy.spec.selector.matches(dict(pod.labels)):
+        if policy.name not in governed.selected_by.get(pod.key, ()):
             continue
         if pod.excluded:
             excluded.append(pod.key)
             continue
-        winner = governing_policy(pod, policies)
+        winner = governed.of(pod)
         if winner is not None and winner.key != policy.key:
             lost_to[pod.key] = winner.name
             continue

@@ -41,7 +41,8 @@ from edpilot.optimizer import (
     step,
 )
 
-from .selection import PodInfo, PolicyRef, Workload, select
+from .reports import member_info
+from .selection import Governance, PodInfo, PolicyRef, Workload, select
 
 
 @dataclass(frozen=True)
@@ -95,16 +96,7 @@ def snapshot(workload: Workload, reports: Mapping[str, GPUNodeReportStatus]) -> 
         starting_quantization = starting_quantization or work.quantization
         times.append(report.time.timestamp())
         for gpu in gpus:
-            known = gpu.maxLimitWatts > 0 and not gpu.migEnabled
-            members.append(
-                MemberInfo(
-                    member=gpu.uuid,
-                    pod=pod.key,
-                    minWatts=gpu.minLimitWatts if known else None,
-                    maxWatts=gpu.maxLimitWatts if known else None,
-                    defaultWatts=gpu.defaultLimitWatts if known else None,
-                )
-            )
+            members.append(member_info(gpu, pod.key))
             samples.append(
                 MemberSample(
                     member=gpu.uuid,
@@ -165,12 +157,13 @@ def reconcile_policy(
     status: Mapping[str, Any],
     generation: int | None,
     pods: Sequence[PodInfo],
-    policies: Sequence[PolicyRef],
+    governance: Governance,
     reports: Mapping[str, GPUNodeReportStatus],
     now: datetime,
     tuning: Tuning = DEFAULT_TUNING,
 ) -> PolicyOutcome:
-    selection = select(policy, pods, policies)
+    """`governance` is the namespace's (`selection.GovernanceCache`), shared by all its policies."""
+    selection = select(policy, pods, governance)
     previous_rows = {
         row.get("name"): row for row in status.get("workloads") or [] if isinstance(row, Mapping)
     }

@@ -234,9 +234,20 @@ def test_defaults_install_every_component_with_least_privilege(render: Render) -
     assert_restricted(operator)
 
     extender = one(manifests, "Deployment", "rel-edpilot-extender")
-    assert container(extender)["args"] == ["extender", "--port=8888"]
-    assert container(extender)["readinessProbe"]["httpGet"]["path"] == "/healthz"
-    assert one(manifests, "Service", "rel-edpilot-extender")["spec"]["ports"][0]["port"] == 8888
+    assert container(extender)["args"] == [
+        "extender",
+        "--port=8888",
+        "--metrics-port=9466",
+        "--tls-cert-file=/etc/edpilot/tls/tls.crt",
+        "--tls-private-key-file=/etc/edpilot/tls/tls.key",
+        "--client-ca-file=/etc/edpilot/tls/ca.crt",
+    ]
+    assert container(extender)["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    volume = next(v for v in extender["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
+    assert volume["secret"]["secretName"] == "rel-edpilot-extender-tls"
+    assert one(manifests, "Secret", "rel-edpilot-extender-tls")["type"] == "kubernetes.io/tls"
+    ports = {p["name"]: p["port"] for p in one(manifests, "Service", "rel-edpilot-extender")["spec"]["ports"]}
+    assert ports == {"scheduler": 8888, "metrics": 9466}
     assert_restricted(extender)
 
     agent = one(manifests, "DaemonSet", "rel-edpilot-agent")
@@ -291,6 +302,8 @@ def test_node_restriction_policy_names_the_agents_service_account(render: Render
             "agent.nodeRestriction.enabled=false",
             "--set",
             "operator.podPatchRestriction.enabled=false",
+            "--set",
+            "operator.annotationOwnership.enabled=false",
         )
     )
 
@@ -360,7 +373,13 @@ def test_second_scheduler_variant_wires_the_extender(render: Render) -> None:
     assert config["kind"] == "KubeSchedulerConfiguration"
     assert config["profiles"] == [{"schedulerName": "edpilot-scheduler"}]
     (extender,) = config["extenders"]
-    assert extender["urlPrefix"] == "http://rel-edpilot-extender.gpu-energy.svc:8888"
+    assert extender["urlPrefix"] == "https://rel-edpilot-extender.gpu-energy.svc:8888"
+    client = "/etc/edpilot-extender-client"
+    assert extender["tlsConfig"] == {
+        "certFile": f"{client}/tls.crt",
+        "keyFile": f"{client}/tls.key",
+        "caFile": f"{client}/ca.crt",
+    }
     assert (extender["filterVerb"], extender["prioritizeVerb"], extender["weight"]) == (
         "filter",
         "prioritize",
@@ -372,6 +391,8 @@ def test_second_scheduler_variant_wires_the_extender(render: Render) -> None:
 
     scheduler = one(manifests, "Deployment", "rel-edpilot-scheduler")
     assert container(scheduler)["image"] == "registry.k8s.io/kube-scheduler:v1.36.3"
+    mounted = {v["name"]: v for v in scheduler["spec"]["template"]["spec"]["volumes"]}
+    assert mounted["extender-client"]["secret"]["secretName"] == "rel-edpilot-extender-client"
     assert_restricted(scheduler)
     bound = {m["roleRef"]["name"] for m in manifests if m["kind"] in ("ClusterRoleBinding", "RoleBinding")}
     assert {
@@ -493,4 +514,12 @@ def test_dockerignore_keeps_local_state_out_of_images() -> None:
     ]
     assert rules[0] == "**", "ignore everything, then allow only what the images build from"
     allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "edpilot", "operator", "node_agent"}
+    assert allowed == {
+        "pyproject.toml",
+        "README.md",
+        "edpilot",
+        "operator",
+        "node_agent",
+        "docker/requirements.lock",
+        "docker/build-requirements.lock",
+    }

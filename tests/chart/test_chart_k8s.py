@@ -145,7 +145,8 @@ def test_install_creates_every_object(release: Cluster) -> None:
     assert "Wire the extender into your cluster's kube-scheduler" in proc.stdout, (
         "NOTES.txt tells what to do next"
     )
-    assert f"urlPrefix: http://{PREFIX}-extender.{NAMESPACE}.svc:8888" in proc.stdout
+    assert f"urlPrefix: https://{PREFIX}-extender.{NAMESPACE}.svc:8888" in proc.stdout
+    assert f"the files of Secret {PREFIX}-extender-client" in proc.stdout  # its tlsConfig
 
     objects = manifest_objects(release)
     assert {"Deployment", "DaemonSet", "ValidatingAdmissionPolicy", "ClusterKopfPeering"} <= {

@@ -614,6 +614,22 @@ CASES = [
         IN_MODEL_ENUM,
     ),
     Invalid(
+        "selector-too-many-labels",
+        policy,
+        {"spec.selector.matchLabels": {f"label-{i}": "x" for i in range(65)}},
+        "spec.selector.matchLabels",
+        "must have at most 64 items",
+        "at most 64 items",
+    ),
+    Invalid(
+        "budget-scope-not-an-enum",
+        budget,
+        {"spec.scope": "Everything"},
+        "spec.scope",
+        ENUM,
+        IN_MODEL_ENUM,
+    ),
+    Invalid(
         "group-by-empty-label",
         policy,
         {"spec.groupByLabel": ""},

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 from kubetest import gpu_pod
+from pki import make_pki
 
 from edpilot import gpusim
 from edpilot.models import GPUNodeReportStatus, GPUStatus
@@ -177,6 +178,9 @@ class Placement:
         self.cluster = cluster
         self.workdir = workdir
         self.extender_port = free_port()
+        self.metrics_port = free_port()
+        # The scheduler authenticates to the extender with a client certificate, as in a cluster.
+        self.pki = make_pki(workdir / "pki")
         self.extender: subprocess.Popen[bytes] | None = None
         self.scheduler: subprocess.Popen[bytes] | None = None
 
@@ -192,6 +196,14 @@ class Placement:
                 "127.0.0.1",
                 "--port",
                 str(self.extender_port),
+                "--metrics-port",
+                str(self.metrics_port),
+                "--tls-cert-file",
+                str(self.pki.server.cert),
+                "--tls-private-key-file",
+                str(self.pki.server.key),
+                "--client-ca-file",
+                str(self.pki.ca),
                 "--kubeconfig",
                 str(self.cluster.kubeconfig),
             ],
@@ -199,7 +211,7 @@ class Placement:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        wait_for("the extender's view", lambda: http_ok(f"http://127.0.0.1:{self.extender_port}/readyz"), 60)
+        wait_for("the extender's view", lambda: http_ok(f"http://127.0.0.1:{self.metrics_port}/readyz"), 60)
 
     def stop_extender(self) -> None:
         if self.extender is not None:
@@ -219,8 +231,13 @@ class Placement:
                     **yaml.safe_load((REPO / "deploy/scheduler/kube-scheduler-config.yaml").read_text())[
                         "extenders"
                     ][0],
-                    "urlPrefix": f"http://127.0.0.1:{self.extender_port}",
+                    "urlPrefix": f"https://127.0.0.1:{self.extender_port}",
                     "httpTimeout": "2s",
+                    "tlsConfig": {
+                        "certFile": str(self.pki.client.cert),
+                        "keyFile": str(self.pki.client.key),
+                        "caFile": str(self.pki.ca),
+                    },
                 }
             ],
         }

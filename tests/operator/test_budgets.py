@@ -21,8 +21,8 @@ from edpilot_operator.budgets import (
     probe_points,
     reconcile_budget,
 )
-from edpilot_operator.reports import ReportTiming, desired_spec
-from edpilot_operator.selection import PodInfo
+from edpilot_operator.reports import ReportTiming, decided, desired_spec
+from edpilot_operator.selection import Governed, PodInfo, PolicyRef
 
 from edpilot import gpusim, placement
 from edpilot.budget import committed_by, grid_optimum, throughput_at
@@ -36,6 +36,7 @@ from edpilot.models import (
     LabelSelector,
     PowerBudgetSpec,
     PowerBudgetStatus,
+    PowerCapSpec,
 )
 from edpilot.optimizer import Config, OptimizerState, Probe
 
@@ -51,7 +52,7 @@ POLICY = EnergyPolicySpec.model_validate(
         "workMetric": {"name": "samples_total"},
     }
 )
-POLICIES = {f"{NS}/train": POLICY}
+TRAIN = PolicyRef(NS, "train", POLICY)
 RACK = {"rack": "r1"}
 NODE_LABELS = {"node-a": RACK, "node-b": RACK, "node-c": {"rack": "r2"}}
 
@@ -73,12 +74,7 @@ def report(node: str, gpus: Sequence[GPUStatus]) -> GPUNodeReportStatus:
     return GPUNodeReportStatus(nodeName=node, agentVersion="test", backend="sim", time=NOW, gpus=list(gpus))
 
 
-def pod(name: str, node: str, cap: float | None = None, policy: str | None = "train") -> PodInfo:
-    annotations = {}
-    if policy is not None:
-        annotations["edpilot.io/policy"] = policy
-    if cap is not None:
-        annotations["edpilot.io/power-cap-watts"] = f"{cap:.0f}"
+def pod(name: str, node: str) -> PodInfo:
     return PodInfo(
         namespace=NS,
         name=name,
@@ -87,8 +83,12 @@ def pod(name: str, node: str, cap: float | None = None, policy: str | None = "tr
         phase="Running",
         gpus=1,
         labels={"app": "train"},
-        annotations=annotations,
     )
+
+
+def rule(cap: float | None = None, policy: PolicyRef = TRAIN) -> Governed:
+    """The pod governed by `policy`, whose optimizer chose `cap` (None: no decision yet)."""
+    return Governed(policy, Config(capWatts=cap) if cap is not None else None)
 
 
 def metrics(ups: float, watts: Mapping[str, float]) -> Metrics:
@@ -152,12 +152,15 @@ class Fleet:
         return out
 
     def pods(self) -> dict[str, PodInfo]:
-        return {f"{NS}/{name}": pod(name, n, cap) for name, (n, _, _, _, _, cap) in self.work.items()}
+        return {f"{NS}/{name}": pod(name, n) for name, (n, *_rest) in self.work.items()}
+
+    def governed(self) -> dict[str, Governed]:
+        return {f"{NS}/{name}": rule(cap) for name, (*_rest, cap) in self.work.items()}
 
     def measured(self, pod_name: str, cap: float, rng: random.Random | None) -> float:
         return self.rate(pod_name, cap) * (1 + rng.gauss(0, self.noise) if rng else 1)
 
-    def curves(self) -> dict[str, tuple[ProbePoint, ...]]:
+    def curves(self) -> dict[tuple[str, str], tuple[ProbePoint, ...]]:
         rng = random.Random(self.noise_seed) if self.noise_seed is not None else None
         out = {}
         for name, (n, i, *_rest) in self.work.items():
@@ -179,7 +182,7 @@ class Fleet:
                 ),
                 probes=probes,
             )
-            out.update(probe_points(policy_status({name: state})))
+            out.update({(TRAIN.key, u): p for u, p in probe_points(policy_status({name: state})).items()})
         return out
 
     def reconcile(self, max_watts: float, previous: PowerBudgetStatus | None = None) -> PowerBudgetStatus:
@@ -190,7 +193,7 @@ class Fleet:
             node_labels=NODE_LABELS,
             reports=self.reports(),
             pods=self.pods(),
-            policies=POLICIES,
+            governed=self.governed(),
             curves=self.curves(),
             now=NOW,
         )
@@ -326,7 +329,9 @@ def test_gpu_curve_smooths_noise_between_close_probes_and_stays_concave() -> Non
 
 def test_a_gpu_is_governed_within_its_policy_bounds_and_below_its_chosen_cap() -> None:
     g = gpu("node-a", 0, "p")
-    demand = gpu_demand(g, {f"{NS}/p": pod("p", "node-a", cap=520)}, POLICIES, [ProbePoint(None, 600, 10)])
+    pods = {f"{NS}/p": pod("p", "node-a")}
+    curves = {(TRAIN.key, g.uuid): [ProbePoint(None, 600, 10)]}
+    demand = gpu_demand(g, pods, {f"{NS}/p": rule(520)}, curves)
     assert demand is not None
     assert (demand.lo, demand.hi, demand.reference_cap, demand.max_slowdown_percent) == (LO, 520, 700, 10)
     assert at(demand.curve, 600) == pytest.approx(10) and at(demand.curve, 700) == pytest.approx(10)
@@ -336,33 +341,56 @@ def test_a_gpu_is_governed_within_its_policy_bounds_and_below_its_chosen_cap() -
         10 * throughput_at(H100_SHAPE, LO) / throughput_at(H100_SHAPE, 600)
     )
     # Before the optimizer chose a cap the GPU may go up to the policy's maximum.
-    demand = gpu_demand(g, {f"{NS}/p": pod("p", "node-a")}, POLICIES, [])
+    demand = gpu_demand(g, pods, {f"{NS}/p": rule()}, {})
     assert demand is not None and demand.hi == 700
 
 
+OFF = PolicyRef(
+    NS, "off", POLICY.model_copy(update={"powerCap": POLICY.powerCap.model_copy(update={"mode": "Off"})})
+)
+
+
 @pytest.mark.parametrize(
-    ("pods", "policies", "mig"),
+    ("pods", "rules", "mig"),
     [
-        ({}, POLICIES, False),  # the pod is not known (yet)
-        ({f"{NS}/p": pod("p", "node-a", policy=None)}, POLICIES, False),  # no policy governs it
-        ({f"{NS}/p": pod("p", "node-a", policy="gone")}, POLICIES, False),
-        (
-            {f"{NS}/p": pod("p", "node-a")},
-            {
-                f"{NS}/train": POLICY.model_copy(
-                    update={"powerCap": POLICY.powerCap.model_copy(update={"mode": "Off"})}
-                )
-            },
-            False,
-        ),
-        ({f"{NS}/p": pod("p", "node-a")}, POLICIES, True),
+        ({}, {f"{NS}/p": rule()}, False),  # the pod is not known (yet)
+        ({f"{NS}/p": pod("p", "node-a")}, {}, False),  # no policy governs it
+        ({f"{NS}/p": pod("p", "node-a")}, {f"{NS}/p": rule(policy=OFF)}, False),
+        ({f"{NS}/p": pod("p", "node-a")}, {f"{NS}/p": rule()}, True),
     ],
 )
 def test_gpus_edpilot_does_not_cap_are_not_governed(
-    pods: Mapping[str, PodInfo], policies: Mapping[str, EnergyPolicySpec], mig: bool
+    pods: Mapping[str, PodInfo], rules: Mapping[str, Governed], mig: bool
 ) -> None:
     g = gpu("node-a", 0, "p").model_copy(update={"migEnabled": mig})
-    assert gpu_demand(g, pods, policies, []) is None
+    assert gpu_demand(g, pods, rules, {}) is None
+
+
+def test_an_all_gpus_budget_steers_ungoverned_and_off_gpus_within_their_default() -> None:
+    g = gpu("node-a", 0, "p")
+    pods = {f"{NS}/p": pod("p", "node-a")}
+    for rules in ({}, {f"{NS}/p": rule(policy=OFF)}):
+        demand = gpu_demand(g, pods, rules, {}, all_gpus=True)
+        assert demand is not None
+        assert (demand.lo, demand.hi, demand.max_slowdown_percent) == (350, 700, None)
+    fixed = PolicyRef(
+        NS, "fixed", POLICY.model_copy(update={"powerCap": PowerCapSpec(mode="Fixed", watts=300)})
+    )
+    demand = gpu_demand(g, pods, {f"{NS}/p": rule(policy=fixed)}, {}, all_gpus=True)
+    assert demand is not None and (demand.lo, demand.hi) == (300, 300)  # never above its own policy
+    # An idle GPU cannot be capped (edpilot caps per pod) nor can one with unknown constraints.
+    assert gpu_demand(gpu("node-a", 1), pods, {}, {}, all_gpus=True) is None
+    assert gpu_demand(g.model_copy(update={"migEnabled": True}), pods, {}, {}, all_gpus=True) is None
+
+
+def test_only_the_governing_policys_probe_points_shape_a_gpus_curve() -> None:
+    """Finding 7 of issue 14: another namespace's policy status may name any GPU UUID."""
+    g = gpu("node-a", 0, "p")
+    pods = {f"{NS}/p": pod("p", "node-a")}
+    forged = {("other-ns/greedy", g.uuid): [ProbePoint(300, 290, 1000.0), ProbePoint(None, 600, 1.0)]}
+    honest = gpu_demand(g, pods, {f"{NS}/p": rule()}, {})
+    attacked = gpu_demand(g, pods, {f"{NS}/p": rule()}, forged)
+    assert honest is not None and attacked == honest
 
 
 # ---------------------------------------------------------------- the budget
@@ -442,7 +470,8 @@ def test_gpus_outside_the_selector_and_ungoverned_gpus_are_not_allocated() -> No
     work = {**MIXED, "free": ("node-b", 2, TRAINING, 8, "bf16", None)}
     fleet = Fleet(work)
     pods = fleet.pods()
-    pods[f"{NS}/free"] = pod("free", "node-b", policy=None)
+    rules = fleet.governed()
+    del rules[f"{NS}/free"]  # no policy governs it
     status = reconcile_budget(
         spec=budget(3000),
         generation=3,
@@ -450,7 +479,7 @@ def test_gpus_outside_the_selector_and_ungoverned_gpus_are_not_allocated() -> No
         node_labels=NODE_LABELS,
         reports=fleet.reports(),
         pods=pods,
-        policies=POLICIES,
+        governed=rules,
         curves=fleet.curves(),
         now=NOW,
     )
@@ -472,7 +501,7 @@ def test_a_budget_without_governed_gpus_reports_what_they_commit() -> None:
         node_labels=NODE_LABELS,
         reports={"node-a": report("node-a", [gpu("node-a", 0), gpu("node-a", 1, "x", power=300)])},
         pods={},
-        policies=POLICIES,
+        governed={},
         curves={},
         now=NOW,
     )
@@ -502,7 +531,7 @@ def test_small_changes_keep_the_previous_caps() -> None:
             node_labels=NODE_LABELS,
             reports=reports,
             pods=fleet.pods(),
-            policies=POLICIES,
+            governed=fleet.governed(),
             curves=fleet.curves(),
             now=NOW + timedelta(seconds=5),
         )
@@ -610,22 +639,21 @@ def test_reports_ask_for_the_lower_of_the_policy_cap_and_the_budget_cap() -> Non
         "node-a",
         [gpu("node-a", 0, "p"), gpu("node-a", 1, "q"), gpu("node-a", 2, "r"), gpu("node-a", 3, "s")],
     )
-    pods = [
-        pod("p", "node-a", cap=500),  # the budget allows 450
-        pod("q", "node-a", cap=400),  # the budget allows 450
-        pod("r", "node-a"),  # no cap chosen yet, the budget allows 450
-        pod("s", "node-a", cap=600, policy=None),  # not governed: never capped
-    ]
+    pods = [pod(name, "node-a") for name in "pqrs"]
+    rules = {
+        f"{NS}/p": rule(500),  # the budget allows 450
+        f"{NS}/q": rule(400),  # the budget allows 450
+        f"{NS}/r": rule(),  # no cap chosen yet, the budget allows 450
+    }  # s is not governed and this (Governed-scope) budget allocates it nothing: never capped
     spec = desired_spec(
         pods=pods,
         status=status,
-        policies=POLICIES,
-        active_pods=set(),
+        governed=rules,
         current=GPUNodeReportSpec(),
         holder="op",
         now=NOW,
         timing=ReportTiming(),
-        budget_caps={uuid("node-a", i): 450 for i in range(4)},
+        budget_caps={uuid("node-a", i): 450 for i in range(3)},
     )
     assert {(lim.gpuUUID, lim.watts, lim.pod) for lim in spec.powerLimits} == {
         (uuid("node-a", 0), 450, f"{NS}/p"),
@@ -650,14 +678,10 @@ def test_allocations_index_by_node_and_overlapping_budgets_take_the_lowest() -> 
 def test_exploring_pods_are_known_by_their_status_key() -> None:
     """Their nodes' agents report fast while a workload explores, so the budget sees fresh windows
     and the e2e explorations converge in a minute (status rows name pods "namespace/name")."""
-    from edpilot_operator.handlers import _policy_entry
-
     status = {
         "workloads": [
             {"name": "a", "pods": [f"{NS}/a"], "phase": "Exploring"},
             {"name": "b", "pods": [f"{NS}/b"], "phase": "Converged"},
         ]
     }
-    spec = POLICY.model_dump(mode="json")
-    entry = _policy_entry(NS, "train", spec, status, {})
-    assert entry.active_pods == frozenset({f"{NS}/a"})
+    assert decided(NS, status).exploring == frozenset({f"{NS}/a"})

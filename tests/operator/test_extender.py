@@ -208,10 +208,14 @@ def test_history_comes_from_policy_rows_with_the_model_of_their_node_and_the_ima
 # ---------------------------------------------------------------- HTTP
 
 
-def with_client(view: ClusterView, body: Callable[[TestClient[Any, Any], Extender], Awaitable[None]]) -> None:
+def with_client(
+    view: ClusterView, body: Callable[[TestClient[Any, Any], Extender], Awaitable[None]], ops: bool = False
+) -> None:
+    """`body` against the scheduler's app, or with `ops` the metrics and probes app."""
+
     async def run() -> None:
         extender = Extender(view)
-        async with TestClient(TestServer(extender.app())) as client:
+        async with TestClient(TestServer(extender.ops_app() if ops else extender.app())) as client:
             await body(client, extender)
 
     asyncio.run(run())
@@ -219,6 +223,7 @@ def with_client(view: ClusterView, body: Callable[[TestClient[Any, Any], Extende
 
 def fleet() -> ClusterView:
     view = synced_view()
+    view.replace_all(POLICIES, [policy("llm")])  # governs the test pods, at 50-100% of the default
     view.replace_all(BUDGETS, [budget("rack-a", 1500, rack="a")])
     view.replace_all(
         NODES,
@@ -294,14 +299,18 @@ def test_not_ready_answers_error_and_bad_bodies_are_refused() -> None:
         result = await (await client.post("/filter", data=json.dumps(args))).json()
         assert "still listing" in result["Error"]
         assert (await client.post("/prioritize", data=json.dumps(args))).status == 503
-        assert (await client.get("/readyz")).status == 503
-        assert (await client.get("/healthz")).status == 200
 
     with_client(ClusterView(), body)
 
+    async def probes(client: TestClient[Any, Any], extender: Extender) -> None:
+        assert (await client.get("/readyz")).status == 503
+        assert (await client.get("/healthz")).status == 200
+
+    with_client(ClusterView(), probes, ops=True)
+
     async def bad(client: TestClient[Any, Any], extender: Extender) -> None:
-        result = await (await client.post("/filter", data=b"{not json")).json()
-        assert "bad ExtenderArgs" in result["Error"]
+        resp = await client.post("/filter", data=b"{not json")
+        assert resp.status == 400 and "bad ExtenderArgs" in await resp.text()
         assert (await client.post("/prioritize", data=b'{"NodeNames": []}')).status == 400
 
     with_client(synced_view(), bad)
@@ -310,7 +319,8 @@ def test_not_ready_answers_error_and_bad_bodies_are_refused() -> None:
 def test_metrics_count_requests_and_filtered_nodes() -> None:
     async def body(client: TestClient[Any, Any], extender: Extender) -> None:
         args = {"Pod": pod("p", gpus=2), "NodeNames": ["h1", "hot"]}
-        await client.post("/filter", data=json.dumps(args))
+        async with TestClient(TestServer(extender.app())) as scheduler:
+            await scheduler.post("/filter", data=json.dumps(args))
         text = await (await client.get("/metrics")).text()
         assert 'edpilot_extender_requests_total{outcome="ok",verb="filter"} 1.0' in text
         assert 'edpilot_extender_filtered_nodes_total{reason="power_budget"} 1.0' in text
@@ -318,7 +328,7 @@ def test_metrics_count_requests_and_filtered_nodes() -> None:
         assert 'edpilot_extender_view_objects{kind="nodes"} 4.0' in text
         assert "edpilot_extender_request_duration_seconds_bucket" in text
 
-    with_client(fleet(), body)
+    with_client(fleet(), body, ops=True)
 
 
 def test_host_priority_list_is_valid_json_even_for_odd_names() -> None:

@@ -1,5 +1,5 @@
-"""The operator's pure services: which pods a policy governs, the node specs composed from pod
-annotations, and one policy reconcile from a snapshot — all without a cluster."""
+"""The operator's pure services: which pods a policy governs, the node specs composed from the
+operator's own decisions, and one policy reconcile from a snapshot — all without a cluster."""
 
 from __future__ import annotations
 
@@ -8,8 +8,16 @@ from typing import Any
 
 import pytest
 from builders import h100_status
-from edpilot_operator.reports import ReportTiming, desired_spec
-from edpilot_operator.selection import PodInfo, PolicyRef, governing_policy, pod_info, select
+from edpilot_operator.reports import ReportTiming, decided, desired_spec
+from edpilot_operator.selection import (
+    Governed,
+    PodInfo,
+    PolicyRef,
+    governance,
+    governing_policy,
+    pod_info,
+    select,
+)
 from edpilot_operator.services import parse_batch_range, reconcile_policy
 
 from edpilot.models import (
@@ -19,6 +27,7 @@ from edpilot.models import (
     Lease,
     WorkloadSample,
 )
+from edpilot.optimizer import Config
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -68,6 +77,19 @@ def test_pod_info_reads_gpus_node_restarts_and_deletion() -> None:
 def test_the_governing_policy(policies: list[PolicyRef], winner: str | None) -> None:
     chosen = governing_policy(pod("x"), policies)
     assert (chosen.name if chosen else None) == winner
+    shared = governance([pod("x")], policies).of(pod("x"))
+    assert shared == chosen  # the namespace-wide computation decides the same
+
+
+def test_governance_ignores_what_annotations_claim_and_other_namespaces() -> None:
+    mine = policy("mine")
+    claimed = pod("x", annotations={"edpilot.io/policy": "other", "edpilot.io/power-cap-watts": "9"})
+    opted_out = pod("y", annotations={"edpilot.io/exclude": "true"})
+    elsewhere = PodInfo("other-ns", "z", "u", "n0", "Running", 1, {"app": "llm"})
+    result = governance([claimed, opted_out, elsewhere], [mine])
+    assert result.of(claimed) == mine
+    assert result.of(opted_out) is None and result.selected_by["ns/y"] == frozenset({"mine"})
+    assert result.of(elsewhere) is None
 
 
 def test_selection_groups_jobs_and_reports_conflicts_and_exclusions() -> None:
@@ -82,7 +104,7 @@ def test_selection_groups_jobs_and_reports_conflicts_and_exclusions() -> None:
         PodInfo("other-ns", "elsewhere", "u", "n0", "Running", 1, {"app": "llm"}),
         PodInfo("ns", "done", "u", "n0", "Succeeded", 1, {"app": "llm"}),
     ]
-    selection = select(mine, pods, [mine, stronger])
+    selection = select(mine, pods, governance(pods, [mine, stronger]))
     assert [(w.name, [p.name for p in w.pods], w.nodes) for w in selection.workloads] == [
         ("job:j1", ["a", "b"], ("n0", "n1"))
     ]
@@ -111,27 +133,92 @@ def report(
     )
 
 
-def test_node_spec_takes_caps_from_annotations_of_live_policies_only() -> None:
-    pods = [
-        pod("a", annotations={"edpilot.io/policy": "p", "edpilot.io/power-cap-watts": "450"}),
-        pod("orphan", annotations={"edpilot.io/policy": "gone", "edpilot.io/power-cap-watts": "300"}),
-        pod("bad", annotations={"edpilot.io/policy": "p", "edpilot.io/power-cap-watts": "nan"}),
-    ]
-    status = report(pods_on_gpu0=("ns/a",))
-    spec = desired_spec(
+def spec_of(pods: list[PodInfo], rules: dict[str, Governed], **kwargs: Any) -> GPUNodeReportSpec:
+    return desired_spec(
         pods=pods,
-        status=status,
-        policies={"ns/p": policy().spec},
-        active_pods={"ns/a"},
+        status=report(pods_on_gpu0=("ns/a",)),
+        governed=rules,
         current=GPUNodeReportSpec(),
         holder="op",
         now=NOW,
         timing=ReportTiming(lease_seconds=30, fast_interval_seconds=2, slow_interval_seconds=60),
+        **kwargs,
     )
+
+
+def test_node_spec_takes_caps_from_the_operators_decisions_only() -> None:
+    """Annotations claim 99,999 W; the spec asks for what the optimizer decided, inside the bounds."""
+    forged = {"edpilot.io/policy": "p", "edpilot.io/power-cap-watts": "99999"}
+    rules = {"ns/a": Governed(policy(), Config(capWatts=450), exploring=True)}
+    spec = spec_of([pod("a", annotations=forged)], rules)
     assert [(c.gpuUUID, c.watts, c.pod) for c in spec.powerLimits] == [("GPU-n0-0", 450.0, "ns/a")]
-    assert sorted(w.pod for w in spec.workloads) == ["a", "bad"]  # measured, but a NaN cap is no cap
+    assert [w.pod for w in spec.workloads] == ["a"]
     assert spec.reportIntervalSeconds == 2  # a workload here explores
     assert spec.lease is not None and spec.lease.renewTime == NOW and spec.lease.leaseSeconds == 30
+
+
+@pytest.mark.parametrize(
+    ("power_cap", "target", "expected"),
+    [
+        ({"mode": "Auto", "minPercent": 50, "maxPercent": 60}, Config(capWatts=99999), 420.0),  # re-clamped
+        ({"mode": "Auto", "minPercent": 50}, Config(capWatts=1), 350.0),
+        ({"mode": "Auto", "minPercent": 50}, Config(), 700.0),  # the baseline: the default limit
+        ({"mode": "Off"}, Config(capWatts=200), 700.0),  # Off: the default, whatever the state says
+        ({"mode": "Fixed", "watts": 300}, Config(capWatts=650), 300.0),
+        ({"mode": "Auto"}, Config(memberCaps={"GPU-n0-0": 9000.0}), 700.0),
+    ],
+)
+def test_a_decided_cap_is_clamped_to_the_policy_mode_and_bounds(
+    power_cap: dict[str, Any], target: Config, expected: float
+) -> None:
+    rules = {"ns/a": Governed(policy(powerCap=power_cap), target)}
+    (limit,) = spec_of([pod("a")], rules).powerLimits
+    assert limit.watts == expected
+
+
+def test_excluded_ungoverned_and_undecided_pods_get_no_cap_unless_a_budget_bounds_them() -> None:
+    spec = spec_of([pod("a")], {})  # ungoverned (excluded or unselected): the default limit
+    assert spec.powerLimits == [] and spec.workloads == []
+    undecided = spec_of([pod("a")], {"ns/a": Governed(policy(), None)})
+    assert undecided.powerLimits == [] and [w.pod for w in undecided.workloads] == ["a"]
+    budgeted = spec_of([pod("a")], {}, budget_caps={"GPU-n0-0": 9000.0, "GPU-n0-1": 300.0})
+    # A budget allocation is clamped to the board too; an idle GPU (held by no pod) gets nothing.
+    assert [(c.gpuUUID, c.watts) for c in budgeted.powerLimits] == [("GPU-n0-0", 700.0)]
+
+
+def test_a_gpu_with_unknown_constraints_gets_no_cap() -> None:
+    status = report(pods_on_gpu0=("ns/a",))
+    status.gpus[0] = status.gpus[0].model_copy(update={"maxLimitWatts": 0.0})
+    spec = desired_spec(
+        pods=[pod("a")],
+        status=status,
+        governed={"ns/a": Governed(policy(), Config(capWatts=400))},
+        current=GPUNodeReportSpec(),
+        holder="op",
+        now=NOW,
+        timing=ReportTiming(),
+        budget_caps={"GPU-n0-0": 300.0},
+    )
+    assert spec.powerLimits == []
+
+
+def test_decisions_are_read_from_the_status_rows_of_the_policys_own_namespace() -> None:
+    target = Config(capWatts=333).model_dump(mode="json")
+    status = {
+        "workloads": [
+            {
+                "name": "a",
+                "pods": ["ns/a", "elsewhere/b"],
+                "phase": "Exploring",
+                "optimizer": {"target": target},
+            },
+            {"name": "c", "pods": ["ns/c"], "phase": "Converged", "optimizer": {"target": {"capWatts": "x"}}},
+            "not a row",
+        ]
+    }
+    found = decided("ns", status)
+    assert found.targets == {"ns/a": Config(capWatts=333)}
+    assert found.exploring == frozenset({"ns/a"})
 
 
 @pytest.mark.parametrize(("age", "renewed"), [(5, False), (11, True)])
@@ -142,8 +229,7 @@ def test_the_lease_is_renewed_after_a_third_of_its_length(age: int, renewed: boo
     spec = desired_spec(
         pods=[],
         status=None,
-        policies={},
-        active_pods=set(),
+        governed={},
         current=current,
         holder="op",
         now=NOW,
@@ -162,7 +248,13 @@ def test_batch_size_range_annotation(text: str, expected: tuple[int, int] | None
 
 def test_reconcile_waits_for_the_agent_and_claims_the_pod() -> None:
     outcome = reconcile_policy(
-        policy=policy(), status={}, generation=3, pods=[pod("a")], policies=[policy()], reports={}, now=NOW
+        policy=policy(),
+        status={},
+        generation=3,
+        pods=[pod("a")],
+        governance=governance([pod("a")], [policy()]),
+        reports={},
+        now=NOW,
     )
     rows = outcome.status["workloads"]
     assert rows[0]["phase"] == "Pending" and "no GPUNodeReport" in rows[0]["message"]
@@ -180,7 +272,7 @@ def test_reconcile_measures_a_baseline_and_keeps_condition_transition_times() ->
         status={},
         generation=1,
         pods=[claimed],
-        policies=[mine],
+        governance=governance([claimed], [mine]),
         reports={"n0": report()},
         now=NOW,
     )
@@ -192,7 +284,7 @@ def test_reconcile_measures_a_baseline_and_keeps_condition_transition_times() ->
         status=first.status,
         generation=1,
         pods=[claimed],
-        policies=[mine],
+        governance=governance([claimed], [mine]),
         reports={"n0": report(work=1e6).model_copy(update={"time": later})},
         now=later,
     )
@@ -213,9 +305,40 @@ def has_none(value: object) -> bool:
 def test_a_pod_another_policy_wins_is_reported_as_a_conflict() -> None:
     mine, stronger = policy("mine", 0), policy("stronger", 10)
     outcome = reconcile_policy(
-        policy=mine, status={}, generation=1, pods=[pod("a")], policies=[mine, stronger], reports={}, now=NOW
+        policy=mine,
+        status={},
+        generation=1,
+        pods=[pod("a")],
+        governance=governance([pod("a")], [mine, stronger]),
+        reports={},
+        now=NOW,
     )
     (row,) = outcome.status["workloads"]
     assert row["phase"] == "Conflict" and "stronger" in row["message"]
     assert outcome.pod_annotations == {}
     assert outcome.status["totals"]["workloads"] == 0
+
+
+def test_the_governance_cache_recomputes_only_when_governance_may_have_changed() -> None:
+    from edpilot_operator.selection import GovernanceCache, PolicyEntry
+
+    now = [0.0]
+    cache = GovernanceCache(max_age=5, clock=lambda: now[0])
+    pods, entries = [pod("a")], [PolicyEntry(policy("p"))]
+    first = cache.get("ns", pods, entries)
+    cache.note("ns", "policy/p", ("uid", 1, False, False))
+    second = cache.get("ns", pods, entries)
+    assert second is not first  # a policy seen for the first time
+    cache.note("ns", "policy/p", ("uid", 1, False, False))  # a status write: same uid and generation
+    assert cache.get("ns", pods, entries) is second
+    assert cache.get("ns", [*pods, pod("b")], entries) is not second  # a pod more (or one gone)
+    third = cache.get("ns", pods, entries)
+    cache.note("ns", "pod/a", ("uid-a", (("app", "other"),), False))  # relabelled
+    assert cache.get("ns", pods, entries) is not third
+    fourth = cache.get("ns", pods, entries)
+    now[0] = 5.0
+    assert cache.get("ns", pods, entries) is not fourth  # at least once per max_age
+    cache.note("ns", "pod/gone", ("uid-g", (), False))
+    fifth = cache.get("ns", pods, entries)  # pod "gone" is not in the index: its note is dropped
+    cache.note("ns", "pod/gone", ("uid-g", (), False))  # so the same note counts as new
+    assert cache.get("ns", pods, entries) is not fifth

@@ -38,7 +38,9 @@ def a100(name: str, budgets: tuple[str, ...] = ()) -> NodeView:
 def pod(
     gpus: int = 2, cap: PowerCapSpec | None = None, policy: str | None = "ml/llm", image: str = "llm:1"
 ) -> PodDemand:
-    return PodDemand(key="ml/p", gpus=gpus, image=image, policy=policy, power_cap=cap)
+    """A pod its policy governs (default powerCap unless `cap`); `policy=None`: no policy does."""
+    power_cap = cap if cap is not None else (PowerCapSpec() if policy is not None else None)
+    return PodDemand(key="ml/p", gpus=gpus, image=image, policy=policy, power_cap=power_cap)
 
 
 def gpu(
@@ -107,7 +109,7 @@ def test_unknown_gpu_models_get_the_worst_known_factor() -> None:
 @pytest.mark.parametrize(
     ("cap", "node", "expected"),
     [
-        (None, h100("n"), 350.0),  # no policy: PowerCapSpec defaults, 50% of 700 W
+        (PowerCapSpec(), h100("n"), 350.0),  # PowerCapSpec defaults: 50% of 700 W
         (PowerCapSpec(minPercent=30), h100("n"), 210.0),
         (PowerCapSpec(minPercent=10), h100("n"), 200.0),  # never below the GPU's constraint
         (PowerCapSpec(minPercent=30, minWatts=400), h100("n"), 400.0),  # the tighter bound wins
@@ -116,10 +118,39 @@ def test_unknown_gpu_models_get_the_worst_known_factor() -> None:
         (PowerCapSpec(mode="Fixed", watts=900), h100("n"), 700.0),
         (PowerCapSpec(minPercent=50), a100("n"), 200.0),
         (None, NodeView("unknown"), 0.0),  # nothing known of the GPUs
+        (None, h100("n"), 700.0),  # no policy: nothing caps it under a Governed budget
     ],
 )
 def test_lowest_cap(cap: PowerCapSpec | None, node: NodeView, expected: float) -> None:
     assert lowest_cap_watts(cap, node) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("cap", "expected"),
+    [
+        (None, 350.0),  # an AllGPUs budget caps it like a default policy would
+        (PowerCapSpec(mode="Off"), 350.0),
+        (PowerCapSpec(mode="Fixed", watts=450), 350.0),
+        (PowerCapSpec(mode="Fixed", watts=250), 250.0),  # never above what its own policy leaves it
+        (PowerCapSpec(minPercent=30), 210.0),  # an Auto policy's own bounds
+    ],
+)
+def test_lowest_cap_under_an_all_gpus_budget(cap: PowerCapSpec | None, expected: float) -> None:
+    assert lowest_cap_watts(cap, h100("n"), all_gpus=True) == pytest.approx(expected)
+
+
+def test_a_pod_no_policy_governs_is_placed_at_its_default_unless_the_budget_caps_every_gpu() -> None:
+    """Placed as if it would be capped and then left at its default limit, a pod would break a
+    Governed budget (issue 14, finding 1)."""
+    ungoverned = pod(1, policy=None)
+    tight = {"tight": BudgetView("tight", 6_000, 5_300)}  # 700 W left
+    assert filter_nodes(ungoverned, [h100("n", ("tight",))], tight).passed == ["n"]  # 700 W fits
+    assert (
+        "1400 W needed at the lowest allowed cap of 700 W"
+        in filter_nodes(pod(2, policy=None), [h100("n", ("tight",))], tight).failed["n"]
+    )
+    hard = {"tight": BudgetView("tight", 6_000, 5_300, all_gpus=True)}
+    assert filter_nodes(pod(2, policy=None), [h100("n", ("tight",))], hard).passed == ["n"]  # 2 x 350 W
 
 
 # ---------------------------------------------------------------- committed watts

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from edpilot_operator.selection import PodInfo, PolicyRef
+from edpilot_operator.selection import PodInfo, PolicyRef, governance
 from edpilot_operator.services import reconcile_policy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import event as hypothesis_event
@@ -465,7 +465,7 @@ def test_reconcile_through_reports_never_raises_and_writes_only_bounded_caps(
             status=status,
             generation=1,
             pods=pod_infos,
-            policies=[ref],
+            governance=governance(pod_infos, [ref]),
             reports=seen,
             now=t0 + timedelta(seconds=job.time + 1),
             tuning=TUNING,

@@ -84,10 +84,30 @@ The kopf peering object's name.
 {{- end }}
 
 {{/*
-The extender's in-cluster URL, for kube-scheduler.
+The extender's in-cluster URL, for kube-scheduler: https whenever the extender speaks TLS.
 */}}
 {{- define "edpilot.extenderURL" -}}
-{{- printf "http://%s-extender.%s.svc:%d" (include "edpilot.fullname" .) .Release.Namespace (int .Values.extender.service.port) }}
+{{- printf "%s://%s-extender.%s.svc:%d" (ternary "https" "http" .Values.extender.tls.enabled) (include "edpilot.fullname" .) .Release.Namespace (int .Values.extender.service.port) }}
+{{- end }}
+
+{{/*
+The Secret holding the extender's serving certificate (tls.crt, tls.key) and the CA of the
+certificates it accepts from the scheduler (ca.crt).
+*/}}
+{{- define "edpilot.extenderTLSSecret" -}}
+{{- default (printf "%s-extender-tls" (include "edpilot.fullname" .)) .Values.extender.tls.existingSecret }}
+{{- end }}
+
+{{/*
+The Secret holding the scheduler's client certificate for the extender (tls.crt, tls.key) and the
+CA of the extender's serving certificate (ca.crt).
+*/}}
+{{- define "edpilot.extenderClientSecret" -}}
+{{- if .Values.extender.tls.existingSecret }}
+{{- required "scheduler.extender.clientSecret is required when extender.tls.existingSecret is set" .Values.scheduler.extender.clientSecret }}
+{{- else }}
+{{- default (printf "%s-extender-client" (include "edpilot.fullname" .)) .Values.scheduler.extender.clientSecret }}
+{{- end }}
 {{- end }}
 
 {{/*
