@@ -145,7 +145,7 @@ def test_helm_template_works_without_kube_version(helm: Path, tmp_path: Path) ->
 def test_helm_reports_a_clean_release_build(helm: Path) -> None:
     proc = subprocess.run([str(helm), "version"], capture_output=True, text=True, timeout=60, check=True)
     assert 'GitTreeState:"clean"' in proc.stdout, proc.stdout
-    assert '+unreleased' not in proc.stdout
+    assert "+unreleased" not in proc.stdout
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.stem)

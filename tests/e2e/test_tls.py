@@ -19,10 +19,11 @@ import aiohttp
 import pytest
 import urllib3
 import yaml
-from bench.fleet import Api
 from edpilot_operator.extender_watch import load_endpoint
 from edpilot_operator.kube import load_client
 from kubernetes import client
+
+from bench.fleet import Api
 
 if TYPE_CHECKING:
     from kubetest import Cluster
