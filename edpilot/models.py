@@ -238,6 +238,7 @@ class PolicyTotals(ApiModel):
     workloads: int = Field(default=0, ge=0)
     gpus: int = Field(default=0, ge=0)
     energySavedJoules: float = Field(default=0, ge=0)
+    energySavedKWh: float = Field(default=0, ge=0)
     averageEdpReductionPercent: float | None = None
 
 

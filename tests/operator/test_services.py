@@ -10,7 +10,7 @@ import pytest
 from builders import h100_status
 from edpilot_operator.reports import ReportTiming, desired_spec
 from edpilot_operator.selection import PodInfo, PolicyRef, governing_policy, pod_info, select
-from edpilot_operator.services import parse_batch_range, reconcile_policy
+from edpilot_operator.services import parse_batch_range, policy_totals, reconcile_policy
 
 from edpilot.models import (
     EnergyPolicySpec,
@@ -18,6 +18,7 @@ from edpilot.models import (
     GPUNodeReportStatus,
     Lease,
     WorkloadSample,
+    WorkloadStatus,
 )
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -219,3 +220,30 @@ def test_a_pod_another_policy_wins_is_reported_as_a_conflict() -> None:
     assert row["phase"] == "Conflict" and "stronger" in row["message"]
     assert outcome.pod_annotations == {}
     assert outcome.status["totals"]["workloads"] == 0
+
+
+def test_totals_round_what_people_read_and_keep_the_joules_exact() -> None:
+    rows = [
+        WorkloadStatus(name="a", gpus=8, edpReductionPercent=98.21224683513371, energySavedJoules=2.6e7),
+        WorkloadStatus(name="b", gpus=1, edpReductionPercent=53.9, energySavedJoules=572953.2147699),
+        WorkloadStatus(name="c", gpus=2, phase="Conflict", edpReductionPercent=10.0, energySavedJoules=9e9),
+    ]
+    totals = policy_totals(rows)
+    assert (totals.workloads, totals.gpus) == (2, 9)
+    assert totals.averageEdpReductionPercent == 76.1  # (98.21... + 53.9) / 2 = 76.056...
+    assert totals.energySavedJoules == 2.6e7 + 572953.2147699  # for machines: metrics, reports
+    assert totals.energySavedKWh == 7.38  # 26572953.2 J = 7.3814 kWh, to three significant digits
+    assert '"averageEdpReductionPercent":76.1' in totals.model_dump_json()
+    assert '"energySavedKWh":7.38' in totals.model_dump_json()
+
+
+@pytest.mark.parametrize(
+    ("joules", "kwh"),
+    [(0.0, 0.0), (1000.0, 0.0), (3600.0, 0.001), (50_000.0, 0.014), (3.6e6, 1.0), (4.4444e9, 1230.0)],
+)
+def test_energy_saved_in_kwh_has_three_significant_digits_and_no_less_than_a_watt_hour(
+    joules: float, kwh: float
+) -> None:
+    totals = policy_totals([WorkloadStatus(name="a", gpus=1, energySavedJoules=joules)])
+    assert totals.energySavedKWh == kwh
+    assert totals.averageEdpReductionPercent is None  # no measurement yet: no average
