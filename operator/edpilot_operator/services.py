@@ -94,7 +94,9 @@ def snapshot(workload: Workload, reports: Mapping[str, GPUNodeReportStatus]) -> 
             warnings.append(f"{pod.key}: {work.message or 'work counter unhealthy'}")
         starting_batch = starting_batch or work.batchSize
         starting_quantization = starting_quantization or work.quantization
-        times.append(report.time.timestamp())
+        # A simulated node's counters advance on its simulated clock (faster than the wall clock
+        # its `time` is), so its windows are measured in that clock.
+        times.append((report.simulatedTime or report.time).timestamp())
         for gpu in gpus:
             known = gpu.maxLimitWatts > 0 and not gpu.migEnabled
             members.append(

@@ -10,7 +10,7 @@ import pytest
 from builders import h100_status
 from edpilot_operator.reports import ReportTiming, desired_spec
 from edpilot_operator.selection import PodInfo, PolicyRef, governing_policy, pod_info, select
-from edpilot_operator.services import parse_batch_range, policy_totals, reconcile_policy
+from edpilot_operator.services import parse_batch_range, policy_totals, reconcile_policy, snapshot
 
 from edpilot.models import (
     EnergyPolicySpec,
@@ -247,3 +247,14 @@ def test_energy_saved_in_kwh_has_three_significant_digits_and_no_less_than_a_wat
     totals = policy_totals([WorkloadStatus(name="a", gpus=1, energySavedJoules=joules)])
     assert totals.energySavedKWh == kwh
     assert totals.averageEdpReductionPercent is None  # no measurement yet: no average
+
+
+def test_windows_run_on_a_simulated_nodes_clock_not_on_its_wall_clock_stamp() -> None:
+    mine = policy()
+    (workload,) = select(mine, [pod("a", annotations={"edpilot.io/policy": "p"})], [mine]).workloads
+    ahead = NOW + timedelta(seconds=200)
+    simulated = report().model_copy(update={"simulatedTime": ahead})
+    observed = snapshot(workload, {"n0": simulated}).observation
+    assert observed is not None and observed.time == ahead.timestamp()
+    observed = snapshot(workload, {"n0": report()}).observation  # a real node: its read time
+    assert observed is not None and observed.time == NOW.timestamp()
