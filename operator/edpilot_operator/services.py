@@ -45,6 +45,7 @@ from .selection import PodInfo, PolicyRef, Workload, select
 
 JOULES_PER_KWH: Final = 3.6e6
 
+
 @dataclass(frozen=True)
 class PolicyEvent:
     type: str

@@ -245,7 +245,9 @@ def test_a_fast_simulated_node_writes_wall_clock_timestamps(running: RunningAgen
     try:
         first = wait_for(
             "a report of this agent",
-            lambda: (s := running.report(CLI_NODE).get("status", {})) and stamp(s["time"]) >= started - 1 and s,
+            lambda: (
+                (s := running.report(CLI_NODE).get("status", {})) and stamp(s["time"]) >= started - 1 and s
+            ),
             60,
         )
         last = wait_for(
