@@ -49,11 +49,17 @@ cluster-up: $(STAMP) tools ## start etcd, kube-apiserver, controller-manager, sc
 cluster-down: ## stop everything cluster-up started and remove its state
 	@hack/cluster-down.sh
 
-kubectl: tools ## the pinned kubectl against the local cluster: make kubectl ARGS='get nodes'
-	@KUBECONFIG=$(CURDIR)/.cluster/kubeconfig "$$(hack/build-tools.sh 2>/dev/null | tail -n1)/kubectl" $(ARGS)
+# kubectl and helm talk to the cluster of an exported KUBECONFIG (the demo prints one), else to
+# `make cluster-up`'s. They build the tools themselves rather than through `tools`, whose printed
+# path would come before their output.
+CLUSTER_KUBECONFIG := $(or $(KUBECONFIG),$(CURDIR)/.cluster/kubeconfig)
+TOOL_BIN := set -o pipefail; bin=$$(hack/build-tools.sh | tail -n1)
 
-helm: tools ## the pinned helm against the local cluster: make helm ARGS='list -A'
-	@KUBECONFIG=$(CURDIR)/.cluster/kubeconfig "$$(hack/build-tools.sh 2>/dev/null | tail -n1)/helm" $(ARGS)
+kubectl: ## the pinned kubectl against $KUBECONFIG or the local cluster: make kubectl ARGS='get nodes'
+	@$(TOOL_BIN) && KUBECONFIG='$(CLUSTER_KUBECONFIG)' "$$bin/kubectl" $(ARGS)
+
+helm: ## the pinned helm against $KUBECONFIG or the local cluster: make helm ARGS='list -A'
+	@$(TOOL_BIN) && KUBECONFIG='$(CLUSTER_KUBECONFIG)' "$$bin/helm" $(ARGS)
 
 docs: $(STAMP) ## regenerate docs/api.md, helm-values.md and metrics.md from the CRDs, chart and code
 	$(BIN)/python hack/gen-docs.py

@@ -254,6 +254,7 @@ class PolicyTotals(ApiModel):
     workloads: int = Field(default=0, ge=0)
     gpus: int = Field(default=0, ge=0)
     energySavedJoules: float = Field(default=0, ge=0)
+    energySavedKWh: float = Field(default=0, ge=0)
     averageEdpReductionPercent: float | None = None
 
 
@@ -389,6 +390,7 @@ class GPUNodeReportStatus(ApiModel):
     agentVersion: str
     backend: Literal["nvml", "sim"]
     time: datetime
+    simulatedTime: datetime | None = None
     gpus: list[GPUStatus] = Field(default_factory=list)
     workloads: list[WorkloadSample] = Field(default_factory=list)
     conditions: Conditions = Field(default_factory=list)

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok and helm
-# from the pinned Go modules in hack/tools/ into a cache keyed by their versions and go.sum files,
-# so a second run builds nothing. Prints the binary directory as its last line.
+# from the pinned Go modules in hack/tools/ into a cache keyed by their versions, go.sum files and
+# this script (its build flags decide what a binary prints and assumes), so a second run builds
+# nothing. Prints the binary directory as its last line.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
 source "$here/versions.env"
-key=$(cat "$here"/versions.env "$here"/tools/*/go.mod "$here"/tools/*/go.sum | sha256sum | cut -c1-16)
+key=$(cat "$here"/versions.env "$here"/tools/*/go.mod "$here"/tools/*/go.sum "$here/build-tools.sh" | sha256sum | cut -c1-16)
 bin=${EDPILOT_BIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edpilot/bin}/$key
 mkdir -p "$bin"
 export GOFLAGS=-mod=mod CGO_ENABLED=0
@@ -28,7 +29,22 @@ build kwok kwok sigs.k8s.io/kwok/cmd/kwok
 for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   build kube "$cmd" "k8s.io/kubernetes/cmd/$cmd" "$kube_ld"
 done
-build helm helm helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+# Stamped as helm's own Makefile stamps a release (v3.22.0: version, tag metadata, tree state, and
+# the Kubernetes version helm assumes without a cluster: one major above client-go's v0.N, so v1.N).
+# Unstamped, helm assumes v1.20 and refuses to template a chart that needs a newer one. The module
+# zip has no git history, so the commit stays empty.
+helm_ld() {
+  local client_go major minor
+  client_go=$(cd "$here/tools/helm" && go list -m -f '{{.Version}}' k8s.io/client-go)
+  client_go=${client_go#v}
+  major=$((${client_go%%.*} + 1))
+  minor=${client_go#*.}; minor=${minor%%.*}
+  local v=helm.sh/helm/v3/internal/version
+  echo "-X $v.version=$HELM_VERSION -X $v.metadata= -X $v.gitTreeState=clean" \
+    "-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=$major -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$minor" \
+    "-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=$major -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$minor"
+}
+[ -x "$bin/helm" ] || build helm helm helm.sh/helm/v3/cmd/helm "$(helm_ld)"
 
 # KWOK needs its node and pod lifecycle stages; they ship in its module source.
 stages=$(cd "$here/tools/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)/kustomize/stage

@@ -55,6 +55,21 @@ openssl rsa -in "$dir/pki/sa.key" -pubout -out "$dir/pki/sa.pub" 2>/dev/null
 admin_token=$(openssl rand -hex 24)
 echo "$admin_token,edpilot-admin,edpilot-admin,\"system:masters\"" >"$dir/pki/tokens.csv"
 
+# The API server's identity: a CA of this cluster signs its serving certificate for the loopback
+# names clients dial, and the kubeconfig carries the CA, so every client verifies the server
+# instead of skipping verification. Key usages are explicit: strict verifiers require them.
+pki() { "$@" 2>>"$dir/logs/pki.log" || fail "openssl could not make the cluster's certificates" pki; }
+ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+pki openssl req -x509 "${ec[@]}" -days 365 -keyout "$dir/pki/ca.key" -out "$dir/pki/ca.crt" \
+  -subj "/CN=edpilot-local-ca" -addext "basicConstraints=critical,CA:TRUE" \
+  -addext "keyUsage=critical,keyCertSign,cRLSign"
+pki openssl req "${ec[@]}" -keyout "$dir/pki/apiserver.key" -out "$dir/pki/apiserver.csr" -subj "/CN=kube-apiserver"
+pki openssl x509 -req -in "$dir/pki/apiserver.csr" -CA "$dir/pki/ca.crt" -CAkey "$dir/pki/ca.key" \
+  -CAcreateserial -days 365 -out "$dir/pki/apiserver.crt" -extfile <(printf '%s\n' \
+    "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc" \
+    "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" \
+    "subjectKeyIdentifier=hash" "authorityKeyIdentifier=keyid")
+
 launch etcd "$bin/etcd" --data-dir "$dir/etcd" --name edpilot-test \
   --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
   --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
@@ -62,7 +77,8 @@ launch etcd "$bin/etcd" --data-dir "$dir/etcd" --name edpilot-test \
 wait_for "etcd health" etcd 60 curl -sf "http://127.0.0.1:$etcd_port/health"
 
 launch kube-apiserver "$bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
-  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" --cert-dir "$dir/pki" \
+  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+  --tls-cert-file "$dir/pki/apiserver.crt" --tls-private-key-file "$dir/pki/apiserver.key" \
   --authorization-mode Node,RBAC --token-auth-file "$dir/pki/tokens.csv" --allow-privileged=true \
   --service-cluster-ip-range 10.0.0.0/24 \
   --service-account-issuer "https://127.0.0.1:$api_port" --service-account-key-file "$dir/pki/sa.pub" \
@@ -76,7 +92,7 @@ clusters:
 - name: edpilot-local
   cluster:
     server: $server
-    insecure-skip-tls-verify: true
+    certificate-authority-data: $(base64 -w0 "$dir/pki/ca.crt")
 users:
 - name: edpilot-admin
   user:
@@ -93,7 +109,7 @@ wait_for "kube-apiserver /readyz" kube-apiserver 120 "${kubectl[@]}" get --raw /
 launch kube-controller-manager "$bin/kube-controller-manager" --kubeconfig "$dir/kubeconfig" \
   --authentication-kubeconfig "$dir/kubeconfig" --authorization-kubeconfig "$dir/kubeconfig" \
   --bind-address 127.0.0.1 --secure-port "$kcm_port" --leader-elect=false \
-  --service-account-private-key-file "$dir/pki/sa.key" --root-ca-file "$dir/pki/apiserver.crt" \
+  --service-account-private-key-file "$dir/pki/sa.key" --root-ca-file "$dir/pki/ca.crt" \
   --use-service-account-credentials=false --controllers '*,-nodeipam,-cloud-node-lifecycle' \
   --node-monitor-grace-period 40s -v 1
 

@@ -69,8 +69,10 @@ class NodeAgent:
         time_scale: float = 1.0,
     ) -> None:
         self.node_name = node_name
-        # Reports carry the time the counters were read. A simulated node running faster than
-        # real time stamps its own (scaled) time, so watts and seconds per unit stay physical.
+        # Reports carry the wall-clock time the counters were read. A simulated node running
+        # `time_scale` times faster than real time also reports its simulated clock, apart: its
+        # counters advance on that clock, so windows measured in it keep watts and seconds per
+        # unit physical, while API timestamps stay real (in the future they read as `<invalid>`).
         self.time_scale = time_scale
         self._started_wall = clock.wall()
         self.backend = backend
@@ -296,7 +298,7 @@ class NodeAgent:
         conditions: list[Condition],
     ) -> None:
         holders = _invert(pod_gpus)
-        wall = self._started_wall + (wall - self._started_wall) * self.time_scale
+        simulated = self._started_wall + (wall - self._started_wall) * self.time_scale
         gpus: list[GPUStatus] = [
             gpu_status(
                 info,
@@ -312,6 +314,7 @@ class NodeAgent:
             agentVersion=AGENT_VERSION,
             backend=self.backend.name,
             time=wall,
+            simulatedTime=simulated if self.time_scale != 1.0 else None,
             gpus=gpus,
             workloads=samples,
             conditions=conditions,

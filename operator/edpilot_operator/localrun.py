@@ -47,9 +47,12 @@ def repo_root() -> Path:
 
 @dataclass
 class Processes:
-    """Child processes started here, stopped together (SIGTERM, then SIGKILL)."""
+    """Child processes started here, stopped together (SIGTERM, then SIGKILL). With `pids`, each
+    one's pid is also written there as <name>.pid, where hack/cluster-down.sh stops it should this
+    process die without stopping its children."""
 
     logs: Path
+    pids: Path | None = None
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(
@@ -65,18 +68,23 @@ class Processes:
             start_new_session=True,
         )
         self.children[name] = proc
+        if self.pids is not None:
+            self.pids.mkdir(parents=True, exist_ok=True)
+            (self.pids / f"{name}.pid").write_text(f"{proc.pid}\n")
         return proc
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
         proc = self.children.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.pids is not None:
+            # Its pid may be reused from now on: cluster-down.sh must not signal it.
+            (self.pids / f"{name}.pid").unlink(missing_ok=True)
 
     def stop_all(self) -> None:
         for name in list(self.children):

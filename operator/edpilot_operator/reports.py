@@ -97,7 +97,8 @@ def member_info(gpu: GPUStatus, pod: str) -> MemberInfo:
 
 def planned_cap(power_cap: PowerCapSpec, target: Config | None, gpu: GPUStatus, pod: str) -> float | None:
     """The cap the optimizer's `target` means for this GPU, inside the policy's bounds there (its
-    mode included: Off means the default limit); None before a decision or on an unknown GPU."""
+    mode included); None before a decision, under mode Off (the limit is left alone) or on an
+    unknown GPU."""
     return None if target is None else cap_for(power_cap, member_info(gpu, pod), target)
 
 

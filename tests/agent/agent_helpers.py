@@ -76,10 +76,16 @@ class SimNode:
 
 
 def sim_node(
-    pods: list[PodInfo] | None = None, dry_run: bool = False, gpus: int = 2, default_interval: float = 60.0
+    pods: list[PodInfo] | None = None,
+    dry_run: bool = False,
+    gpus: int = 2,
+    default_interval: float = 60.0,
+    speed: float = 1.0,
 ) -> SimNode:
     clock = FakeClock()
-    backend = SimBackend(NODE, gpus=gpus, seed=1, speed=1.0, clock=clock.monotonic, reload_delay_seconds=2.0)
+    backend = SimBackend(
+        NODE, gpus=gpus, seed=1, speed=speed, clock=clock.monotonic, reload_delay_seconds=2.0
+    )
     kube = InMemoryKube(pods=pods if pods is not None else [decode_pod()])
     workloads = SimWorkloads(backend)
     agent = NodeAgent(
@@ -93,5 +99,6 @@ def sim_node(
         default_interval_seconds=default_interval,
         min_interval_seconds=1.0,
         silent_after_seconds=10.0,
+        time_scale=speed,
     )
     return SimNode(clock, backend, kube, agent)

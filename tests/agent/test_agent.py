@@ -7,8 +7,10 @@ import itertools
 import os
 import signal
 import threading
+from datetime import timedelta
 
 # pytest puts this folder on sys.path; mypy, run from the repository root, cannot see it.
+import pytest
 from agent_helpers import cap_spec, decode_pod, lease, sim_node
 from edpilot_agent.main import install_signal_handlers, run
 from edpilot_agent.metrics import AgentCollector
@@ -41,6 +43,36 @@ def test_reports_cumulative_energy_and_work_per_gpu_and_pod() -> None:
     assert work.workUnits > first.workloads[0].workUnits
     assert (work.batchSize, work.quantization) == (8, "bf16")
     assert condition(last, "Ready") == ("True", "Measuring")
+
+
+def test_a_fast_simulated_node_stamps_wall_clock_time_and_keeps_its_own_clock_apart() -> None:
+    # At 20x, the simulated clock runs ahead of the wall clock; an API timestamp from it lies in
+    # the future (kubectl shows `<invalid>`). The counters advance on the simulated clock, so
+    # windows over them are measured in it: it travels in a field of its own.
+    node = sim_node(speed=20.0, default_interval=5.0)
+    node.kube.spec = cap_spec(node.clock, node.uuid(0), 700)
+    node.agent.tick()
+    first = node.kube.statuses[-1]
+    for _ in range(5):
+        node.clock.advance(1)
+        node.agent.tick()
+    last = node.kube.statuses[-1]
+    assert len(node.kube.statuses) == 2
+    assert (first.time, last.time) == (node.clock.wall() - timedelta(seconds=5), node.clock.wall())
+    assert first.simulatedTime is not None and last.simulatedTime is not None
+    assert (last.simulatedTime - first.simulatedTime).total_seconds() == pytest.approx(100.0)
+    seconds = (last.simulatedTime - first.simulatedTime).total_seconds()
+    for before, after in zip(first.gpus, last.gpus, strict=True):
+        watts = (after.energyJoules - before.energyJoules) / seconds
+        assert 0.5 * after.powerWatts < watts < 1.5 * after.powerWatts  # physical on the simulated clock
+
+
+def test_a_simulated_node_at_real_speed_has_one_clock() -> None:
+    node = sim_node()
+    node.agent.tick()
+    status = node.kube.statuses[-1]
+    assert status.time == node.clock.wall()
+    assert status.simulatedTime is None  # its clock is the wall clock
 
 
 def test_applies_a_cap_with_a_fresh_lease_and_reports_it_at_once() -> None:

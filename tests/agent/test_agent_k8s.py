@@ -231,6 +231,49 @@ def test_another_nodes_spec_is_never_applied_and_a_foreign_uuid_is_refused(runni
     running.patch_spec({"powerLimits": [], "lease": None})
 
 
+def test_a_fast_simulated_node_writes_wall_clock_timestamps(running: RunningAgent) -> None:
+    """`edpilot agent --sim-speed 30`: kubectl shows the report's age, not `<invalid>` (a time in
+    the future); the simulated clock runs 30x in status.simulatedTime."""
+    cluster = running.cluster
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edpilot.cli", "agent", "--backend=sim", f"--node-name={CLI_NODE}",
+         f"--kubeconfig={cluster.kubeconfig}", "--metrics-port=0", "--tick=0.2", "--default-interval=1",
+         "--min-interval=1", "--sim-speed=30"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    started = time.time()
+    try:
+        first = wait_for(
+            "a report of this agent",
+            lambda: (
+                (s := running.report(CLI_NODE).get("status", {})) and stamp(s["time"]) >= started - 1 and s
+            ),
+            60,
+        )
+        last = wait_for(
+            "a report 3 s later",
+            lambda: (
+                (s := running.report(CLI_NODE).get("status", {}))
+                and stamp(s["time"]) >= stamp(first["time"]) + 3
+                and s
+            ),
+            30,
+        )
+        shown = cluster.kubectl("get", "gpunodereport", CLI_NODE, "--no-headers").stdout.split()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert abs(stamp(last["time"]) - time.time()) < 15  # the wall clock, give or take a report
+    assert shown[-1] != "<invalid>" and shown[-1].endswith("s"), shown  # UPDATED: an age in seconds
+    wall = stamp(last["time"]) - stamp(first["time"])
+    simulated = stamp(last["simulatedTime"]) - stamp(first["simulatedTime"])
+    assert simulated == pytest.approx(30 * wall, rel=0.05)
+
+
+def stamp(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
 def test_the_agent_command_restores_defaults_on_sigterm(running: RunningAgent) -> None:
     cluster = running.cluster
     cluster.kubectl("apply", "-f", "-", input=gpu_pod("llm-2", node=CLI_NODE))

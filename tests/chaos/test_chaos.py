@@ -30,11 +30,7 @@ from kubetest import REPO, Cluster, gpu_pod
 
 from edpilot.models import ANNOTATION_POLICY, ANNOTATION_POWER_CAP, GROUP, VERSION
 
-pytestmark = [
-    pytest.mark.chaos,
-    # The local control plane serves a self-signed certificate; the kubeconfig says so.
-    pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning"),
-]
+pytestmark = [pytest.mark.chaos]
 
 AGENT_NODES = ("gpu-node-0", "gpu-node-1")
 BAD_NODE = "chaos-bad-0"  # a KWOK node without an agent: the tests write its report

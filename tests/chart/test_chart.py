@@ -19,7 +19,7 @@ from kubetest import tool_dir
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "edpilot"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
-KUBE_VERSION = "1.36.3"  # hack/versions.env; helm's offline default is older than the chart allows
+KUBE_VERSION = "1.36.3"  # hack/versions.env: render for the version the local control plane runs
 RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True}
 
 Manifests = list[dict[str, Any]]
@@ -117,6 +117,39 @@ def test_helm_lint_strict_passes(helm: Path, values: Path) -> None:
     proc = run_helm(helm, "lint", "--strict", "--kube-version", KUBE_VERSION, "-f", str(values))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 chart(s) failed" in proc.stdout
+
+
+def helm_client_go_minor() -> int:
+    """The Kubernetes minor version of the client-go that the pinned helm is built with."""
+    go_mod = (REPO / "hack" / "tools" / "helm" / "go.mod").read_text()
+    found = re.search(r"^\s*k8s\.io/client-go v0\.(\d+)\.\d+", go_mod, re.MULTILINE)
+    assert found, "hack/tools/helm/go.mod pins no k8s.io/client-go"
+    return int(found.group(1))
+
+
+def test_helm_template_works_without_kube_version(helm: Path, tmp_path: Path) -> None:
+    # Offline, helm assumes the Kubernetes version its build was stamped with; unstamped it
+    # assumes v1.20, older than the chart allows, and a user's first `helm template` fails.
+    proc = run_helm(helm, "template", "rel", "--namespace", "gpu-energy")
+    assert proc.returncode == 0, proc.stderr
+    assert any(doc and doc["kind"] == "DaemonSet" for doc in yaml.safe_load_all(proc.stdout))
+    # Stamped as helm's own Makefile does: one minor above client-go's v0.N, i.e. v1.N.0.
+    probe = tmp_path / "probe"
+    (probe / "templates").mkdir(parents=True)
+    (probe / "Chart.yaml").write_text("apiVersion: v2\nname: probe\nversion: 0.1.0\n")
+    (probe / "templates" / "cm.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: probe}\n"
+        "data: {kube: '{{ .Capabilities.KubeVersion.Version }}'}\n"
+    )
+    proc = run_helm(helm, "template", "rel", chart=probe)
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["data"]["kube"] == f"v1.{helm_client_go_minor()}.0"
+
+
+def test_helm_reports_a_clean_release_build(helm: Path) -> None:
+    proc = subprocess.run([str(helm), "version"], capture_output=True, text=True, timeout=60, check=True)
+    assert 'GitTreeState:"clean"' in proc.stdout, proc.stdout
+    assert "+unreleased" not in proc.stdout
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.stem)

@@ -4,6 +4,7 @@ that look like NVIDIA GPU nodes, and a real kube-scheduler that binds GPU pods t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -155,3 +156,28 @@ def test_helm_etcd_and_kwok_are_the_pinned_versions(cluster: Cluster) -> None:
         str(cluster.bin / "etcd"), "--version"
     )
     assert f"kwok version {pinned('KWOK_VERSION')}" in version_of(str(cluster.bin / "kwok"), "--version")
+
+
+def make(target: str, args: str, kubeconfig: Path) -> subprocess.CompletedProcess[str]:
+    """`make -s <target> ARGS=...` as a user runs it after the demo's `export KUBECONFIG=...`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}  # not a sub-make of CI's
+    return subprocess.run(
+        ["make", "-s", "-C", str(REPO), target, f"ARGS={args}"],
+        env={**env, "KUBECONFIG": str(kubeconfig)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_make_kubectl_uses_the_exported_kubeconfig_and_prints_only_kubectl(cluster: Cluster) -> None:
+    proc = make("kubectl", "get nodes -l type=kwok -o name", cluster.kubeconfig)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == cluster.kubectl("get", "nodes", "-l", "type=kwok", "-o", "name").stdout
+    assert proc.stdout.startswith("node/")
+
+
+def test_make_helm_uses_the_exported_kubeconfig_and_prints_only_helm(cluster: Cluster) -> None:
+    proc = make("helm", "list -A -o json", cluster.kubeconfig)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == json.loads(cluster.helm("list", "-A", "-o", "json").stdout)

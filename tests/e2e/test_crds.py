@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
+from edpilot_operator.services import policy_totals
 from pydantic import BaseModel, ValidationError
 
 from edpilot import models
@@ -149,17 +150,21 @@ def table(api: Cluster, *args: str) -> list[dict[str, str]]:
     return [{lines[0][a:b].strip(): line[a:b].strip() for a, b in bounds} for line in lines[1:]]
 
 
-def test_get_energypolicies_shows_the_headline_numbers(
+def test_get_energypolicies_shows_the_headline_numbers_rounded(
     api: Cluster, applied: dict[str, dict[str, Any]]
 ) -> None:
+    # Totals as the operator writes them, from figures as unrounded as measurements come.
+    rows = [
+        models.WorkloadStatus(
+            name="llm",
+            gpus=24,
+            edpReductionPercent=98.21224683513371,
+            energySavedJoules=2.6572953214769993e07,
+        )
+    ]
     status = {
         "observedGeneration": 1,
-        "totals": {
-            "workloads": 3,
-            "gpus": 24,
-            "energySavedJoules": 123456.5,
-            "averageEdpReductionPercent": 21.5,
-        },
+        "totals": policy_totals(rows).model_dump(mode="json", exclude_none=True),
         "conditions": [
             {
                 "type": "Ready",
@@ -171,15 +176,24 @@ def test_get_energypolicies_shows_the_headline_numbers(
         ],
     }
     status_patch(api, "energypolicies", "llm-serving", status)
-    rows = {row["NAME"]: row for row in table(api, "energypolicies", "-n", NAMESPACE)}
-    headers = ["NAME", "OBJECTIVE", "WORKLOADS", "GPUS", "EDP-REDUCTION", "ENERGY-SAVED-J", "READY", "AGE"]
-    assert list(rows["llm-serving"]) == headers
-    assert {k: rows["llm-serving"][k] for k in headers[1:7]} == {
+    rows_shown = {row["NAME"]: row for row in table(api, "energypolicies", "-n", NAMESPACE)}
+    headers = [
+        "NAME",
+        "OBJECTIVE",
+        "WORKLOADS",
+        "GPUS",
+        "EDP-REDUCTION-%",
+        "ENERGY-SAVED-KWH",
+        "READY",
+        "AGE",
+    ]
+    assert list(rows_shown["llm-serving"]) == headers
+    assert {k: rows_shown["llm-serving"][k] for k in headers[1:7]} == {
         "OBJECTIVE": "EDP",
-        "WORKLOADS": "3",
+        "WORKLOADS": "1",
         "GPUS": "24",
-        "EDP-REDUCTION": "21.5",
-        "ENERGY-SAVED-J": "123456.5",
+        "EDP-REDUCTION-%": "98.2",
+        "ENERGY-SAVED-KWH": "7.38",
         "READY": "True",
     }
 
@@ -294,7 +308,12 @@ def test_status_is_a_subresource(api: Cluster, applied: dict[str, dict[str, Any]
     stored = api.get_json("energypolicies", "training", "-n", NAMESPACE)
     assert stored["status"]["observedGeneration"] == 1
     assert stored["spec"]["priority"] == 0
-    assert stored["status"]["totals"] == {"workloads": 0, "gpus": 0, "energySavedJoules": 0}
+    assert stored["status"]["totals"] == {
+        "workloads": 0,
+        "gpus": 0,
+        "energySavedJoules": 0,
+        "energySavedKWh": 0,
+    }
 
 
 def test_short_names_and_the_edpilot_category(api: Cluster, applied: dict[str, dict[str, Any]]) -> None:

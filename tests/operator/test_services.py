@@ -18,7 +18,7 @@ from edpilot_operator.selection import (
     pod_info,
     select,
 )
-from edpilot_operator.services import parse_batch_range, reconcile_policy
+from edpilot_operator.services import parse_batch_range, policy_totals, reconcile_policy, snapshot
 
 from edpilot.models import (
     EnergyPolicySpec,
@@ -26,6 +26,7 @@ from edpilot.models import (
     GPUNodeReportStatus,
     Lease,
     WorkloadSample,
+    WorkloadStatus,
 )
 from edpilot.optimizer import Config
 
@@ -163,17 +164,17 @@ def test_node_spec_takes_caps_from_the_operators_decisions_only() -> None:
         ({"mode": "Auto", "minPercent": 50, "maxPercent": 60}, Config(capWatts=99999), 420.0),  # re-clamped
         ({"mode": "Auto", "minPercent": 50}, Config(capWatts=1), 350.0),
         ({"mode": "Auto", "minPercent": 50}, Config(), 700.0),  # the baseline: the default limit
-        ({"mode": "Off"}, Config(capWatts=200), 700.0),  # Off: the default, whatever the state says
+        ({"mode": "Off"}, Config(capWatts=200), None),  # Off: no cap asked for, whatever the state says
         ({"mode": "Fixed", "watts": 300}, Config(capWatts=650), 300.0),
         ({"mode": "Auto"}, Config(memberCaps={"GPU-n0-0": 9000.0}), 700.0),
     ],
 )
 def test_a_decided_cap_is_clamped_to_the_policy_mode_and_bounds(
-    power_cap: dict[str, Any], target: Config, expected: float
+    power_cap: dict[str, Any], target: Config, expected: float | None
 ) -> None:
     rules = {"ns/a": Governed(policy(powerCap=power_cap), target)}
-    (limit,) = spec_of([pod("a")], rules).powerLimits
-    assert limit.watts == expected
+    limits = spec_of([pod("a")], rules).powerLimits
+    assert [limit.watts for limit in limits] == ([] if expected is None else [expected])
 
 
 def test_excluded_ungoverned_and_undecided_pods_get_no_cap_unless_a_budget_bounds_them() -> None:
@@ -342,3 +343,42 @@ def test_the_governance_cache_recomputes_only_when_governance_may_have_changed()
     fifth = cache.get("ns", pods, entries)  # pod "gone" is not in the index: its note is dropped
     cache.note("ns", "pod/gone", ("uid-g", (), False))  # so the same note counts as new
     assert cache.get("ns", pods, entries) is not fifth
+
+
+def test_totals_round_what_people_read_and_keep_the_joules_exact() -> None:
+    rows = [
+        WorkloadStatus(name="a", gpus=8, edpReductionPercent=98.21224683513371, energySavedJoules=2.6e7),
+        WorkloadStatus(name="b", gpus=1, edpReductionPercent=53.9, energySavedJoules=572953.2147699),
+        WorkloadStatus(name="c", gpus=2, phase="Conflict", edpReductionPercent=10.0, energySavedJoules=9e9),
+    ]
+    totals = policy_totals(rows)
+    assert (totals.workloads, totals.gpus) == (2, 9)
+    assert totals.averageEdpReductionPercent == 76.1  # (98.21... + 53.9) / 2 = 76.056...
+    assert totals.energySavedJoules == 2.6e7 + 572953.2147699  # for machines: metrics, reports
+    assert totals.energySavedKWh == 7.38  # 26572953.2 J = 7.3814 kWh, to three significant digits
+    assert '"averageEdpReductionPercent":76.1' in totals.model_dump_json()
+    assert '"energySavedKWh":7.38' in totals.model_dump_json()
+
+
+@pytest.mark.parametrize(
+    ("joules", "kwh"),
+    [(0.0, 0.0), (1000.0, 0.0), (3600.0, 0.001), (50_000.0, 0.014), (3.6e6, 1.0), (4.4444e9, 1230.0)],
+)
+def test_energy_saved_in_kwh_has_three_significant_digits_and_no_less_than_a_watt_hour(
+    joules: float, kwh: float
+) -> None:
+    totals = policy_totals([WorkloadStatus(name="a", gpus=1, energySavedJoules=joules)])
+    assert totals.energySavedKWh == kwh
+    assert totals.averageEdpReductionPercent is None  # no measurement yet: no average
+
+
+def test_windows_run_on_a_simulated_nodes_clock_not_on_its_wall_clock_stamp() -> None:
+    mine = policy()
+    pods = [pod("a")]
+    (workload,) = select(mine, pods, governance(pods, [mine])).workloads
+    ahead = NOW + timedelta(seconds=200)
+    simulated = report().model_copy(update={"simulatedTime": ahead})
+    observed = snapshot(workload, {"n0": simulated}).observation
+    assert observed is not None and observed.time == ahead.timestamp()
+    observed = snapshot(workload, {"n0": report()}).observation  # a real node: its read time
+    assert observed is not None and observed.time == NOW.timestamp()
