@@ -390,7 +390,7 @@ class GPUNodeReportStatus(ApiModel):
     agentVersion: str
     backend: Literal["nvml", "sim"]
     time: datetime
-    simulatedTime: datetime | None = None
+    counterTime: datetime | None = None
     gpus: list[GPUStatus] = Field(default_factory=list)
     workloads: list[WorkloadSample] = Field(default_factory=list)
     conditions: Conditions = Field(default_factory=list)

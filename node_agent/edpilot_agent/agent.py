@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from edpilot.models import Condition, GPUNodeReportSpec, GPUNodeReportStatus, GPUStatus, WorkloadSample
@@ -69,12 +69,14 @@ class NodeAgent:
         time_scale: float = 1.0,
     ) -> None:
         self.node_name = node_name
-        # Reports carry the wall-clock time the counters were read. A simulated node running
-        # `time_scale` times faster than real time also reports its simulated clock, apart: its
-        # counters advance on that clock, so windows measured in it keep watts and seconds per
-        # unit physical, while API timestamps stay real (in the future they read as `<invalid>`).
+        # Reports carry the wall-clock time the counters were read, and apart the same instant on
+        # the agent's steady clock (monotonic, anchored at its start), which windows are measured
+        # on: a wall clock stepped forward (NTP) must not read as one long window. A simulated
+        # node running `time_scale` times faster than real time runs that clock faster too, as
+        # its counters do, while API timestamps stay real (in the future they read `<invalid>`).
         self.time_scale = time_scale
         self._started_wall = clock.wall()
+        self._started_monotonic = clock.monotonic()
         self.backend = backend
         self.work_source = work_source
         self.kube = kube
@@ -135,7 +137,7 @@ class NodeAgent:
         conditions = self._conditions(
             wall, spec_problem, lease_problem, plan, errors, read_errors, allocation_problem, samples
         )
-        self._publish(wall, pod_gpus, samples, conditions)
+        self._publish(now, wall, pod_gpus, samples, conditions)
         if report:
             self._write_report(now)
 
@@ -162,7 +164,7 @@ class NodeAgent:
                 conditions.append(
                     condition(previous, "SpecApplied", "False", "RestoreFailed", "; ".join(errors), wall)
                 )
-            self._publish(wall, {}, list(self.snapshot.workloads), conditions)
+            self._publish(now, wall, {}, list(self.snapshot.workloads), conditions)
             self._dirty = True
             self._write_report(now)
 
@@ -292,13 +294,14 @@ class NodeAgent:
 
     def _publish(
         self,
+        now: float,
         wall: datetime,
         pod_gpus: Mapping[str, tuple[str, ...]],
         samples: list[WorkloadSample],
         conditions: list[Condition],
     ) -> None:
         holders = _invert(pod_gpus)
-        simulated = self._started_wall + (wall - self._started_wall) * self.time_scale
+        counted = self._started_wall + timedelta(seconds=(now - self._started_monotonic) * self.time_scale)
         gpus: list[GPUStatus] = [
             gpu_status(
                 info,
@@ -314,7 +317,7 @@ class NodeAgent:
             agentVersion=AGENT_VERSION,
             backend=self.backend.name,
             time=wall,
-            simulatedTime=simulated if self.time_scale != 1.0 else None,
+            counterTime=counted,
             gpus=gpus,
             workloads=samples,
             conditions=conditions,

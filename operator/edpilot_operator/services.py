@@ -98,7 +98,7 @@ def snapshot(workload: Workload, reports: Mapping[str, GPUNodeReportStatus]) -> 
         starting_quantization = starting_quantization or work.quantization
         # A simulated node's counters advance on its simulated clock (faster than the wall clock
         # its `time` is), so its windows are measured in that clock.
-        times.append((report.simulatedTime or report.time).timestamp())
+        times.append((report.counterTime or report.time).timestamp())
         for gpu in gpus:
             members.append(member_info(gpu, pod.key))
             samples.append(

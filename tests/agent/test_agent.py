@@ -59,20 +59,29 @@ def test_a_fast_simulated_node_stamps_wall_clock_time_and_keeps_its_own_clock_ap
     last = node.kube.statuses[-1]
     assert len(node.kube.statuses) == 2
     assert (first.time, last.time) == (node.clock.wall() - timedelta(seconds=5), node.clock.wall())
-    assert first.simulatedTime is not None and last.simulatedTime is not None
-    assert (last.simulatedTime - first.simulatedTime).total_seconds() == pytest.approx(100.0)
-    seconds = (last.simulatedTime - first.simulatedTime).total_seconds()
+    assert first.counterTime is not None and last.counterTime is not None
+    assert (last.counterTime - first.counterTime).total_seconds() == pytest.approx(100.0)
+    seconds = (last.counterTime - first.counterTime).total_seconds()
     for before, after in zip(first.gpus, last.gpus, strict=True):
         watts = (after.energyJoules - before.energyJoules) / seconds
         assert 0.5 * after.powerWatts < watts < 1.5 * after.powerWatts  # physical on the simulated clock
 
 
-def test_a_simulated_node_at_real_speed_has_one_clock() -> None:
-    node = sim_node()
+def test_a_wall_clock_stepped_forward_is_no_window_on_the_counter_clock() -> None:
+    # An NTP step moves the wall clock an hour ahead between two reads 5 s apart: `time` shows
+    # the step, the counter clock (monotonic) does not, so no one-hour window is measured.
+    node = sim_node(default_interval=5.0)
+    node.kube.spec = cap_spec(node.clock, node.uuid(0), 700)
     node.agent.tick()
-    status = node.kube.statuses[-1]
-    assert status.time == node.clock.wall()
-    assert status.simulatedTime is None  # its clock is the wall clock
+    first = node.kube.statuses[-1]
+    assert first.time == node.clock.wall() and first.counterTime == first.time
+    node.clock.epoch += timedelta(hours=1)
+    node.clock.advance(5)
+    node.agent.tick()
+    last = node.kube.statuses[-1]
+    assert (last.time - first.time).total_seconds() == pytest.approx(3605.0)
+    assert first.counterTime is not None and last.counterTime is not None
+    assert (last.counterTime - first.counterTime).total_seconds() == pytest.approx(5.0)
 
 
 def test_applies_a_cap_with_a_fresh_lease_and_reports_it_at_once() -> None:

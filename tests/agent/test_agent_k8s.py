@@ -233,7 +233,7 @@ def test_another_nodes_spec_is_never_applied_and_a_foreign_uuid_is_refused(runni
 
 def test_a_fast_simulated_node_writes_wall_clock_timestamps(running: RunningAgent) -> None:
     """`edpilot agent --sim-speed 30`: kubectl shows the report's age, not `<invalid>` (a time in
-    the future); the simulated clock runs 30x in status.simulatedTime."""
+    the future); the simulated clock runs 30x in status.counterTime."""
     cluster = running.cluster
     proc = subprocess.Popen(
         [sys.executable, "-m", "edpilot.cli", "agent", "--backend=sim", f"--node-name={CLI_NODE}",
@@ -266,7 +266,7 @@ def test_a_fast_simulated_node_writes_wall_clock_timestamps(running: RunningAgen
     assert abs(stamp(last["time"]) - time.time()) < 15  # the wall clock, give or take a report
     assert shown[-1] != "<invalid>" and shown[-1].endswith("s"), shown  # UPDATED: an age in seconds
     wall = stamp(last["time"]) - stamp(first["time"])
-    simulated = stamp(last["simulatedTime"]) - stamp(first["simulatedTime"])
+    simulated = stamp(last["counterTime"]) - stamp(first["counterTime"])
     assert simulated == pytest.approx(30 * wall, rel=0.05)
 
 

@@ -372,13 +372,13 @@ def test_energy_saved_in_kwh_has_three_significant_digits_and_no_less_than_a_wat
     assert totals.averageEdpReductionPercent is None  # no measurement yet: no average
 
 
-def test_windows_run_on_a_simulated_nodes_clock_not_on_its_wall_clock_stamp() -> None:
+def test_windows_run_on_a_nodes_counter_clock_not_on_its_wall_clock_stamp() -> None:
     mine = policy()
     pods = [pod("a")]
     (workload,) = select(mine, pods, governance(pods, [mine])).workloads
     ahead = NOW + timedelta(seconds=200)
-    simulated = report().model_copy(update={"simulatedTime": ahead})
+    simulated = report().model_copy(update={"counterTime": ahead})
     observed = snapshot(workload, {"n0": simulated}).observation
     assert observed is not None and observed.time == ahead.timestamp()
-    observed = snapshot(workload, {"n0": report()}).observation  # a real node: its read time
+    observed = snapshot(workload, {"n0": report()}).observation  # an older agent: its read time
     assert observed is not None and observed.time == NOW.timestamp()
