@@ -91,9 +91,14 @@ def test_simulated_models_carry_their_compute_bound_cap_curve_with_its_knee() ->
         return math.log(dict(curve)[b] / dict(curve)[a]) / math.log(b / a)
 
     assert slope(300, 350) > 2 * slope(600, 700)
-    # Spec-sheet priors know no curve.
+    # The H200 is simulated too (its memory system fitted to its probe, the H100's compute): the
+    # H100's curve. Spec-sheet priors know no curve.
     h200 = placement.prior_for("NVIDIA H200")
-    assert h200 is not None and h200.compute_curve == ()
+    assert h200 is not None
+    assert [w for w, _ in h200.compute_curve] == [w for w, _ in curve]
+    assert [r for _, r in h200.compute_curve] == pytest.approx(rates, rel=0.05)
+    l40s = placement.prior_for("NVIDIA L40S")
+    assert l40s is not None and l40s.compute_curve == ()
 
 
 def test_unknown_gpu_models_get_the_worst_known_factor() -> None:
