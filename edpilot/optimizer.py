@@ -78,6 +78,13 @@ class Tuning(BaseModel):
     # The slowdown limit is a promise: keep 3 standard deviations of the throughput noise from it
     # (the best-looking probe is also the one whose noise flattered its throughput most).
     slowdownNoiseK: float = Field(default=3.0, ge=0)
+    # How a probe is held to that limit. "sequential": a probe whose slowdown is within the noise
+    # margin of the limit, either way, is measured for more windows (up to maxWindows) before it
+    # is judged (up to edgeWindows), and the margin is that of the windows it has: a probe near
+    # the edge pays with time, not with the allowance. "fixed": judged after the windows sized for
+    # the objective's noise, at their margin.
+    slowdownTest: Literal["sequential", "fixed"] = "sequential"
+    edgeWindows: int = Field(default=48, ge=1)  # the most windows a probe near the limit may take
     applyTimeoutSeconds: float = Field(default=120.0, gt=0)
     capGridWatts: float = Field(default=5.0, gt=0)
     capProbeBudget: int = Field(default=8, ge=2)
@@ -383,11 +390,7 @@ def _slack(m: Metrics, st: OptimizerState, ctx: _Ctx, noise_margin: bool = True)
     """Percentage points left before the slowdown limit, less the measurement noise (unless
     `noise_margin` is False: the point estimate)."""
     assert st.baseline is not None and st.baseline.metrics is not None
-    t = ctx.tuning
-    noise = st.latencyNoise if ctx.load_driven else st.throughputNoise
-    margin = 100.0 * t.slowdownNoiseK * noise * math.sqrt(2.0 / max(st.windowsPerProbe, 1))
-    if not noise_margin:
-        margin = 0.0
+    margin = _slowdown_margin(m, st, ctx) if noise_margin else 0.0
     slowdown = slowdown_percent(m, st.baseline.metrics, ctx.load_driven)
     if slowdown is None:
         return -100.0  # a slowdown that cannot be checked is not within the limit
@@ -396,6 +399,23 @@ def _slack(m: Metrics, st: OptimizerState, ctx: _Ctx, noise_margin: bool = True)
         # own: the limit is against the workload's own latency, which the first level measured.
         slowdown = 100.0 * ((1.0 + slowdown / 100.0) / st.latencyScale - 1.0)
     return ctx.policy.maxSlowdownPercent - slowdown - margin
+
+
+def _slowdown_margin(m: Metrics, st: OptimizerState, ctx: _Ctx) -> float:
+    """K standard deviations of the difference between `m`'s and the baseline's mean throughput
+    (or latency), in percentage points, for the windows each was measured over."""
+    assert st.baseline is not None and st.baseline.metrics is not None
+    t = ctx.tuning
+    noise = st.latencyNoise if ctx.load_driven else st.throughputNoise
+    if t.slowdownTest == "fixed":
+        return 100.0 * t.slowdownNoiseK * noise * math.sqrt(2.0 / max(st.windowsPerProbe, 1))
+    spread = 1.0 / max(m.windows, 1) + 1.0 / max(st.baseline.metrics.windows, 1)
+    return 100.0 * t.slowdownNoiseK * noise * math.sqrt(spread)
+
+
+def _near_the_limit(m: Metrics, st: OptimizerState, ctx: _Ctx) -> bool:
+    """Is the slowdown too close to the limit to call, with the windows measured so far?"""
+    return abs(_slack(m, st, ctx, noise_margin=False)) < _slowdown_margin(m, st, ctx)
 
 
 def noise_margin_percent(st: OptimizerState, ctx: _Ctx) -> float | None:
@@ -1003,6 +1023,10 @@ def _measure(st: OptimizerState, w: Window, ctx: _Ctx) -> None:
             return
         metrics = st.acc.metrics(ctx.policy.objective, _served_load(st, ctx))
         needed = windows_to_beat_noise(metrics.noise, t.noiseK, t.noiseFloor, t.baselineWindows, t.maxWindows)
+        if t.slowdownTest == "sequential":
+            # Every slowdown is a difference from the baseline's mean: its noise counts in every
+            # margin, and the baseline costs nothing to measure longer.
+            needed = t.maxWindows
         if st.acc.windows < needed:
             return
         if ctx.load_driven and _load_stepped(st.acc.loads, t):
@@ -1040,6 +1064,13 @@ def _measure(st: OptimizerState, w: Window, ctx: _Ctx) -> None:
     if st.acc.windows < st.windowsPerProbe:
         return
     metrics = st.acc.metrics(ctx.policy.objective, _served_load(st, ctx))
+    if (
+        t.slowdownTest == "sequential"
+        and st.acc.windows < t.edgeWindows
+        and _near_the_limit(metrics, st, ctx)
+    ):
+        ctx.reasons.append(f"{_describe(st.target, ctx)} is near the slowdown limit: measuring more windows")
+        return
     # A probe's few windows carry more arrival noise than the baseline's: half a tolerance more.
     if ctx.load_driven and not _same_level(offered_load(metrics), st, ctx, slack=1.5):
         _rebaseline(
