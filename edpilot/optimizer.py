@@ -592,10 +592,10 @@ def _snap(x: float, lo: float, hi: float, grid: float) -> float:
 
 
 def _find_cap(probes: list[Probe], cap: float, grid: float) -> Probe | None:
-    for p in probes:
-        if p.config.capWatts is not None and abs(p.config.capWatts - cap) < grid / 2:
-            return p
-    return None
+    """A probe at `cap` or one grid step from it: snapping golden points to the grid moves them by
+    a step from one bracket to the next, and caps a step apart differ by less than the noise."""
+    near = [p for p in probes if p.config.capWatts is not None and abs(p.config.capWatts - cap) <= grid]
+    return min(near, key=lambda p: abs((p.config.capWatts or 0.0) - cap), default=None)
 
 
 def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
@@ -609,8 +609,11 @@ def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
         return None
     probes = _stage_probes(st, "cap")
     a, b = st.capBracket or full
-    # One probe is kept back to pin down an optimum on an edge of the feasible range.
-    while len(probes) < t.capProbeBudget - 1 and b - a > 2 * t.capGridWatts:
+    floor = _find_cap(probes, full[0], t.capGridWatts)
+    # One probe is kept back to pin down an optimum on an edge of the feasible range, unless the
+    # lowest cap, the edge that probe would most often try, was measured already.
+    reserve = 1 if floor is None else 0
+    while len(probes) < t.capProbeBudget - reserve and b - a > 2 * t.capGridWatts:
         x1 = _snap(b - GOLDEN * (b - a), full[0], full[1], t.capGridWatts)
         x2 = _snap(a + GOLDEN * (b - a), full[0], full[1], t.capGridWatts)
         if x2 - x1 < t.capGridWatts / 2:
@@ -620,6 +623,14 @@ def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
             st.capBracket = (a, b)
             return st.incumbent.config.model_copy(update={"capWatts": x1 if p1 is None else x2})
         if _key(p1, st, ctx) <= _key(p2, st, ctx):
+            if a == full[0] and floor is None and _barely_slowed(p1, st, ctx):
+                # Still falling towards the lowest cap with the speed barely touched: memory-bound
+                # work often gains all the way down, so the floor is probed now rather than last.
+                st.capBracket = (a, b)
+                return st.incumbent.config.model_copy(update={"capWatts": full[0]})
+            if floor is not None and a == full[0] and _key(floor, st, ctx) <= _key(p1, st, ctx):
+                b = x1  # the floor beats the lower golden point: the optimum lies below it
+                continue
             b = x2
         else:
             a = x1
@@ -630,6 +641,13 @@ def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
     if edge is None or _find_cap(probes, edge, t.capGridWatts) is not None:
         return None
     return st.incumbent.config.model_copy(update={"capWatts": edge})
+
+
+def _barely_slowed(p: Probe, st: OptimizerState, ctx: _Ctx) -> bool:
+    """Within the limits, with at most a quarter of the slowdown allowance used."""
+    if p.metrics is None or _violation(p.metrics, st, ctx) > 0:
+        return False
+    return _slack(p.metrics, st, ctx, noise_margin=False) >= 0.75 * ctx.policy.maxSlowdownPercent
 
 
 def _edge_cap(st: OptimizerState, ctx: _Ctx, probes: list[Probe], lowest: float) -> float | None:
