@@ -134,13 +134,19 @@ def _feasible_cost(
     default_itl: float,
     seconds: float,
 ) -> float | None:
-    """J/token of a configuration at a steady rate, or None when it breaks an SLO or the policy."""
+    """J/token of a configuration at a steady rate, or None when it breaks an SLO or the policy:
+    held to the SLOs as the fleet is, minute by minute, so the oracle is no better than its word."""
     engine = serving.ServingEngine(
         serving.ServedModel(gpu=gpu),
         serving.EngineConfig(limit, precision, cap),
         random.Random(f"oracle/{rate}"),
     )
-    engine.run(seconds, rate)
+    minutes = Minutes()
+    for _ in range(max(1, round(seconds / 60.0))):
+        engine.run(60.0, rate)
+        minutes.close(engine.counters)
+    if minutes.violations:
+        return None
     c = engine.counters
     itl50, itl99 = serving.quantile(c.itl_fine, 0.5), serving.quantile(c.itl_fine, 0.99)
     ttft99 = serving.quantile(c.ttft_fine, 0.99)
