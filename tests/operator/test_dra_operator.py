@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from builders import h100_status
 from edpilot_operator.budgets import reconcile_budget
+from edpilot_operator.extender_view import BUDGETS, CLAIMS, KINDS, NODES, PODS, TEMPLATES, ClusterView
 from edpilot_operator.reports import ReportTiming, desired_spec
 from edpilot_operator.selection import (
     Governed,
@@ -211,3 +212,101 @@ def test_a_budget_never_steers_a_shared_gpu_and_counts_it_at_its_default() -> No
     assert result.allocations == []
     # 700 W for the shared board (its default), the idle one at its draw plus the reserve.
     assert result.allocatedWatts >= 700.0
+
+
+# ---------------------------------------------------------------- the extender
+
+
+def template(name: str, device_class: str = "gpu.nvidia.com", count: int = 1) -> dict[str, Any]:
+    request = {"name": "gpu", "exactly": {"deviceClassName": device_class, "count": count}}
+    return {
+        "metadata": {"name": name, "namespace": "ns"},
+        "spec": {"spec": {"devices": {"requests": [request]}}},
+    }
+
+
+def dra_view() -> ClusterView:
+    view = ClusterView()
+    for kind in KINDS:
+        view.replace_all(kind, [])
+    view.apply(TEMPLATES, "ADDED", template("two-gpus", count=2))
+    view.apply(TEMPLATES, "ADDED", template("a-nic", device_class="rdma.example.com"))
+    return view
+
+
+def pending(*claims: dict[str, str], gpus: int = 0, node: str = "", **status: Any) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": "main", "image": "llm:1"}
+    if gpus:
+        container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
+    return {
+        "metadata": {"name": "p", "namespace": "ns", "uid": "uid-p", "labels": {"app": "llm"}},
+        "spec": {"nodeName": node, "resourceClaims": list(claims), "containers": [container]},
+        "status": {"phase": "Pending", **status},
+    }
+
+
+@pytest.mark.parametrize(
+    ("claims", "plugin", "gpus"),
+    [
+        pytest.param([{"name": "g", "resourceClaimTemplateName": "two-gpus"}], 0, 2, id="template"),
+        pytest.param([{"name": "n", "resourceClaimTemplateName": "a-nic"}], 0, 0, id="not a GPU class"),
+        pytest.param([{"name": "g", "resourceClaimTemplateName": "two-gpus"}], 1, 3, id="both styles"),
+        pytest.param([{"name": "g", "resourceClaimTemplateName": "unknown"}], 0, 0, id="unknown template"),
+        pytest.param([{"name": "c", "resourceClaimName": "team-gpu"}], 0, 1, id="an allocated claim"),
+    ],
+)
+def test_a_pod_that_will_get_gpus_through_a_claim_is_a_gpu_pod_for_the_extender(
+    claims: list[dict[str, str]], plugin: int, gpus: int
+) -> None:
+    view = dra_view()
+    allocated = {
+        "metadata": {"name": "team-gpu", "namespace": "ns"},
+        "spec": {
+            "devices": {
+                "requests": [{"name": "g", "exactly": {"deviceClassName": "gpu.nvidia.com", "count": 4}}]
+            }
+        },
+        "status": {
+            "allocation": {
+                "devices": {"results": [{"request": "g", "driver": DRIVER, "pool": "n0", "device": "gpu-0"}]}
+            }
+        },
+    }
+    view.apply(CLAIMS, "ADDED", allocated)
+    assert view.demand(pending(*claims, gpus=plugin)).gpus == gpus
+
+
+def test_a_bound_dra_pod_commits_its_gpus_to_the_budget() -> None:
+    view = dra_view()
+    view.apply(
+        NODES,
+        "ADDED",
+        {
+            "metadata": {
+                "name": "n0",
+                "labels": {"rack": "a", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            }
+        },
+    )
+    view.apply(
+        BUDGETS,
+        "ADDED",
+        {
+            "metadata": {"name": "b"},
+            "spec": {"nodeSelector": {"matchLabels": {"rack": "a"}}, "maxWatts": 5000},
+        },
+    )
+    assert view.budget_views["b"].committed_watts == 0
+    # The resource-claim controller made claim p-g-x from the template; the scheduler bound the pod.
+    view.apply(
+        CLAIMS,
+        "ADDED",
+        {"metadata": {"name": "p-g-x", "namespace": "ns"}, **template("p-g-x", count=2)["spec"]},
+    )
+    bound = pending(
+        {"name": "g", "resourceClaimTemplateName": "two-gpus"},
+        node="n0",
+        resourceClaimStatuses=[{"name": "g", "resourceClaimName": "p-g-x"}],
+    )
+    view.apply(PODS, "ADDED", bound)
+    assert view.budget_views["b"].committed_watts == pytest.approx(2 * 700)  # unreported: default limits
