@@ -153,6 +153,17 @@ class Informer:
                     self._items[self._key(obj)] = obj
 
 
+def _raw(list_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`list_fn` for an informer, without the return type the watch would deserialize events into:
+    the client has no model for some kinds (resource.k8s.io/v1's ResourceClaim), and the informer
+    keeps the raw objects anyway."""
+
+    def call(**kwargs: Any) -> Any:
+        return list_fn(**kwargs)
+
+    return call
+
+
 def _pod_key(obj: dict[str, Any]) -> str:
     return f"{obj['metadata'].get('namespace', '')}/{obj['metadata']['name']}"
 
@@ -206,14 +217,14 @@ class KubeClient:
             resource = client.ResourceV1Api(api)
             self.slice_informer = Informer(
                 f"ResourceSlices of {node_name}",
-                resource.list_resource_slice,
+                _raw(resource.list_resource_slice),
                 _name,
                 field_selector=f"spec.nodeName={node_name}",
             )
             self.informers.append(self.slice_informer)
             if watch_claims:
                 self.claim_informer = Informer(
-                    "ResourceClaims", resource.list_resource_claim_for_all_namespaces, _pod_key
+                    "ResourceClaims", _raw(resource.list_resource_claim_for_all_namespaces), _pod_key
                 )
                 self.informers.append(self.claim_informer)
         for informer in self.informers:
