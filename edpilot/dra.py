@@ -131,7 +131,7 @@ def slice_devices(body: Mapping[str, Any], config: DraConfig = DEFAULT_CONFIG) -
         if kind is not None and kind not in GPU_TYPES:
             continue
         partition = kind in PARTITION_TYPES
-        # A partition is capped (never, see `sharing`) as the GPU it is part of.
+        # A partition stands for the GPU it is part of (which `edpilot.sharing` never caps).
         uuid = _attribute(attributes, driver, PARENT_UUID_ATTRIBUTE if partition else config.uuid_attribute)
         devices.append(
             SliceDevice(
@@ -292,7 +292,7 @@ def pod_gpus(
 def _why_shared(claim: ClaimView, device: AllocatedDevice, published: SliceDevice | None) -> str:
     if device.admin_access:
         return "allocated for admin access, alongside its holder"
-    if device.share_id is not None:
+    if device.share_id is not None or (published is not None and published.shareable):
         return "a share of a device that allows several allocations"
     if published is not None and published.partition:
         return "a MIG partition"

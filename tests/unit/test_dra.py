@@ -185,6 +185,7 @@ CATALOG = device_catalog(
         SliceDevice((DRIVER, "node-a", "gpu-0"), "node-a", 1, "GPU-0"),
         SliceDevice((DRIVER, "node-a", "gpu-1"), "node-a", 1, "GPU-1"),
         SliceDevice((DRIVER, "node-a", "gpu-2-mig"), "node-a", 1, "GPU-2", partition=True),
+        SliceDevice((DRIVER, "node-a", "gpu-3"), "node-a", 1, "GPU-3", shareable=True),
     ]
 )
 
@@ -226,6 +227,11 @@ def test_a_pods_gpus_are_those_of_the_claims_reserved_for_it_in_its_namespace() 
             [ClaimView("ml", "c", ("a",), (AllocatedDevice((DRIVER, "node-a", "gpu-0"), share_id="s1"),))],
             {"GPU-0": "a share of a device that allows several allocations"},
             id="consumable capacity",
+        ),
+        pytest.param(
+            [ClaimView("ml", "c", ("a",), (AllocatedDevice((DRIVER, "node-a", "gpu-3")),))],
+            {"GPU-3": "a share of a device that allows several allocations"},
+            id="a device that allows several allocations",
         ),
         pytest.param(
             [ClaimView("ml", "c", ("a",), (AllocatedDevice((DRIVER, "node-a", "gpu-2-mig")),))],
