@@ -112,7 +112,9 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     workloads = SimWorkloads(backend)
     held = workloads.allocations(infos)
     spec = GPUNodeReportSpec(
-        powerLimits=[DesiredPowerLimit(gpuUUID=held[p.key][0], watts=CAP_WATTS, pod=p.key) for p in infos],
+        powerLimits=[
+            DesiredPowerLimit(gpuUUID=held[p.key].plugin[0], watts=CAP_WATTS, pod=p.key) for p in infos
+        ],
         workloads=[
             MeasuredWorkload(namespace="tenant", pod=name, port=port, metricName="tokens")
             for name, port in pods.items()

@@ -365,6 +365,9 @@ class GPUStatus(ApiModel):
     temperatureC: float = 0
     throttleReasons: list[str] = Field(default_factory=list)
     pods: list[str] = Field(default_factory=list)
+    # Handed out as a shareable device (time-slicing or MPS replicas, a DRA share or partition):
+    # never capped, whoever holds it now (edpilot.sharing).
+    shared: bool = False
 
 
 class WorkloadSample(ApiModel):

@@ -4,6 +4,10 @@
 # with GPUS nvidia.com/gpu each. State lives in CLUSTER_DIR (default .cluster/); the admin
 # kubeconfig is CLUSTER_DIR/kubeconfig. Returns when the API is ready and the nodes are Ready.
 #
+# Dynamic Resource Allocation needs nothing switched on: Kubernetes v1.36 serves resource.k8s.io/v1
+# and runs the scheduler's DRA plugin and the resource-claim controller by default, so ResourceSlices
+# published for the KWOK nodes are allocated by the real scheduler (tests/e2e/test_dra_e2e.py).
+#
 # Environment: NODES (2), GPUS (8), CLUSTER_DIR (.cluster), EXTENDER_URL (optional: wire
 # a scheduler extender at this URL into kube-scheduler, ignorable, for nvidia.com/gpu) and
 # EXTENDER_TLS_DIR (with an https URL: client.crt, client.key and ca.crt for its tlsConfig).

@@ -3,7 +3,8 @@
 `plan_limits` is a pure function of the spec, the node's GPUs, the pods, the lease and the
 current limits. It enforces the safety invariants: limits only inside the GPU's constraints and
 never above its default limit, only for GPUs of this node held by a pod that still exists, default limits when the lease is
-missing or expired, MIG GPUs never touched.
+missing or expired, MIG GPUs never touched, and no cap on a GPU that several pods hold or that was
+handed out as a shared device (the operator never asks for one: `edpilot.sharing`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -62,7 +63,8 @@ class Action:
 class Refusal:
     uuid: str
     pod: str
-    reason: str  # CamelCase: UnknownGPU, ForeignPod, GPUNotHeldByPod, MIGEnabled, InvalidWatts, Duplicate
+    # CamelCase: UnknownGPU, ForeignPod, GPUNotHeldByPod, GPUShared, MIGEnabled, InvalidWatts, Duplicate
+    reason: str
     message: str
 
 
@@ -81,12 +83,14 @@ def plan_limits(
     pods_on_node: set[str],
     gpu_pods: Mapping[str, set[str]] | None,
     lease_problem: str | None,
+    shared: Collection[str] = frozenset(),
 ) -> Plan:
     """The limit every GPU of the node should have, and the changes to get there.
 
     `gpu_pods` maps GPU UUID -> pods holding it (None when the node cannot tell, e.g. the kubelet
     API is unreachable: then a cap needs only its pod to exist). `lease_problem` is None while
-    the lease holds, otherwise the reason every GPU goes back to its default.
+    the lease holds, otherwise the reason every GPU goes back to its default. `shared` are the
+    GPUs handed out as shareable devices (time-slicing or MPS replicas, DRA shares).
     """
     by_uuid = {g.uuid: g for g in gpus}
     targets = {g.uuid: g.default_limit_watts for g in gpus}
@@ -119,6 +123,9 @@ def plan_limits(
             elif gpu_pods is not None and entry.pod not in gpu_pods.get(gpu.uuid, set()):
                 reasons[gpu.uuid] = "PodGone"
                 refuse(entry, "GPUNotHeldByPod", f"pod {entry.pod} does not hold GPU {gpu.uuid}; no cap")
+            elif gpu.uuid in shared or (gpu_pods is not None and len(gpu_pods.get(gpu.uuid, ())) > 1):
+                reasons[gpu.uuid] = "GPUShared"
+                refuse(entry, "GPUShared", f"GPU {gpu.uuid} is shared by several pods; no pod's cap applies")
             else:
                 capped.add(gpu.uuid)
                 targets[gpu.uuid] = gpu.clamp(entry.watts)

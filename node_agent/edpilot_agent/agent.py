@@ -17,11 +17,13 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from edpilot.dra import DEFAULT_CONFIG, DraConfig, SliceDevice, device_catalog
 from edpilot.models import Condition, GPUNodeReportSpec, GPUNodeReportStatus, GPUStatus, WorkloadSample
 from edpilot_agent import AGENT_VERSION
 from edpilot_agent.actuator import Applier, LeaseTracker, Plan, plan_limits, restore_defaults
 from edpilot_agent.backend import ENERGY_COUNTER_WRAP_JOULES, GpuBackend, GpuBackendError, GpuInfo, GpuReading
 from edpilot_agent.counters import CounterTracker
+from edpilot_agent.holdings import Holdings, PodDevices, resolve
 from edpilot_agent.kube import KubeApi
 from edpilot_agent.pods import PodInfo
 from edpilot_agent.reporter import condition, gpu_status, workload_sample
@@ -47,9 +49,16 @@ class SystemClock:
 
 
 class GpuAllocations(Protocol):
-    """Which pod holds which GPU: the kubelet's pod-resources API, or the simulator."""
+    """What each pod was given (device-plugin IDs, DRA devices): the kubelet's pod-resources API,
+    or the simulator."""
 
-    def allocations(self, pods: Sequence[PodInfo]) -> Mapping[str, tuple[str, ...]]: ...
+    def allocations(self, pods: Sequence[PodInfo]) -> Mapping[str, PodDevices]: ...
+
+
+class SliceSource(Protocol):
+    """The GPU devices DRA drivers published for this node (its ResourceSlices)."""
+
+    def slice_devices(self) -> Sequence[SliceDevice]: ...
 
 
 class NodeAgent:
@@ -67,8 +76,13 @@ class NodeAgent:
         silent_after_seconds: float = 30.0,
         energy_period_seconds: float = 10.0,
         time_scale: float = 1.0,
+        dra: DraConfig | None = DEFAULT_CONFIG,
+        slices: SliceSource | None = None,
     ) -> None:
         self.node_name = node_name
+        # DRA devices are GPUs only through the UUIDs `slices` publish for them (holdings.py).
+        self.dra = dra
+        self.slices = slices
         # Reports carry the wall-clock time the counters were read, and apart the same instant on
         # the agent's steady clock (monotonic, anchored at its start), which windows are measured
         # on: a wall clock stepped forward (NTP) must not read as one long window. A simulated
@@ -109,14 +123,14 @@ class NodeAgent:
         now, wall = self.clock.monotonic(), self.clock.wall()
         spec, spec_problem = self.kube.report_spec()
         pods = self.kube.pods()
-        pod_gpus, allocation_problem = self._pod_gpus(pods)
+        held, allocation_problem = self._holdings(pods)
         read_errors = self._read_gpus(now, self.gpus, energy=False)
-        samples = self._read_work(spec, pods, pod_gpus, now)
+        samples = self._read_work(spec, pods, held.by_pod, now)
 
         lease_problem = self.lease.expired_reason(spec.lease if spec else None, now, wall)
         # Until the pods are known, no cap can be tied to a live pod: hold the defaults.
         void = lease_problem or ("PodsUnknown" if pods is None else None)
-        gpu_pods = None if allocation_problem else _invert(pod_gpus)
+        gpu_pods = None if allocation_problem else held.holders()
         current = self.applier.current_limits({u: r.enforced_limit_watts for u, r in self.readings.items()})
         plan = plan_limits(
             spec.powerLimits if spec else (),
@@ -125,6 +139,7 @@ class NodeAgent:
             {p.key for p in pods or ()},
             gpu_pods,
             void,
+            shared=held.shared,
         )
         errors = self._apply(plan, now)
 
@@ -137,7 +152,7 @@ class NodeAgent:
         conditions = self._conditions(
             wall, spec_problem, lease_problem, plan, errors, read_errors, allocation_problem, samples
         )
-        self._publish(now, wall, pod_gpus, samples, conditions)
+        self._publish(now, wall, held, samples, conditions)
         if report:
             self._write_report(now)
 
@@ -164,19 +179,21 @@ class NodeAgent:
                 conditions.append(
                     condition(previous, "SpecApplied", "False", "RestoreFailed", "; ".join(errors), wall)
                 )
-            self._publish(now, wall, {}, list(self.snapshot.workloads), conditions)
+            self._publish(now, wall, Holdings(), list(self.snapshot.workloads), conditions)
             self._dirty = True
             self._write_report(now)
 
     # ------------------------------------------------------------------ measuring
 
-    def _pod_gpus(self, pods: list[PodInfo] | None) -> tuple[Mapping[str, tuple[str, ...]], str]:
+    def _holdings(self, pods: list[PodInfo] | None) -> tuple[Holdings, str]:
         if self.allocations is None:
-            return {}, "no source of GPU allocations"
+            return Holdings(), "no source of GPU allocations"
         try:
-            return self.allocations.allocations(pods or []), ""
+            given = self.allocations.allocations(pods or [])
         except Exception as exc:  # an unreachable kubelet must not stop measuring
-            return {}, str(exc)
+            return Holdings(), str(exc)
+        catalog = device_catalog(self.slices.slice_devices()) if self.slices is not None else {}
+        return resolve(given, catalog, self.dra), ""
 
     def _read_gpus(self, now: float, gpus: Sequence[GpuInfo], energy: bool) -> list[str]:
         errors = []
@@ -296,11 +313,11 @@ class NodeAgent:
         self,
         now: float,
         wall: datetime,
-        pod_gpus: Mapping[str, tuple[str, ...]],
+        held: Holdings,
         samples: list[WorkloadSample],
         conditions: list[Condition],
     ) -> None:
-        holders = _invert(pod_gpus)
+        holders = held.holders()
         counted = self._started_wall + timedelta(seconds=(now - self._started_monotonic) * self.time_scale)
         gpus: list[GPUStatus] = [
             gpu_status(
@@ -308,6 +325,7 @@ class NodeAgent:
                 self.readings[info.uuid],
                 self.energy[info.uuid].total or 0.0,
                 sorted(holders.get(info.uuid, ())),
+                shared=info.uuid in held.shared,
             )
             for info in self.gpus
             if info.uuid in self.readings
@@ -345,11 +363,3 @@ class NodeAgent:
         self._retry_at = 0.0
         self._last_report_at = now
         self._dirty = False
-
-
-def _invert(pod_gpus: Mapping[str, tuple[str, ...]]) -> dict[str, set[str]]:
-    holders: dict[str, set[str]] = {}
-    for pod, uuids in pod_gpus.items():
-        for uuid in uuids:
-            holders.setdefault(uuid, set()).add(pod)
-    return holders

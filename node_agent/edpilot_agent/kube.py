@@ -1,9 +1,12 @@
 """The agent's only link to the API server: its own GPUNodeReport and the pods on its node.
 
-Two informers (list, then watch, relist on expiry) keep in memory the node's report, read by
-name so another node's spec never reaches this agent, and the pods bound to the node
-(fieldSelector spec.nodeName), so thousands of agents do not poll the API server. Status is
-written through the status subresource only.
+Informers (list, then watch, relist on expiry) keep in memory the node's report, read by
+name so another node's spec never reaches this agent, the pods bound to the node
+(fieldSelector spec.nodeName), so thousands of agents do not poll the API server, and, with DRA,
+the ResourceSlices DRA drivers published for the node (fieldSelector spec.nodeName: the UUIDs of
+the GPUs the kubelet hands out as DRA devices). A simulated node also reads ResourceClaims, to play
+the kubelet's pod-resources answer for them (sim.py). Status is written through the status
+subresource only.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from edpilot.dra import ClaimView, DraConfig, SliceDevice, claim_view, slice_devices
 from edpilot.models import GROUP, VERSION, GPUNodeReportSpec, GPUNodeReportStatus
 from edpilot.textnum import ascii_int
 from edpilot_agent.pods import PodInfo
@@ -149,6 +153,17 @@ class Informer:
                     self._items[self._key(obj)] = obj
 
 
+def _raw(list_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`list_fn` for an informer, without the return type the watch would deserialize events into:
+    the client has no model for some kinds (resource.k8s.io/v1's ResourceClaim), and the informer
+    keeps the raw objects anyway."""
+
+    def call(**kwargs: Any) -> Any:
+        return list_fn(**kwargs)
+
+    return call
+
+
 def _pod_key(obj: dict[str, Any]) -> str:
     return f"{obj['metadata'].get('namespace', '')}/{obj['metadata']['name']}"
 
@@ -160,8 +175,18 @@ def _name(obj: dict[str, Any]) -> str:
 class KubeClient:
     """`KubeApi` over the real API server (kubeconfig file, or in-cluster credentials)."""
 
-    def __init__(self, node_name: str, kubeconfig: str | None = None, request_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        node_name: str,
+        kubeconfig: str | None = None,
+        request_timeout: float = 10.0,
+        dra: DraConfig | None = None,
+        watch_claims: bool = False,
+    ) -> None:
+        """`dra`: read the node's ResourceSlices; `watch_claims`: read every ResourceClaim too (only
+        a simulated node, which plays the kubelet, needs them)."""
         self.node_name = node_name
+        self.dra = dra
         self.request_timeout = request_timeout
         if kubeconfig:
             api = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
@@ -185,8 +210,25 @@ class KubeClient:
             _pod_key,
             field_selector=f"spec.nodeName={node_name}",
         )
-        self.report_informer.start()
-        self.pod_informer.start()
+        self.informers = [self.report_informer, self.pod_informer]
+        self.slice_informer: Informer | None = None
+        self.claim_informer: Informer | None = None
+        if dra is not None:
+            resource = client.ResourceV1Api(api)
+            self.slice_informer = Informer(
+                f"ResourceSlices of {node_name}",
+                _raw(resource.list_resource_slice),
+                _name,
+                field_selector=f"spec.nodeName={node_name}",
+            )
+            self.informers.append(self.slice_informer)
+            if watch_claims:
+                self.claim_informer = Informer(
+                    "ResourceClaims", _raw(resource.list_resource_claim_for_all_namespaces), _pod_key
+                )
+                self.informers.append(self.claim_informer)
+        for informer in self.informers:
+            informer.start()
 
     def _list_reports(self, **kwargs: Any) -> Any:
         return self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
@@ -210,6 +252,15 @@ class KubeClient:
         if items is None:
             return None
         return [p for p in (pod_info(o) for o in items) if p is not None]
+
+    def slice_devices(self) -> list[SliceDevice]:
+        """The GPU devices DRA drivers published for this node (none until read, or without DRA)."""
+        items = self.slice_informer.items() if self.slice_informer is not None and self.dra else None
+        return [d for body in items or [] for d in slice_devices(body, self.dra or DraConfig())]
+
+    def claims(self) -> list[ClaimView]:
+        items = self.claim_informer.items() if self.claim_informer is not None else None
+        return [claim_view(body, self.dra or DraConfig()) for body in items or []]
 
     def ensure_report(self) -> None:
         """Create the node's GPUNodeReport if it does not exist (spec empty: nothing to apply)."""
@@ -262,8 +313,8 @@ class KubeClient:
             raise KubeError(f"writing GPUNodeReport {self.node_name} status failed: {exc}") from exc
 
     def close(self) -> None:
-        self.report_informer.stop()
-        self.pod_informer.stop()
+        for informer in self.informers:
+            informer.stop()
         self.api.close()
 
 

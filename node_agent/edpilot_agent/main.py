@@ -16,6 +16,7 @@ import threading
 import time
 from types import FrameType
 
+from edpilot import dra
 from edpilot_agent.agent import GpuAllocations, NodeAgent, SystemClock
 from edpilot_agent.backend import GpuBackend, GpuBackendError
 from edpilot_agent.kube import KubeClient
@@ -71,6 +72,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--pod-resources-socket", default="/var/lib/kubelet/pod-resources/kubelet.sock")
     p.add_argument("--log-level", default="INFO")
+    dra.add_arguments(p)
     args = p.parse_args(argv)
     if not args.node_name:
         p.error("--node-name (or $NODE_NAME) is required")
@@ -115,12 +117,21 @@ def main(argv: list[str]) -> int:
     backend: GpuBackend
     work: WorkSource
     allocations: GpuAllocations
+    dra_config = dra.config_from(args)
+    try:
+        # A simulated node plays its kubelet, which hands out the devices of the claims reserved
+        # for its pods: it reads ResourceClaims, a real node's agent never does.
+        kube = KubeClient(args.node_name, args.kubeconfig, dra=dra_config, watch_claims=args.backend == "sim")
+    except Exception as exc:  # no kubeconfig and not in a pod: nothing to report to
+        print(f"edpilot agent: cannot reach Kubernetes: {exc}", file=sys.stderr)
+        return 1
     try:
         if args.backend == "sim":
             from edpilot_agent.sim import SimBackend, SimWorkloads
 
             sim = SimBackend(args.node_name, gpus=args.gpus, seed=args.seed, speed=args.sim_speed)
-            backend, work, allocations = sim, SimWorkloads(sim), SimWorkloads(sim)
+            workloads = SimWorkloads(sim, claims=kube.claims, slices=kube.slice_devices, dra=dra_config)
+            backend, work, allocations = sim, workloads, workloads
         else:
             from edpilot_agent.nvml import NvmlBackend
 
@@ -136,12 +147,7 @@ def main(argv: list[str]) -> int:
                 allocations = PodResourcesClient(args.pod_resources_socket)
     except GpuBackendError as exc:
         print(f"edpilot agent: {exc}", file=sys.stderr)
-        return 1
-    try:
-        kube = KubeClient(args.node_name, args.kubeconfig)
-    except Exception as exc:  # no kubeconfig and not in a pod: nothing to report to
-        print(f"edpilot agent: cannot reach Kubernetes: {exc}", file=sys.stderr)
-        backend.close()
+        kube.close()
         return 1
     agent = NodeAgent(
         args.node_name,
@@ -156,6 +162,8 @@ def main(argv: list[str]) -> int:
         silent_after_seconds=args.silent_after,
         energy_period_seconds=args.energy_period,
         time_scale=args.sim_speed if args.backend == "sim" else 1.0,
+        dra=dra_config,
+        slices=kube,
     )
     heartbeat = Heartbeat(args.liveness_max_age)
     if args.metrics_port:

@@ -36,7 +36,9 @@ def condition(
     )
 
 
-def gpu_status(info: GpuInfo, reading: GpuReading, energy_joules: float, pods: Sequence[str]) -> GPUStatus:
+def gpu_status(
+    info: GpuInfo, reading: GpuReading, energy_joules: float, pods: Sequence[str], shared: bool = False
+) -> GPUStatus:
     return GPUStatus(
         index=info.index,
         uuid=info.uuid,
@@ -55,6 +57,7 @@ def gpu_status(info: GpuInfo, reading: GpuReading, energy_joules: float, pods: S
         temperatureC=reading.temperature_c if math.isfinite(reading.temperature_c) else 0.0,
         throttleReasons=list(reading.throttle_reasons),
         pods=sorted(pods),
+        shared=shared,
     )
 
 

@@ -8,7 +8,12 @@ and takes one request per connection, one line of ASCII:
 
     SET <gpu uuid> <milliwatts>   ->  OK <milliwatts>  |  ERR <reason>
     RESTORE <gpu uuid>            ->  OK <milliwatts>  |  ERR <reason>
-    ALLOCATIONS                   ->  OK <JSON: "namespace/pod" -> [gpu uuid]>  |  ERR <reason>
+    ALLOCATIONS                   ->  OK <JSON: what the kubelet gave each pod>  |  ERR <reason>
+
+The answer to ALLOCATIONS is `holdings.encode`'s JSON: per pod, the device IDs of nvidia.com/gpu
+and the DRA devices (driver, pool, device, share id) of its claims. The agent maps them to GPUs
+(DRA devices through the node's ResourceSlices, which only it can read: this process holds no API
+token) and parses the answer strictly.
 
 Every limit is checked again against the GPU inventory this process read from NVML itself: a GPU
 of this node, without MIG, within [min constraint, min(max constraint, default limit)]. Anything
@@ -19,7 +24,6 @@ the restore of every GPU it changed is the last thing that happens to them.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import signal
@@ -32,6 +36,7 @@ from types import FrameType
 from typing import Literal, Protocol
 
 from edpilot_agent.backend import GpuBackend, GpuBackendError, GpuInfo, GpuReading
+from edpilot_agent.holdings import PodDevices, decode, encode
 from edpilot_agent.pods import PodInfo
 
 log = logging.getLogger(__name__)
@@ -45,7 +50,7 @@ _REASON = re.compile(r"[ -~]{0,200}")
 
 
 class Allocations(Protocol):
-    def allocations(self, pods: Sequence[PodInfo]) -> Mapping[str, tuple[str, ...]]: ...
+    def allocations(self, pods: Sequence[PodInfo]) -> Mapping[str, PodDevices]: ...
 
 
 class SetterServer:
@@ -88,7 +93,7 @@ class SetterServer:
                 held = self.allocations.allocations([])
             except Exception as exc:  # the kubelet is away: say so, keep serving
                 return _err(f"the kubelet's pod-resources API did not answer ({type(exc).__name__})")
-            return b"OK " + json.dumps({k: list(v) for k, v in held.items()}).encode() + b"\n"
+            return b"OK " + encode(held).encode() + b"\n"
         restore = _RESTORE.fullmatch(request)
         match = restore or _SET.fullmatch(request)
         if match is None:
@@ -227,9 +232,11 @@ class SetterClient:
     def set_power_limit(self, uuid: str, watts: float) -> None:
         self._ask(f"SET {uuid} {round(watts * 1000)}\n")
 
-    def allocations(self, pods: Sequence[PodInfo]) -> Mapping[str, tuple[str, ...]]:
-        held = json.loads(self._ask("ALLOCATIONS\n"))
-        return {str(pod): tuple(str(u) for u in uuids) for pod, uuids in held.items()}
+    def allocations(self, pods: Sequence[PodInfo]) -> Mapping[str, PodDevices]:
+        try:
+            return decode(self._ask("ALLOCATIONS\n"))
+        except ValueError as exc:  # JSONDecodeError included
+            raise SetterError(f"the setter's allocations are malformed: {str(exc)[:200]}") from exc
 
 
 class SetterBackend:

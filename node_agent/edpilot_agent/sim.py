@@ -1,8 +1,10 @@
 """The simulated backend for KWOK nodes, built on `edpilot.gpusim`.
 
 `SimBackend` is a `GpuBackend` over `SimulatedGpu`s that advance with the agent's clock times
-`speed`. `SimWorkloads` plays the node's pods: it hands each pod that requests nvidia.com/gpu a
-stable set of GPUs (like the device plugin), runs the workload its `sim.edpilot.io/*`
+`speed`. `SimWorkloads` plays the node's pods and its kubelet: it hands each pod that requests
+nvidia.com/gpu a stable set of GPUs (like the device plugin), gives a pod the DRA devices of the
+ResourceClaims reserved for it (as the kubelet prepares them; their GPUs are those the node's
+ResourceSlices name), runs the workload its `sim.edpilot.io/*`
 annotations describe, follows the operator's batch-size / quantization hints after a reload
 delay (as a real workload does through its downward-API file), and reports work through the
 `WorkSource` interface the HTTP scraper implements. Pods without sim annotations idle.
@@ -25,9 +27,11 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from edpilot import gpusim, serving
+from edpilot.dra import DEFAULT_CONFIG, ClaimView, DraConfig, SliceDevice, device_catalog
 from edpilot.models import ANNOTATION_BATCH_SIZE, ANNOTATION_QUANTIZATION, MeasuredWorkload
 from edpilot.textnum import ascii_float, positive_int
 from edpilot_agent.backend import GpuBackendError, GpuInfo, GpuReading
+from edpilot_agent.holdings import DynamicDevice, PodDevices, resolve
 from edpilot_agent.pods import PodInfo
 from edpilot_agent.scraper import MetricsParser, WorkReading
 
@@ -72,6 +76,7 @@ class SimJob:
     pending_since: float = 0.0
     engine: serving.ServingEngine | None = None  # an llm-serving pod's engine
     requests_per_second: float = 0.0
+    dra_indices: tuple[int, ...] = ()  # the GPUs it holds through DRA (the rest: device plugin)
 
     @property
     def profile(self) -> gpusim.WorkloadProfile | None:
@@ -245,37 +250,85 @@ class SimBackend:
 
 
 class SimWorkloads:
-    """Pods of a KWOK node as simulated workloads: GPU allocation and work counters."""
+    """Pods of a KWOK node as simulated workloads: GPU allocation and work counters. `claims` and
+    `slices` (the API server's ResourceClaims and this node's ResourceSlices) give DRA pods their
+    devices; without them only device-plugin pods get GPUs."""
 
-    def __init__(self, backend: SimBackend) -> None:
+    def __init__(
+        self,
+        backend: SimBackend,
+        claims: Callable[[], Sequence[ClaimView]] | None = None,
+        slices: Callable[[], Sequence[SliceDevice]] | None = None,
+        dra: DraConfig | None = DEFAULT_CONFIG,
+    ) -> None:
         self.backend = backend
+        self.claims = claims
+        self.slices = slices
+        self.dra = dra
         self._parser = MetricsParser()
 
-    def allocations(self, pods: Sequence[PodInfo]) -> Mapping[str, tuple[str, ...]]:
-        """Keep each pod's GPUs stable, free those of pods that are gone, and hand the free ones
-        to new pods (lowest index first)."""
+    def dynamic(self, pods: Sequence[PodInfo]) -> dict[str, tuple[DynamicDevice, ...]]:
+        """What the kubelet would list for each pod: the allocated devices of the claims reserved
+        for it (by UID, in its namespace)."""
+        claims = self.claims() if self.claims is not None else ()
+        given: dict[str, tuple[DynamicDevice, ...]] = {}
+        for pod in pods:
+            devices = tuple(
+                DynamicDevice(*d.key, d.share_id or "")
+                for c in claims
+                if c.namespace == pod.namespace and pod.uid and pod.uid in c.consumers
+                for d in c.devices
+            )
+            if devices:
+                given[pod.key] = devices
+        return given
+
+    def allocations(self, pods: Sequence[PodInfo]) -> Mapping[str, PodDevices]:
+        """Keep each pod's GPUs stable, free those of pods that are gone, give DRA pods the GPUs of
+        their devices and hand free ones to device-plugin pods (lowest index first, those no DRA
+        driver publishes before those it does: a node split between the two)."""
         jobs = self.backend.jobs
-        present = {p.key: p for p in pods if p.gpu_request > 0 and p.phase in ("Pending", "Running")}
+        devices = self.backend.devices
+        index_of = {d.uuid: d.index for d in devices}
+        dynamic = self.dynamic(pods)
+        catalog = device_catalog(self.slices()) if self.slices is not None else {}
+        by_dra = resolve({k: PodDevices((), v) for k, v in dynamic.items()}, catalog, self.dra).by_pod
+        published = {index_of[d.uuid] for d in catalog.values() if d.uuid in index_of}
+        present = {
+            p.key: p
+            for p in pods
+            if (p.gpu_request > 0 or p.key in by_dra) and p.phase in ("Pending", "Running")
+        }
         for key in [k for k in jobs if k not in present]:
             del jobs[key]
         used = {i for job in jobs.values() for i in job.gpu_indices}
         for key, pod in sorted(present.items()):
             job = jobs.get(key)
             if job is None:
-                free = [d.index for d in self.backend.devices if d.index not in used]
+                allocated = tuple(index_of[u] for u in by_dra.get(key, ()) if u in index_of)
+                free = sorted(
+                    (d.index for d in devices if d.index not in used and d.index not in allocated),
+                    key=lambda i: (i in published, i),
+                )
                 if len(free) < pod.gpu_request:
                     log.warning(
                         "pod %s wants %d GPUs, only %d free on this node", key, pod.gpu_request, len(free)
                     )
                     continue
-                job = self._new_job(pod, tuple(free[: pod.gpu_request]))
+                job = self._new_job(pod, allocated + tuple(free[: pod.gpu_request]))
+                job.dra_indices = allocated
                 if job.kind == SERVING:
                     self._start_engine(job, pod)
                 jobs[key] = job
                 used.update(job.gpu_indices)
             self._follow_hints(job, pod)
-        devices = self.backend.devices
-        return {key: tuple(devices[i].uuid for i in job.gpu_indices) for key, job in jobs.items()}
+        return {
+            key: PodDevices(
+                tuple(devices[i].uuid for i in job.gpu_indices if i not in job.dra_indices),
+                dynamic.get(key, ()),
+            )
+            for key, job in jobs.items()
+        }
 
     @staticmethod
     def _new_job(pod: PodInfo, gpu_indices: tuple[int, ...]) -> SimJob:

@@ -8,7 +8,9 @@ claim) by a live EnergyPolicy whose power cap is Auto. With `scope: AllGPUs` eve
 of the budget's nodes is steered too, within `UNMANAGED_CAP`'s bounds and never above what its own
 policy leaves it at. Every GPU not steered is counted at what it will hold: busy, the larger of its
 enforced limit and the limit the operator leaves it at (its default unless a Fixed policy says
-less), so a pod that opts out after it was placed still consumes the budget; idle, its draw.
+less), so a pod that opts out after it was placed still consumes the budget; idle, its draw. A GPU
+that no pod holds alone (shared or partitioned, `edpilot.sharing`) is never steered, whatever the
+scope, and counts at the larger of its enforced and default limits.
 
 Three things keep the sum within the budget while caps move, not only once they have moved:
 - idle GPUs are reserved at their draw plus `IDLE_RESERVE_FRACTION`: the power gauge is noisy and
@@ -40,6 +42,7 @@ from edpilot.budget import (
     budget_status,
     throughput_at,
 )
+from edpilot.dra import DraHoldings
 from edpilot.models import (
     BudgetAllocation,
     GPUNodeReportStatus,
@@ -50,8 +53,9 @@ from edpilot.models import (
 )
 from edpilot.optimizer import Config, OptimizerState, cap_bounds
 from edpilot.placement import compute_bound_curve
+from edpilot.sharing import NO_DRA
 
-from .reports import known_limits, member_info, planned_cap
+from .reports import gpu_exclusivity, known_limits, member_info, planned_cap
 from .selection import Governed, PodInfo
 
 IDLE_RESERVE_FRACTION: Final = 0.10
@@ -217,12 +221,15 @@ def gpu_demand(
     governed: Mapping[str, Governed],
     curves: Mapping[tuple[str, str], Sequence[ProbePoint]],
     all_gpus: bool = False,
+    dra: DraHoldings = NO_DRA,
 ) -> GpuDemand | None:
     """The GPU as the allocation sees it, or None when the budget does not steer it. `curves` are
     the probe points by (policy key, GPU UUID): only the governing policy's own measurements shape
     its GPU's curve, never another namespace's status."""
     if not known_limits(gpu):
         return None  # unknown constraints: its limit is left alone, like the optimizer does
+    if gpu_exclusivity(gpu, dra).holder is None:
+        return None  # shared, partitioned or idle: never capped
     for pod_key in gpu.pods:
         pod = pods.get(pod_key)
         if pod is None or pod.deleting:
@@ -273,10 +280,14 @@ def _left_at(gpu: GPUStatus, pod_key: str, rule: Governed | None) -> float:
     return gpu.defaultLimitWatts if fixed is None else fixed
 
 
-def _holds(gpu: GPUStatus, pods: Mapping[str, PodInfo], governed: Mapping[str, Governed]) -> float:
+def _holds(
+    gpu: GPUStatus, pods: Mapping[str, PodInfo], governed: Mapping[str, Governed], dra: DraHoldings
+) -> float:
     """What a GPU the budget does not steer holds against it: busy, the larger of its enforced
     limit and the limit it will be left at; idle, its draw (edpilot cannot cap an idle GPU)."""
     holders = [p for p in gpu.pods if p in pods and not pods[p].deleting] or list(gpu.pods)
+    if gpu_exclusivity(gpu, dra).shared:
+        return max(gpu.enforcedLimitWatts, gpu.defaultLimitWatts)  # no policy's cap applies
     if not holders:
         return gpu.powerWatts
     left = max(_left_at(gpu, p, governed.get(p)) for p in holders)
@@ -294,10 +305,12 @@ def reconcile_budget(
     governed: Mapping[str, Governed],
     curves: Mapping[tuple[str, str], Sequence[ProbePoint]],
     now: datetime,
+    dra: DraHoldings = NO_DRA,
 ) -> PowerBudgetStatus:
     """The budget's next status. `node_labels` covers every node; `reports` and `pods` (by
     "namespace/name") at least those of the selected nodes; `governed` maps pod keys to how the
-    operator governs them; `curves` are `probe_points` by (policy key, GPU UUID)."""
+    operator governs them; `curves` are `probe_points` by (policy key, GPU UUID); `dra` what DRA
+    allocated on the selected nodes."""
     nodes = selected_nodes(spec, node_labels)
     gpus: list[GPUStatus] = []
     node_of: dict[str, str] = {}
@@ -310,13 +323,13 @@ def reconcile_budget(
     demands: list[GpuDemand] = []
     others: list[GPUStatus] = []
     for gpu in gpus:
-        demand = gpu_demand(gpu, pods, governed, curves, all_gpus=spec.scope == "AllGPUs")
+        demand = gpu_demand(gpu, pods, governed, curves, all_gpus=spec.scope == "AllGPUs", dra=dra)
         if demand is None:
             others.append(gpu)
         else:
             demands.append(demand)
     idle_draw = sum(g.powerWatts for g in others if not g.pods)
-    held = sum(_holds(g, pods, governed) for g in others)
+    held = sum(_holds(g, pods, governed, dra) for g in others)
     reserved = _steady_reserve(held + IDLE_RESERVE_FRACTION * idle_draw, previous, idle_draw)
 
     allocation: Allocation | None = None

@@ -34,7 +34,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edpilot import placement
-from edpilot_operator.extender_view import KINDS, ClusterView
+from edpilot.dra import DEFAULT_CONFIG, DraConfig
+from edpilot.dra import add_arguments as add_dra_arguments
+from edpilot.dra import config_from as dra_config_from
+from edpilot_operator.extender_view import ClusterView
 
 log = logging.getLogger("edpilot.extender")
 
@@ -313,7 +316,7 @@ class Extender:
     async def handle_readyz(self, _: web.Request) -> web.Response:
         if self.view.ready:
             return web.Response(text="ok")
-        missing = ", ".join(k for k in KINDS if k not in self.view.synced)
+        missing = ", ".join(k for k in self.view.kinds if k not in self.view.synced)
         return web.Response(status=503, text=f"not listed yet: {missing}")
 
     async def handle_metrics(self, _: web.Request) -> web.Response:
@@ -403,13 +406,14 @@ async def serve(
     kubeconfig: str | None,
     stop: asyncio.Event,
     max_body_bytes: int = MAX_BODY_BYTES,
+    dra: DraConfig | None = DEFAULT_CONFIG,
 ) -> None:
     import aiohttp
 
     from edpilot_operator.extender_watch import Watcher, load_endpoint
 
     endpoint = load_endpoint(kubeconfig)
-    view = ClusterView()
+    view = ClusterView(dra)
     extender = Extender(view, max_body_bytes=max_body_bytes)
     scheduler_side, ops_side = runner(extender.app()), runner(extender.ops_app())
     await scheduler_side.setup()
@@ -427,7 +431,7 @@ async def serve(
         endpoint.host,
     )
     async with aiohttp.ClientSession() as session:
-        watchers = [asyncio.create_task(Watcher(kind, endpoint, session, view).run()) for kind in KINDS]
+        watchers = [asyncio.create_task(Watcher(kind, endpoint, session, view).run()) for kind in view.kinds]
         try:
             await stop.wait()
         finally:
@@ -473,6 +477,7 @@ def main(argv: Sequence[str]) -> int:
         "--kubeconfig", default=None, help="kubeconfig (default: in-cluster, else $KUBECONFIG)"
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_dra_arguments(parser)
     args = parser.parse_args(list(argv))
     files = (args.tls_cert_file, args.tls_private_key_file, args.client_ca_file)
     if args.insecure_http == any(files) or (any(files) and not all(files)):
@@ -496,6 +501,7 @@ def main(argv: Sequence[str]) -> int:
             kubeconfig=args.kubeconfig,
             stop=stop,
             max_body_bytes=args.max_body_bytes,
+            dra=dra_config_from(args),
         )
 
     asyncio.run(run())

@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
+from edpilot.dra import DEFAULT_CONFIG, ClaimView, DraConfig, claim_view, requested_gpus
 from edpilot.models import EnergyPolicySpec, GPUNodeReportStatus, GPUStatus, PowerBudgetSpec, WorkloadStatus
 from edpilot.placement import (
     BudgetView,
@@ -35,7 +36,10 @@ PODS: Final = "pods"
 REPORTS: Final = "gpunodereports"
 BUDGETS: Final = "powerbudgets"
 POLICIES: Final = "energypolicies"
-KINDS: Final = (NODES, PODS, REPORTS, BUDGETS, POLICIES)
+CLAIMS: Final = "resourceclaims"
+TEMPLATES: Final = "resourceclaimtemplates"
+BASE_KINDS: Final = (NODES, PODS, REPORTS, BUDGETS, POLICIES)
+KINDS: Final = (*BASE_KINDS, CLAIMS, TEMPLATES)  # with DRA
 
 PRODUCT_LABEL: Final = "nvidia.com/gpu.product"  # NVIDIA GPU feature discovery
 
@@ -74,9 +78,15 @@ def gpu_image(body: Mapping[str, Any]) -> str:
 
 
 class ClusterView:
-    """Nodes, GPUNodeReports, PowerBudgets, EnergyPolicies and bound GPU pods, as placement needs them."""
+    """Nodes, GPUNodeReports, PowerBudgets, EnergyPolicies and bound GPU pods, as placement needs them;
+    with DRA, ResourceClaims and ResourceClaimTemplates too, to count the GPUs a pod's claims hold
+    or ask for."""
 
-    def __init__(self) -> None:
+    def __init__(self, dra: DraConfig | None = DEFAULT_CONFIG) -> None:
+        self.dra = dra
+        self.kinds: tuple[str, ...] = KINDS if dra is not None else BASE_KINDS
+        self._claims: dict[str, ClaimView] = {}  # by namespace/name
+        self._templates: dict[str, int] = {}  # namespace/name -> GPUs its claims ask for
         self._nodes: dict[str, _Node] = {}
         self._reports: dict[str, tuple[GPUStatus, ...]] = {}
         self._budgets: dict[str, PowerBudgetSpec] = {}
@@ -94,7 +104,7 @@ class ClusterView:
 
     @property
     def ready(self) -> bool:
-        return self.synced.issuperset(KINDS)
+        return self.synced.issuperset(self.kinds)
 
     # ------------------------------------------------------------ events
 
@@ -111,6 +121,10 @@ class ClusterView:
             self._budgets.clear()
         elif kind == POLICIES:
             self._policies.clear()
+        elif kind == CLAIMS:
+            self._claims.clear()
+        elif kind == TEMPLATES:
+            self._templates.clear()
         else:
             raise ValueError(f"unknown kind {kind}")
         for item in items:
@@ -153,6 +167,9 @@ class ClusterView:
         if kind == POLICIES:
             self._store_policy(obj, deleted)
             return ()
+        if kind in (CLAIMS, TEMPLATES):
+            self._store_dra(kind, obj, deleted)
+            return ()
         raise ValueError(f"unknown kind {kind}")
 
     @staticmethod
@@ -166,15 +183,58 @@ class ClusterView:
             log.warning("GPUNodeReport %s: status ignored, it does not validate: %s", name, exc.errors()[:1])
             return ()
 
+    def _store_dra(self, kind: str, obj: Mapping[str, Any], deleted: bool) -> None:
+        """A claim or template. A bound pod's count is taken when its own event comes (after the
+        scheduler allocated its claims); a later change of a claim does not recount it."""
+        meta = obj.get("metadata") or {}
+        key = f"{meta.get('namespace') or ''}/{meta.get('name') or ''}"
+        store: dict[str, Any] = self._claims if kind == CLAIMS else self._templates
+        store.pop(key, None)
+        if deleted or self.dra is None:
+            return
+        if kind == CLAIMS:
+            self._claims[key] = claim_view(obj, self.dra)
+        else:
+            template = (obj.get("spec") or {}).get("spec") or {}
+            self._templates[key] = requested_gpus(template if isinstance(template, Mapping) else {}, self.dra)
+
+    def dra_gpus(self, pod: Mapping[str, Any]) -> int:
+        """GPUs a pod's DRA claims hold (allocated) or ask for (not yet). The claims' specs are the
+        tenant's: they size only that tenant's own pod."""
+        if self.dra is None:
+            return 0
+        namespace = str((pod.get("metadata") or {}).get("namespace") or "")
+        spec, status = pod.get("spec") or {}, pod.get("status") or {}
+        generated = {
+            str(s.get("name")): str(s.get("resourceClaimName") or "")
+            for s in status.get("resourceClaimStatuses") or []
+            if isinstance(s, Mapping)
+        }
+        total = 0
+        for entry in spec.get("resourceClaims") or []:
+            if not isinstance(entry, Mapping):
+                continue
+            name = entry.get("resourceClaimName") or generated.get(str(entry.get("name")))
+            claim = self._claims.get(f"{namespace}/{name}") if name else None
+            if claim is not None:
+                total += len(claim.devices) if claim.allocated else claim.requested_gpus
+            elif entry.get("resourceClaimTemplateName"):
+                total += self._templates.get(f"{namespace}/{entry['resourceClaimTemplateName']}", 0)
+        return total
+
+    def _gpus(self, obj: Mapping[str, Any], info: PodInfo) -> int:
+        return info.gpus + self.dra_gpus(obj)
+
     def _store_pod(self, obj: Mapping[str, Any], deleted: bool) -> tuple[str, ...]:
         info = pod_info(obj)
         old = self._pods.pop(info.key, None)
         if old is not None:
             self._bound.get(old.node, {}).pop(old.key, None)
-        keep = not deleted and not info.deleting and info.node and info.gpus > 0
+        gpus = self._gpus(obj, info) if not deleted and info.node else 0
+        keep = not deleted and not info.deleting and info.node and gpus > 0
         keep = keep and info.phase not in ("Succeeded", "Failed")
         if keep:
-            new = _BoundPod(info.key, info.node, info.gpus, gpu_image(obj))
+            new = _BoundPod(info.key, info.node, gpus, gpu_image(obj))
             self._pods[info.key] = new
             self._bound.setdefault(new.node, {})[new.key] = new.gpus
         self._history = None
@@ -284,7 +344,7 @@ class ClusterView:
         policy = governing_policy(info, self._policies_by_namespace.get(info.namespace, ()))
         return PodDemand(
             key=info.key,
-            gpus=info.gpus,
+            gpus=self._gpus(pod, info),
             image=gpu_image(pod),
             policy=policy.key if policy else None,
             power_cap=policy.spec.powerCap if policy else None,
@@ -323,4 +383,6 @@ class ClusterView:
             REPORTS: len(self._reports),
             BUDGETS: len(self._budgets),
             POLICIES: len(self._policies),
+            CLAIMS: len(self._claims),
+            TEMPLATES: len(self._templates),
         }

@@ -21,7 +21,16 @@ from typing import Any, Final
 import aiohttp
 
 from edpilot.models import GROUP, VERSION
-from edpilot_operator.extender_view import BUDGETS, NODES, PODS, POLICIES, REPORTS, ClusterView
+from edpilot_operator.extender_view import (
+    BUDGETS,
+    CLAIMS,
+    NODES,
+    PODS,
+    POLICIES,
+    REPORTS,
+    TEMPLATES,
+    ClusterView,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,8 @@ RESOURCES: Final[Mapping[str, tuple[str, Mapping[str, str]]]] = {
     REPORTS: (f"/apis/{GROUP}/{VERSION}/gpunodereports", {}),
     BUDGETS: (f"/apis/{GROUP}/{VERSION}/powerbudgets", {}),
     POLICIES: (f"/apis/{GROUP}/{VERSION}/energypolicies", {}),
+    CLAIMS: ("/apis/resource.k8s.io/v1/resourceclaims", {}),
+    TEMPLATES: ("/apis/resource.k8s.io/v1/resourceclaimtemplates", {}),
 }
 PAGE_SIZE: Final = 500
 WATCH_SECONDS: Final = 300

@@ -14,6 +14,17 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
+from edpilot.dra import (
+    DEFAULT_CONFIG,
+    ClaimView,
+    DraConfig,
+    DraHoldings,
+    SliceDevice,
+    claim_view,
+    device_catalog,
+    holdings,
+    slice_devices,
+)
 from edpilot.models import (
     GROUP,
     HINT_ANNOTATIONS,
@@ -36,13 +47,16 @@ from .selection import (
     PolicyEntry,
     PolicyRef,
     governed_by,
-    gpu_request,
+    may_hold_gpus,
     pod_info,
+    with_dra,
 )
 
 POLICIES = (GROUP, VERSION, "energypolicies")
 REPORTS = (GROUP, VERSION, "gpunodereports")
 BUDGETS = (GROUP, VERSION, "powerbudgets")
+CLAIMS = ("resource.k8s.io", "v1", "resourceclaims")
+SLICES = ("resource.k8s.io", "v1", "resourceslices")
 PROGRESS_PREFIX = GROUP
 
 
@@ -56,6 +70,7 @@ class OperatorConfig:
     fast_report_interval: int = 5
     slow_report_interval: int = 60
     tuning: Tuning = DEFAULT_TUNING
+    dra: DraConfig | None = DEFAULT_CONFIG  # None: a cluster without DRA; no claim or slice is read
 
     @property
     def timing(self) -> ReportTiming:
@@ -63,7 +78,37 @@ class OperatorConfig:
 
 
 def _is_gpu_pod(spec: Mapping[str, Any], **_: Any) -> bool:
-    return gpu_request(spec) > 0
+    return may_hold_gpus(spec)
+
+
+ClaimIndex = kopf.Index[str, ClaimView]
+SliceIndex = kopf.Index[tuple[str, str], tuple[SliceDevice, ...]]
+
+
+def with_dra_gpus(
+    pods: Iterable[PodInfo], claims_by_pod: ClaimIndex | None, slices_by_pool: SliceIndex | None
+) -> list[PodInfo]:
+    """The pods with the GPUs DRA allocated to them (`selection.with_dra`), read from the claims
+    reserved for each (by namespace and UID) and the slices of the pools those name."""
+    if claims_by_pod is None or slices_by_pool is None:
+        return list(pods)
+    result = []
+    for pod in pods:
+        claims = list(claims_by_pod.get(f"{pod.namespace}/{pod.uid}", []))
+        if not claims:
+            result.append(pod)
+            continue
+        pools = {device.key[:2] for claim in claims for device in claim.devices}
+        catalog = device_catalog(
+            d for pool in pools for published in slices_by_pool.get(pool, []) for d in published
+        )
+        result.append(with_dra(pod, claims, catalog))
+    return result
+
+
+def dra_holdings(pods: Iterable[PodInfo]) -> DraHoldings:
+    """Who DRA allocated each GPU to, among `pods` (enriched by `with_dra_gpus`)."""
+    return holdings({p.key: p.dra_gpus for p in pods if p.dra_gpus})
 
 
 def _policy_entry(namespace: str, name: str, spec: Mapping[str, Any], meta: Any) -> PolicyEntry:
@@ -143,6 +188,20 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         node = spec.get("nodeName")
         return {node: pod_info(body)} if node else None
 
+    if cfg.dra is not None:
+        dra = cfg.dra
+
+        @kopf.index(*CLAIMS, id="claims_by_pod", registry=registry)
+        def claims_by_pod(namespace: str, body: kopf.Body, **_: Any) -> dict[str, ClaimView]:
+            # Keyed by the UIDs its status reserves it for (the scheduler's), in its own namespace.
+            view = claim_view(body, dra)
+            return {f"{namespace}/{uid}": view for uid in view.consumers} if view.allocated else {}
+
+        @kopf.index(*SLICES, id="slices_by_pool", registry=registry)
+        def slices_by_pool(body: kopf.Body, **_: Any) -> dict[tuple[str, str], tuple[SliceDevice, ...]]:
+            devices = slice_devices(body, dra)
+            return {devices[0].key[:2]: devices} if devices else {}
+
     @kopf.index(*POLICIES, id="policies_by_namespace", registry=registry)
     def policies_by_namespace(
         namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
@@ -180,6 +239,9 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         pods_by_namespace: kopf.Index[str, PodInfo],
         policies_by_namespace: kopf.Index[str, PolicyEntry],
         reports_by_node: kopf.Index[str, GPUNodeReportStatus],
+        pods_by_node: kopf.Index[str, PodInfo],
+        claims_by_pod: ClaimIndex | None = None,
+        slices_by_pool: SliceIndex | None = None,
         **_: Any,
     ) -> None:
         if meta.get("deletionTimestamp"):
@@ -194,9 +256,12 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             logger.error("EnergyPolicy %s/%s: spec rejected by edpilot: %s", namespace, name, exc)
             return
         members: Collection[PodInfo] = pods_by_namespace.get(namespace, [])
-        pods = list(members)
+        pods = with_dra_gpus(members, claims_by_pod, slices_by_pool)
         shared = governance.get(namespace, members, policies_by_namespace.get(namespace, []))
         reports = {p.node: next(iter(store)) for p in pods if (store := reports_by_node.get(p.node))}
+        # Another namespace's pod may hold one of these GPUs through DRA too.
+        neighbours = [p for node in reports for p in pods_by_node.get(node, [])]
+        holders = dra_holdings(with_dra_gpus(neighbours, claims_by_pod, slices_by_pool))
         # The optimizer is CPU work: off the event loop, so watches and lease renewals go on.
         outcome = await asyncio.to_thread(
             services.reconcile_policy,
@@ -208,6 +273,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             reports=reports,
             now=now,
             tuning=cfg.tuning,
+            dra=holders,
         )
         kube: Kube = memo.kube
         for pod_key, pod_patch in outcome.pod_annotations.items():
@@ -227,8 +293,10 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         current: GPUNodeReportSpec,
         budget_caps: Mapping[str, float],
     ) -> GPUNodeReportSpec:
-        """A node's desired spec: `rules` says how the operator governs its pods."""
+        """A node's desired spec: `rules` says how the operator governs its pods (enriched by
+        `with_dra_gpus`)."""
         return desired_spec(
+            dra=dra_holdings(pods),
             pods=pods,
             status=status,
             governed=rules,
@@ -257,13 +325,15 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         policies_by_namespace: kopf.Index[str, PolicyEntry],
         decisions_by_policy: kopf.Index[str, Decided],
         budget_caps_by_node: kopf.Index[str, dict[str, float]],
+        claims_by_pod: ClaimIndex | None = None,
+        slices_by_pool: SliceIndex | None = None,
         **_: Any,
     ) -> None:
         current = _report_spec(spec)
         mine = written_specs.get(name)
         if mine is not None and _renewed_after(mine, current):
             current = mine  # our last write has not come back through the watch yet
-        pods = list(pods_by_node.get(name, []))
+        pods = with_dra_gpus(pods_by_node.get(name, []), claims_by_pod, slices_by_pool)
         desired = node_spec(
             pods,
             _report_status(status),
@@ -310,6 +380,8 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         policies_by_namespace: kopf.Index[str, PolicyEntry],
         decisions_by_policy: kopf.Index[str, Decided],
         probe_points_by_policy_gpu: kopf.Index[tuple[str, str], tuple[budgets.ProbePoint, ...]],
+        claims_by_pod: ClaimIndex | None = None,
+        slices_by_pool: SliceIndex | None = None,
         **_: Any,
     ) -> None:
         if meta.get("deletionTimestamp"):
@@ -326,7 +398,10 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         labels = {node: next(iter(store)) for node, store in node_labels.items() if store}
         nodes = budgets.selected_nodes(budget, labels)
         reports = {n: next(iter(reports_by_node[n])) for n in nodes if reports_by_node.get(n)}
-        pods = {p.key: p for n in nodes for p in pods_by_node.get(n, [])}
+        enriched = with_dra_gpus(
+            (p for n in nodes for p in pods_by_node.get(n, [])), claims_by_pod, slices_by_pool
+        )
+        pods = {p.key: p for p in enriched}
         rules = governed(pods.values(), pods_by_namespace, policies_by_namespace, decisions_by_policy)
         keys = {
             (rule.policy.key, g.uuid)
@@ -345,6 +420,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             governed=rules,
             curves={k: next(iter(store)) for k in keys if (store := probe_points_by_policy_gpu.get(k))},
             now=datetime.now(UTC),
+            dra=dra_holdings(enriched),
         )
         if previous is None or new.allocations != previous.allocations:
             caps = ", ".join(f"{a.gpuUUID}={a.watts:.0f}W" for a in new.allocations) or "none"
@@ -375,6 +451,8 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         decisions_by_policy: kopf.Index[str, Decided],
         reports_by_node: kopf.Index[str, GPUNodeReportStatus],
         budget_caps_by_node: kopf.Index[str, dict[str, float]],
+        claims_by_pod: ClaimIndex | None = None,
+        slices_by_pool: SliceIndex | None = None,
         **_: Any,
     ) -> None:
         """Remove this policy's hints and caps; its GPUs go back to their default limits."""
@@ -386,7 +464,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         # caps are gone by the time the finalizer lets the policy disappear.
         for node in sorted({p.node for p in released}):
             store = reports_by_node.get(node)
-            pods = list(pods_by_node.get(node, []))
+            pods = with_dra_gpus(pods_by_node.get(node, []), claims_by_pod, slices_by_pool)
             rules = governed(pods, pods_by_namespace, policies_by_namespace, decisions_by_policy)
             desired = node_spec(
                 pods,

@@ -11,6 +11,7 @@ import zlib
 
 import kopf
 
+from edpilot import dra
 from edpilot.optimizer import DEFAULT_TUNING
 
 from . import metrics
@@ -60,6 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--identity", default=os.environ.get("POD_NAME") or os.uname().nodename)
     p.add_argument("-v", "--verbose", action="store_true")
+    dra.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -94,6 +96,7 @@ def main(argv: list[str]) -> int:
                     "applyTimeoutSeconds": args.apply_timeout,
                 }
             ),
+            dra=dra.config_from(args),
         ),
     )
     # No stop_flag: kopf waits for a threading.Event in an executor thread that asyncio's shutdown

@@ -8,7 +8,9 @@ finding 1: a tenant writes its pods' annotations):
 - the PowerBudgets' allocations (cluster-scoped status only the operator writes).
 The spec asks for the lowest of those, never above the GPU's default limit nor below its minimum.
 An excluded or ungoverned pod's GPU gets no policy cap, so its agent restores the default limit; a
-budget of scope AllGPUs may still bound it. A GPU whose constraints are unknown gets no cap at all.
+budget of scope AllGPUs may still bound it. A GPU whose constraints are unknown gets no cap at all,
+nor does one that its pod does not hold alone (time-slicing, MPS, a shared DRA claim, a MIG
+partition: `edpilot.sharing`): it is measured and reported, never capped.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from edpilot.dra import DraHoldings
 from edpilot.models import (
     DesiredPowerLimit,
     GPUNodeReportSpec,
@@ -30,6 +33,7 @@ from edpilot.models import (
     PowerCapSpec,
 )
 from edpilot.optimizer import Config, MemberInfo, cap_for
+from edpilot.sharing import NO_DRA, Exclusivity, exclusivity
 
 from .selection import Governed, PodInfo
 
@@ -84,8 +88,15 @@ def known_limits(gpu: GPUStatus) -> bool:
     )
 
 
-def member_info(gpu: GPUStatus, pod: str) -> MemberInfo:
-    known = known_limits(gpu)
+def gpu_exclusivity(gpu: GPUStatus, dra: DraHoldings = NO_DRA) -> Exclusivity:
+    """Which pod holds the GPU alone, from its agent's report and the node's DRA allocations."""
+    return exclusivity(gpu.uuid, gpu.pods, mig_enabled=gpu.migEnabled, reported_shared=gpu.shared, dra=dra)
+
+
+def member_info(gpu: GPUStatus, pod: str, exclusive: bool = True) -> MemberInfo:
+    """The GPU as the optimizer sees it: without limits (left alone) where they are unknown or
+    where the pod does not hold it alone."""
+    known = known_limits(gpu) and exclusive
     return MemberInfo(
         member=gpu.uuid,
         pod=pod,
@@ -117,9 +128,11 @@ def desired_spec(
     now: datetime,
     timing: ReportTiming,
     budget_caps: Mapping[str, float] | None = None,
+    dra: DraHoldings = NO_DRA,
 ) -> GPUNodeReportSpec:
     """`governed` maps the key of each governed pod to its policy and decision (pods missing there
-    are ungoverned); `budget_caps` maps GPU UUID to the most its PowerBudgets allow it."""
+    are ungoverned); `budget_caps` maps GPU UUID to the most its PowerBudgets allow it; `dra` is
+    what DRA allocated on the node (who else holds a GPU)."""
     budget_caps = budget_caps or {}
     gpus_of: dict[str, list[GPUStatus]] = {}
     if status is not None:
@@ -138,7 +151,7 @@ def desired_spec(
             measured.append(MeasuredWorkload.of_policy(pod.namespace, pod.name, rule.policy.spec))
             fast = fast or rule.exploring
         for gpu in sorted(gpus_of.get(pod.key, []), key=lambda g: g.uuid):
-            if not known_limits(gpu):
+            if not known_limits(gpu) or gpu_exclusivity(gpu, dra).holder != pod.key:
                 continue
             policy_cap = planned_cap(rule.policy.spec.powerCap, rule.target, gpu, pod.key) if rule else None
             # A GPU the budget governs gets its share even before the optimizer picks a cap.

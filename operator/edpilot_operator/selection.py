@@ -17,9 +17,10 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from edpilot.dra import ClaimView, DeviceKey, PodGpu, SliceDevice, pod_gpus
 from edpilot.models import ANNOTATION_EXCLUDE, ANNOTATION_POLICY, EnergyPolicySpec
 from edpilot.optimizer import Config
 
@@ -41,6 +42,11 @@ class PodInfo:
     image: str = ""
     restarts: int = 0
     deleting: bool = False
+    # GPUs allocated through DRA (`with_dra`), counted in `gpus` too.
+    dra_gpus: tuple[PodGpu, ...] = ()
+    # The claim kube-scheduler made for an extended resource (nvidia.com/gpu) that a DRA driver
+    # serves: its devices are already counted in the resource's request.
+    extended_claim: str = ""
 
     @property
     def key(self) -> str:
@@ -67,12 +73,20 @@ def gpu_request(pod_spec: Mapping[str, Any]) -> int:
     return total
 
 
+def may_hold_gpus(pod_spec: Mapping[str, Any]) -> bool:
+    """Whether a pod asks for GPUs through the device plugin or names DRA claims (whose devices
+    `with_dra` counts once the scheduler allocated them)."""
+    return gpu_request(pod_spec) > 0 or bool(pod_spec.get("resourceClaims"))
+
+
 def pod_info(body: Mapping[str, Any]) -> PodInfo:
+    """A pod as its body says; `with_dra` adds what its DRA claims hold."""
     meta = body.get("metadata") or {}
     spec = body.get("spec") or {}
     status = body.get("status") or {}
     containers = spec.get("containers") or [{}]
     restarts = sum(int(cs.get("restartCount") or 0) for cs in status.get("containerStatuses") or [])
+    extended = status.get("extendedResourceClaimStatus") or {}
     return PodInfo(
         namespace=str(meta.get("namespace") or ""),
         name=str(meta.get("name") or ""),
@@ -85,7 +99,20 @@ def pod_info(body: Mapping[str, Any]) -> PodInfo:
         image=str(containers[0].get("image") or ""),
         restarts=restarts,
         deleting=meta.get("deletionTimestamp") is not None,
+        extended_claim=str(extended.get("resourceClaimName") or "") if isinstance(extended, Mapping) else "",
     )
+
+
+def with_dra(pod: PodInfo, claims: Iterable[ClaimView], catalog: Mapping[DeviceKey, SliceDevice]) -> PodInfo:
+    """The pod with the GPUs that DRA allocated to it: the devices of the claims reserved for it (by
+    UID, in its namespace), their UUIDs from the driver's ResourceSlices. Nothing a tenant writes
+    decides which devices or UUIDs these are (edpilot.dra). Idempotent."""
+    gpus = pod_gpus(claims, catalog, pod.namespace, pod.uid)
+    if not gpus and not pod.dra_gpus:
+        return pod
+    counted = [g for g in gpus if g.claim != pod.extended_claim]
+    before = [g for g in pod.dra_gpus if g.claim != pod.extended_claim]
+    return replace(pod, gpus=pod.gpus - len(before) + len(counted), dra_gpus=gpus)
 
 
 @dataclass(frozen=True)

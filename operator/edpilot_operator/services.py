@@ -13,6 +13,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
+from edpilot.dra import DraHoldings
 from edpilot.edp import MemberSample
 from edpilot.models import (
     ANNOTATION_BATCH_SIZE,
@@ -40,11 +41,14 @@ from edpilot.optimizer import (
     parse_accuracy,
     step,
 )
+from edpilot.sharing import NO_DRA
 
-from .reports import member_info
+from .reports import gpu_exclusivity, member_info
 from .selection import Governance, PodInfo, PolicyRef, Workload, select
 
 JOULES_PER_KWH: Final = 3.6e6
+# How a status row begins whose GPUs get no cap because they are shared or partitioned.
+REPORT_ONLY: Final = "report-only, no power cap"
 
 
 @dataclass(frozen=True)
@@ -70,10 +74,16 @@ class Snapshot:
     observation: Observation | None
     waiting_for: str = ""
     warnings: tuple[str, ...] = ()
+    # Why GPUs of the workload get no cap: shared or partitioned (`edpilot.sharing`).
+    report_only: tuple[str, ...] = ()
 
 
-def snapshot(workload: Workload, reports: Mapping[str, GPUNodeReportStatus]) -> Snapshot:
+def snapshot(
+    workload: Workload, reports: Mapping[str, GPUNodeReportStatus], dra: DraHoldings = NO_DRA
+) -> Snapshot:
+    """`dra` is what DRA allocated on the workload's nodes: another holder of one of its GPUs."""
     members: list[MemberInfo] = []
+    report_only: list[str] = []
     samples: list[MemberSample] = []
     times: list[float] = []
     warnings: list[str] = []
@@ -100,7 +110,11 @@ def snapshot(workload: Workload, reports: Mapping[str, GPUNodeReportStatus]) -> 
         # its `time` is), so its windows are measured in that clock.
         times.append((report.counterTime or report.time).timestamp())
         for gpu in gpus:
-            members.append(member_info(gpu, pod.key))
+            held = gpu_exclusivity(gpu, dra)
+            if held.holder != pod.key:
+                report_only.append(f"GPU {gpu.uuid}: {held.reason}")
+            # A GPU it does not hold alone is measured, never capped: the optimizer sees no limits.
+            members.append(member_info(gpu, pod.key, exclusive=held.holder == pod.key))
             samples.append(
                 MemberSample(
                     member=gpu.uuid,
@@ -144,7 +158,12 @@ def snapshot(workload: Workload, reports: Mapping[str, GPUNodeReportStatus]) -> 
     )
     # Members on several nodes are read at their nodes' report times; the latest one stands for
     # all, and the optimizer's windows are long against the spread between reports.
-    return Snapshot(info, Observation(time=max(times), members=tuple(samples)), warnings=tuple(warnings))
+    return Snapshot(
+        info,
+        Observation(time=max(times), members=tuple(samples)),
+        warnings=tuple(warnings),
+        report_only=tuple(report_only),
+    )
 
 
 def parse_batch_range(text: str) -> tuple[int, int] | None:
@@ -165,8 +184,10 @@ def reconcile_policy(
     reports: Mapping[str, GPUNodeReportStatus],
     now: datetime,
     tuning: Tuning = DEFAULT_TUNING,
+    dra: DraHoldings = NO_DRA,
 ) -> PolicyOutcome:
-    """`governance` is the namespace's (`selection.GovernanceCache`), shared by all its policies."""
+    """`governance` is the namespace's (`selection.GovernanceCache`), shared by all its policies;
+    `dra` what DRA allocated on the nodes of its pods."""
     selection = select(policy, pods, governance)
     previous_rows = {
         row.get("name"): row for row in status.get("workloads") or [] if isinstance(row, Mapping)
@@ -176,7 +197,7 @@ def reconcile_policy(
     for workload in selection.workloads:
         rows.append(
             _reconcile_workload(
-                policy, workload, previous_rows.get(workload.name), reports, now, tuning, outcome
+                policy, workload, previous_rows.get(workload.name), reports, now, tuning, outcome, dra
             )
         )
     for pod_key, winner in sorted(selection.lost_to.items()):
@@ -210,6 +231,7 @@ def _reconcile_workload(
     now: datetime,
     tuning: Tuning,
     outcome: PolicyOutcome,
+    dra: DraHoldings,
 ) -> WorkloadStatus:
     row = WorkloadStatus(
         name=workload.name,
@@ -220,14 +242,15 @@ def _reconcile_workload(
     for pod in workload.pods:
         if pod.annotations.get(ANNOTATION_POLICY) != policy.name:
             outcome.pod_annotations.setdefault(pod.key, {})[ANNOTATION_POLICY] = policy.name
-    snap = snapshot(workload, reports)
+    snap = snapshot(workload, reports, dra)
+    report_only = f"{REPORT_ONLY}: {'; '.join(snap.report_only)}" if snap.report_only else ""
     for warning in snap.warnings:
         outcome.events.append(PolicyEvent("Warning", "WorkloadInput", warning))
     state = _stored_state(previous_row, outcome, workload.name)
     if snap.info is None or snap.observation is None:
         kept = WorkloadStatus.model_validate(dict(previous_row)) if previous_row else None
         row.phase = kept.phase if kept else "Pending"
-        row.message = snap.waiting_for
+        row.message = _joined(report_only, snap.waiting_for)
         row.optimizer = state.model_dump(mode="json", exclude_none=True) if state else None
         return row
     decision = step(policy.spec, snap.info, state, snap.observation, now.timestamp(), tuning)
@@ -239,10 +262,16 @@ def _reconcile_workload(
     figures["edpReductionPercent"] = _finite(figures["edpReductionPercent"])
     figures["slowdownPercent"] = _finite(figures["slowdownPercent"])
     row = WorkloadStatus.model_validate({**row.model_dump(), **figures})
-    row.message = decision.badData.value if decision.badData else decision.figures.message
+    row.message = _joined(
+        report_only, decision.badData.value if decision.badData else decision.figures.message
+    )
     # No nulls: a JSON merge patch reads null as "delete this key".
     row.optimizer = decision.state.model_dump(mode="json", exclude_none=True)
     return row
+
+
+def _joined(*parts: str) -> str:
+    return " | ".join(p for p in parts if p)
 
 
 def _stored_state(row: Mapping[str, Any] | None, outcome: PolicyOutcome, name: str) -> OptimizerState | None:
@@ -345,6 +374,7 @@ def _conditions(
             "; ".join(f"{r.name}: {r.message}" for r in degraded) or "every workload is measured cleanly",
         ),
         _target_condition(policy, governed),
+        _exclusive_condition(governed),
     ]
     before = {c.type: c for c in previous}
     result: list[Condition] = []
@@ -362,6 +392,17 @@ def _conditions(
             )
         )
     return result
+
+
+def _exclusive_condition(rows: Sequence[WorkloadStatus]) -> tuple[str, ConditionStatus, str, str]:
+    """Whether every workload holds its GPUs alone, so that its policy may cap them."""
+    if not rows:
+        return ("ExclusiveGPUs", "Unknown", "NoWorkloads", "the policy governs no workload")
+    shared = [r for r in rows if r.message.startswith(REPORT_ONLY)]
+    if shared:
+        listed = "; ".join(f"{r.name}: {r.message.split(' | ', 1)[0]}" for r in shared)
+        return ("ExclusiveGPUs", "False", "SharedGPUs", listed)
+    return ("ExclusiveGPUs", "True", "ExclusiveGPUs", f"{len(rows)} workloads hold their GPUs alone")
 
 
 def _target_condition(

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from edpilot_agent import podresources_pb2 as pb
 from edpilot_agent import podresources_pb2_grpc
+from edpilot_agent.holdings import DynamicDevice, PodDevices
 from edpilot_agent.podresources import PodResourcesClient, PodResourcesError
 
 
@@ -22,9 +23,22 @@ class FakeKubelet(podresources_pb2_grpc.PodResourcesListerServicer):  # type: ig
         return pb.ListPodResourcesResponse(pod_resources=self.pods)
 
 
-def container(name: str, resource: str = "", ids: tuple[str, ...] = ()) -> pb.ContainerResources:
+def container(
+    name: str, resource: str = "", ids: tuple[str, ...] = (), claims: tuple[pb.DynamicResource, ...] = ()
+) -> pb.ContainerResources:
     devices = [pb.ContainerDevices(resource_name=resource, device_ids=ids)] if resource else []
-    return pb.ContainerResources(name=name, devices=devices)
+    return pb.ContainerResources(name=name, devices=devices, dynamic_resources=claims)
+
+
+def claim(name: str, *devices: tuple[str, str, str, str | None]) -> pb.DynamicResource:
+    """A DRA claim as the kubelet lists it: (driver, pool, device, share id or None) per device."""
+    resources = []
+    for driver, pool, device, share in devices:
+        resource = pb.ClaimResource(driver_name=driver, pool_name=pool, device_name=device)
+        if share is not None:
+            resource.share_id = share
+        resources.append(resource)
+    return pb.DynamicResource(claim_name=name, claim_namespace="ml", claim_resources=resources)
 
 
 @pytest.fixture
@@ -62,7 +76,53 @@ def test_lists_the_gpus_each_pod_holds(kubelet: tuple[FakeKubelet, str]) -> None
     ]
     client = PodResourcesClient(socket_path)
     try:
-        assert client.allocations([]) == {"serving/llm-0": ("GPU-a", "GPU-b"), "ml/train-0": ("GPU-c",)}
+        assert client.allocations([]) == {
+            "serving/llm-0": PodDevices(plugin=("GPU-a", "GPU-b")),
+            "ml/train-0": PodDevices(plugin=("GPU-c",)),
+        }
+    finally:
+        client.close()
+
+
+def test_lists_the_dra_devices_of_each_pods_claims(kubelet: tuple[FakeKubelet, str]) -> None:
+    """What a v1.36 kubelet sends for DRA: the claims of each container, their devices by driver,
+    pool and name, a share ID where the device allows several allocations. A device two
+    containers share through one claim is listed once."""
+    servicer, socket_path = kubelet
+    gpu = claim("train-0-gpu-x7k2q", ("gpu.nvidia.com", "node-a", "gpu-3", None))
+    servicer.pods = [
+        pb.PodResources(
+            name="train-0",
+            namespace="ml",
+            containers=[
+                container(
+                    "trainer", claims=(gpu, claim("nic", ("rdma.example.com", "node-a", "mlx5-0", None)))
+                ),
+                container("sidecar", claims=(gpu,)),
+            ],
+        ),
+        pb.PodResources(
+            name="both",
+            namespace="ml",
+            containers=[
+                container("a", "nvidia.com/gpu", ("GPU-c::2",)),
+                container("b", claims=(claim("s", ("gpu.nvidia.com", "node-a", "gpu-4", "7f3a")),)),
+            ],
+        ),
+    ]
+    client = PodResourcesClient(socket_path)
+    try:
+        assert client.allocations([]) == {
+            "ml/train-0": PodDevices(
+                dynamic=(
+                    DynamicDevice("gpu.nvidia.com", "node-a", "gpu-3"),
+                    DynamicDevice("rdma.example.com", "node-a", "mlx5-0"),
+                )
+            ),
+            "ml/both": PodDevices(
+                plugin=("GPU-c::2",), dynamic=(DynamicDevice("gpu.nvidia.com", "node-a", "gpu-4", "7f3a"),)
+            ),
+        }
     finally:
         client.close()
 

@@ -274,6 +274,7 @@ def test_defaults_install_every_component_with_least_privilege(render: Render) -
         "--tls-cert-file=/etc/edpilot/tls/tls.crt",
         "--tls-private-key-file=/etc/edpilot/tls/tls.key",
         "--client-ca-file=/etc/edpilot/tls/ca.crt",
+        *DRA_ARGS,
     ]
     assert container(extender)["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     volume = next(v for v in extender["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
@@ -296,6 +297,7 @@ def test_defaults_install_every_component_with_least_privilege(render: Render) -
         "--metrics-port=9464",
         "--metrics-auth=kube",
         "--setter-socket=/run/edpilot/setter.sock",
+        *DRA_ARGS,
     ]
     env = {e["name"]: e for e in c["env"]}
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
@@ -314,6 +316,57 @@ def test_defaults_install_every_component_with_least_privilege(render: Render) -
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 65532
 
     assert not {"ServiceMonitor", "ConfigMap", "Role", "RoleBinding"} & kinds(manifests)
+
+
+DRA_ARGS = (
+    "--dra-driver=gpu.nvidia.com",
+    "--dra-device-class=gpu.nvidia.com",
+    "--dra-device-class=mig.nvidia.com",
+    "--dra-uuid-attribute=uuid",
+)
+
+
+def grants(role: dict[str, Any], group: str = "resource.k8s.io") -> dict[str, set[str]]:
+    """resource -> verbs a role grants in `group`."""
+    result: dict[str, set[str]] = {}
+    for rule in role["rules"]:
+        if group in rule.get("apiGroups", ()):
+            for resource in rule["resources"]:
+                result.setdefault(resource, set()).update(rule["verbs"])
+    return result
+
+
+def test_dra_objects_are_read_only_and_only_with_dra_enabled(render: Render) -> None:
+    """The operator reads claims (which devices, for which pods) and slices (their UUIDs); the
+    extender claims and templates (what a pod asks for); an agent its node's slices, and a simulated
+    one the claims it plays the kubelet for. Nobody writes any, nor reads DeviceClasses."""
+    read = {"get", "list", "watch"}
+    manifests = render()
+    assert grants(one(manifests, "ClusterRole", "rel-edpilot-operator")) == {
+        "resourceclaims": read,
+        "resourceslices": read,
+    }
+    assert grants(one(manifests, "ClusterRole", "rel-edpilot-extender")) == {
+        "resourceclaims": read,
+        "resourceclaimtemplates": read,
+    }
+    assert grants(one(manifests, "ClusterRole", "rel-edpilot-agent")) == {"resourceslices": {"list", "watch"}}
+    sim = render("--set", "agent.backend=sim")
+    assert grants(one(sim, "ClusterRole", "rel-edpilot-agent")) == {
+        "resourceslices": {"list", "watch"},
+        "resourceclaims": {"list", "watch"},
+    }
+    assert container(one(manifests, "Deployment", "rel-edpilot-operator"))["args"][-4:] == list(DRA_ARGS)
+    # A namespaced operator reads claims in its namespaces only; slices are cluster-scoped.
+    namespaced = render("--set", "operator.watchNamespaces={team-a}")
+    roles = [m for m in namespaced if m["kind"] == "Role" and m["metadata"]["namespace"] == "team-a"]
+    assert grants(roles[0]) == {"resourceclaims": read}
+    assert grants(one(namespaced, "ClusterRole", "rel-edpilot-operator")) == {"resourceslices": read}
+
+    off = render("--set", "dra.enabled=false")
+    for component in ("operator", "extender", "agent"):
+        assert grants(one(off, "ClusterRole", f"rel-edpilot-{component}")) == {}
+    assert "--no-dra" in container(one(off, "Deployment", "rel-edpilot-operator"))["args"]
 
 
 def test_node_restriction_policy_names_the_agents_service_account(render: Render) -> None:

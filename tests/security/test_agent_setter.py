@@ -18,6 +18,7 @@ import pytest
 from agent_helpers import FakeClock
 from edpilot_agent.agent import NodeAgent
 from edpilot_agent.backend import GpuBackendError, GpuInfo, GpuReading
+from edpilot_agent.holdings import PodDevices
 from edpilot_agent.kube import InMemoryKube
 from edpilot_agent.pods import PodInfo
 from edpilot_agent.setter import SetterBackend, SetterClient, SetterError, SetterServer
@@ -170,8 +171,8 @@ def test_the_unprivileged_agent_caps_and_restores_through_the_socket(setter: Run
     )
 
     class Held:
-        def allocations(self, pods: object) -> dict[str, tuple[str, ...]]:
-            return {pod.key: (GPU.uuid,)}
+        def allocations(self, pods: object) -> dict[str, PodDevices]:
+            return {pod.key: PodDevices(plugin=(GPU.uuid,))}
 
     class ReadOnlyNvml(FakeNvml):
         def set_power_limit(self, uuid: str, watts: float) -> None:

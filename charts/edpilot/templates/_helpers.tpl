@@ -116,3 +116,20 @@ The username the API server gives the agents' ServiceAccount tokens.
 {{- define "edpilot.agentUsername" -}}
 {{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "edpilot.serviceAccountName" (dict "ctx" . "component" "agent")) }}
 {{- end }}
+
+{{/*
+The DRA flags the operator, the extender and the agent share (values dra.*). Call with $.
+*/}}
+{{- define "edpilot.draArgs" -}}
+{{- if .Values.dra.enabled }}
+{{- range .Values.dra.drivers }}
+- --dra-driver={{ . }}
+{{- end }}
+{{- range .Values.dra.deviceClasses }}
+- --dra-device-class={{ . }}
+{{- end }}
+- --dra-uuid-attribute={{ .Values.dra.uuidAttribute }}
+{{- else }}
+- --no-dra
+{{- end }}
+{{- end }}
