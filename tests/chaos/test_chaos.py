@@ -26,7 +26,7 @@ import pytest
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from kubetest import REPO, Cluster, gpu_pod
+from kubetest import REPO, Cluster, gpu_pod, kwok_gpu_nodes
 
 from edpilot.models import ANNOTATION_POLICY, ANNOTATION_POWER_CAP, GROUP, VERSION
 
@@ -77,12 +77,7 @@ def decode_pod(namespace: str, name: str, node: str, app: str) -> dict[str, Any]
 
 
 def kwok_nodes(cluster: Cluster, count: int, gpus: int, prefix: str, pods: int) -> None:
-    manifest = subprocess.run(
-        [str(REPO / "hack" / "gpu-nodes.sh"), str(count), str(gpus), prefix],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    manifest = kwok_gpu_nodes(count, gpus, prefix)
     cluster.kubectl("apply", "-f", "-", input=manifest.replace('pods: "110"', f'pods: "{pods}"'))
 
 
