@@ -38,14 +38,13 @@ from edpilot_agent.kube import KubeError
 from edpilot_agent.kube import pod_info as agent_pod_info
 from edpilot_agent.pods import PodInfo as AgentPodInfo
 from edpilot_agent.sim import SIM_BATCH_SIZE, SIM_PRECISION, SIM_WORKLOAD, SimBackend, SimWorkloads
-from edpilot_operator.selection import PolicyRef, governance, gpu_request, pod_info, select
+from edpilot_operator.selection import PolicyRef, governance, pod_info, select
 from pydantic import ValidationError
 
 import edpilot
+from edpilot.contract import ANNOTATION_POLICY, HINT_ANNOTATIONS, gpu_request
 from edpilot.models import (
-    ANNOTATION_POLICY,
     GROUP,
-    HINT_ANNOTATIONS,
     VERSION,
     EnergyPolicySpec,
     GPUNodeReportSpec,

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final
 
-from edpilot.models import Condition, ConditionStatus, GPUStatus, PowerBudgetSpec, PowerBudgetStatus
+from edpilot.contract import committed_watts, transition
+from edpilot.models import Condition, GPUStatus, PowerBudgetSpec, PowerBudgetStatus
 
 Curve = tuple[tuple[float, float], ...]  # (cap watts, units per second), caps ascending
 
@@ -245,32 +246,6 @@ def grid_optimum(choices: Sequence[Mapping[int, float]], max_watts: float) -> fl
 # ---------------------------------------------------------------- status
 
 
-def committed_by(gpus: Sequence[GPUStatus]) -> float:
-    """What GPUs commit against a budget now: enforced limit when busy, present draw when idle."""
-    return sum(g.enforcedLimitWatts if g.pods else g.powerWatts for g in gpus)
-
-
-def _condition(
-    type_: str,
-    status: ConditionStatus,
-    reason: str,
-    message: str,
-    previous: Sequence[Condition],
-    now: datetime,
-    generation: int | None,
-) -> Condition:
-    before = next((c for c in previous if c.type == type_), None)
-    since = before.lastTransitionTime if before is not None and before.status == status else now
-    return Condition(
-        type=type_,
-        status=status,
-        reason=reason,
-        message=message,
-        lastTransitionTime=since,
-        observedGeneration=generation,
-    )
-
-
 def _named(uuids: Sequence[str]) -> str:
     more = f" and {len(uuids) - _MAX_NAMED} more" if len(uuids) > _MAX_NAMED else ""
     return ", ".join(uuids[:_MAX_NAMED]) + more
@@ -294,13 +269,13 @@ def budget_status(
     `allocate(...)` (None when no GPU is governed); allocated watts are its caps plus the reserved
     watts of GPUs edpilot does not cap."""
     old = previous.conditions if previous is not None else []
-    committed = committed_by(gpus)
+    committed = committed_watts(gpus)
     allocated = (allocation.allocated_watts if allocation is not None else 0.0) + reserved_watts
     if allocation is None:
         allocated = committed
 
     def cond(type_: str, ok: bool, reason: str, message: str) -> Condition:
-        return _condition(type_, "True" if ok else "False", reason, message, old, now, generation)
+        return transition(old, type_, "True" if ok else "False", reason, message, now, generation)
 
     conditions = []
     if allocation is not None and not allocation.feasible:

@@ -111,6 +111,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final, Literal
 
+from edpilot.contract import ThrottleReason
+
 Precision = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8", "int4-awq"]
 PRECISIONS: Final[tuple[Precision, ...]] = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8", "int4-awq")
 
@@ -118,9 +120,6 @@ PRECISIONS: Final[tuple[Precision, ...]] = ("fp32", "tf32", "bf16", "fp16", "fp8
 Engine = Literal["fp32", "tf32", "fp16", "fp8", "int8"]
 WorkloadKind = Literal["decode", "prefill", "gemm", "training"]
 
-# Throttle reasons, named as NVML's clocks-event reasons are (what the agent reports for both backends).
-SW_POWER_CAP: Final = "SwPowerCap"
-HW_THERMAL_SLOWDOWN: Final = "HwThermalSlowdown"
 
 # How imperfectly memory traffic and math overlap within a step: 1 would add
 # them, infinity would take the max. Fitted to the probe's decode sweep.
@@ -661,7 +660,7 @@ class OperatingPoint:
     joules_per_unit: float
     utilization: float  # fraction of time a kernel runs (NVML's GPU utilisation / 100)
     cap_watts: float
-    throttle_reasons: tuple[str, ...]
+    throttle_reasons: tuple[ThrottleReason, ...]
 
     @property
     def seconds_per_unit(self) -> float:
@@ -876,15 +875,15 @@ def operating_point(
     def power(f_mhz: float, mem_scale: float) -> float:
         return _power(gpu, eng, _step(gpu, profile, batch_size, traits, f_mhz, mem_scale), f_mhz)
 
-    reasons: list[str] = []
+    reasons: list[ThrottleReason] = []
     ceiling = gpu.max_sm_clock_mhz
     if profile.thermal_clock_limit_mhz is not None and profile.thermal_clock_limit_mhz < ceiling:
         ceiling = max(gpu.min_sm_clock_mhz, profile.thermal_clock_limit_mhz)
-        reasons.append(HW_THERMAL_SLOWDOWN)
+        reasons.append(ThrottleReason.HW_THERMAL_SLOWDOWN)
     f, mem_scale = ceiling, 1.0
     if power(ceiling, 1.0) > cap_watts:
         # Power rises with the clock, so the highest clock that fits is found by bisection.
-        reasons.insert(0, SW_POWER_CAP)
+        reasons.insert(0, ThrottleReason.SW_POWER_CAP)
         f = gpu.min_sm_clock_mhz
         if power(f, 1.0) <= cap_watts:
             f = _bisect(lambda x: power(x, 1.0) <= cap_watts, f, ceiling)
@@ -1037,7 +1036,7 @@ class WindowResult:
     mem_clock_mhz: int
     utilization_percent: int
     temperature_c: float
-    throttle_reasons: tuple[str, ...]
+    throttle_reasons: tuple[ThrottleReason, ...]
     power_limit_watts: float
     point: OperatingPoint | None  # the noiseless truth, None when idle
 
@@ -1142,7 +1141,7 @@ class SimulatedGpu:
         clock = spec.min_sm_clock_mhz if point is None else point.sm_clock_mhz
         clock = _snap_clock(spec, clock * _mean_one(rng, SM_CLOCK_READING_NOISE_REL))
         reasons = () if point is None else point.throttle_reasons
-        if HW_THERMAL_SLOWDOWN in reasons:
+        if ThrottleReason.HW_THERMAL_SLOWDOWN in reasons:
             temp = spec.slowdown_temp_c
         else:
             temp = spec.ambient_c + spec.c_per_watt * true_watts

@@ -27,15 +27,7 @@ ConditionStatus = Literal["True", "False", "Unknown"]
 Percent = Annotated[float, Field(ge=0, le=100)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
-# Pod annotations: the contract between the operator, the agent and workloads.
-ANNOTATION_POLICY = f"{GROUP}/policy"
-ANNOTATION_POWER_CAP = f"{GROUP}/power-cap-watts"
-ANNOTATION_BATCH_SIZE = f"{GROUP}/batch-size"
-ANNOTATION_QUANTIZATION = f"{GROUP}/quantization"
-ANNOTATION_EXCLUDE = f"{GROUP}/exclude"
-ANNOTATION_QUANTIZATION_ACCURACY = f"{GROUP}/quantization-accuracy"
-ANNOTATION_BATCH_SIZE_RANGE = f"{GROUP}/batch-size-range"
-HINT_ANNOTATIONS = (ANNOTATION_POLICY, ANNOTATION_POWER_CAP, ANNOTATION_BATCH_SIZE, ANNOTATION_QUANTIZATION)
+# Pod annotations and the other agreements between processes: edpilot.contract.
 
 
 class ApiModel(BaseModel):

@@ -26,7 +26,6 @@ resumes mid-exploration from what it stored in the policy's status.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edpilot.contract import CapBounds, cap_bounds
 from edpilot.edp import (
     CAP_TOLERANCE_WATTS,
     TRANSITIONS,
@@ -146,34 +146,6 @@ class Observation(BaseModel):
 
     time: float
     members: tuple[MemberSample, ...]
-
-
-def parse_accuracy(text: str) -> dict[Profile, float]:
-    """Parse `edpilot.io/quantization-accuracy`: a JSON object of profile -> relative accuracy."""
-    where = "annotation edpilot.io/quantization-accuracy"
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where} is not valid JSON: {err.msg} at position {err.pos}") from None
-    except RecursionError:
-        # A tenant writes this annotation: nesting deep enough to exhaust the parser is just bad input.
-        raise ValueError(f"{where} is nested too deeply to be a table of profiles") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f'{where} must be a JSON object like {{"bf16": 1.0, "fp8": 0.995}}')
-    parsed: dict[Profile, float] = {}
-    for key, value in raw.items():
-        profile = next((p for p in PROFILES if p == key), None)
-        if profile is None:
-            raise ValueError(f"{where}: unknown profile {key!r}; expected one of {', '.join(PROFILES)}")
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            raise ValueError(f"{where}: accuracy of {key} must be a positive number, got {value!r}")
-        parsed[profile] = float(value)
-    return parsed
 
 
 # ---------------------------------------------------------------- state
@@ -292,34 +264,6 @@ class Decision(BaseModel):
 
 
 # ---------------------------------------------------------------- power-cap bounds
-
-
-@dataclass(frozen=True)
-class CapBounds:
-    lo: float
-    hi: float
-    baseline: float  # the cap a baseline is measured at
-
-
-def cap_bounds(spec: PowerCapSpec, member: MemberInfo) -> CapBounds | str:
-    """The caps the optimizer may propose for one GPU, or why it proposes none."""
-    lo_c, hi_c, default = member.minWatts, member.maxWatts, member.defaultWatts
-    if lo_c is None or hi_c is None or default is None or not lo_c <= default <= hi_c:
-        return f"GPU {member.member} has unknown or inconsistent power-limit constraints: its limit is left alone"
-    if spec.mode == "Off":
-        return f"power cap mode Off: the limit of GPU {member.member} is left alone"
-    if spec.mode == "Fixed":
-        assert spec.watts is not None  # the model's validator guarantees it
-        fixed = min(max(spec.watts, lo_c), hi_c)
-        return CapBounds(fixed, fixed, fixed)
-    lo = max(lo_c, spec.minPercent / 100.0 * default, spec.minWatts or 0.0)
-    hi = min(hi_c, spec.maxPercent / 100.0 * default, spec.maxWatts or math.inf)
-    if lo > hi:
-        return (
-            f"the policy's power-cap bounds do not meet GPU {member.member}'s constraints "
-            f"[{lo_c:g}, {hi_c:g}] W: its limit is left alone"
-        )
-    return CapBounds(lo, hi, min(default, hi))
 
 
 def _clamp(x: float, lo: float, hi: float) -> float:

@@ -1,10 +1,9 @@
 """Where a GPU pod should run: which nodes a power budget or throttling rules out, and how
 much energy per unit of work the pod is expected to spend on each of the others. Pure.
 
-Budget accounting (shared with `edpilot.budget` and the operator): a GPU that holds pods
-commits its enforced power limit (what it may draw); an idle GPU commits what it draws now,
-because edpilot caps GPUs per pod and cannot lower an idle one's limit. A budget's headroom is
-`maxWatts` minus what its GPUs commit. A pod fits when its GPUs, at the lowest limit the operator
+Budget accounting (`edpilot.contract.committed_watts`, shared with `edpilot.budget` and the
+operator): a GPU that holds pods commits its enforced power limit (what it may draw); an idle GPU
+commits what it draws now. A budget's headroom is `maxWatts` minus what its GPUs commit. A pod fits when its GPUs, at the lowest limit the operator
 may give them under that budget, fit in that headroom: the lowest its Auto policy allows; for a pod
 no Auto policy steers, its default limit (a Governed budget never caps it) or, under an AllGPUs
 budget, what `DEFAULT_CAP` allows.
@@ -25,20 +24,13 @@ from functools import cache
 from typing import Final, Literal
 
 from edpilot import gpusim
+from edpilot.contract import Limits, blocking_reasons, cap_bounds
 from edpilot.models import GPUStatus, PowerCapSpec
 
 MAX_SCORE: Final = 10  # MaxExtenderPriority of the kube-scheduler extender API
 # Energy decides; budget headroom breaks near-ties and spreads load away from full budgets.
 ENERGY_WEIGHT: Final = 0.7
 HEADROOM_WEIGHT: Final = 1.0 - ENERGY_WEIGHT
-
-# NVML clocks-event reasons that mean the GPU is already losing work to heat or to the
-# power brake: a new pod there would run slower and spend more energy per unit.
-BLOCKING_THROTTLE_REASONS: Final[Mapping[str, str]] = {
-    "HwThermalSlowdown": "hardware thermal slowdown",
-    "SwThermalSlowdown": "software thermal slowdown",
-    "HwPowerBrakeSlowdown": "power-brake slowdown",
-}
 
 THROTTLED_PREFIX: Final = "edpilot: node GPUs are throttled: "
 
@@ -218,52 +210,30 @@ class BudgetView:
 
 def blocking_throttle(gpus: Iterable[GPUStatus]) -> str:
     """Human-readable throttling that rules a node out, or "" (what `kubectl describe pod` shows)."""
-    hits = [
-        f"GPU {g.index} {BLOCKING_THROTTLE_REASONS[r]}"
-        for g in gpus
-        for r in g.throttleReasons
-        if r in BLOCKING_THROTTLE_REASONS
-    ]
+    hits = [f"GPU {g.index} {why}" for g in gpus for why in blocking_reasons(g.throttleReasons)]
     if not hits:
         return ""
     more = f" (+{len(hits) - 2} more)" if len(hits) > 2 else ""
     return THROTTLED_PREFIX + ", ".join(hits[:2]) + more
 
 
-def committed_watts(gpus: Sequence[GPUStatus], unreported_gpus: int, default_limit_watts: float) -> float:
-    """Watts a node's GPUs hold against its budgets.
-
-    A GPU holding pods commits its enforced limit, an idle one its present draw. GPUs of pods the
-    scheduler has bound to the node but the agent has not reported yet count at the default limit
-    (that is where they start), taking the place of the idle GPUs that draw least.
-    """
-    busy = [g for g in gpus if g.pods]
-    idle_draws = sorted(g.powerWatts for g in gpus if not g.pods)
-    total = sum(g.enforcedLimitWatts for g in busy) + sum(idle_draws)
-    for draw in idle_draws[:unreported_gpus]:
-        total += default_limit_watts - draw
-    total += max(0, unreported_gpus - len(idle_draws)) * default_limit_watts
-    return total
-
-
 def lowest_cap_watts(cap: PowerCapSpec | None, node: NodeView, all_gpus: bool = False) -> float:
     """The lowest power limit the operator may give the pod's GPUs on this node under a budget
     (0 when unknown). `cap` is the governing policy's; a GPU no Auto policy steers keeps its
     default (or Fixed) limit unless the budget is of scope AllGPUs."""
-    default, hw_min = node.default_limit_watts, node.min_limit_watts
-    hw_max = node.max_limit_watts or default
+    default = node.default_limit_watts
     if default <= 0:
         return 0.0
+    limits = Limits(node.name, node.min_limit_watts, node.max_limit_watts or default, default)
 
-    def floor(spec: PowerCapSpec) -> float:
-        return min(max(hw_min, default * spec.minPercent / 100.0, spec.minWatts or 0.0), hw_max)
+    def lowest(spec: PowerCapSpec) -> float:
+        bounds = cap_bounds(spec, limits)
+        return default if isinstance(bounds, str) else bounds.lo  # left alone: at its default
 
     if cap is not None and cap.mode == "Auto":
-        return floor(cap)
-    left = default
-    if cap is not None and cap.mode == "Fixed" and cap.watts is not None:
-        left = min(max(cap.watts, hw_min), hw_max)
-    return min(left, floor(DEFAULT_CAP)) if all_gpus else left
+        return lowest(cap)
+    left = lowest(cap) if cap is not None and cap.mode == "Fixed" else default
+    return min(left, lowest(DEFAULT_CAP)) if all_gpus else left
 
 
 # ---------------------------------------------------------------- filter

@@ -29,19 +29,20 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
-from edpilot.models import (
+from edpilot.contract import (
     ANNOTATION_BATCH_SIZE,
     ANNOTATION_BATCH_SIZE_RANGE,
     ANNOTATION_POLICY,
     ANNOTATION_POWER_CAP,
     ANNOTATION_QUANTIZATION,
     ANNOTATION_QUANTIZATION_ACCURACY,
-    PROFILES,
-    Profile,
-    WorkMetric,
+    decode_batch_size,
+    decode_power_cap,
+    decode_quantization,
+    parse_accuracy,
+    parse_batch_range,
 )
-from edpilot.optimizer import parse_accuracy
-from edpilot.textnum import positive_int
+from edpilot.models import Profile, WorkMetric
 
 log = logging.getLogger("edpilot.workload")
 
@@ -108,17 +109,10 @@ class Hints:
 
     @classmethod
     def from_annotations(cls, annotations: Mapping[str, str]) -> Hints:
-        batch = annotations.get(ANNOTATION_BATCH_SIZE, "").strip()
-        quant = annotations.get(ANNOTATION_QUANTIZATION, "").strip()
-        cap = annotations.get(ANNOTATION_POWER_CAP, "").strip()
-        try:
-            cap_watts: float | None = float(cap) if cap else None
-        except ValueError:
-            cap_watts = None
         return cls(
-            batch_size=positive_int(batch),
-            quantization=next((p for p in PROFILES if p == quant), None),
-            power_cap_watts=cap_watts,
+            batch_size=decode_batch_size(annotations.get(ANNOTATION_BATCH_SIZE)),
+            quantization=decode_quantization(annotations.get(ANNOTATION_QUANTIZATION)),
+            power_cap_watts=decode_power_cap(annotations.get(ANNOTATION_POWER_CAP)),
             policy=annotations.get(ANNOTATION_POLICY) or None,
         )
 
@@ -215,7 +209,7 @@ class Workload:
                 raise  # the code's own declaration is wrong: fail at start, not later
             log.warning("%s; no quantization hint will be followed", exc)
             self.accuracy = {}
-        self.batch_range = batch_range or _batch_range(annotations.get(ANNOTATION_BATCH_SIZE_RANGE, ""))
+        self.batch_range = batch_range or parse_batch_range(annotations.get(ANNOTATION_BATCH_SIZE_RANGE, ""))
         self.hints = Hints.from_annotations(annotations)
         self._work = Counter(work_metric, f"Work done, in {unit}.", registry=self.registry)
         self._config = Info(CONFIG_METRIC, "The configuration the workload runs now.", registry=self.registry)
@@ -289,11 +283,3 @@ class Workload:
         """Serve /metrics in a daemon thread; returns the bound port (useful with port 0)."""
         server, _ = start_http_server(port, addr=addr, registry=self.registry)
         return int(server.server_port)
-
-
-def _batch_range(text: str) -> tuple[int, int] | None:
-    lo, sep, hi = text.replace("..", "-").partition("-")
-    low, high = positive_int(lo), positive_int(hi)
-    if not sep or low is None or high is None:
-        return None
-    return (low, high) if low <= high else None

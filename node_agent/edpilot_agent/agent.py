@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from edpilot.contract import transition
 from edpilot.dra import DEFAULT_CONFIG, DraConfig, SliceDevice, device_catalog
 from edpilot.models import Condition, GPUNodeReportSpec, GPUNodeReportStatus, GPUStatus, WorkloadSample
 from edpilot_agent import AGENT_VERSION
@@ -26,7 +27,7 @@ from edpilot_agent.counters import CounterTracker
 from edpilot_agent.holdings import Holdings, PodDevices, resolve
 from edpilot_agent.kube import KubeApi
 from edpilot_agent.pods import PodInfo
-from edpilot_agent.reporter import condition, gpu_status, workload_sample
+from edpilot_agent.reporter import gpu_status, workload_sample
 from edpilot_agent.scraper import WorkReading, WorkSource
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ class NodeAgent:
         if self.snapshot is not None:
             previous = self.snapshot.conditions
             conditions = [c for c in previous if c.type not in ("Ready", "LeaseValid")] + [
-                condition(
+                transition(
                     previous,
                     "Ready",
                     "False",
@@ -177,7 +178,7 @@ class NodeAgent:
             ]
             if errors:
                 conditions.append(
-                    condition(previous, "SpecApplied", "False", "RestoreFailed", "; ".join(errors), wall)
+                    transition(previous, "SpecApplied", "False", "RestoreFailed", "; ".join(errors), wall)
                 )
             self._publish(now, wall, Holdings(), list(self.snapshot.workloads), conditions)
             self._dirty = True
@@ -302,7 +303,7 @@ class NodeAgent:
         else:
             work = ("True", "Healthy", f"{len(samples)} work counters healthy")
         rows = {"Ready": ready, "LeaseValid": lease, "SpecApplied": applied, "WorkCountersHealthy": work}
-        conditions = [condition(previous, t, s, r, m, wall) for t, (s, r, m) in rows.items()]  # type: ignore[arg-type]
+        conditions = [transition(previous, t, s, r, m, wall) for t, (s, r, m) in rows.items()]  # type: ignore[arg-type]
         if {(c.type, c.status, c.reason) for c in conditions} != {
             (c.type, c.status, c.reason) for c in previous
         }:

@@ -22,7 +22,6 @@ from typing import Any, Final
 
 from edpilot.dra import DeviceKey, DraConfig, SliceDevice
 
-GPU_RESOURCE: Final = "nvidia.com/gpu"
 # `<uuid>` or a time-slicing/MPS replica `<uuid>::<n>`.
 _PLUGIN_ID: Final = re.compile(r"([A-Za-z0-9-]{1,96})(::[0-9]{1,6})?")
 # Bounds on what the setter's answer may hold: Kubernetes' own limits on these names.

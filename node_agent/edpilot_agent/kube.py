@@ -22,14 +22,13 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from edpilot.contract import gpu_request
 from edpilot.dra import ClaimView, DraConfig, SliceDevice, claim_view, slice_devices
 from edpilot.models import GROUP, VERSION, GPUNodeReportSpec, GPUNodeReportStatus
-from edpilot.textnum import ascii_int
 from edpilot_agent.pods import PodInfo
 
 PLURAL = "gpunodereports"
 KIND = "GPUNodeReport"
-GPU_RESOURCE = "nvidia.com/gpu"
 log = logging.getLogger(__name__)
 
 
@@ -60,20 +59,13 @@ def pod_info(obj: dict[str, Any]) -> PodInfo | None:
     phase = status.get("phase") or "Pending"
     if meta.get("deletionTimestamp") or phase in ("Succeeded", "Failed"):
         return None
-    gpus = 0
-    for container in spec.get("containers") or []:
-        resources = container.get("resources") or {}
-        wanted = (resources.get("limits") or {}).get(GPU_RESOURCE) or (resources.get("requests") or {}).get(
-            GPU_RESOURCE
-        )
-        gpus += ascii_int(str(wanted)) or 0 if wanted else 0
     return PodInfo(
         namespace=meta.get("namespace", ""),
         name=meta.get("name", ""),
         uid=meta.get("uid", ""),
         ip=status.get("podIP") or "",
         phase=phase,
-        gpu_request=gpus,
+        gpu_request=gpu_request(spec),
         host_network=spec.get("hostNetwork") is True,
         annotations=dict(meta.get("annotations") or {}),
     )

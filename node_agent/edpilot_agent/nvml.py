@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar
 
 import pynvml
 
+from edpilot.contract import throttle_reasons
 from edpilot_agent.backend import EnergySource, GpuBackendError, GpuInfo, GpuReading
 from edpilot_agent.sampler import PowerSampler
 
@@ -43,29 +44,12 @@ _HINTS: dict[int, str] = {
     pynvml.NVML_ERROR_TIMEOUT: "the GPU did not answer in time",
 }
 
-# Bits of nvmlDeviceGetCurrentClocksEventReasons, named as in nvml.h without the prefix.
-THROTTLE_REASONS: tuple[tuple[int, str], ...] = (
-    (0x001, "GpuIdle"),
-    (0x002, "ApplicationsClocksSetting"),
-    (0x004, "SwPowerCap"),
-    (0x008, "HwSlowdown"),
-    (0x010, "SyncBoost"),
-    (0x020, "SwThermalSlowdown"),
-    (0x040, "HwThermalSlowdown"),
-    (0x080, "HwPowerBrakeSlowdown"),
-    (0x100, "DisplayClockSetting"),
-)
-
 
 def describe_error(exc: BaseException, what: str) -> str:
     """A sentence saying what failed and what to do about it."""
     code = getattr(exc, "value", None)
     hint = _HINTS.get(code, str(exc)) if isinstance(code, int) else str(exc)
     return f"{what}: {hint} (NVML: {exc})"
-
-
-def throttle_reason_names(mask: int) -> tuple[str, ...]:
-    return tuple(name for bit, name in THROTTLE_REASONS if mask & bit)
 
 
 # Prefixes of the pynvml functions that change a GPU: a read-only tool can disable them all.
@@ -239,7 +223,7 @@ class NvmlBackend:
             sm_clock_mhz=v["sm_clock_mhz"],
             mem_clock_mhz=v["mem_clock_mhz"],
             temperature_c=v["temperature_c"],
-            throttle_reasons=throttle_reason_names(int(v["throttle_mask"])),
+            throttle_reasons=throttle_reasons(int(v["throttle_mask"])),
         )
 
     def call_costs(self, uuid: str, repeats: int = 20) -> dict[str, float]:

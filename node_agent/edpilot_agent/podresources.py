@@ -9,8 +9,9 @@ from collections.abc import Mapping, Sequence
 
 import grpc
 
+from edpilot.contract import GPU_RESOURCE
 from edpilot_agent import podresources_pb2, podresources_pb2_grpc
-from edpilot_agent.holdings import GPU_RESOURCE, DynamicDevice, PodDevices
+from edpilot_agent.holdings import DynamicDevice, PodDevices
 from edpilot_agent.pods import PodInfo
 
 KUBELET_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"

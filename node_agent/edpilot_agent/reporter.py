@@ -4,36 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from datetime import datetime
 
-from edpilot.models import (
-    PROFILES,
-    Condition,
-    ConditionStatus,
-    GPUStatus,
-    MeasuredWorkload,
-    Profile,
-    WorkloadSample,
-)
+from edpilot.contract import decode_quantization
+from edpilot.models import GPUStatus, MeasuredWorkload, Profile, WorkloadSample
 from edpilot_agent.backend import GpuInfo, GpuReading
 from edpilot_agent.counters import CounterTracker
 from edpilot_agent.scraper import WorkReading
-
-
-def condition(
-    previous: Sequence[Condition],
-    type_: str,
-    status: ConditionStatus,
-    reason: str,
-    message: str,
-    now: datetime,
-) -> Condition:
-    """A condition whose lastTransitionTime moves only when its status changes."""
-    before = next((c for c in previous if c.type == type_), None)
-    since = before.lastTransitionTime if before is not None and before.status == status else now
-    return Condition(
-        type=type_, status=status, reason=reason, message=message[:32768], lastTransitionTime=since
-    )
 
 
 def gpu_status(
@@ -91,9 +67,8 @@ def workload_sample(
         problems.append(f"work counter {workload.metricName} has not increased for {silent:.0f} s")
     quantization: Profile | None = None
     if reading.quantization is not None:
-        if reading.quantization in PROFILES:
-            quantization = next(p for p in PROFILES if p == reading.quantization)
-        else:
+        quantization = decode_quantization(reading.quantization)
+        if quantization is None:
             problems.append("the pod reports a quantization profile edpilot does not know")
     return WorkloadSample(
         namespace=workload.namespace,

@@ -27,8 +27,9 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from edpilot import gpusim, serving
+from edpilot.contract import ANNOTATION_BATCH_SIZE, ANNOTATION_QUANTIZATION
 from edpilot.dra import DEFAULT_CONFIG, ClaimView, DraConfig, SliceDevice, device_catalog
-from edpilot.models import ANNOTATION_BATCH_SIZE, ANNOTATION_QUANTIZATION, MeasuredWorkload
+from edpilot.models import MeasuredWorkload
 from edpilot.textnum import ascii_float, positive_int
 from edpilot_agent.backend import GpuBackendError, GpuInfo, GpuReading
 from edpilot_agent.holdings import DynamicDevice, PodDevices, resolve
@@ -42,6 +43,9 @@ SIM_PRECISION = "sim.edpilot.io/precision"
 SIM_BATCH_SIZE = "sim.edpilot.io/batch-size"
 SIM_WORK_SHARE = "sim.edpilot.io/work-share"
 SIM_REQUESTS_PER_SECOND = "sim.edpilot.io/requests-per-second"
+# A GPU whose cooling holds its SM clock at this many MHz (hardware thermal slowdown, which the
+# agent reports as NVML does and placement avoids).
+SIM_THERMAL_CLOCK = "sim.edpilot.io/thermal-clock-limit-mhz"
 
 SERVING = "llm-serving"
 PROFILES: dict[str, Callable[[], gpusim.WorkloadProfile]] = {
@@ -55,6 +59,7 @@ PROFILES: dict[str, Callable[[], gpusim.WorkloadProfile]] = {
 DEFAULT_BATCH = {"llm-decode": 8, SERVING: 256, "training": 8, "gemm": 4}
 DEFAULT_PRECISION = "bf16"
 DEFAULT_REQUESTS_PER_SECOND = 8.0
+
 
 @dataclass
 class SimJob:
@@ -73,10 +78,16 @@ class SimJob:
     engine: serving.ServingEngine | None = None  # an llm-serving pod's engine
     requests_per_second: float = 0.0
     dra_indices: tuple[int, ...] = ()  # the GPUs it holds through DRA (the rest: device plugin)
+    thermal_clock_mhz: float | None = None
 
     @property
     def profile(self) -> gpusim.WorkloadProfile | None:
-        return PROFILES[self.kind]() if self.kind else None
+        if not self.kind:
+            return None
+        profile = PROFILES[self.kind]()
+        return (
+            profile if self.thermal_clock_mhz is None else gpusim.throttled(profile, self.thermal_clock_mhz)
+        )
 
 
 class SimBackend:
@@ -228,7 +239,7 @@ class SimBackend:
         """A synchronous step over the pod's GPUs. A pod with work-share < 1 waits each step for a
         peer elsewhere (at the default limit) that does a full share: a straggler's partner."""
         caps = [self.devices[i].power_limit_watts for i in job.gpu_indices]
-        key = (job.kind, job.batch_size, job.precision, job.work_share, *caps)
+        key = (job.kind, job.thermal_clock_mhz, job.batch_size, job.precision, job.work_share, *caps)
         point = self._points.get(key)
         if point is None:
             profile = job.profile
@@ -341,7 +352,16 @@ class SimWorkloads:
         except ValueError:
             share = 1.0
         share = min(max(share, 0.05), 1.0)
-        return SimJob(pod.key, gpu_indices, kind, batch, precision, work_share=share)
+        thermal = positive_int(pod.annotations.get(SIM_THERMAL_CLOCK))
+        return SimJob(
+            pod.key,
+            gpu_indices,
+            kind,
+            batch,
+            precision,
+            work_share=share,
+            thermal_clock_mhz=float(thermal) if thermal is not None else None,
+        )
 
     def _start_engine(self, job: SimJob, pod: PodInfo) -> None:
         """An llm-serving pod serves on its first GPU (one replica, one GPU)."""

@@ -42,6 +42,7 @@ from edpilot.budget import (
     budget_status,
     throughput_at,
 )
+from edpilot.contract import cap_bounds
 from edpilot.dra import DraHoldings
 from edpilot.models import (
     BudgetAllocation,
@@ -51,7 +52,7 @@ from edpilot.models import (
     PowerBudgetStatus,
     PowerCapSpec,
 )
-from edpilot.optimizer import Config, OptimizerState, cap_bounds
+from edpilot.optimizer import Config, OptimizerState
 from edpilot.placement import compute_bound_curve
 from edpilot.sharing import NO_DRA
 

@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
+from edpilot.contract import committed_watts, gpu_request
 from edpilot.dra import DEFAULT_CONFIG, ClaimView, DraConfig, claim_view, requested_gpus
 from edpilot.models import EnergyPolicySpec, GPUNodeReportStatus, GPUStatus, PowerBudgetSpec, WorkloadStatus
 from edpilot.placement import (
@@ -24,10 +25,9 @@ from edpilot.placement import (
     PodDemand,
     blocking_throttle,
     build_history,
-    committed_watts,
     prior_for,
 )
-from edpilot_operator.selection import PodInfo, PolicyRef, governing_policy, gpu_request, pod_info
+from edpilot_operator.selection import PodInfo, PolicyRef, governing_policy, pod_info
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
+from edpilot.contract import HINT_ANNOTATIONS
 from edpilot.dra import (
     DEFAULT_CONFIG,
     ClaimView,
@@ -27,7 +28,6 @@ from edpilot.dra import (
 )
 from edpilot.models import (
     GROUP,
-    HINT_ANNOTATIONS,
     VERSION,
     EnergyPolicySpec,
     GPUNodeReportSpec,

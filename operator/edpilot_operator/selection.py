@@ -20,11 +20,10 @@ from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from edpilot.contract import ANNOTATION_POLICY, gpu_request, is_excluded
 from edpilot.dra import ClaimView, DeviceKey, PodGpu, SliceDevice, pod_gpus
-from edpilot.models import ANNOTATION_EXCLUDE, ANNOTATION_POLICY, EnergyPolicySpec
+from edpilot.models import EnergyPolicySpec
 from edpilot.optimizer import Config
-
-GPU_RESOURCE = "nvidia.com/gpu"
 
 
 @dataclass(frozen=True)
@@ -54,23 +53,7 @@ class PodInfo:
 
     @property
     def excluded(self) -> bool:
-        return self.annotations.get(ANNOTATION_EXCLUDE, "").lower() == "true"
-
-
-def gpu_request(pod_spec: Mapping[str, Any]) -> int:
-    """GPUs a pod holds: the sum over its containers (init containers run before, not beside)."""
-    total = 0
-    for container in pod_spec.get("containers") or []:
-        resources = container.get("resources") or {}
-        amount = (resources.get("limits") or {}).get(GPU_RESOURCE) or (resources.get("requests") or {}).get(
-            GPU_RESOURCE
-        )
-        if amount is not None:
-            try:
-                total += int(str(amount))
-            except ValueError:
-                continue
-    return total
+        return is_excluded(self.annotations)
 
 
 def may_hold_gpus(pod_spec: Mapping[str, Any]) -> bool:

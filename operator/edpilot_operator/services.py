@@ -13,15 +13,22 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from edpilot.dra import DraHoldings
-from edpilot.edp import MemberSample
-from edpilot.models import (
+from edpilot.contract import (
     ANNOTATION_BATCH_SIZE,
     ANNOTATION_BATCH_SIZE_RANGE,
     ANNOTATION_POLICY,
     ANNOTATION_POWER_CAP,
     ANNOTATION_QUANTIZATION,
     ANNOTATION_QUANTIZATION_ACCURACY,
+    encode_batch_size,
+    encode_power_cap,
+    parse_accuracy,
+    parse_batch_range,
+    transition,
+)
+from edpilot.dra import DraHoldings
+from edpilot.edp import MemberSample
+from edpilot.models import (
     Condition,
     ConditionStatus,
     EnergyPolicyStatus,
@@ -38,7 +45,6 @@ from edpilot.optimizer import (
     OptimizerState,
     Tuning,
     WorkloadInfo,
-    parse_accuracy,
     step,
 )
 from edpilot.sharing import NO_DRA
@@ -164,14 +170,6 @@ def snapshot(
         warnings=tuple(warnings),
         report_only=tuple(report_only),
     )
-
-
-def parse_batch_range(text: str) -> tuple[int, int] | None:
-    try:
-        lo, hi = (int(part) for part in text.replace("..", "-").split("-", 1))
-    except ValueError:
-        return None
-    return (lo, hi) if 1 <= lo <= hi else None
 
 
 def reconcile_policy(
@@ -300,8 +298,8 @@ def _write_hints(workload: Workload, info: WorkloadInfo, decision: Decision, out
             c for member, c in decision.capWatts.items() if c is not None and pod_of.get(member) == pod.key
         ]
         wanted: dict[str, str | None] = {
-            ANNOTATION_POWER_CAP: f"{max(caps):.0f}" if caps else None,
-            ANNOTATION_BATCH_SIZE: str(decision.batchSize) if decision.batchSize is not None else None,
+            ANNOTATION_POWER_CAP: encode_power_cap(max(caps) if caps else None),
+            ANNOTATION_BATCH_SIZE: encode_batch_size(decision.batchSize),
             ANNOTATION_QUANTIZATION: decision.quantization,
         }
         changes = {k: v for k, v in wanted.items() if pod.annotations.get(k) != v}
@@ -376,22 +374,7 @@ def _conditions(
         _target_condition(policy, governed),
         _exclusive_condition(governed),
     ]
-    before = {c.type: c for c in previous}
-    result: list[Condition] = []
-    for type_, status, reason, message in wanted:
-        old = before.get(type_)
-        since = old.lastTransitionTime if old is not None and old.status == status else now
-        result.append(
-            Condition(
-                type=type_,
-                status=status,
-                reason=reason,
-                message=message[:32768],
-                lastTransitionTime=since,
-                observedGeneration=generation,
-            )
-        )
-    return result
+    return [transition(previous, t, s, r, m, now, generation) for t, s, r, m in wanted]
 
 
 def _exclusive_condition(rows: Sequence[WorkloadStatus]) -> tuple[str, ConditionStatus, str, str]:
@@ -430,22 +413,14 @@ def invalid_spec_conditions(
     status: Mapping[str, Any], error: str, generation: int | None, now: datetime
 ) -> list[dict[str, Any]]:
     """A spec the API server accepted but edpilot cannot use: say so, decide nothing."""
-    previous = {c.type: c for c in _previous_status(status).conditions}
-    result = []
+    previous = _previous_status(status).conditions
     checks: tuple[tuple[str, ConditionStatus, str], ...] = (
         ("Ready", "False", "InvalidSpec"),
         ("Degraded", "True", "InvalidSpec"),
     )
-    for type_, value, reason in checks:
-        old = previous.get(type_)
-        since = old.lastTransitionTime if old is not None and old.status == value else now
-        cond = Condition(
-            type=type_,
-            status=value,
-            reason=reason,
-            message=error[:32768],
-            lastTransitionTime=since,
-            observedGeneration=generation,
+    return [
+        transition(previous, t, value, reason, error, now, generation).model_dump(
+            mode="json", exclude_none=True
         )
-        result.append(cond.model_dump(mode="json", exclude_none=True))
-    return result
+        for t, value, reason in checks
+    ]

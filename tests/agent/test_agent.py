@@ -16,7 +16,8 @@ from edpilot_agent.main import install_signal_handlers, run
 from edpilot_agent.metrics import AgentCollector
 from prometheus_client import CollectorRegistry, generate_latest
 
-from edpilot.models import ANNOTATION_BATCH_SIZE, DesiredPowerLimit, GPUNodeReportStatus
+from edpilot.contract import ANNOTATION_BATCH_SIZE
+from edpilot.models import DesiredPowerLimit, GPUNodeReportStatus
 
 
 def condition(status: GPUNodeReportStatus, type_: str) -> tuple[str, str]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pynvml
 import pytest
 from edpilot_agent.backend import GpuBackendError, GpuInfo, GpuReading
-from edpilot_agent.nvml import NvmlBackend, describe_error, forbid_setters, throttle_reason_names
+from edpilot_agent.nvml import NvmlBackend, describe_error, forbid_setters
 from edpilot_agent.reporter import gpu_status
 
 from edpilot import placement
+from edpilot.contract import throttle_reasons
 
 
 @pytest.mark.parametrize(
@@ -28,8 +29,8 @@ def test_nvml_errors_become_clear_messages(code: int, words: str) -> None:
 
 
 def test_throttle_reasons_are_named_like_nvml() -> None:
-    assert throttle_reason_names(0x004 | 0x040) == ("SwPowerCap", "HwThermalSlowdown")
-    assert throttle_reason_names(0) == ()
+    assert throttle_reasons(0x004 | 0x040) == ("SwPowerCap", "HwThermalSlowdown")
+    assert throttle_reasons(0) == ()
 
 
 def test_without_a_driver_the_backend_fails_with_a_clear_message() -> None:
@@ -89,7 +90,7 @@ def test_a_throttle_the_agent_reports_from_nvml_is_the_one_placement_avoids(mask
         sm_clock_mhz=1500,
         mem_clock_mhz=2619,
         temperature_c=88,
-        throttle_reasons=throttle_reason_names(mask),
+        throttle_reasons=throttle_reasons(mask),
     )
     text = placement.blocking_throttle([gpu_status(info, reading, 1.0, ["ml/p"])])
     assert (blocked in text and text != "") if blocked else text == ""

@@ -10,8 +10,8 @@ from edpilot_agent.scraper import MetricsParser
 from edpilot_agent.sim import SIM_REQUESTS_PER_SECOND, SIM_WORKLOAD
 
 from edpilot import serving
+from edpilot.contract import ANNOTATION_QUANTIZATION
 from edpilot.models import (
-    ANNOTATION_QUANTIZATION,
     EnergyPolicySpec,
     GPUNodeReportSpec,
     LatencySLO,

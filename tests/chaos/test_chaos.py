@@ -28,7 +28,8 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubetest import REPO, Cluster, gpu_pod, kwok_gpu_nodes
 
-from edpilot.models import ANNOTATION_POLICY, ANNOTATION_POWER_CAP, GROUP, VERSION
+from edpilot.contract import ANNOTATION_POLICY, ANNOTATION_POWER_CAP
+from edpilot.models import GROUP, VERSION
 
 pytestmark = [pytest.mark.chaos]
 

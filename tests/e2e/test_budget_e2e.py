@@ -23,7 +23,8 @@ from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait
 from kubetest import Cluster, gpu_pod
 
 from edpilot import gpusim
-from edpilot.budget import committed_by, grid_optimum
+from edpilot.budget import grid_optimum
+from edpilot.contract import committed_watts
 from edpilot.models import GPUNodeReportStatus, GPUStatus
 
 NAMESPACE = "e2e-budget"
@@ -208,7 +209,7 @@ def test_a_shrunk_budget_holds_within_two_report_intervals(converged: Cluster) -
     cluster = converged
     chosen = chosen_caps(cluster)
     assert set(chosen) == set(WORK)
-    committed = committed_by(node_gpus(cluster))
+    committed = committed_watts(node_gpus(cluster))
 
     # Room to spare: the status describes the nodes, no cap moves.
     cluster.kubectl("apply", "-f", "-", input=json.dumps(budget_body(round(committed + 400))))
@@ -240,7 +241,7 @@ def test_a_shrunk_budget_holds_within_two_report_intervals(converged: Cluster) -
 
     def holding() -> list[GPUStatus] | None:
         gpus = node_gpus(cluster)
-        return gpus if committed_by(gpus) <= max_watts else None
+        return gpus if committed_watts(gpus) <= max_watts else None
 
     gpus = wait_until("the budget to hold", holding, DEADLINE + 10, interval=0.25)
     took = time.monotonic() - shrunk_at

@@ -20,7 +20,7 @@ from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait
 from kubetest import Cluster, gpu_pod
 
 from edpilot import gpusim
-from edpilot.models import HINT_ANNOTATIONS
+from edpilot.contract import HINT_ANNOTATIONS
 
 NAMESPACE = "e2e-loop"
 NODES = ("gpu-node-0", "gpu-node-1")

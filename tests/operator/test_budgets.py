@@ -25,7 +25,8 @@ from edpilot_operator.reports import ReportTiming, decided, desired_spec
 from edpilot_operator.selection import Governed, PodInfo, PolicyRef
 
 from edpilot import gpusim, placement
-from edpilot.budget import committed_by, grid_optimum, throughput_at
+from edpilot.budget import grid_optimum, throughput_at
+from edpilot.contract import committed_watts
 from edpilot.edp import Metrics
 from edpilot.models import (
     BudgetAllocation,
@@ -207,7 +208,7 @@ class Fleet:
 
     def committed(self) -> float:
         reports = self.reports()
-        return committed_by([g for n in ("node-a", "node-b") for g in reports[n].gpus])
+        return committed_watts([g for n in ("node-a", "node-b") for g in reports[n].gpus])
 
     def idle_draw(self) -> float:
         reports = self.reports()

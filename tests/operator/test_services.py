@@ -18,8 +18,9 @@ from edpilot_operator.selection import (
     pod_info,
     select,
 )
-from edpilot_operator.services import parse_batch_range, policy_totals, reconcile_policy, snapshot
+from edpilot_operator.services import policy_totals, reconcile_policy, snapshot
 
+from edpilot.contract import parse_batch_range
 from edpilot.models import (
     EnergyPolicySpec,
     GPUNodeReportSpec,

@@ -11,7 +11,7 @@ from edpilot_agent.kube import pod_info
 from edpilot_agent.pods import PodInfo
 from edpilot_agent.sim import SIM_BATCH_SIZE, SIM_WORKLOAD, SimBackend, SimWorkloads
 
-from edpilot.models import ANNOTATION_BATCH_SIZE, ANNOTATION_BATCH_SIZE_RANGE
+from edpilot.contract import ANNOTATION_BATCH_SIZE, ANNOTATION_BATCH_SIZE_RANGE
 from edpilot.workload import Hints, Workload
 
 NOT_ASCII_NUMBERS = ["²", "¹²", "٣", "𝟡", "1²", "９"]

@@ -23,7 +23,7 @@ from kubetest import REPO, Cluster
 from sa_kubeconfig import kubectl_with, service_account_kubeconfig
 from tenancy import Tenant, make_tenant
 
-from edpilot.models import HINT_ANNOTATIONS
+from edpilot.contract import HINT_ANNOTATIONS
 
 TENANT_NS = "sec-own-tenant"
 RELEASE_NS = "sec-own-system"

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from kubetest import REPO, tool_dir
 
-from edpilot.models import HINT_ANNOTATIONS
+from edpilot.contract import HINT_ANNOTATIONS
 
 CHART = REPO / "charts" / "edpilot"
 Render = Callable[..., list[dict[str, Any]]]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from edpilot.optimizer import parse_accuracy
+from edpilot.contract import parse_accuracy
 
 DEEP = "[" * 200_000 + "]" * 200_000
 DEEP_OBJECT = '{"bf16":' * 100_000 + "1" + "}" * 100_000

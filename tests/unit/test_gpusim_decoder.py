@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 
 from edpilot import gpusim
+from edpilot.contract import ThrottleReason
 from edpilot.gpusim import (
     H100_SXM,
     H200_EAGER_HOST_S_PER_KERNEL,
     H200_SXM,
     LLAMA3_8B,
-    SW_POWER_CAP,
     llama_decode,
     llama_prefill,
     operating_point,
@@ -126,7 +126,7 @@ def test_decode_draws_under_the_limit_while_prefill_is_held_by_it() -> None:
         assert p.throttle_reasons == ()
         assert 330.0 <= p.power_watts <= 690.0
     prefill = operating_point(H100_SXM, llama_prefill(), 1, "bf16", 700.0)
-    assert prefill.throttle_reasons == (SW_POWER_CAP,)
+    assert prefill.throttle_reasons == (ThrottleReason.SW_POWER_CAP,)
     assert prefill.power_watts == pytest.approx(700.0, rel=1e-6)
 
 
@@ -134,7 +134,7 @@ def test_a_cap_binds_decode_at_moderate_batches_and_costs_little_throughput() ->
     # The serving premise of the issue: a cap at 55-70% of TDP binds from moderate batches on.
     free = operating_point(H100_SXM, llama_decode(), 128, "bf16", 700.0)
     capped = operating_point(H100_SXM, llama_decode(), 128, "bf16", 420.0)
-    assert SW_POWER_CAP in capped.throttle_reasons
+    assert ThrottleReason.SW_POWER_CAP in capped.throttle_reasons
     assert capped.units_per_second >= 0.85 * free.units_per_second
     assert capped.joules_per_unit < 0.85 * free.joules_per_unit
 

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edpilot import gpusim
+from edpilot.contract import cap_bounds, parse_accuracy
 from edpilot.edp import BadData, MemberSample, objective_value, seconds_per_unit
 from edpilot.models import (
     BatchSizeSpec,
@@ -35,8 +36,6 @@ from edpilot.optimizer import (
     Tuning,
     WorkloadInfo,
     batch_candidates,
-    cap_bounds,
-    parse_accuracy,
     step,
 )
 from edpilot.simulate import DECODE_ACCURACY, Running, SimWorkload, SimWorkloadSpec

@@ -8,6 +8,7 @@ import pytest
 from builders import h100_status
 
 from edpilot import placement
+from edpilot.contract import committed_watts
 from edpilot.models import GPUStatus, PowerCapSpec
 from edpilot.placement import (
     BudgetView,
@@ -15,7 +16,6 @@ from edpilot.placement import (
     NodeView,
     PodDemand,
     build_history,
-    committed_watts,
     expected_joules_per_unit,
     filter_nodes,
     lowest_cap_watts,

@@ -23,9 +23,9 @@ from hypothesis import event as hypothesis_event
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from edpilot.contract import ANNOTATION_POWER_CAP
 from edpilot.edp import MemberSample
 from edpilot.models import (
-    ANNOTATION_POWER_CAP,
     BatchSizeSpec,
     EnergyPolicySpec,
     EnergyPolicyStatus,
