@@ -9,7 +9,10 @@ I/O, no clock; the CRD models it speaks in are `edpilot.models`.
 - GPU requests: how many GPUs a pod asks for through the device plugin;
 - cap bounds: the power limits a policy allows on one GPU;
 - committed watts: what GPUs hold against a power budget;
-- condition transitions: when a condition's lastTransitionTime moves.
+- condition transitions: when a condition's lastTransitionTime moves;
+- the status row model: `WorkloadFigures`, what the optimizer decides about a workload and every
+  reader shows (the policy's status rows extend it, as do `edpilot report`'s). It is a CRD shape,
+  so it is defined with the CRD models and named here.
 """
 
 from __future__ import annotations
@@ -22,7 +25,16 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final, Protocol
 
-from edpilot.models import GROUP, PROFILES, Condition, ConditionStatus, GPUStatus, PowerCapSpec, Profile
+from edpilot.models import (
+    GROUP,
+    PROFILES,
+    Condition,
+    ConditionStatus,
+    GPUStatus,
+    PowerCapSpec,
+    Profile,
+)
+from edpilot.models import WorkloadFigures as WorkloadFigures  # the status row model (re-exported)
 from edpilot.textnum import ascii_float, ascii_int, positive_int
 
 # ---------------------------------------------------------------- throttle reasons

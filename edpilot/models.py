@@ -221,11 +221,10 @@ class Measurement(ApiModel):
     unitsPerSecond: float = Field(ge=0)
 
 
-class WorkloadStatus(ApiModel):
-    name: str
-    pods: list[str] = Field(default_factory=list)
-    nodes: list[str] = Field(default_factory=list)
-    gpus: int = Field(default=0, ge=0)
+class WorkloadFigures(ApiModel):
+    """The status row model: what the optimizer decides about one workload and every reader shows
+    (the policy's status row, `edpilot report`'s rows). Defined once; `edpilot.contract` names it."""
+
     phase: Phase = "Pending"
     powerCapWatts: float | None = None
     batchSize: int | None = None
@@ -236,8 +235,19 @@ class WorkloadStatus(ApiModel):
     slowdownPercent: float | None = None
     energySavedJoules: float = Field(default=0, ge=0)
     probes: int = Field(default=0, ge=0)
+    # The slowdown limit's noise margin at the most windows (None before a baseline): a limit at
+    # or below it cannot be told from noise, so no cap is probed.
     noiseMarginPercent: float | None = Field(default=None, ge=0)
     message: str = ""
+
+
+class WorkloadStatus(WorkloadFigures):
+    """One workload's row in `EnergyPolicy.status.workloads`: its figures and where it runs."""
+
+    name: str
+    pods: list[str] = Field(default_factory=list)
+    nodes: list[str] = Field(default_factory=list)
+    gpus: int = Field(default=0, ge=0)
     # The optimizer's whole state, so a restarted operator resumes where it was.
     optimizer: dict[str, object] | None = None
 

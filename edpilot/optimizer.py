@@ -34,7 +34,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edpilot.contract import CapBounds, cap_bounds
+from edpilot.contract import CapBounds, WorkloadFigures, cap_bounds
 from edpilot.edp import (
     CAP_TOLERANCE_WATTS,
     TRANSITIONS,
@@ -231,23 +231,8 @@ class Event(BaseModel):
     message: str
 
 
-class Figures(BaseModel):
-    """Status figures, named like `models.WorkloadStatus`'s fields."""
-
-    phase: Phase
-    powerCapWatts: float | None = None
-    batchSize: int | None = None
-    quantization: Profile | None = None
-    baseline: Measurement | None = None
-    current: Measurement | None = None
-    edpReductionPercent: float | None = None
-    slowdownPercent: float | None = None
-    energySavedJoules: float = 0.0
-    probes: int = 0
-    message: str = ""
-    # The slowdown limit's noise margin at the most windows (None before a baseline): a limit at
-    # or below it cannot be told from noise, so no cap is probed.
-    noiseMarginPercent: float | None = None
+# Status figures: the status row model every reader shares (edpilot.contract).
+Figures = WorkloadFigures
 
 
 class Decision(BaseModel):

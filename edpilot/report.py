@@ -20,8 +20,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edpilot.contract import WorkloadFigures
 from edpilot.models import GROUP, VERSION, Measurement, WorkloadStatus
 from edpilot.optimizer import OptimizerState, Probe
 from edpilot.simulate import Figures as SimFigures
@@ -52,26 +53,17 @@ class Point(BaseModel):
     failed: str | None = None
 
 
-class WorkloadRow(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class WorkloadRow(WorkloadFigures):
+    """A workload's status figures (the one status row model) and what the report adds to them."""
 
     name: str
-    phase: str
     gpus: int = 0
-    baseline: Measurement | None = None
-    current: Measurement | None = None
-    edpReductionPercent: float | None = None
-    slowdownPercent: float | None = None
-    powerCapWatts: float | None = None
-    batchSize: int | None = None
-    quantization: str | None = None
-    energySavedJoules: float = 0.0
-    probes: int = 0
-    explored: list[Point] = []
+    explored: list[Point] = Field(default_factory=list)
     chosen: Point | None = None
     baselineObjective: float | None = None
-    savings: list[tuple[float, float]] = []  # (seconds since the first reading, joules saved)
-    message: str = ""
+    savings: list[tuple[float, float]] = Field(
+        default_factory=list
+    )  # (seconds since the first reading, joules saved)
 
 
 class PolicyReport(BaseModel):
@@ -211,24 +203,14 @@ def _policy_row(row: WorkloadStatus, default_caps: Mapping[str, float], warn: Te
     explored = [_probe_point(p, baseline_cap) for p in state.probes] if state else []
     incumbent = state.incumbent if state else None
     return WorkloadRow(
+        **row.model_dump(include=set(WorkloadFigures.model_fields)),
         name=row.name,
-        phase=row.phase,
         gpus=row.gpus,
-        baseline=row.baseline,
-        current=row.current,
-        edpReductionPercent=row.edpReductionPercent,
-        slowdownPercent=row.slowdownPercent,
-        powerCapWatts=row.powerCapWatts,
-        batchSize=row.batchSize,
-        quantization=row.quantization,
-        energySavedJoules=row.energySavedJoules,
-        probes=row.probes,
         explored=explored,
         chosen=_probe_point(incumbent, baseline_cap) if incumbent else None,
         baselineObjective=state.baseline.metrics.objective
         if state and state.baseline and state.baseline.metrics
         else None,
-        message=row.message,
     )
 
 

@@ -36,6 +36,7 @@ from edpilot.models import (
     LabelSelector,
     LatencySLO,
     LoadMetrics,
+    Phase,
     PowerCapSpec,
     Profile,
     QuantizationSpec,
@@ -476,7 +477,7 @@ class WorkloadResult(BaseModel):
     objective: str
     maxSlowdownPercent: float
     serving: bool = False  # load-driven: slowdown is a latency rise at the load served
-    phase: str
+    phase: Phase
     convergedAtSeconds: float | None
     probes: int
     baseline: Figures | None  # as the optimizer measured them
