@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Final, Literal
 
-from edpilot import gpusim
 from edpilot.contract import Limits, blocking_reasons, cap_bounds
+from edpilot.gpu_priors import GPU_PRIORS, REFERENCE_MODEL
 from edpilot.models import GPUStatus, PowerCapSpec
 
 MAX_SCORE: Final = 10  # MaxExtenderPriority of the kube-scheduler extender API
@@ -70,41 +70,16 @@ _SPEC_SHEET: Final[Mapping[str, tuple[float, float, float]]] = {
     "L4": (72.0, 40.0, 121.0),
 }
 _H100_SXM_WATTS_PER_TFLOPS: Final = 700.0 / 989.0
-COMPUTE_CURVE_STEP_WATTS: Final = 10.0
 
 
 @cache
-def _gpusim_priors() -> dict[str, GpuPrior]:
-    """Priors for the simulated models: J per large bf16 GEMM at the default limit, relative to the
-    H100 SXM, and the GEMM's throughput over the power limit. The H100 figures are fitted to the
-    team's probe (data/h100_probe.json); the A100's are gpusim's spec-sheet prior."""
-    reference = gpusim.gemm()
-
-    def joules(spec: gpusim.GpuSpec) -> float:
-        return gpusim.operating_point(
-            spec, reference, 1, "bf16", spec.default_power_limit_watts
-        ).joules_per_unit
-
-    def compute_curve(spec: gpusim.GpuSpec) -> tuple[tuple[float, float], ...]:
-        def rate(cap: float) -> float:
-            return gpusim.operating_point(spec, reference, 1, "bf16", cap).units_per_second
-
-        lo, hi = spec.min_power_limit_watts, spec.max_power_limit_watts
-        steps = max(1, round((hi - lo) / COMPUTE_CURVE_STEP_WATTS))
-        top = rate(spec.default_power_limit_watts)
-        return tuple((c, rate(c) / top) for c in (lo + (hi - lo) * i / steps for i in range(steps + 1)))
-
-    h100 = joules(gpusim.H100_SXM)
+def _table_priors() -> dict[str, GpuPrior]:
+    """Priors of the models gpusim simulates, from the table generated from it (`make priors`,
+    edpilot/make_priors.py): J per large bf16 GEMM at the default limit relative to the H100 SXM,
+    and the GEMM's throughput over the power limit. Production never runs the simulator."""
     return {
-        model_key(spec.name): GpuPrior(
-            default_limit_watts=spec.default_power_limit_watts,
-            min_limit_watts=spec.min_power_limit_watts,
-            max_limit_watts=spec.max_power_limit_watts,
-            relative_joules_per_unit=joules(spec) / h100,
-            source=spec.source,
-            compute_curve=compute_curve(spec),
-        )
-        for spec in gpusim.GPU_MODELS.values()
+        model_key(name): GpuPrior(default, lo, hi, rel, source, curve)
+        for name, (default, lo, hi, rel, source, curve) in GPU_PRIORS.items()
     }
 
 
@@ -114,7 +89,7 @@ def prior_for(model: str) -> GpuPrior | None:
     key = model_key(model)
     if not key:
         return None
-    simulated = _gpusim_priors()
+    simulated = _table_priors()
     if key in simulated:
         return simulated[key]
     for family, (tdp, min_w, tflops) in _SPEC_SHEET.items():
@@ -133,7 +108,7 @@ def relative_joules_per_unit(model: str) -> float:
     prior = prior_for(model)
     if prior is not None:
         return prior.relative_joules_per_unit
-    return max(p.relative_joules_per_unit for p in _gpusim_priors().values())
+    return max(p.relative_joules_per_unit for p in _table_priors().values())
 
 
 Curve = tuple[tuple[float, float], ...]
@@ -156,7 +131,7 @@ def compute_bound_curve(model: str, min_watts: float, max_watts: float) -> Curve
         return prior.compute_curve
     if not 0 < min_watts < max_watts:
         return ()
-    h100 = _gpusim_priors()[model_key(gpusim.H100_SXM.name)].compute_curve
+    h100 = _table_priors()[model_key(REFERENCE_MODEL)].compute_curve
     return stretched(h100, min_watts, max_watts)
 
 
