@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +125,21 @@ def print_log_tails(logs: Path, lines: int = 20) -> None:
             f"--- {log.name} (last lines)\n"
             + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
         )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, check: Callable[[], Any], seconds: float = 60) -> Any:
+    """Poll `check` every half second until it returns something truthy, and return that."""
+    deadline = time.monotonic() + seconds
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"timed out after {seconds:.0f} s waiting for {what}"
+        time.sleep(0.5)
+    return result
 
 
 def tool_dir() -> Path:
