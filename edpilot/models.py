@@ -36,6 +36,10 @@ ANNOTATION_QUANTIZATION = f"{GROUP}/quantization"
 ANNOTATION_EXCLUDE = f"{GROUP}/exclude"
 ANNOTATION_QUANTIZATION_ACCURACY = f"{GROUP}/quantization-accuracy"
 ANNOTATION_BATCH_SIZE_RANGE = f"{GROUP}/batch-size-range"
+# Rollout delivery: on a pod template (so on its pods), the configuration edpilot rolled out; on
+# the owner (Deployment, StatefulSet), the template fields as they were before edpilot's first change.
+ANNOTATION_ROLLOUT_CONFIG = f"{GROUP}/rollout-config"
+ANNOTATION_ORIGINAL_TEMPLATE = f"{GROUP}/original-template"
 HINT_ANNOTATIONS = (ANNOTATION_POLICY, ANNOTATION_POWER_CAP, ANNOTATION_BATCH_SIZE, ANNOTATION_QUANTIZATION)
 
 
@@ -292,6 +296,57 @@ class ResolvedMetrics:
     finished: str | None
 
 
+DeliveryMode = Literal["Live", "Rollout"]
+EnvName = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")]
+ArgFlag = Annotated[str, Field(min_length=2, max_length=128, pattern=r"^--?[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+
+
+class EnvVar(ApiModel):
+    name: EnvName
+    value: str = Field(default="", max_length=4096)
+
+
+class BatchDelivery(ApiModel):
+    """Where the batch limit goes in the pod template: an argument flag, or an env variable."""
+
+    arg: ArgFlag | None = None
+    env: EnvName | None = None
+
+    @model_validator(mode="after")
+    def _one_place(self) -> BatchDelivery:
+        if (self.arg is None) == (self.env is None):
+            raise ValueError("delivery.batchSize needs exactly one of arg and env")
+        return self
+
+
+class ProfileDelivery(ApiModel):
+    """What a quantization profile changes in the pod template: arguments, env, an image."""
+
+    profile: Profile
+    args: list[Annotated[str, Field(max_length=1024)]] = Field(default_factory=list, max_length=32)
+    env: list[EnvVar] = Field(default_factory=list, max_length=32)
+    image: str | None = Field(default=None, min_length=1, max_length=1024)
+
+
+class DeliverySpec(ApiModel):
+    """How batch-size and quantization hints reach the pods: Live (the pod annotations, re-read by
+    the workload) or Rollout (the owning Deployment's or StatefulSet's pod template)."""
+
+    mode: DeliveryMode = "Live"
+    container: str | None = Field(default=None, min_length=1, max_length=63)
+    batchSize: BatchDelivery | None = None
+    quantization: list[ProfileDelivery] = Field(default_factory=list, max_length=7)
+    readyTimeoutSeconds: int = Field(default=600, ge=10, le=86400)
+    maxRollouts: int = Field(default=4, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _profiles_once(self) -> DeliverySpec:
+        profiles = [p.profile for p in self.quantization]
+        if len(set(profiles)) != len(profiles):
+            raise ValueError("delivery.quantization lists a profile twice")
+        return self
+
+
 class EnergyPolicySpec(ApiModel):
     selector: LabelSelector
     priority: int = Field(default=0, ge=-1000, le=1000)
@@ -305,6 +360,7 @@ class EnergyPolicySpec(ApiModel):
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     workMetric: WorkMetric
     groupByLabel: str | None = Field(default=None, min_length=1, max_length=316)
+    delivery: DeliverySpec = Field(default_factory=DeliverySpec)
 
     @model_validator(mode="after")
     def _load_driven_needs_a_latency(self) -> EnergyPolicySpec:
@@ -322,7 +378,28 @@ class EnergyPolicySpec(ApiModel):
                     f"{where}.metricName is required unless workMetric.engine names a preset (vllm, sglang)"
                 )
             _check_engine_prefix(engine, f"{where}.metricName", slo.metricName)
+        if self.delivery.mode == "Rollout":
+            if self.batchSize.mode == "Auto" and self.rollout_batch is None:
+                raise ValueError(
+                    "delivery.mode Rollout with batchSize.mode Auto needs delivery.batchSize (the argument or "
+                    "env variable of the batch limit) unless workMetric.engine names a preset"
+                )
+            delivered = {p.profile for p in self.delivery.quantization}
+            missing = [p for p in self.quantization.allowed if p not in delivered]
+            if self.quantization.mode == "Auto" and missing:
+                raise ValueError(
+                    "delivery.mode Rollout with quantization.mode Auto needs a delivery.quantization entry "
+                    f"for every allowed profile; missing: {', '.join(missing)}"
+                )
         return self
+
+    @property
+    def rollout_batch(self) -> BatchDelivery | None:
+        """Where a rollout puts the batch limit: the policy's choice, else the engine's argument."""
+        preset = self.workMetric.preset
+        if self.delivery.batchSize is not None:
+            return self.delivery.batchSize
+        return BatchDelivery(arg=preset.batchArg) if preset is not None else None
 
     @property
     def load_driven(self) -> bool:
@@ -361,6 +438,17 @@ class Measurement(ApiModel):
     unitsPerSecond: float = Field(ge=0)
 
 
+class RolloutStatus(ApiModel):
+    """Delivery by rollout: the owner whose pod template carries the workload's configuration."""
+
+    owner: str = Field(min_length=1, max_length=320)  # "Deployment/name" or "StatefulSet/name"
+    config: str = Field(default="", max_length=256)  # what the template carries now
+    previous: str = Field(default="", max_length=256)  # what it carried before the last change
+    startedAt: datetime | None = None  # the last change; None when none is in flight
+    readyReplicas: int = Field(default=0, ge=0)
+    replicas: int = Field(default=0, ge=0)
+
+
 class WorkloadStatus(ApiModel):
     name: str
     pods: list[str] = Field(default_factory=list)
@@ -376,6 +464,8 @@ class WorkloadStatus(ApiModel):
     slowdownPercent: float | None = None
     energySavedJoules: float = Field(default=0, ge=0)
     probes: int = Field(default=0, ge=0)
+    rollouts: int = Field(default=0, ge=0)
+    rollout: RolloutStatus | None = None
     noiseMarginPercent: float | None = Field(default=None, ge=0)
     message: str = ""
     # The optimizer's whole state, so a restarted operator resumes where it was.
