@@ -307,11 +307,12 @@ def configured_container(
             env = _set_env(env, e.name, e.value)
         image = chosen.image or original_image
     result = dict(container)
-    for name, value in (("command", command), ("args", args), ("env", env or None), ("image", image)):
-        if value is None:
+    fields: tuple[tuple[str, object], ...] = (("command", command), ("args", args), ("env", env or None))
+    for name, new in (*fields, ("image", image)):
+        if new is None:
             result.pop(name, None)
         else:
-            result[name] = value
+            result[name] = new
     return result
 
 
