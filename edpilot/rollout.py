@@ -33,8 +33,8 @@ from edpilot.models import (
     PROFILES,
     BatchDelivery,
     EnergyPolicySpec,
-    ProfileDelivery,
     Profile,
+    ProfileDelivery,
 )
 from edpilot.textnum import positive_int
 
@@ -143,7 +143,10 @@ class RolloutConfig:
     quantization: Profile | None = None
 
     def text(self) -> str:
-        parts = [f"batch={self.batchSize}" if self.batchSize else "", f"quantization={self.quantization or ''}"]
+        parts = [
+            f"batch={self.batchSize}" if self.batchSize else "",
+            f"quantization={self.quantization or ''}",
+        ]
         return ",".join(p for p in parts if p and not p.endswith("="))
 
 
@@ -219,12 +222,16 @@ def template_config(owner: OwnerView, spec: EnergyPolicySpec) -> RolloutConfig:
     where = spec.rollout_batch
     if where is not None:
         argv = (_strings(container.get("command")) or []) + (_strings(container.get("args")) or [])
-        text = _flag_value(argv, where.arg) if where.arg else _env_value(container.get("env") or [], where.env or "")
+        text = (
+            _flag_value(argv, where.arg)
+            if where.arg
+            else _env_value(container.get("env") or [], where.env or "")
+        )
         batch = positive_int(text)
     original = original_fields(owner)
     image = str((original or {}).get("image") or container.get("image") or "")
     matching = [p for p in spec.delivery.quantization if _matches(container, p, image)]
-    best = max(matching, key=lambda p: (len(p.args) + len(p.env) + (p.image is not None)), default=None)
+    best = max(matching, key=lambda p: len(p.args) + len(p.env) + (p.image is not None), default=None)
     return RolloutConfig(batch, best.profile if best else None)
 
 

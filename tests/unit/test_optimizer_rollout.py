@@ -5,6 +5,7 @@ failed probe that rolls back."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from edpilot import gpusim
@@ -26,7 +27,9 @@ def by_rollout(policy: EnergyPolicySpec, max_rollouts: int = 4) -> EnergyPolicyS
     return EnergyPolicySpec.model_validate(raw)
 
 
-def run(policy: EnergyPolicySpec, rate: float, seconds: float, until_batch_probe: bool = False) -> list[Decision]:
+def run(
+    policy: EnergyPolicySpec, rate: float, seconds: float, until_batch_probe: bool = False
+) -> list[Decision]:
     """A serving replica under `policy` for `seconds` (or until the first batch probe is asked)."""
     spec = chat("chat", gpusim.H100_SXM, rate, policy)
     sim = SimServing(spec, 0, seed=3)
@@ -40,9 +43,9 @@ def run(policy: EnergyPolicySpec, rate: float, seconds: float, until_batch_probe
         decisions.append(decision)
         state = decision.state
         incumbent = state.incumbent
-        if until_batch_probe and state.stage == "batch" and incumbent is not None:
-            if state.target.batchSize != incumbent.config.batchSize:
-                return decisions
+        kept = incumbent.config.batchSize if incumbent is not None else None
+        if until_batch_probe and state.stage == "batch" and state.target.batchSize != kept:
+            return decisions
         sim.apply(decision, now)
         sim.advance(now, REPORT_SECONDS, rng)
         now += REPORT_SECONDS
@@ -52,7 +55,7 @@ def run(policy: EnergyPolicySpec, rate: float, seconds: float, until_batch_probe
 def template_changes(decisions: list[Decision]) -> int:
     """How many times the (precision, batch limit) the owner's template must carry changed."""
     carried = [(d.quantization, d.batchSize) for d in decisions]
-    return sum(1 for before, after in zip(carried, carried[1:], strict=False) if before != after)
+    return sum(1 for before, after in itertools.pairwise(carried) if before != after)
 
 
 def test_rollouts_are_counted_and_held_to_the_budget() -> None:

@@ -91,16 +91,16 @@ def apply_patch(body: dict[str, Any], patch: list[dict[str, Any]]) -> dict[str, 
     for op in patch:
         *parents, leaf = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
         node: Any = doc
-        for key in parents:
-            node = node[int(key)] if isinstance(node, list) else node[key]
-        key: Any = int(leaf) if isinstance(node, list) else leaf
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        at: Any = int(leaf) if isinstance(node, list) else leaf
         if op["op"] == "test":
-            if node[key] != op["value"]:
+            if node[at] != op["value"]:
                 raise PatchTestFailed(op["path"])
         elif op["op"] == "add":
-            node[key] = copy.deepcopy(op["value"])
+            node[at] = copy.deepcopy(op["value"])
         elif op["op"] == "remove":
-            del node[key]
+            del node[at]
         else:
             raise AssertionError(op)
     return doc
@@ -183,13 +183,19 @@ def test_a_flag_missing_from_the_template_is_appended_and_an_env_variable_set() 
     raw["delivery"]["batchSize"] = {"env": "MAX_NUM_SEQS"}
     by_env = EnergyPolicySpec.model_validate(raw)
     after = applied(body, rollout_patch(view(body), by_env, RolloutConfig(128, None)))
-    assert {"name": "MAX_NUM_SEQS", "value": "128"} in after["spec"]["template"]["spec"]["containers"][1]["env"]
+    assert {"name": "MAX_NUM_SEQS", "value": "128"} in after["spec"]["template"]["spec"]["containers"][1][
+        "env"
+    ]
 
 
 def test_every_patch_is_refused_on_a_template_changed_since_it_was_read() -> None:
     body = deployment()
     patch = rollout_patch(view(body), SPEC, RolloutConfig(512, None))
-    assert patch is not None and patch[0] == {"op": "test", "path": "/metadata/resourceVersion", "value": "41"}
+    assert patch is not None and patch[0] == {
+        "op": "test",
+        "path": "/metadata/resourceVersion",
+        "value": "41",
+    }
     changed = copy.deepcopy(body)
     changed["metadata"]["resourceVersion"] = "42"
     with pytest.raises(PatchTestFailed):
