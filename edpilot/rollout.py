@@ -350,12 +350,29 @@ def _annotation_op(path: str, present: Mapping[str, str], key: str, value: str |
     return [{"op": "add", "path": f"{path}/{_escape(key)}", "value": value}]
 
 
+def original_config(owner: OwnerView, spec: EnergyPolicySpec) -> RolloutConfig | None:
+    """The configuration the template carried before edpilot's first change, or None."""
+    original = original_fields(owner)
+    index = container_index(owner, original["container"]) if original is not None else None
+    if original is None or index is None:
+        return None
+    container = {"name": original["container"], **{k: original[k] for k in TOUCHED if k in original}}
+    before = list(owner.containers)
+    before[index] = container
+    pristine = OwnerView(**{**owner.__dict__, "containers": tuple(before), "annotations": {}})
+    return template_config(pristine, spec)
+
+
 def rollout_patch(owner: OwnerView, spec: EnergyPolicySpec, config: RolloutConfig) -> JsonPatch | None:
     """The JSON patch that makes the owner's template run `config`; None when there is nothing
-    to change (or no container to change)."""
+    to change (or no container to change). Back to the configuration it had before edpilot
+    changed it, the template is restored as it was: the owner's controller then scales its old
+    pods back up rather than replacing them with pods of a template that differs only by the stamp."""
     index = container_index(owner, spec.delivery.container)
     if index is None:
         return None
+    if original_config(owner, spec) == config:
+        return restore_patch(owner, spec)
     container = owner.containers[index]
     original = original_fields(owner)
     image = str((original or {}).get("image") or container.get("image") or "")

@@ -227,3 +227,13 @@ def test_a_pods_configuration_annotation_is_read_strictly() -> None:
     assert parse_config("batch=64") == RolloutConfig(64, None)
     for bad in ("batch=²", "batch=0", "quantization=fp4", "cap=300", "batch=64,quantization=fp8,x=1"):
         assert parse_config(bad) is None, bad
+
+
+def test_back_to_the_original_configuration_the_template_is_restored_whole() -> None:
+    """No stamp on a template that carries what it carried before: the owner's controller scales
+    its old pods back up instead of replacing them."""
+    body = deployment()
+    after = applied(body, rollout_patch(view(body), SPEC, RolloutConfig(512, None)))
+    back = applied(after, rollout_patch(view(after), SPEC, RolloutConfig(256, "bf16")))
+    assert back["spec"] == body["spec"]
+    assert not back["metadata"].get("annotations")
