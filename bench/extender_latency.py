@@ -134,7 +134,7 @@ def report_object(i: int) -> dict[str, Any]:
                     "enforcedLimitWatts": high * 0.7 if g < busy else high,
                     "powerWatts": high * 0.6 if g < busy else idle,
                     "energyJoules": 1e6,
-                    "throttleReasons": ["hw_thermal_slowdown"] if throttled and g == 0 else [],
+                    "throttleReasons": ["HwThermalSlowdown"] if throttled and g == 0 else [],
                     "pods": [f"ml/w-{i}-{g}"] if g < busy else [],
                 }
                 for g in range(GPUS)

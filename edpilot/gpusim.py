@@ -118,9 +118,9 @@ PRECISIONS: Final[tuple[Precision, ...]] = ("fp32", "tf32", "bf16", "fp16", "fp8
 Engine = Literal["fp32", "tf32", "fp16", "fp8", "int8"]
 WorkloadKind = Literal["decode", "prefill", "gemm", "training"]
 
-# Throttle reasons, named like NVML's clocks-event reasons.
-SW_POWER_CAP: Final = "sw_power_cap"
-HW_THERMAL_SLOWDOWN: Final = "hw_thermal_slowdown"
+# Throttle reasons, named as NVML's clocks-event reasons are (what the agent reports for both backends).
+SW_POWER_CAP: Final = "SwPowerCap"
+HW_THERMAL_SLOWDOWN: Final = "HwThermalSlowdown"
 
 # How imperfectly memory traffic and math overlap within a step: 1 would add
 # them, infinity would take the max. Fitted to the probe's decode sweep.

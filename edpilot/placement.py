@@ -35,9 +35,9 @@ HEADROOM_WEIGHT: Final = 1.0 - ENERGY_WEIGHT
 # NVML clocks-event reasons that mean the GPU is already losing work to heat or to the
 # power brake: a new pod there would run slower and spend more energy per unit.
 BLOCKING_THROTTLE_REASONS: Final[Mapping[str, str]] = {
-    "hw_thermal_slowdown": "hardware thermal slowdown",
-    "sw_thermal_slowdown": "software thermal slowdown",
-    "hw_power_brake_slowdown": "power-brake slowdown",
+    "HwThermalSlowdown": "hardware thermal slowdown",
+    "SwThermalSlowdown": "software thermal slowdown",
+    "HwPowerBrakeSlowdown": "power-brake slowdown",
 }
 
 THROTTLED_PREFIX: Final = "edpilot: node GPUs are throttled: "

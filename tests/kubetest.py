@@ -79,6 +79,26 @@ class Cluster:
         return proc
 
 
+def kwok_gpu_nodes(count: int, gpus: int, prefix: str, product: str | None = None) -> str:
+    """The manifest of `count` KWOK GPU nodes named `<prefix>-<i>` (hack/gpu-nodes.sh)."""
+    args = [
+        str(REPO / "hack" / "gpu-nodes.sh"),
+        str(count),
+        str(gpus),
+        prefix,
+        *([product] if product else []),
+    ]
+    return subprocess.run(args, capture_output=True, text=True, check=True).stdout
+
+
+def add_gpu_node(cluster: Cluster, name: str, gpus: int, taint: str, labels: Mapping[str, str] = {}) -> None:
+    """One KWOK GPU node `name` (`<prefix>-0`), labelled, and tainted so only this test's pods land."""
+    cluster.kubectl("apply", "-f", "-", input=kwok_gpu_nodes(1, gpus, name.rsplit("-", 1)[0]))
+    if labels:
+        cluster.kubectl("label", "node", name, *(f"{k}={v}" for k, v in labels.items()), "--overwrite")
+    cluster.kubectl("taint", "node", name, f"{taint}=true:NoSchedule", "--overwrite")
+
+
 def tool_dir() -> Path:
     proc = subprocess.run([str(REPO / "hack" / "build-tools.sh")], capture_output=True, text=True)
     if proc.returncode != 0:

@@ -60,9 +60,6 @@ DEFAULT_BATCH = {"llm-decode": 8, SERVING: 256, "training": 8, "gemm": 4}
 DEFAULT_PRECISION = "bf16"
 DEFAULT_REQUESTS_PER_SECOND = 8.0
 
-# gpusim names throttle reasons in snake case; the agent reports NVML's names for both backends.
-THROTTLE_NAMES = {gpusim.SW_POWER_CAP: "SwPowerCap", gpusim.HW_THERMAL_SLOWDOWN: "HwThermalSlowdown"}
-
 
 @dataclass
 class SimJob:
@@ -152,7 +149,7 @@ class SimBackend:
             sm_clock_mhz=float(w.sm_clock_mhz),
             mem_clock_mhz=float(w.mem_clock_mhz),
             temperature_c=w.temperature_c,
-            throttle_reasons=tuple(THROTTLE_NAMES.get(r, r) for r in w.throttle_reasons),
+            throttle_reasons=w.throttle_reasons,
         )
 
     def set_power_limit(self, uuid: str, watts: float) -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pynvml
 import pytest
-from edpilot_agent.backend import GpuBackendError
+from edpilot_agent.backend import GpuBackendError, GpuInfo, GpuReading
 from edpilot_agent.nvml import NvmlBackend, describe_error, forbid_setters, throttle_reason_names
+from edpilot_agent.reporter import gpu_status
+
+from edpilot import placement
 
 
 @pytest.mark.parametrize(
@@ -55,3 +58,38 @@ def test_forbidding_setters_makes_every_gpu_changing_call_raise(monkeypatch: pyt
         with pytest.raises(GpuBackendError, match="forbidden"):
             getattr(pynvml, name)(None, 0)
     assert "nvmlDeviceGetPowerUsage" not in disabled
+
+
+@pytest.mark.parametrize(
+    ("mask", "blocked"),
+    [
+        (0x040, "hardware thermal slowdown"),
+        (0x020, "software thermal slowdown"),
+        (0x080, "power-brake slowdown"),
+        (0x004, ""),  # the power cap is edpilot's own doing, not a reason to avoid the node
+        (0x001, ""),
+    ],
+)
+def test_a_throttle_the_agent_reports_from_nvml_is_the_one_placement_avoids(mask: int, blocked: str) -> None:
+    """The agent's names travel through GPUStatus to the extender's filter unchanged."""
+    info = GpuInfo(
+        index=0,
+        uuid="GPU-0",
+        model="NVIDIA H100 80GB HBM3",
+        min_limit_watts=200,
+        max_limit_watts=700,
+        default_limit_watts=700,
+    )
+    reading = GpuReading(
+        uuid="GPU-0",
+        energy_joules=1.0,
+        power_watts=690,
+        enforced_limit_watts=700,
+        utilization_percent=100,
+        sm_clock_mhz=1500,
+        mem_clock_mhz=2619,
+        temperature_c=88,
+        throttle_reasons=throttle_reason_names(mask),
+    )
+    text = placement.blocking_throttle([gpu_status(info, reading, 1.0, ["ml/p"])])
+    assert (blocked in text and text != "") if blocked else text == ""

@@ -6,7 +6,6 @@ by the API server's authorizer, agents restricted to their own node's report by 
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kubetest import Cluster
+from kubetest import Cluster, kwok_gpu_nodes
 from sa_kubeconfig import kubectl_with, service_account_kubeconfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,13 +64,7 @@ def wait_until(what: str, condition: Callable[[], bool], timeout: float = 60) ->
 @pytest.fixture(scope="module")
 def release(cluster: Cluster) -> Iterator[Cluster]:
     """Extra KWOK nodes, a restricted namespace and the chart installed with the simulated backend."""
-    gpu_nodes = subprocess.run(
-        [str(REPO / "hack" / "gpu-nodes.sh"), str(len(OWN_GPU_NODES)), "8", "chart-gpu"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    cluster.kubectl("apply", "-f", "-", input=gpu_nodes)
+    cluster.kubectl("apply", "-f", "-", input=kwok_gpu_nodes(len(OWN_GPU_NODES), 8, "chart-gpu"))
     cluster.kubectl("apply", "-f", "-", input=cpu_node(CPU_NODE))
     cluster.kubectl("wait", "--for=condition=Ready", "--timeout=60s", "node", *OWN_GPU_NODES, CPU_NODE)
     cluster.kubectl("create", "namespace", NAMESPACE)

@@ -12,7 +12,6 @@ for the two pods that hold their GPUs alone, and the two that share a GPU are re
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
-from kubetest import REPO, Cluster, gpu_pod
+from kubetest import Cluster, add_gpu_node, gpu_pod
 
 from edpilot import gpusim
 
@@ -163,14 +162,7 @@ class Run:
 def run(crds_installed: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     cluster = crds_installed
     work = tmp_path_factory.mktemp("dra")
-    nodes = subprocess.run(
-        [str(REPO / "hack" / "gpu-nodes.sh"), "1", "8", NODE.rsplit("-", 1)[0]],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    cluster.kubectl("apply", "-f", "-", input=nodes)
-    cluster.kubectl("taint", "node", NODE, "edpilot.io/e2e-dra=true:NoSchedule", "--overwrite")
+    add_gpu_node(cluster, NODE, 8, "edpilot.io/e2e-dra")
     cluster.kubectl("create", "namespace", NAMESPACE)
     procs = Processes(logs=work / "logs")
     try:

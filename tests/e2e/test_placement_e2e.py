@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
-from kubetest import gpu_pod
+from kubetest import gpu_pod, kwok_gpu_nodes
 from pki import make_pki
 
 from edpilot import gpusim
@@ -74,12 +74,7 @@ def http_ok(url: str) -> bool:
 
 
 def node_manifests(group: str, product: str) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [str(REPO / "hack" / "gpu-nodes.sh"), "2", str(GPUS_PER_NODE), f"edp-place-{group}", product],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = kwok_gpu_nodes(2, GPUS_PER_NODE, f"edp-place-{group}", product)
     nodes = [doc for doc in yaml.safe_load_all(out) if doc]
     for n in nodes:
         n["metadata"]["labels"].update({MARK: "true", "edpilot.io/pool": group})

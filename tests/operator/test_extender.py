@@ -174,7 +174,7 @@ def test_invalid_objects_are_ignored_not_fatal() -> None:
 def test_throttled_report_marks_the_node() -> None:
     view = synced_view()
     view.apply(NODES, "ADDED", node("n1"))
-    view.apply(REPORTS, "ADDED", report("n1", throttle=("hw_thermal_slowdown",)))
+    view.apply(REPORTS, "ADDED", report("n1", throttle=("HwThermalSlowdown",)))
     assert "GPU 0 hardware thermal slowdown" in view.node_views["n1"].blocking_throttle
 
 
@@ -240,7 +240,7 @@ def fleet() -> ClusterView:
             report("h1", pods=2, enforced=600),
             report("h2"),
             report("a1", model=A100),
-            report("hot", throttle=("hw_power_brake_slowdown",)),
+            report("hot", throttle=("HwPowerBrakeSlowdown",)),
         ],
     )
     return view

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
-from kubetest import REPO, Cluster
+from kubetest import Cluster, add_gpu_node
 from tenancy import TENANT_RULES, Tenant, make_tenant
 
 from edpilot import gpusim
@@ -162,14 +162,7 @@ def allocated_gpu(cluster: Cluster, namespace: str, pod_name: str) -> tuple[str,
 def setup(crds_installed: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     cluster = crds_installed
     work = tmp_path_factory.mktemp("sec-dra")
-    nodes = subprocess.run(
-        [str(REPO / "hack" / "gpu-nodes.sh"), "1", "4", NODE.rsplit("-", 1)[0]],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    cluster.kubectl("apply", "-f", "-", input=nodes)
-    cluster.kubectl("taint", "node", NODE, "edpilot.io/sec-dra=true:NoSchedule", "--overwrite")
+    add_gpu_node(cluster, NODE, 4, "edpilot.io/sec-dra")
     driver_objects = [
         {
             "apiVersion": "resource.k8s.io/v1",

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from builders import h100_status
-from kubetest import REPO, Cluster, gpu_pod
+from kubetest import REPO, Cluster, add_gpu_node, gpu_pod
 from pki import Pki, make_pki
 
 from edpilot.models import GPUNodeReportStatus
@@ -145,15 +145,7 @@ def placed(
 ) -> Iterator[tuple[Cluster, Extender]]:
     cluster = crds_installed
     workdir = tmp_path_factory.mktemp("sec-tls")
-    nodes = subprocess.run(
-        [str(REPO / "hack" / "gpu-nodes.sh"), "1", "4", NODE.rsplit("-", 1)[0]],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    cluster.kubectl("apply", "-f", "-", input=nodes)
-    cluster.kubectl("label", "node", NODE, *(f"{k}={v}" for k, v in POOL.items()), "--overwrite")
-    cluster.kubectl("taint", "node", NODE, f"{TAINT}=true:NoSchedule", "--overwrite")
+    add_gpu_node(cluster, NODE, 4, TAINT, POOL)
     cluster.kubectl("create", "namespace", NS)
     apply(cluster, {"apiVersion": "edpilot.io/v1alpha1", "kind": "GPUNodeReport", "metadata": {"name": NODE}})
     status = GPUNodeReportStatus(

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from builders import h100_status
 from edpilot_operator.localrun import Processes, operator_argv, wait_until
-from kubetest import REPO, Cluster, gpu_pod
+from kubetest import Cluster, add_gpu_node, gpu_pod
 from tenancy import Tenant, make_tenant
 
 from edpilot.models import GPUNodeReportStatus, WorkloadSample
@@ -134,15 +134,7 @@ def ok(proc: subprocess.CompletedProcess[str]) -> None:
 def setup(crds_installed: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     cluster = crds_installed
     work = tmp_path_factory.mktemp("sec-caps")
-    nodes = subprocess.run(
-        [str(REPO / "hack" / "gpu-nodes.sh"), "1", "4", NODE.rsplit("-", 1)[0]],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    cluster.kubectl("apply", "-f", "-", input=nodes)
-    cluster.kubectl("label", "node", NODE, *(f"{k}={v}" for k, v in RACK.items()), "--overwrite")
-    cluster.kubectl("taint", "node", NODE, "edpilot.io/sec-caps=true:NoSchedule", "--overwrite")
+    add_gpu_node(cluster, NODE, 4, "edpilot.io/sec-caps", RACK)
     attacker = make_tenant(cluster, ATTACKER, work)
     victim = make_tenant(cluster, VICTIM, work)
     procs = Processes(logs=work / "logs")

@@ -181,11 +181,11 @@ def test_committed_watts(gpus: list[GPUStatus], unreported: int, expected: float
 
 
 def test_blocking_throttle_names_gpus_and_reasons_but_ignores_the_power_cap() -> None:
-    assert placement.blocking_throttle([gpu(0, throttle=("sw_power_cap",))]) == ""
+    assert placement.blocking_throttle([gpu(0, throttle=("SwPowerCap",))]) == ""
     text = placement.blocking_throttle(
         [
-            gpu(0, throttle=("sw_power_cap", "hw_thermal_slowdown")),
-            gpu(3, throttle=("hw_power_brake_slowdown",)),
+            gpu(0, throttle=("SwPowerCap", "HwThermalSlowdown")),
+            gpu(3, throttle=("HwPowerBrakeSlowdown",)),
         ]
     )
     assert (
