@@ -533,6 +533,28 @@ def test_operator_rbac_matches_what_it_touches(render: Render) -> None:
     )
 
 
+def test_rollout_delivery_grants_template_patches_only_when_enabled(render: Render) -> None:
+    """Delivery Rollout patches Deployments' and StatefulSets' pod templates: off by default, the
+    operator can neither read nor patch them; on, it watches and patches them (never creates or
+    deletes), in its watched namespaces only."""
+    rw = {"get", "list", "watch", "patch"}
+    manifests = render()
+    assert grants(one(manifests, "ClusterRole", "rel-edpilot-operator"), "apps") == {}
+    assert "--rollout-delivery" not in container(one(manifests, "Deployment", "rel-edpilot-operator"))["args"]
+    on = render("--set", "operator.rolloutDelivery.enabled=true")
+    assert grants(one(on, "ClusterRole", "rel-edpilot-operator"), "apps") == {
+        "deployments": rw,
+        "statefulsets": rw,
+    }
+    assert "--rollout-delivery" in container(one(on, "Deployment", "rel-edpilot-operator"))["args"]
+    namespaced = render(
+        "--set", "operator.rolloutDelivery.enabled=true", "--set", "operator.watchNamespaces={team-a}"
+    )
+    assert grants(one(namespaced, "ClusterRole", "rel-edpilot-operator"), "apps") == {}
+    (role,) = [m for m in namespaced if m["kind"] == "Role" and m["metadata"]["namespace"] == "team-a"]
+    assert grants(role, "apps") == {"deployments": rw, "statefulsets": rw}
+
+
 # ---------------------------------------------------------------- CRDs and Dockerfiles
 
 
