@@ -56,6 +56,7 @@ DEFAULT_BATCH = {"llm-decode": 8, SERVING: 256, "training": 8, "gemm": 4}
 DEFAULT_PRECISION = "bf16"
 DEFAULT_REQUESTS_PER_SECOND = 8.0
 
+
 @dataclass
 class SimJob:
     """The workload one pod runs on its GPUs, and the configuration it actually applies."""
