@@ -40,6 +40,9 @@ test-unit: $(STAMP) ## the tests that need no cluster
 images: ## build localhost/edpilot/edpilot:dev and edpilot-agent:dev with buildah from a local Debian base (cached in ~/.cache/edpilot/images)
 	@hack/build-images.sh >/dev/null
 
+test-images: $(STAMP) ## build the images (as make images) and run their entrypoints under podman and runc
+	$(BIN)/python -m pytest -m images tests/images
+
 simulate: $(STAMP) ## the closed loop on a simulated fleet, in one process, no cluster
 	$(BIN)/edpilot simulate
 

@@ -28,14 +28,15 @@ start=$SECONDS
 "$here/install-packages.sh" images
 mkdir -p "$cache"
 
-# Storage of our own: graph root under the cache, run root on the machine's tmpfs. overlay is the
-# kernel's; vfs would copy every layer in full.
+# Storage of our own: graph root under the cache, run root (locks, mount state) on the machine's
+# tmpfs, one per cache. overlay is the kernel's; vfs would copy every layer in full.
 conf=$cache/storage.conf
+runroot=${XDG_RUNTIME_DIR:-/run}/edpilot-images-$(id -u)-$(printf '%s' "$cache" | sha256sum | cut -c1-8)
 cat >"$conf.tmp" <<CONF
 [storage]
 driver = "overlay"
 graphroot = "$cache/storage"
-runroot = "/run/edpilot-images-$(id -u)"
+runroot = "$runroot"
 CONF
 mv "$conf.tmp" "$conf"
 # runc, not crun: crun 1.8 (bookworm) refuses a hybrid cgroup layout whose cgroup2 mount holds any
