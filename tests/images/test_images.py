@@ -28,6 +28,21 @@ COMMANDS = {OPERATOR: ["operator", "extender"], AGENT: ["agent", "agent-setter"]
 pytestmark = [pytest.mark.images, pytest.mark.timeout(3600)]
 
 
+# Prints the process's uid:gid, then what writing a file in the venv, /tmp and / gives.
+PROBE = """
+import os
+print(f"{os.getuid()}:{os.getgid()}")
+for path in ("/opt/edpilot/probe", "/tmp/probe", "/probe"):
+    try:
+        open(path, "w").close()
+    except OSError as err:
+        print(path, err.strerror)
+    else:
+        print(path, "written")
+"""
+READ_ONLY = [f"{p} Read-only file system" for p in ("/opt/edpilot/probe", "/tmp/probe", "/probe")]
+
+
 @dataclass(frozen=True)
 class Podman:
     env: dict[str, str]
@@ -88,22 +103,9 @@ def test_image_runs_as_its_numeric_non_root_user(podman: Podman, image: str) -> 
     assert re.fullmatch(r"[1-9]\d*:[1-9]\d*", user), f"{image}: USER {user!r} is not numeric and non-root"
     assert config["Config"]["Entrypoint"] == ["edpilot"]
     # Inside: that user, and a root filesystem nothing can write to (not even the venv it owns).
-    probe = (
-        "import os, sys\n"
-        "print(f'{os.getuid()}:{os.getgid()}')\n"
-        "for path in ('/opt/edpilot/probe', '/tmp/probe', '/probe'):\n"
-        "    try:\n"
-        "        open(path, 'w').close()\n"
-        "    except OSError as err:\n"
-        "        print(path, err.strerror)\n"
-        "    else:\n"
-        "        print(path, 'written')\n"
-    )
-    proc = podman.run(image, "-c", probe, entrypoint="python3")
+    proc = podman.run(image, "-c", PROBE, entrypoint="python3")
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines[0] == user
-    assert lines[1:] == [f"{p} Read-only file system" for p in ("/opt/edpilot/probe", "/tmp/probe", "/probe")]
+    assert proc.stdout.splitlines() == [user, *READ_ONLY]
 
 
 @pytest.mark.parametrize("image", [OPERATOR, AGENT])
@@ -130,3 +132,55 @@ def test_the_charts_commands_load_in_the_image(podman: Podman, image: str, comma
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"usage: edpilot {command} "), proc.stdout[:200]
     assert not proc.stderr, proc.stderr
+
+
+def runc_run(
+    podman: Podman, image: str, args: list[str], tmp: Path, entrypoint: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs the image's root filesystem with runc alone, as containerd's shim would under a
+    kubelet: an OCI bundle from `runc spec`, with the image's user, environment and entrypoint,
+    the root read-only, no capabilities, no new privileges, and new namespaces (network included)."""
+    (config,) = json.loads(podman("image", "inspect", image).stdout)
+    uid, gid = (int(part) for part in config["Config"]["User"].split(":"))
+    rootfs = podman("image", "mount", image).stdout.strip()
+    try:
+        bundle = tmp / "bundle"
+        bundle.mkdir()
+        subprocess.run(["runc", "spec", "--bundle", str(bundle)], check=True, timeout=60)
+        spec = json.loads((bundle / "config.json").read_text())
+        spec["root"] = {"path": rootfs, "readonly": True}
+        spec["process"].update(
+            terminal=False,
+            user={"uid": uid, "gid": gid},
+            args=[*(entrypoint or config["Config"]["Entrypoint"]), *args],
+            env=config["Config"]["Env"],
+            capabilities={},
+            noNewPrivileges=True,
+        )
+        (bundle / "config.json").write_text(json.dumps(spec))
+        state = tmp / "runc-state"
+        return subprocess.run(
+            ["runc", "--root", str(state), "run", "--bundle", str(bundle), f"edpilot-test-{os.getpid()}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        podman("image", "unmount", image)
+
+
+@pytest.mark.parametrize("image", [OPERATOR, AGENT])
+def test_runc_alone_runs_the_entrypoint(podman: Podman, image: str, tmp_path: Path) -> None:
+    proc = runc_run(podman, image, ["--version"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == version()
+
+
+@pytest.mark.parametrize("image", [OPERATOR, AGENT])
+def test_runc_alone_enforces_the_user_and_the_read_only_root(
+    podman: Podman, image: str, tmp_path: Path
+) -> None:
+    (config,) = json.loads(podman("image", "inspect", image).stdout)
+    proc = runc_run(podman, image, ["-c", PROBE], tmp_path, entrypoint=["/opt/edpilot/bin/python3"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [config["Config"]["User"], *READ_ONLY]
