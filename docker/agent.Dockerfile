@@ -29,7 +29,7 @@ COPY pyproject.toml README.md ./
 COPY edpilot/ edpilot/
 COPY operator/ operator/
 COPY node_agent/ node_agent/
-RUN /build/bin/pip wheel --no-cache-dir --disable-pip-version-check --no-deps --no-build-isolation --wheel-dir /wheels .
+RUN /build/bin/pip wheel --no-cache-dir --disable-pip-version-check --no-deps --no-build-isolation --wheel-dir /dist .
 
 # The CUDA base has no Python (Ubuntu 24.04's is 3.12, the version the wheels above were built
 # for); a base that already has python3 with venv (the local Debian one) needs no package index.
@@ -46,21 +46,29 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/edpilot/bin:$PATH \
     NVIDIA_DRIVER_CAPABILITIES=utility
 
-# The venv is made on the runtime base itself, so that its links to python3 hold there, and only the
-# venv moves on: the final image keeps no wheel. (COPY --from, not RUN --mount=from: buildah before
-# 1.29 mounts a stale stage when its layers come from the cache.)
-FROM runtime AS venv
+# The dependencies' venv is made on the runtime base itself, so that its links to python3 hold
+# there; it changes only with the locks, so a change to edpilot's code reuses it from the cache.
+# Only venvs move on: the final image keeps no wheel. (COPY --from, not RUN --mount=from: buildah
+# before 1.29 mounts a stale stage when its layers come from the cache.)
+FROM runtime AS deps
 COPY --from=build /wheels /wheels
 RUN python3 -m venv /opt/edpilot \
     && /opt/edpilot/bin/pip install --no-cache-dir --disable-pip-version-check --no-index --find-links=/wheels \
-       --require-hashes -r /wheels/requirements.lock \
-    && /opt/edpilot/bin/pip install --no-cache-dir --disable-pip-version-check --no-index --no-deps /wheels/edpilot-*.whl
+       --require-hashes -r /wheels/requirements.lock
+
+# edpilot itself on top; /app receives exactly the files its wheel installed (the entry point,
+# the packages, their bytecode and metadata), a small layer for the final image.
+FROM deps AS app
+COPY --from=build /dist /dist
+RUN /opt/edpilot/bin/pip install --no-cache-dir --disable-pip-version-check --no-index --no-deps /dist/edpilot-*.whl \
+    && /opt/edpilot/bin/python3 -c "import importlib.metadata as m, os, shutil; paths = [os.path.normpath(str(f.locate())) for f in m.distribution('edpilot').files]; [(os.makedirs(os.path.dirname('/app' + p), exist_ok=True), shutil.copy2(p, '/app' + p)) for p in paths if os.path.isfile(p)]"
 
 FROM runtime
 LABEL org.opencontainers.image.title="edpilot-agent" \
       org.opencontainers.image.description="edpilot node agent (NVML and simulated GPU backends)" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=venv /opt/edpilot /opt/edpilot
+COPY --from=deps /opt/edpilot /opt/edpilot
+COPY --from=app /app/ /
 RUN edpilot --version
 # Non-root by default (the sim backend needs nothing more). With the NVML backend the Helm chart
 # runs the setter container as uid 0, because the kubelet's pod-resources socket is root-owned, and

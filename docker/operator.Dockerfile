@@ -27,17 +27,24 @@ COPY edpilot/ edpilot/
 COPY operator/ operator/
 COPY node_agent/ node_agent/
 # edpilot's own wheel, built with the locked setuptools: the runtime stage needs no network.
-RUN /build/bin/pip wheel --no-cache-dir --disable-pip-version-check --no-deps --no-build-isolation --wheel-dir /wheels .
+RUN /build/bin/pip wheel --no-cache-dir --disable-pip-version-check --no-deps --no-build-isolation --wheel-dir /dist .
 
-# The venv is made on the runtime base itself, so that its links to python3 hold there, and only the
-# venv moves on: the final image keeps no wheel. (COPY --from, not RUN --mount=from: buildah before
-# 1.29 mounts a stale stage when its layers come from the cache.)
-FROM ${PYTHON_IMAGE} AS venv
+# The dependencies' venv is made on the runtime base itself, so that its links to python3 hold
+# there; it changes only with the locks, so a change to edpilot's code reuses it from the cache.
+# Only venvs move on: the final image keeps no wheel. (COPY --from, not RUN --mount=from: buildah
+# before 1.29 mounts a stale stage when its layers come from the cache.)
+FROM ${PYTHON_IMAGE} AS deps
 COPY --from=build /wheels /wheels
 RUN python3 -m venv /opt/edpilot \
     && /opt/edpilot/bin/pip install --no-cache-dir --disable-pip-version-check --no-index --find-links=/wheels \
-       --require-hashes -r /wheels/requirements.lock \
-    && /opt/edpilot/bin/pip install --no-cache-dir --disable-pip-version-check --no-index --no-deps /wheels/edpilot-*.whl
+       --require-hashes -r /wheels/requirements.lock
+
+# edpilot itself on top; /app receives exactly the files its wheel installed (the entry point,
+# the packages, their bytecode and metadata), a small layer for the final image.
+FROM deps AS app
+COPY --from=build /dist /dist
+RUN /opt/edpilot/bin/pip install --no-cache-dir --disable-pip-version-check --no-index --no-deps /dist/edpilot-*.whl \
+    && /opt/edpilot/bin/python3 -c "import importlib.metadata as m, os, shutil; paths = [os.path.normpath(str(f.locate())) for f in m.distribution('edpilot').files]; [(os.makedirs(os.path.dirname('/app' + p), exist_ok=True), shutil.copy2(p, '/app' + p)) for p in paths if os.path.isfile(p)]"
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="edpilot" \
@@ -48,7 +55,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/edpilot/bin:$PATH
-COPY --from=venv /opt/edpilot /opt/edpilot
+COPY --from=deps /opt/edpilot /opt/edpilot
+COPY --from=app /app/ /
 RUN edpilot --version
 # A fixed numeric non-root user, so Kubernetes can verify runAsNonRoot without /etc/passwd.
 USER 65532:65532
