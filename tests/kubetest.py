@@ -99,6 +99,32 @@ def add_gpu_node(cluster: Cluster, name: str, gpus: int, taint: str, labels: Map
     cluster.kubectl("taint", "node", name, f"{taint}=true:NoSchedule", "--overwrite")
 
 
+def remove_gpu_nodes(cluster: Cluster, *nodes: str) -> None:
+    """Delete test GPU nodes and their reports. The operator that would release a report's
+    finalizer may already be stopped, so the finalizer is dropped first."""
+    for node in nodes:
+        cluster.kubectl(
+            "patch",
+            "gpunodereport",
+            node,
+            "--type=merge",
+            "-p",
+            '{"metadata":{"finalizers":null}}',
+            check=False,
+        )
+    cluster.kubectl("delete", "gpunodereports", *nodes, "--ignore-not-found", "--wait=false", check=False)
+    cluster.kubectl("delete", "node", *nodes, "--ignore-not-found", check=False)
+
+
+def print_log_tails(logs: Path, lines: int = 20) -> None:
+    """The last lines of each process log, for the failure report pytest shows."""
+    for log in sorted(logs.glob("*.log")):
+        print(
+            f"--- {log.name} (last lines)\n"
+            + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        )
+
+
 def tool_dir() -> Path:
     proc = subprocess.run([str(REPO / "hack" / "build-tools.sh")], capture_output=True, text=True)
     if proc.returncode != 0:

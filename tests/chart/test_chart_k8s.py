@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kubetest import Cluster, kwok_gpu_nodes
+from kubetest import Cluster, kwok_gpu_nodes, remove_gpu_nodes
 from sa_kubeconfig import kubectl_with, service_account_kubeconfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,20 +75,8 @@ def release(cluster: Cluster) -> Iterator[Cluster]:
     finally:
         cluster.helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--ignore-not-found", check=False)
         cluster.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=false", check=False)
-        for node in OWN_GPU_NODES:  # the operator that would remove its finalizer is gone
-            cluster.kubectl(
-                "patch",
-                "gpunodereport",
-                node,
-                "--type=merge",
-                "-p",
-                '{"metadata":{"finalizers":null}}',
-                check=False,
-            )
-        cluster.kubectl(
-            "delete", "gpunodereports", *OWN_GPU_NODES, "--ignore-not-found", "--wait=false", check=False
-        )
-        cluster.kubectl("delete", "node", *OWN_GPU_NODES, CPU_NODE, "--ignore-not-found", check=False)
+        remove_gpu_nodes(cluster, *OWN_GPU_NODES)
+        cluster.kubectl("delete", "node", CPU_NODE, "--ignore-not-found", check=False)
 
 
 def manifest_objects(cluster: Cluster) -> list[dict[str, Any]]:
