@@ -595,7 +595,21 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("name", ["operator.Dockerfile", "agent.Dockerfile"])
 def test_dockerfiles_are_pinned_non_root_and_build_the_repo(name: str) -> None:
     instructions = dockerfile_instructions(REPO / "docker" / name)
-    bases = [args.split()[0] for op, args in instructions if op == "FROM"]
+    # Base images are build arguments (hack/build-images.sh passes a local Debian one) whose
+    # defaults must be pinned public images; a FROM may also name an earlier stage.
+    defaults = dict(args.split("=", 1) for op, args in instructions if op == "ARG" and "=" in args)
+    stages: set[str] = set()
+    bases = []
+    for op, args in instructions:
+        if op != "FROM":
+            continue
+        words = args.split()
+        base = re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m.group(1), m.group(0)), words[0])
+        assert "$" not in base, f"{name}: FROM {words[0]} has no default"
+        if base not in stages:
+            bases.append(base)
+        if len(words) == 3 and words[1].upper() == "AS":
+            stages.add(words[2])
     assert bases
     for base in bases:
         pinned = re.search(r"@sha256:[0-9a-f]{64}$", base) or re.search(r":\d+(\.\d+)+[-\w.]*$", base)
