@@ -9,7 +9,7 @@ NODES ?= 2
 GPUS ?= 8
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv tools lint test test-unit demo simulate cluster-up cluster-down kubectl helm docs priors clean
+.PHONY: help venv tools lint test test-unit test-images images demo simulate cluster-up cluster-down kubectl helm docs priors clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -40,6 +40,12 @@ test-unit: $(STAMP) ## the tests that need no cluster
 priors: $(STAMP) ## regenerate edpilot/gpu_priors.py (placement and budget priors) from gpusim
 	$(BIN)/python -m edpilot.make_priors
 	$(BIN)/ruff format edpilot/gpu_priors.py
+
+images: ## build localhost/edpilot/edpilot:dev and edpilot-agent:dev with buildah from a local Debian base (cached in ~/.cache/edpilot/images)
+	@hack/build-images.sh >/dev/null
+
+test-images: $(STAMP) ## build the images (as make images) and run their entrypoints under podman and runc
+	$(BIN)/python -m pytest -m images tests/images
 
 simulate: $(STAMP) ## the closed loop on a simulated fleet, in one process, no cluster
 	$(BIN)/edpilot simulate

@@ -104,6 +104,11 @@ HINT_ANNOTATIONS: Final = (
     ANNOTATION_BATCH_SIZE,
     ANNOTATION_QUANTIZATION,
 )
+# Rollout delivery, written by the operator: on a pod template (so on its pods), the configuration
+# edpilot rolled out; on the owner (Deployment, StatefulSet), the template fields as they were
+# before edpilot's first change.
+ANNOTATION_ROLLOUT_CONFIG: Final = f"{GROUP}/rollout-config"
+ANNOTATION_ORIGINAL_TEMPLATE: Final = f"{GROUP}/original-template"
 # Written by the workload's owner.
 ANNOTATION_EXCLUDE: Final = f"{GROUP}/exclude"
 ANNOTATION_QUANTIZATION_ACCURACY: Final = f"{GROUP}/quantization-accuracy"

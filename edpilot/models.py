@@ -7,6 +7,7 @@ enums and bounds). Field names are the API's camelCase names.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -101,7 +102,9 @@ Conditions = Annotated[list[Condition], AfterValidator(_unique_condition_types)]
 
 
 class LatencySLO(ApiModel):
-    metricName: str = Field(min_length=1)
+    # None: the engine preset's histogram (inter-token latency for latencySLO, time to first token
+    # for firstTokenSLO); required with engine custom.
+    metricName: str | None = Field(default=None, min_length=1)
     quantile: float | None = Field(default=None, gt=0, lt=1)
     maxSeconds: float = Field(gt=0)
 
@@ -164,23 +167,172 @@ class QuantizationSpec(ApiModel):
 
 
 MetricName = Annotated[str, Field(pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")]
+Engine = Literal["vllm", "sglang", "custom"]
+
+
+class EnginePreset(BaseModel):
+    """The metric names a serving engine really exports (checked against its documentation and
+    source, and tested against expositions in its format: tests/agent/fixtures)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prefix: str
+    work: str  # generated tokens
+    latency: str  # inter-token latency histogram
+    firstToken: str  # time-to-first-token histogram
+    running: str  # gauge: requests in the running batch
+    waiting: str  # gauge: requests queued for a slot
+    finished: str  # counter: requests finished
+    batchArg: str  # the start-up argument that limits the sequences in flight
+
+
+ENGINE_PRESETS: dict[str, EnginePreset] = {
+    # vLLM v1 engine (prometheus_client appends _total to its counters).
+    "vllm": EnginePreset(
+        prefix="vllm:",
+        work="vllm:generation_tokens_total",
+        latency="vllm:inter_token_latency_seconds",
+        firstToken="vllm:time_to_first_token_seconds",
+        running="vllm:num_requests_running",
+        waiting="vllm:num_requests_waiting",
+        finished="vllm:request_success_total",
+        batchArg="--max-num-seqs",
+    ),
+    # SGLang with --enable-metrics; num_requests_total counts requests as they finish.
+    "sglang": EnginePreset(
+        prefix="sglang:",
+        work="sglang:generation_tokens_total",
+        latency="sglang:inter_token_latency_seconds",
+        firstToken="sglang:time_to_first_token_seconds",
+        running="sglang:num_running_reqs",
+        waiting="sglang:num_queue_reqs",
+        finished="sglang:num_requests_total",
+        batchArg="--max-running-requests",
+    ),
+}
+# `workMetric.load` of a custom engine falls back to vLLM's names (as before presets existed).
+CUSTOM_LOAD_FALLBACK = ENGINE_PRESETS["vllm"]
 
 
 class LoadMetrics(ApiModel):
-    """A serving engine's load: requests in flight, waiting for a slot, finished (vLLM's names)."""
+    """A serving engine's load: requests in flight, waiting for a slot, finished. A name left
+    out comes from the engine preset (vLLM's names for engine custom)."""
 
-    running: MetricName = "vllm:num_requests_running"
-    waiting: MetricName = "vllm:num_requests_waiting"
-    finished: MetricName = "vllm:request_success_total"
+    running: MetricName | None = None
+    waiting: MetricName | None = None
+    finished: MetricName | None = None
 
 
 class WorkMetric(ApiModel):
     port: Port = 9400
     path: str = Field(default="/metrics", pattern=r"^/")
-    name: str = Field(min_length=1, pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-    unit: str = Field(default="units", min_length=1, max_length=32)
+    # vllm or sglang fill every metric name below (and the SLOs') with the engine's own; a name
+    # given explicitly wins. custom: the names are the policy's, and `name` is required.
+    engine: Engine = "custom"
+    name: str | None = Field(default=None, min_length=1, pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+    # None: tokens for an engine preset, units otherwise.
+    unit: str | None = Field(default=None, min_length=1, max_length=32)
     configMetric: str = Field(default="edpilot_workload_config_info", pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
     load: LoadMetrics | None = None
+
+    @property
+    def preset(self) -> EnginePreset | None:
+        return ENGINE_PRESETS.get(self.engine)
+
+    @model_validator(mode="after")
+    def _names(self) -> WorkMetric:
+        if self.engine == "custom" and self.name is None:
+            raise ValueError(
+                "workMetric.name is required unless workMetric.engine names a preset (vllm, sglang)"
+            )
+        load = self.load or LoadMetrics()
+        for field_name, value in (
+            ("name", self.name),
+            ("load.running", load.running),
+            ("load.waiting", load.waiting),
+            ("load.finished", load.finished),
+        ):
+            _check_engine_prefix(self.engine, f"workMetric.{field_name}", value)
+        return self
+
+
+def _check_engine_prefix(engine: str, where: str, name: str | None) -> None:
+    """An explicit name with another preset engine's prefix is a mistake nobody means."""
+    for other, preset in ENGINE_PRESETS.items():
+        if (
+            engine in ENGINE_PRESETS
+            and other != engine
+            and name is not None
+            and name.startswith(preset.prefix)
+        ):
+            raise ValueError(
+                f"{where} names {other}'s metric {name} but workMetric.engine is {engine}: leave it out to "
+                f"take {engine}'s, or set engine custom"
+            )
+
+
+@dataclass(frozen=True)
+class ResolvedMetrics:
+    """Every metric name a policy's workloads are read by, after the engine preset is applied."""
+
+    work: str
+    unit: str
+    latency: str | None
+    firstToken: str | None
+    running: str | None
+    waiting: str | None
+    finished: str | None
+
+
+DeliveryMode = Literal["Live", "Rollout"]
+EnvName = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")]
+ArgFlag = Annotated[str, Field(min_length=2, max_length=128, pattern=r"^--?[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+
+
+class EnvVar(ApiModel):
+    name: EnvName
+    value: str = Field(default="", max_length=4096)
+
+
+class BatchDelivery(ApiModel):
+    """Where the batch limit goes in the pod template: an argument flag, or an env variable."""
+
+    arg: ArgFlag | None = None
+    env: EnvName | None = None
+
+    @model_validator(mode="after")
+    def _one_place(self) -> BatchDelivery:
+        if (self.arg is None) == (self.env is None):
+            raise ValueError("delivery.batchSize needs exactly one of arg and env")
+        return self
+
+
+class ProfileDelivery(ApiModel):
+    """What a quantization profile changes in the pod template: arguments, env, an image."""
+
+    profile: Profile
+    args: list[Annotated[str, Field(max_length=1024)]] = Field(default_factory=list, max_length=32)
+    env: list[EnvVar] = Field(default_factory=list, max_length=32)
+    image: str | None = Field(default=None, min_length=1, max_length=1024)
+
+
+class DeliverySpec(ApiModel):
+    """How batch-size and quantization hints reach the pods: Live (the pod annotations, re-read by
+    the workload) or Rollout (the owning Deployment's or StatefulSet's pod template)."""
+
+    mode: DeliveryMode = "Live"
+    container: str | None = Field(default=None, min_length=1, max_length=63)
+    batchSize: BatchDelivery | None = None
+    quantization: list[ProfileDelivery] = Field(default_factory=list, max_length=7)
+    readyTimeoutSeconds: int = Field(default=600, ge=10, le=86400)
+    maxRollouts: int = Field(default=4, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _profiles_once(self) -> DeliverySpec:
+        profiles = [p.profile for p in self.quantization]
+        if len(set(profiles)) != len(profiles):
+            raise ValueError("delivery.quantization lists a profile twice")
+        return self
 
 
 class EnergyPolicySpec(ApiModel):
@@ -196,20 +348,73 @@ class EnergyPolicySpec(ApiModel):
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     workMetric: WorkMetric
     groupByLabel: str | None = Field(default=None, min_length=1, max_length=316)
+    delivery: DeliverySpec = Field(default_factory=DeliverySpec)
 
     @model_validator(mode="after")
     def _load_driven_needs_a_latency(self) -> EnergyPolicySpec:
-        if self.workMetric.load is not None and self.latencySLO is None:
+        if self.load_driven and self.latencySLO is None:
             raise ValueError(
-                "workMetric.load makes the workloads load-driven (serving), whose slowdown is measured "
-                "on their latency: set latencySLO too"
+                "workMetric.load or an engine preset makes the workloads load-driven (serving), whose "
+                "slowdown is measured on their latency: set latencySLO too"
             )
+        engine = self.workMetric.engine
+        for where, slo in (("latencySLO", self.latencySLO), ("firstTokenSLO", self.firstTokenSLO)):
+            if slo is None:
+                continue
+            if engine == "custom" and slo.metricName is None:
+                raise ValueError(
+                    f"{where}.metricName is required unless workMetric.engine names a preset (vllm, sglang)"
+                )
+            _check_engine_prefix(engine, f"{where}.metricName", slo.metricName)
+        if self.delivery.mode == "Rollout":
+            if self.batchSize.mode == "Auto" and self.rollout_batch is None:
+                raise ValueError(
+                    "delivery.mode Rollout with batchSize.mode Auto needs delivery.batchSize (the argument or "
+                    "env variable of the batch limit) unless workMetric.engine names a preset"
+                )
+            delivered = {p.profile for p in self.delivery.quantization}
+            missing = [p for p in self.quantization.allowed if p not in delivered]
+            if self.quantization.mode == "Auto" and missing:
+                raise ValueError(
+                    "delivery.mode Rollout with quantization.mode Auto needs a delivery.quantization entry "
+                    f"for every allowed profile; missing: {', '.join(missing)}"
+                )
         return self
+
+    @property
+    def rollout_batch(self) -> BatchDelivery | None:
+        """Where a rollout puts the batch limit: the policy's choice, else the engine's argument."""
+        preset = self.workMetric.preset
+        if self.delivery.batchSize is not None:
+            return self.delivery.batchSize
+        return BatchDelivery(arg=preset.batchArg) if preset is not None else None
 
     @property
     def load_driven(self) -> bool:
         """Serving engines under offered load: demand, not the configuration, sets the work rate."""
-        return self.workMetric.load is not None
+        return self.workMetric.load is not None or self.workMetric.preset is not None
+
+    def metrics(self) -> ResolvedMetrics:
+        """The names the agent reads: explicit ones, else the engine preset's."""
+        wm, preset = self.workMetric, self.workMetric.preset
+        load_names = preset or CUSTOM_LOAD_FALLBACK
+        load = wm.load or LoadMetrics()
+        driven = self.load_driven
+        work = wm.name or (preset.work if preset else None)
+        assert work is not None  # the validator requires a name for engine custom
+        return ResolvedMetrics(
+            work=work,
+            unit=wm.unit or ("tokens" if preset else "units"),
+            latency=_slo_name(self.latencySLO, preset.latency if preset else None),
+            firstToken=_slo_name(self.firstTokenSLO, preset.firstToken if preset else None),
+            running=(load.running or load_names.running) if driven else None,
+            waiting=(load.waiting or load_names.waiting) if driven else None,
+            finished=(load.finished or load_names.finished) if driven else None,
+        )
+
+
+def _slo_name(slo: LatencySLO | None, preset: str | None) -> str | None:
+    return None if slo is None else slo.metricName or preset
 
 
 class Measurement(ApiModel):
@@ -219,6 +424,17 @@ class Measurement(ApiModel):
     secondsPerUnit: float = Field(ge=0)
     edp: float = Field(ge=0)
     unitsPerSecond: float = Field(ge=0)
+
+
+class RolloutStatus(ApiModel):
+    """Delivery by rollout: the owner whose pod template carries the workload's configuration."""
+
+    owner: str = Field(min_length=1, max_length=320)  # "Deployment/name" or "StatefulSet/name"
+    config: str = Field(default="", max_length=256)  # what the template carries now
+    previous: str = Field(default="", max_length=256)  # what it carried before the last change
+    startedAt: datetime | None = None  # the last change; None when none is in flight
+    readyReplicas: int = Field(default=0, ge=0)
+    replicas: int = Field(default=0, ge=0)
 
 
 class WorkloadFigures(ApiModel):
@@ -248,6 +464,9 @@ class WorkloadStatus(WorkloadFigures):
     pods: list[str] = Field(default_factory=list)
     nodes: list[str] = Field(default_factory=list)
     gpus: int = Field(default=0, ge=0)
+    # Delivery by rollout (the operator's, not the optimizer's figures).
+    rollouts: int = Field(default=0, ge=0)
+    rollout: RolloutStatus | None = None
     # The optimizer's whole state, so a restarted operator resumes where it was.
     optimizer: dict[str, object] | None = None
 
@@ -317,22 +536,22 @@ class MeasuredWorkload(ApiModel):
     def of_policy(cls, namespace: str, pod: str, spec: EnergyPolicySpec) -> MeasuredWorkload:
         """What the agent must scrape from a pod the policy governs: its work counter, the
         latencies its SLOs name and, for serving engines, their load."""
-        metric, slo, first, load = spec.workMetric, spec.latencySLO, spec.firstTokenSLO, spec.workMetric.load
+        metric, slo, first, names = spec.workMetric, spec.latencySLO, spec.firstTokenSLO, spec.metrics()
         return cls(
             namespace=namespace,
             pod=pod,
             port=metric.port,
             path=metric.path,
-            metricName=metric.name,
-            unit=metric.unit,
+            metricName=names.work,
+            unit=names.unit,
             configMetric=metric.configMetric,
-            latencyMetric=slo.metricName if slo else None,
+            latencyMetric=names.latency,
             latencyQuantile=slo.quantile if slo else None,
-            firstTokenMetric=first.metricName if first else None,
+            firstTokenMetric=names.firstToken,
             firstTokenQuantile=first.quantile if first else None,
-            runningMetric=load.running if load else None,
-            waitingMetric=load.waiting if load else None,
-            finishedMetric=load.finished if load else None,
+            runningMetric=names.running,
+            waitingMetric=names.waiting,
+            finishedMetric=names.finished,
         )
 
 

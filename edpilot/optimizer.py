@@ -218,6 +218,7 @@ class OptimizerState(BaseModel):
     band: int | None = None  # load-driven: the level being explored or held
     levelLoad: float | None = None  # load-driven: the offered load that level was measured at
     recentLoads: list[float] = []  # load-driven: the last windows' offered load while converged
+    rollouts: int = 0  # delivery Rollout: changes of the owner's pod template this exploration cost
 
 
 # ---------------------------------------------------------------- outputs
@@ -295,6 +296,15 @@ class _Ctx:
     @property
     def load_driven(self) -> bool:
         return self.policy.load_driven
+
+    @property
+    def by_rollout(self) -> bool:
+        """Batch size and quantization reach the pods by rolling their owner out: slow, counted."""
+        return self.policy.delivery.mode == "Rollout"
+
+    def rollout_room(self, st: OptimizerState) -> bool:
+        """Can the budget pay a probe's rollout and the one back?"""
+        return not self.by_rollout or st.rollouts + 2 <= self.policy.delivery.maxRollouts
 
     def event(self, kind: Literal["Normal", "Warning"], reason: str, message: str) -> None:
         self.events.append(Event(type=kind, reason=reason, message=message))
@@ -450,6 +460,9 @@ def _requantize(st: OptimizerState, ctx: _Ctx) -> bool:
 
 def _next_quantization(st: OptimizerState, ctx: _Ctx) -> Config | None:
     assert st.incumbent is not None
+    if not ctx.rollout_room(st):
+        ctx.reasons.append("quantization: the rollout budget (delivery.maxRollouts) is spent")
+        return None
     tried = {p.config.quantization for p in _quantization_probes(st)}
     for profile in _eligible_profiles(st, ctx):
         if profile not in tried:
@@ -492,7 +505,12 @@ def _next_batch(st: OptimizerState, ctx: _Ctx) -> Config | None:
     engine's batch knob only limits what runs: a lower limit never saves energy (the same work
     waits for fewer slots), so a load-driven workload is only probed upwards."""
     assert st.incumbent is not None and st.incumbent.config.batchSize is not None
+    if not ctx.rollout_room(st):
+        ctx.reasons.append("batch size: the rollout budget (delivery.maxRollouts) is spent")
+        return None
     candidates = batch_candidates(ctx.policy, ctx.workload)
+    if ctx.by_rollout and ctx.load_driven:
+        return _batch_for_demand(st, ctx, candidates)
     probed = {st.incumbent.config.batchSize} | {p.config.batchSize for p in _stage_probes(st, "batch")}
     best = _stage_best(st, "batch", ctx).config.batchSize
     assert best is not None
@@ -502,6 +520,23 @@ def _next_batch(st: OptimizerState, ctx: _Ctx) -> Config | None:
         if neighbour not in probed:
             return st.incumbent.config.model_copy(update={"batchSize": neighbour})
     return None
+
+
+def _batch_for_demand(st: OptimizerState, ctx: _Ctx, candidates: list[int]) -> Config | None:
+    """A serving engine delivered by rollout: one probe, not a climb. The running replicas already
+    measured the demand for slots (requests running and waiting), so the limit that carries it is
+    the smallest candidate above that (or the largest there is); every step of a climb would cost a
+    rollout of its own."""
+    assert st.incumbent is not None and st.incumbent.metrics is not None
+    current = st.incumbent.config.batchSize or 0
+    if _stage_probes(st, "batch"):
+        return None
+    m = st.incumbent.metrics
+    demand = (m.peakRunning or 0.0) + (m.peakWaiting or 0.0)
+    above = [c for c in candidates if c > current]
+    enough = [c for c in above if c >= demand]
+    choice = enough[0] if enough else max(above, default=None)
+    return None if choice is None else st.incumbent.config.model_copy(update={"batchSize": choice})
 
 
 def _cap_range(st: OptimizerState, ctx: _Ctx) -> tuple[float, float] | None:
@@ -837,9 +872,18 @@ def _baseline_target(st: OptimizerState, ctx: _Ctx) -> Config:
 def _set_target(st: OptimizerState, config: Config, ctx: _Ctx) -> None:
     if config != st.target:
         st.settle = ctx.tuning.settleWindows
+    if ctx.by_rollout and _template_part(config, ctx) != _template_part(st.target, ctx):
+        st.rollouts += 1
     st.target = config
     st.targetSince = ctx.now
     st.acc = Accumulator()
+
+
+def _template_part(config: Config, ctx: _Ctx) -> tuple[Profile | None, int | None]:
+    """What of a configuration a rollout carries: the hints the policy steers."""
+    q = config.quantization if ctx.policy.quantization.mode == "Auto" else None
+    b = config.batchSize if ctx.policy.batchSize.mode == "Auto" else None
+    return q, b
 
 
 def _runs(w: Window, target: Config, ctx: _Ctx) -> bool:
@@ -856,12 +900,14 @@ def _runs(w: Window, target: Config, ctx: _Ctx) -> bool:
     return True
 
 
-def _advance(st: OptimizerState, ctx: _Ctx) -> None:
-    """Pick the next probe, finishing stages that have none left; converge after the last."""
+def _advance(st: OptimizerState, ctx: _Ctx, abandon: bool = False) -> None:
+    """Pick the next probe, finishing stages that have none left; converge after the last.
+    `abandon`: the current stage ends now, whatever it has left."""
     order = list(STAGES)
     while True:
         if st.stage is not None:
-            config = NEXT[st.stage](st, ctx)
+            config = None if abandon else NEXT[st.stage](st, ctx)
+            abandon = False
             if config is not None:
                 _set_target(st, config, ctx)
                 return
@@ -929,6 +975,7 @@ def _rebaseline(st: OptimizerState, ctx: _Ctx, why: str) -> None:
     st.band = st.levelLoad = None
     st.recentLoads = []
     st.requantized = False
+    st.rollouts = 0
     _set_target(st, _baseline_target(st, ctx), ctx)
 
 
@@ -1206,6 +1253,7 @@ def _initial(policy: EnergyPolicySpec, workload: WorkloadInfo, ctx: _Ctx) -> Opt
     )
     _set_target(st, _baseline_target(st, ctx), ctx)
     st.settle = 0
+    st.rollouts = 0  # the workload's own configuration is already in its template
     return st
 
 
@@ -1285,6 +1333,40 @@ def step(
             else:
                 _measure(st, w, ctx)
     return _decision(st, ctx, bad)
+
+
+def fail_target(
+    policy: EnergyPolicySpec,
+    workload: WorkloadInfo,
+    state: OptimizerState,
+    now: float,
+    reason: str,
+    tuning: Tuning = DEFAULT_TUNING,
+) -> Decision:
+    """The target could not be run at all (delivered by rollout, its pods never became Ready): a
+    failed probe, and the end of its stage, since its neighbours are no better bet. The next target
+    keeps the best configuration so far, which rolls the owner back to it. A target that was not a
+    probe (the baseline's, the converged one) has nothing to fall back to: it is reported."""
+    ctx = _Ctx(
+        policy=policy,
+        workload=workload,
+        tuning=tuning,
+        now=now,
+        bounds={m.member: cap_bounds(policy.powerCap, m) for m in workload.members},
+        reasons=[],
+        events=[],
+    )
+    st = state.model_copy()
+    st.last = None  # the pods that ran before are not the ones that run next
+    probing = st.phase == "Exploring" and st.stage in ("quantization", "batch") and st.incumbent is not None
+    if probing:
+        failed = Probe(stage=st.stage or "batch", config=st.target, failed=reason)
+        st.probes = [*st.probes, failed]
+        ctx.event("Warning", "ProbeFailed", f"{_describe(st.target, ctx)}: {reason}; rolled back")
+        _advance(st, ctx, abandon=True)
+    else:
+        ctx.event("Warning", "RolloutFailed", f"{_describe(st.target, ctx)}: {reason}")
+    return _decision(st, ctx, None)
 
 
 def _measurement(m: Metrics) -> Measurement:

@@ -386,19 +386,20 @@ class SimServing:
             t += chunk
         self._gauge = (self.engine.counters.energy_joules - energy) / seconds if seconds > 0 else 0.0
 
-    def _window_latency(self, slo: LatencySLO | None) -> float | None:
+    def _window_latency(self, slo: LatencySLO | None, metric: str | None) -> float | None:
         """What an SLO's metric read over the last window, as a scraper reads the engine's histograms."""
         if slo is None:
             return None
         empty = serving.Counters()
-        return slo_value(slo, self.engine.counters, self._last or empty)
+        return slo_value(slo, self.engine.counters, self._last or empty, metric)
 
     def observation(self, now: float) -> Observation:
         e, c = self.engine, self.engine.counters
         policy = self.spec.policy
+        names = policy.metrics()
         latency, first_token = (
-            self._window_latency(policy.latencySLO),
-            self._window_latency(policy.firstTokenSLO),
+            self._window_latency(policy.latencySLO, names.latency),
+            self._window_latency(policy.firstTokenSLO, names.firstToken),
         )
         self._last = replace(c, itl_fine=dict(c.itl_fine), ttft_fine=dict(c.ttft_fine))
         gpu = self.gpus[0]
@@ -524,10 +525,13 @@ def _true_edp(sim: SimWorkload, running: Running, caps: Sequence[float]) -> tupl
     return objective_value("EDP", watts / ups, spu), ups
 
 
-def slo_value(slo: LatencySLO, now: serving.Counters, before: serving.Counters) -> float | None:
-    """An SLO's metric over the time between two readings of an engine's counters: inter-token
-    latency unless the metric names time to first token; its quantile, or the mean."""
-    ttft = "first_token" in slo.metricName
+def slo_value(
+    slo: LatencySLO, now: serving.Counters, before: serving.Counters, metric: str | None = None
+) -> float | None:
+    """An SLO's metric (`metric`: its name after the engine preset, else its own) over the time
+    between two readings of an engine's counters: inter-token latency unless the metric names time
+    to first token; its quantile, or the mean."""
+    ttft = "first_token" in (metric or slo.metricName or "")
     fine, old = (now.ttft_fine, before.ttft_fine) if ttft else (now.itl_fine, before.itl_fine)
     total = (now.ttft_sum - before.ttft_sum) if ttft else (now.itl_sum - before.itl_sum)
     window = {k: v - old.get(k, 0.0) for k, v in fine.items() if v - old.get(k, 0.0) > 0}
@@ -556,7 +560,9 @@ def serving_truth(
     engine.run(TRUTH_SECONDS, rate)
     c = engine.counters
     slo = spec.policy.latencySLO
-    latency = slo_value(slo, c, serving.Counters()) if slo is not None else None
+    latency = (
+        slo_value(slo, c, serving.Counters(), spec.policy.metrics().latency) if slo is not None else None
+    )
     return c.energy_joules / max(c.generation_tokens, 1), latency or math.inf
 
 

@@ -13,10 +13,17 @@ import pytest
 from kubetest import CRDS, REPO, Cluster, tool_dir
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.k8s)
+    # The image tests (tests/images) build the images first: they run only when a marker
+    # expression names them (`make test-images` runs `-m images`), never in a plain `pytest`.
+    if "images" not in (config.getoption("markexpr") or ""):
+        skipped = [item for item in items if item.get_closest_marker("images")]
+        if skipped:
+            config.hook.pytest_deselected(items=skipped)
+            items[:] = [item for item in items if not item.get_closest_marker("images")]
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,47 @@ def add_gpu_node(cluster: Cluster, name: str, gpus: int, taint: str, labels: Map
     if labels:
         cluster.kubectl("label", "node", name, *(f"{k}={v}" for k, v in labels.items()), "--overwrite")
     cluster.kubectl("taint", "node", name, f"{taint}=true:NoSchedule", "--overwrite")
+
+
+def remove_gpu_nodes(cluster: Cluster, *nodes: str) -> None:
+    """Delete test GPU nodes and their reports. The operator that would release a report's
+    finalizer may already be stopped, so the finalizer is dropped first."""
+    for node in nodes:
+        cluster.kubectl(
+            "patch",
+            "gpunodereport",
+            node,
+            "--type=merge",
+            "-p",
+            '{"metadata":{"finalizers":null}}',
+            check=False,
+        )
+    cluster.kubectl("delete", "gpunodereports", *nodes, "--ignore-not-found", "--wait=false", check=False)
+    cluster.kubectl("delete", "node", *nodes, "--ignore-not-found", check=False)
+
+
+def print_log_tails(logs: Path, lines: int = 20) -> None:
+    """The last lines of each process log, for the failure report pytest shows."""
+    for log in sorted(logs.glob("*.log")):
+        print(
+            f"--- {log.name} (last lines)\n"
+            + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, check: Callable[[], Any], seconds: float = 60) -> Any:
+    """Poll `check` every half second until it returns something truthy, and return that."""
+    deadline = time.monotonic() + seconds
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"timed out after {seconds:.0f} s waiting for {what}"
+        time.sleep(0.5)
+    return result
 
 
 def tool_dir() -> Path:

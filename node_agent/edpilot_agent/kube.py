@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from kubernetes import client, config, watch
@@ -68,7 +68,15 @@ def pod_info(obj: dict[str, Any]) -> PodInfo | None:
         gpu_request=gpu_request(spec),
         host_network=spec.get("hostNetwork") is True,
         annotations=dict(meta.get("annotations") or {}),
+        argv=_argv(spec),
     )
+
+
+def _argv(spec: Mapping[str, Any]) -> tuple[str, ...]:
+    containers = spec.get("containers") or [{}]
+    first = containers[0] if isinstance(containers[0], Mapping) else {}
+    parts = [*(first.get("command") or []), *(first.get("args") or [])]
+    return tuple(str(p) for p in parts)[:256]
 
 
 class Informer:

@@ -16,6 +16,9 @@ class PodInfo:
     # A host-network pod's IP is its node's: the agent never scrapes it.
     host_network: bool = False
     annotations: dict[str, str] = field(default_factory=dict)
+    # The first container's command and args: a simulated engine starts with them (as vLLM reads
+    # --max-num-seqs once), so a rollout of its owner's template reaches it.
+    argv: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:

@@ -196,16 +196,18 @@ class LatencyScrape:
                 self.quantile = value if usable else None
         elif name == base and not labels:
             self.plain = value if usable and self.plain is None else self.plain
+        # A histogram's series are summed: an engine serves one per data-parallel engine (vLLM's
+        # `engine` label), all with the same buckets, and the pod's latency covers them all.
         elif name == f"{base}_bucket" and "le" in labels:
             le = ascii_float(labels["le"])
             if le is not None and not math.isnan(le) and usable:
-                self.buckets[le] = value
+                self.buckets[le] = min(self.buckets.get(le, 0.0) + value, MAX_COUNTER)
                 if len(self.buckets) > MAX_BUCKETS:
                     raise ScrapeError(f"the latency histogram has more than {MAX_BUCKETS} buckets")
-        elif name == f"{base}_sum" and self.total is None and usable:
-            self.total = value
-        elif name == f"{base}_count" and self.count is None and usable:
-            self.count = value
+        elif name == f"{base}_sum" and usable:
+            self.total = min((self.total or 0.0) + value, MAX_COUNTER)
+        elif name == f"{base}_count" and usable:
+            self.count = min((self.count or 0.0) + value, MAX_COUNTER)
 
 
 @dataclass

@@ -47,6 +47,10 @@ SIM_REQUESTS_PER_SECOND = "sim.edpilot.io/requests-per-second"
 # agent reports as NVML does and placement avoids).
 SIM_THERMAL_CLOCK = "sim.edpilot.io/thermal-clock-limit-mhz"
 
+# Start-up arguments a simulated engine reads, as real ones do (vLLM, SGLang, edpilot's examples).
+BATCH_FLAGS = ("--max-num-seqs", "--max-running-requests", "--batch-size")
+QUANTIZATION_FLAG = "--quantization"
+
 SERVING = "llm-serving"
 PROFILES: dict[str, Callable[[], gpusim.WorkloadProfile]] = {
     # A saturated (offline) decode of the Llama-3-8B shape at a fixed batch; `llm-serving` is
@@ -79,6 +83,9 @@ class SimJob:
     requests_per_second: float = 0.0
     dra_indices: tuple[int, ...] = ()  # the GPUs it holds through DRA (the rest: device plugin)
     thermal_clock_mhz: float | None = None
+    # Set by a start-up argument, as an engine's are: a live hint no longer changes it.
+    fixed_batch: bool = False
+    fixed_precision: bool = False
 
     @property
     def profile(self) -> gpusim.WorkloadProfile | None:
@@ -256,6 +263,16 @@ class SimBackend:
         return point
 
 
+def flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of `--flag=value` or `--flag value` in a command line."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"{flag}="):
+            return arg.split("=", 1)[1]
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 class SimWorkloads:
     """Pods of a KWOK node as simulated workloads: GPU allocation and work counters. `claims` and
     `slices` (the API server's ResourceClaims and this node's ResourceSlices) give DRA pods their
@@ -345,6 +362,11 @@ class SimWorkloads:
             kind = None
         batch = positive_int(pod.annotations.get(SIM_BATCH_SIZE)) or DEFAULT_BATCH.get(kind or "", 1)
         precision = pod.annotations.get(SIM_PRECISION, DEFAULT_PRECISION)
+        # Its start-up arguments win, as an engine's command line does.
+        flagged = [b for flag in BATCH_FLAGS if (b := positive_int(flag_value(pod.argv, flag)))]
+        batch = flagged[-1] if flagged else batch
+        quantization = flag_value(pod.argv, QUANTIZATION_FLAG)
+        precision = quantization or precision
         if precision not in gpusim.PRECISIONS:
             precision = DEFAULT_PRECISION
         try:
@@ -361,6 +383,8 @@ class SimWorkloads:
             precision,
             work_share=share,
             thermal_clock_mhz=float(thermal) if thermal is not None else None,
+            fixed_batch=bool(flagged),
+            fixed_precision=quantization is not None,
         )
 
     def _start_engine(self, job: SimJob, pod: PodInfo) -> None:
@@ -382,6 +406,10 @@ class SimWorkloads:
     def _follow_hints(self, job: SimJob, pod: PodInfo) -> None:
         batch = positive_int(pod.annotations.get(ANNOTATION_BATCH_SIZE)) or job.batch_size
         precision = pod.annotations.get(ANNOTATION_QUANTIZATION, job.precision)
+        if job.fixed_batch:
+            batch = job.batch_size
+        if job.fixed_precision:
+            precision = job.precision
         spec = self.backend.devices[job.gpu_indices[0]].spec if job.gpu_indices else None
         if spec is None or not spec.supports(precision):
             precision = job.precision

@@ -36,6 +36,7 @@ from edpilot.models import (
     PowerBudgetStatus,
 )
 from edpilot.optimizer import DEFAULT_TUNING, Tuning
+from edpilot.rollout import OwnerView, owner_view
 
 from . import budgets, metrics, services
 from .kube import Kube, load_client
@@ -56,6 +57,8 @@ POLICIES = (GROUP, VERSION, "energypolicies")
 REPORTS = (GROUP, VERSION, "gpunodereports")
 BUDGETS = (GROUP, VERSION, "powerbudgets")
 CLAIMS = ("resource.k8s.io", "v1", "resourceclaims")
+DEPLOYMENTS = ("apps", "v1", "deployments")
+STATEFULSETS = ("apps", "v1", "statefulsets")
 SLICES = ("resource.k8s.io", "v1", "resourceslices")
 PROGRESS_PREFIX = GROUP
 
@@ -71,6 +74,9 @@ class OperatorConfig:
     slow_report_interval: int = 60
     tuning: Tuning = DEFAULT_TUNING
     dra: DraConfig | None = DEFAULT_CONFIG  # None: a cluster without DRA; no claim or slice is read
+    # Delivery Rollout: watch Deployments and StatefulSets and patch their pod templates (the
+    # chart grants that only with operator.rolloutDelivery.enabled).
+    rollouts: bool = False
 
     @property
     def timing(self) -> ReportTiming:
@@ -82,6 +88,7 @@ def _is_gpu_pod(spec: Mapping[str, Any], **_: Any) -> bool:
 
 
 ClaimIndex = kopf.Index[str, ClaimView]
+OwnerIndex = kopf.Index[str, OwnerView]
 SliceIndex = kopf.Index[tuple[str, str], tuple[SliceDevice, ...]]
 
 
@@ -202,6 +209,16 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             devices = slice_devices(body, dra)
             return {devices[0].key[:2]: devices} if devices else {}
 
+    if cfg.rollouts:
+
+        @kopf.index(*DEPLOYMENTS, id="deployments_by_namespace", registry=registry)
+        def deployments_by_namespace(namespace: str, body: kopf.Body, **_: Any) -> dict[str, OwnerView]:
+            return {namespace: owner_view("Deployment", body)}
+
+        @kopf.index(*STATEFULSETS, id="statefulsets_by_namespace", registry=registry)
+        def statefulsets_by_namespace(namespace: str, body: kopf.Body, **_: Any) -> dict[str, OwnerView]:
+            return {namespace: owner_view("StatefulSet", body)}
+
     @kopf.index(*POLICIES, id="policies_by_namespace", registry=registry)
     def policies_by_namespace(
         namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
@@ -242,6 +259,8 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         pods_by_node: kopf.Index[str, PodInfo],
         claims_by_pod: ClaimIndex | None = None,
         slices_by_pool: SliceIndex | None = None,
+        deployments_by_namespace: OwnerIndex | None = None,
+        statefulsets_by_namespace: OwnerIndex | None = None,
         **_: Any,
     ) -> None:
         if meta.get("deletionTimestamp"):
@@ -274,8 +293,13 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             now=now,
             tuning=cfg.tuning,
             dra=holders,
+            owners=owners_of(namespace, deployments_by_namespace, statefulsets_by_namespace),
         )
         kube: Kube = memo.kube
+        for owner_key, owner_patch in outcome.owner_patches.items():
+            if not await kube.patch_owner(namespace, owner_key, owner_patch):
+                logger.info("%s/%s changed since it was read: its rollout waits", namespace, owner_key)
+                services.not_started(outcome.status, owner_key)
         for pod_key, pod_patch in outcome.pod_annotations.items():
             pod_ns, pod_name = pod_key.split("/", 1)
             await kube.patch_pod_annotations(pod_ns, pod_name, pod_patch)
@@ -451,12 +475,23 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         decisions_by_policy: kopf.Index[str, Decided],
         reports_by_node: kopf.Index[str, GPUNodeReportStatus],
         budget_caps_by_node: kopf.Index[str, dict[str, float]],
+        spec: kopf.Spec,
+        status: kopf.Status,
         claims_by_pod: ClaimIndex | None = None,
         slices_by_pool: SliceIndex | None = None,
+        deployments_by_namespace: OwnerIndex | None = None,
+        statefulsets_by_namespace: OwnerIndex | None = None,
         **_: Any,
     ) -> None:
-        """Remove this policy's hints and caps; its GPUs go back to their default limits."""
+        """Remove this policy's hints and caps; its GPUs go back to their default limits, and the
+        pod templates it rolled out go back to what they were."""
         kube: Kube = memo.kube
+        owners = owners_of(namespace, deployments_by_namespace, statefulsets_by_namespace)
+        for owner_key, owner_patch in services.release_owners(dict(status), owners, dict(spec)).items():
+            if not await kube.patch_owner(namespace, owner_key, owner_patch):
+                raise kopf.TemporaryError(
+                    f"{namespace}/{owner_key} changed while its template was restored", delay=1
+                )
         released = [p for p in pods_by_namespace.get(namespace, []) if governed_by(p, name)]
         for pod in released:
             await kube.patch_pod_annotations(pod.namespace, pod.name, dict.fromkeys(HINT_ANNOTATIONS))
@@ -476,6 +511,17 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             await kube.patch_report_spec(node, desired.model_dump(mode="json", exclude_none=True))
         metrics.forget_policy(namespace, name)
         logger.info("EnergyPolicy %s/%s released %d pods", namespace, name, len(released))
+
+
+def owners_of(
+    namespace: str, deployments: OwnerIndex | None, statefulsets: OwnerIndex | None
+) -> dict[str, OwnerView]:
+    """The namespace's Deployments and StatefulSets by "Kind/name" (none unless rollouts are on)."""
+    found: dict[str, OwnerView] = {}
+    for index in (deployments, statefulsets):
+        for owner in index.get(namespace, []) if index is not None else []:
+            found[owner.key] = owner
+    return found
 
 
 def _pod_ref(pod_key: str, pods: Iterable[PodInfo]) -> dict[str, Any] | None:

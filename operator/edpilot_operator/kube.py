@@ -6,7 +6,7 @@ Every call runs the blocking kubernetes client in a worker thread, so the kopf e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import kopf
@@ -32,6 +32,33 @@ class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         self._core = client.CoreV1Api(api)
         self._custom = client.CustomObjectsApi(api)
+        self._apps = client.AppsV1Api(api)
+
+    async def patch_owner(self, namespace: str, key: str, patch: Sequence[Mapping[str, Any]]) -> bool:
+        """Apply a JSON patch to a Deployment or StatefulSet ("Kind/name"). False when the owner
+        is gone or changed since it was read (the patch's resourceVersion test failed: 422, or
+        409): the caller retries on fresh data."""
+        kind, name = key.split("/", 1)
+        fn = (
+            self._apps.patch_namespaced_deployment
+            if kind == "Deployment"
+            else self._apps.patch_namespaced_stateful_set
+        )
+
+        def call() -> Any:
+            return fn(
+                name, namespace, [dict(op) for op in patch], _content_type="application/json-patch+json"
+            )
+
+        try:
+            await _call(call)
+        except ApiException as exc:
+            if exc.status in (404, 422):
+                return False
+            raise
+        except kopf.TemporaryError:
+            return False
+        return True
 
     async def patch_pod_annotations(
         self, namespace: str, name: str, annotations: Mapping[str, str | None]

@@ -59,6 +59,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=DEFAULT_TUNING.applyTimeoutSeconds,
         help="seconds a workload has to apply a hint",
     )
+    p.add_argument(
+        "--rollout-delivery",
+        action="store_true",
+        help="watch Deployments and StatefulSets and patch their pod templates (delivery Rollout)",
+    )
     p.add_argument("--identity", default=os.environ.get("POD_NAME") or os.uname().nodename)
     p.add_argument("-v", "--verbose", action="store_true")
     dra.add_arguments(p)
@@ -97,6 +102,7 @@ def main(argv: list[str]) -> int:
                 }
             ),
             dra=dra.config_from(args),
+            rollouts=args.rollout_delivery,
         ),
     )
     # No stop_flag: kopf waits for a threading.Event in an executor thread that asyncio's shutdown

@@ -24,6 +24,7 @@ from edpilot.contract import ANNOTATION_POLICY, gpu_request, is_excluded
 from edpilot.dra import ClaimView, DeviceKey, PodGpu, SliceDevice, pod_gpus
 from edpilot.models import EnergyPolicySpec
 from edpilot.optimizer import Config
+from edpilot.rollout import OwnerKind, owner_of
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class PodInfo:
     # The claim kube-scheduler made for an extended resource (nvidia.com/gpu) that a DRA driver
     # serves: its devices are already counted in the resource's request.
     extended_claim: str = ""
+    # Its controller (ownerReferences with controller: true), e.g. ("ReplicaSet", "chat-5d8f9c").
+    controller: tuple[str, str] | None = None
+    ready: bool = False
 
     @property
     def key(self) -> str:
@@ -70,6 +74,18 @@ def pod_info(body: Mapping[str, Any]) -> PodInfo:
     containers = spec.get("containers") or [{}]
     restarts = sum(int(cs.get("restartCount") or 0) for cs in status.get("containerStatuses") or [])
     extended = status.get("extendedResourceClaimStatus") or {}
+    controller = next(
+        (
+            (str(ref.get("kind") or ""), str(ref.get("name") or ""))
+            for ref in meta.get("ownerReferences") or []
+            if isinstance(ref, Mapping) and ref.get("controller")
+        ),
+        None,
+    )
+    ready = any(
+        isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
     return PodInfo(
         namespace=str(meta.get("namespace") or ""),
         name=str(meta.get("name") or ""),
@@ -83,6 +99,8 @@ def pod_info(body: Mapping[str, Any]) -> PodInfo:
         restarts=restarts,
         deleting=meta.get("deletionTimestamp") is not None,
         extended_claim=str(extended.get("resourceClaimName") or "") if isinstance(extended, Mapping) else "",
+        controller=controller,
+        ready=ready,
     )
 
 
@@ -263,14 +281,28 @@ def select(policy: PolicyRef, pods: Iterable[PodInfo], governed: Governance) -> 
         if winner is not None and winner.key != policy.key:
             lost_to[pod.key] = winner.name
             continue
-        group_label = policy.spec.groupByLabel
-        group = pod.labels.get(group_label) if group_label else None
-        grouped.setdefault(f"job:{group}" if group else pod.name, []).append(pod)
+        grouped.setdefault(workload_name(policy, pod), []).append(pod)
     workloads = tuple(
         Workload(name=name, pods=tuple(sorted(members, key=lambda p: p.name)))
         for name, members in sorted(grouped.items())
     )
     return Selection(workloads=workloads, lost_to=lost_to, excluded=tuple(sorted(excluded)))
+
+
+def workload_name(policy: PolicyRef, pod: PodInfo) -> str:
+    """The workload a pod belongs to: its job (groupByLabel), else under delivery Rollout its
+    Deployment or StatefulSet (one template, one configuration), else the pod itself."""
+    group_label = policy.spec.groupByLabel
+    group = pod.labels.get(group_label) if group_label else None
+    if group:
+        return f"job:{group}"
+    owner = pod_owner(pod) if policy.spec.delivery.mode == "Rollout" else None
+    return f"{owner[0]}/{owner[1]}" if owner else pod.name
+
+
+def pod_owner(pod: PodInfo) -> tuple[OwnerKind, str] | None:
+    """The Deployment or StatefulSet a pod was created for, from its controller reference."""
+    return owner_of(*pod.controller, pod.labels) if pod.controller else None
 
 
 def governed_by(pod: PodInfo, policy_name: str) -> bool:

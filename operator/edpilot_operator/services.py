@@ -31,10 +31,12 @@ from edpilot.edp import MemberSample
 from edpilot.models import (
     Condition,
     ConditionStatus,
+    EnergyPolicySpec,
     EnergyPolicyStatus,
     GPUNodeReportStatus,
     PolicyTotals,
     Profile,
+    RolloutStatus,
     WorkloadStatus,
 )
 from edpilot.optimizer import (
@@ -47,8 +49,10 @@ from edpilot.optimizer import (
     WorkloadInfo,
     step,
 )
+from edpilot.rollout import JsonPatch, OwnerView, RolloutConfig
 from edpilot.sharing import NO_DRA
 
+from . import rollouts
 from .reports import gpu_exclusivity, member_info
 from .selection import Governance, PodInfo, PolicyRef, Workload, select
 
@@ -70,6 +74,8 @@ class PolicyOutcome:
     status: dict[str, Any]
     pod_annotations: dict[str, dict[str, str | None]] = field(default_factory=dict)
     events: list[PolicyEvent] = field(default_factory=list)
+    # Delivery Rollout: JSON patches of owners' templates, by "Kind/name" in the policy's namespace.
+    owner_patches: dict[str, JsonPatch] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,9 +91,14 @@ class Snapshot:
 
 
 def snapshot(
-    workload: Workload, reports: Mapping[str, GPUNodeReportStatus], dra: DraHoldings = NO_DRA
+    workload: Workload,
+    reports: Mapping[str, GPUNodeReportStatus],
+    dra: DraHoldings = NO_DRA,
+    configs: Mapping[str, RolloutConfig] | None = None,
 ) -> Snapshot:
-    """`dra` is what DRA allocated on the workload's nodes: another holder of one of its GPUs."""
+    """`dra` is what DRA allocated on the workload's nodes: another holder of one of its GPUs.
+    `configs`: delivery Rollout, the configuration each pod's template gave it, which it runs
+    whether or not it reports one (an engine exports no info metric of its start-up arguments)."""
     members: list[MemberInfo] = []
     report_only: list[str] = []
     samples: list[MemberSample] = []
@@ -110,6 +121,14 @@ def snapshot(
             )
         if not work.healthy:
             warnings.append(f"{pod.key}: {work.message or 'work counter unhealthy'}")
+        given = (configs or {}).get(pod.key)
+        if given is not None:
+            work = work.model_copy(
+                update={
+                    "batchSize": given.batchSize or work.batchSize,
+                    "quantization": given.quantization or work.quantization,
+                }
+            )
         starting_batch = starting_batch or work.batchSize
         starting_quantization = starting_quantization or work.quantization
         # A simulated node's counters advance on its simulated clock (faster than the wall clock
@@ -183,9 +202,12 @@ def reconcile_policy(
     now: datetime,
     tuning: Tuning = DEFAULT_TUNING,
     dra: DraHoldings = NO_DRA,
+    owners: Mapping[str, OwnerView] | None = None,
 ) -> PolicyOutcome:
     """`governance` is the namespace's (`selection.GovernanceCache`), shared by all its policies;
-    `dra` what DRA allocated on the nodes of its pods."""
+    `dra` what DRA allocated on the nodes of its pods; `owners` the namespace's Deployments and
+    StatefulSets by "Kind/name" (delivery Rollout)."""
+    owners = owners or {}
     selection = select(policy, pods, governance)
     previous_rows = {
         row.get("name"): row for row in status.get("workloads") or [] if isinstance(row, Mapping)
@@ -195,9 +217,13 @@ def reconcile_policy(
     for workload in selection.workloads:
         rows.append(
             _reconcile_workload(
-                policy, workload, previous_rows.get(workload.name), reports, now, tuning, outcome, dra
+                policy, workload, previous_rows.get(workload.name), reports, now, tuning, outcome, dra, owners
             )
         )
+    # Owners this policy rolled out and no longer does get their templates back.
+    rolled = {rec.owner: rec for row in previous_rows.values() if (rec := _rollout_record(row)) is not None}
+    kept = {r.rollout.owner for r in rows if r.rollout is not None}
+    outcome.owner_patches.update(rollouts.restores(rolled, kept, owners, policy.spec))
     for pod_key, winner in sorted(selection.lost_to.items()):
         rows.append(
             WorkloadStatus(
@@ -230,6 +256,7 @@ def _reconcile_workload(
     tuning: Tuning,
     outcome: PolicyOutcome,
     dra: DraHoldings,
+    owners: Mapping[str, OwnerView],
 ) -> WorkloadStatus:
     row = WorkloadStatus(
         name=workload.name,
@@ -240,19 +267,61 @@ def _reconcile_workload(
     for pod in workload.pods:
         if pod.annotations.get(ANNOTATION_POLICY) != policy.name:
             outcome.pod_annotations.setdefault(pod.key, {})[ANNOTATION_POLICY] = policy.name
-    snap = snapshot(workload, reports, dra)
+    spec = policy.spec
+    state = _stored_state(previous_row, outcome, workload.name)
+    plan: rollouts.RolloutPlan | None = None
+    measured, configs = workload, None
+    if spec.delivery.mode == "Rollout":
+        plan = rollouts.plan(spec, workload, owners, _rollout_record(previous_row), now)
+        row.rollout = plan.record
+        if plan.problem:
+            spec = rollouts.caps_only(spec)
+        else:
+            assert plan.owner is not None
+            owner = plan.owner
+            measured = Workload(workload.name, plan.measured)
+            configs = {
+                p.key: c
+                for p in plan.measured
+                if (c := rollouts.pod_config(p, owner, plan.template)) is not None
+            }
+        if plan.completed and state is not None:
+            state = state.model_copy(update={"last": None})  # no window spans the old pods and the new
+        if plan.in_flight:
+            return _held(row, previous_row, state, plan.message)
+        if plan.timed_out and state is not None:
+            # The new template's pods never came up: the ones that still serve give the members.
+            serving = Workload(workload.name, tuple(p for p in workload.pods if p.ready))
+            info = snapshot(serving, reports, dra).info or WorkloadInfo(name=workload.name, members=())
+            decision, patch = rollouts.rolled_back(spec, info, state, plan, now)
+            if patch is not None and plan.owner is not None:
+                outcome.owner_patches[plan.owner.key] = patch
+            for event in decision.events:
+                outcome.events.append(
+                    PolicyEvent(event.type, event.reason, f"{workload.name}: {event.message}")
+                )
+            row.rollout = plan.record
+            return _held(row, previous_row, decision.state, plan.message + "; rolled back")
+    snap = snapshot(measured, reports, dra, configs)
     report_only = f"{REPORT_ONLY}: {'; '.join(snap.report_only)}" if snap.report_only else ""
     for warning in snap.warnings:
         outcome.events.append(PolicyEvent("Warning", "WorkloadInput", warning))
-    state = _stored_state(previous_row, outcome, workload.name)
     if snap.info is None or snap.observation is None:
         kept = WorkloadStatus.model_validate(dict(previous_row)) if previous_row else None
         row.phase = kept.phase if kept else "Pending"
-        row.message = _joined(report_only, snap.waiting_for)
+        row.message = _joined(report_only, plan.problem if plan else "", snap.waiting_for)
         row.optimizer = state.model_dump(mode="json", exclude_none=True) if state else None
+        row.rollouts = state.rollouts if state else 0
         return row
-    decision = step(policy.spec, snap.info, state, snap.observation, now.timestamp(), tuning)
-    _write_hints(workload, snap.info, decision, outcome)
+    decision = step(spec, snap.info, state, snap.observation, now.timestamp(), tuning)
+    _write_hints(workload, snap.info, decision, outcome, live=plan is None)
+    rolling = ""
+    if plan is not None and not plan.problem:
+        patch, rolling = rollouts.start(spec, plan, rollouts.wanted(decision, plan.template), now)
+        if patch is not None and plan.owner is not None:
+            outcome.owner_patches[plan.owner.key] = patch
+            outcome.events.append(PolicyEvent("Normal", "RolloutStarted", f"{workload.name}: {rolling}"))
+        row.rollout = plan.record
     for event in decision.events:
         outcome.events.append(PolicyEvent(event.type, event.reason, f"{workload.name}: {event.message}"))
     # Figures are named like the status row's fields.
@@ -260,12 +329,71 @@ def _reconcile_workload(
     figures["edpReductionPercent"] = _finite(figures["edpReductionPercent"])
     figures["slowdownPercent"] = _finite(figures["slowdownPercent"])
     row = WorkloadStatus.model_validate({**row.model_dump(), **figures})
+    row.rollouts = decision.state.rollouts
     row.message = _joined(
-        report_only, decision.badData.value if decision.badData else decision.figures.message
+        report_only,
+        plan.problem if plan else "",
+        rolling,
+        decision.badData.value if decision.badData else decision.figures.message,
     )
     # No nulls: a JSON merge patch reads null as "delete this key".
     row.optimizer = decision.state.model_dump(mode="json", exclude_none=True)
     return row
+
+
+def _held(
+    row: WorkloadStatus, previous_row: Mapping[str, Any] | None, state: OptimizerState | None, message: str
+) -> WorkloadStatus:
+    """A row while a rollout is in flight: nothing measured, the figures as they were."""
+    try:
+        kept = WorkloadStatus.model_validate(dict(previous_row)) if previous_row else None
+    except ValidationError:
+        kept = None
+    held = (kept or row).model_copy(
+        update={
+            "pods": row.pods,
+            "nodes": row.nodes,
+            "gpus": row.gpus,
+            "rollout": row.rollout,
+            "message": message,
+        }
+    )
+    held.optimizer = state.model_dump(mode="json", exclude_none=True) if state else None
+    held.rollouts = state.rollouts if state else 0
+    return held
+
+
+def not_started(status: dict[str, Any], owner_key: str) -> None:
+    """The owner's patch was refused (it changed since it was read): no rollout is in flight, and
+    the next reconcile starts it again on fresh data."""
+    for row in status.get("workloads") or []:
+        rollout = row.get("rollout") if isinstance(row, dict) else None
+        if isinstance(rollout, dict) and rollout.get("owner") == owner_key:
+            rollout.pop("startedAt", None)
+            rollout["config"] = rollout.get("previous", "")
+
+
+def release_owners(
+    status: Mapping[str, Any], owners: Mapping[str, OwnerView], spec: Mapping[str, Any]
+) -> dict[str, JsonPatch]:
+    """A deleted policy's owners: every template it rolled out goes back to what it was."""
+    try:
+        policy: EnergyPolicySpec | None = EnergyPolicySpec.model_validate(dict(spec))
+    except ValidationError:
+        policy = None
+    rows = status.get("workloads") or []
+    rolled = {rec.owner: rec for row in rows if isinstance(row, Mapping) and (rec := _rollout_record(row))}
+    return rollouts.restores(rolled, set(), owners, policy)
+
+
+def _rollout_record(row: Mapping[str, Any] | None) -> RolloutStatus | None:
+    stored = row.get("rollout") if row else None
+    if not isinstance(stored, Mapping):
+        return None
+    try:
+        return RolloutStatus.model_validate(dict(stored))
+    except ValidationError:
+        return None
 
 
 def _joined(*parts: str) -> str:
@@ -289,7 +417,11 @@ def _stored_state(row: Mapping[str, Any] | None, outcome: PolicyOutcome, name: s
         return None
 
 
-def _write_hints(workload: Workload, info: WorkloadInfo, decision: Decision, outcome: PolicyOutcome) -> None:
+def _write_hints(
+    workload: Workload, info: WorkloadInfo, decision: Decision, outcome: PolicyOutcome, live: bool = True
+) -> None:
+    """The hint annotations; with `live` False (delivery Rollout) only the cap's, which says what
+    the agent enforces: the template carries the rest."""
     pod_of = {m.member: m.pod for m in info.members}
     for pod in workload.pods:
         # One annotation per pod: its GPUs' caps differ only for straggler members of one pod,
@@ -299,8 +431,8 @@ def _write_hints(workload: Workload, info: WorkloadInfo, decision: Decision, out
         ]
         wanted: dict[str, str | None] = {
             ANNOTATION_POWER_CAP: encode_power_cap(max(caps) if caps else None),
-            ANNOTATION_BATCH_SIZE: encode_batch_size(decision.batchSize),
-            ANNOTATION_QUANTIZATION: decision.quantization,
+            ANNOTATION_BATCH_SIZE: encode_batch_size(decision.batchSize if live else None),
+            ANNOTATION_QUANTIZATION: decision.quantization if live else None,
         }
         changes = {k: v for k, v in wanted.items() if pod.annotations.get(k) != v}
         if changes:

@@ -3,6 +3,7 @@ exercised in test_agent_k8s.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 from agent_helpers import cap_spec, decode_pod, lease, sim_node
 from edpilot_agent.main import install_signal_handlers, run
 from edpilot_agent.metrics import AgentCollector
+from edpilot_agent.sim import flag_value
 from prometheus_client import CollectorRegistry, generate_latest
 
 from edpilot.contract import ANNOTATION_BATCH_SIZE
@@ -237,6 +239,31 @@ def test_a_simulated_workload_follows_a_hint_after_its_reload_delay() -> None:
     node.clock.advance(1)
     node.agent.tick()
     assert node.agent.snapshot.workloads[0].batchSize == 32
+
+
+def test_a_simulated_engine_runs_its_start_up_arguments_not_its_annotations() -> None:
+    """An engine reads --max-num-seqs and --quantization once, at start (delivery Rollout changes
+    them in the template); a live hint does not reach it."""
+    pod = dataclasses.replace(
+        decode_pod(annotations={ANNOTATION_BATCH_SIZE: "16"}),
+        argv=("vllm", "serve", "--max-num-seqs", "32", "--quantization=fp8"),
+    )
+    node = sim_node(pods=[pod])
+    node.kube.spec = cap_spec(node.clock, node.uuid(0), 700, interval=1)
+    node.agent.tick()
+    for _ in range(4):  # longer than the 2 s reload delay
+        node.clock.advance(1)
+        node.agent.tick()
+    assert node.agent.snapshot is not None
+    (work,) = node.agent.snapshot.workloads
+    assert (work.batchSize, work.quantization) == (32, "fp8")
+
+
+def test_a_start_up_flag_is_read_in_both_spellings() -> None:
+    assert flag_value(["--max-num-seqs=64"], "--max-num-seqs") == "64"
+    assert flag_value(["x", "--max-num-seqs", "64"], "--max-num-seqs") == "64"
+    assert flag_value(["--max-num-seqs"], "--max-num-seqs") is None
+    assert flag_value(["--max-num-seqs-x=3"], "--max-num-seqs") is None
 
 
 def test_metrics_expose_the_snapshot_with_node_gpu_and_pod_labels() -> None:

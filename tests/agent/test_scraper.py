@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -12,15 +11,10 @@ from edpilot_agent.counters import CounterTracker
 from edpilot_agent.pods import PodInfo
 from edpilot_agent.reporter import workload_sample
 from edpilot_agent.scraper import HttpScraper, MetricsParser, histogram_quantile
+from kubetest import free_port
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, Summary, start_http_server
 
 from edpilot.models import MeasuredWorkload
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -533,6 +533,28 @@ def test_operator_rbac_matches_what_it_touches(render: Render) -> None:
     )
 
 
+def test_rollout_delivery_grants_template_patches_only_when_enabled(render: Render) -> None:
+    """Delivery Rollout patches Deployments' and StatefulSets' pod templates: off by default, the
+    operator can neither read nor patch them; on, it watches and patches them (never creates or
+    deletes), in its watched namespaces only."""
+    rw = {"get", "list", "watch", "patch"}
+    manifests = render()
+    assert grants(one(manifests, "ClusterRole", "rel-edpilot-operator"), "apps") == {}
+    assert "--rollout-delivery" not in container(one(manifests, "Deployment", "rel-edpilot-operator"))["args"]
+    on = render("--set", "operator.rolloutDelivery.enabled=true")
+    assert grants(one(on, "ClusterRole", "rel-edpilot-operator"), "apps") == {
+        "deployments": rw,
+        "statefulsets": rw,
+    }
+    assert "--rollout-delivery" in container(one(on, "Deployment", "rel-edpilot-operator"))["args"]
+    namespaced = render(
+        "--set", "operator.rolloutDelivery.enabled=true", "--set", "operator.watchNamespaces={team-a}"
+    )
+    assert grants(one(namespaced, "ClusterRole", "rel-edpilot-operator"), "apps") == {}
+    (role,) = [m for m in namespaced if m["kind"] == "Role" and m["metadata"]["namespace"] == "team-a"]
+    assert grants(role, "apps") == {"deployments": rw, "statefulsets": rw}
+
+
 # ---------------------------------------------------------------- CRDs and Dockerfiles
 
 
@@ -573,7 +595,21 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("name", ["operator.Dockerfile", "agent.Dockerfile"])
 def test_dockerfiles_are_pinned_non_root_and_build_the_repo(name: str) -> None:
     instructions = dockerfile_instructions(REPO / "docker" / name)
-    bases = [args.split()[0] for op, args in instructions if op == "FROM"]
+    # Base images are build arguments (hack/build-images.sh passes a local Debian one) whose
+    # defaults must be pinned public images; a FROM may also name an earlier stage.
+    defaults = dict(args.split("=", 1) for op, args in instructions if op == "ARG" and "=" in args)
+    stages: set[str] = set()
+    bases = []
+    for op, args in instructions:
+        if op != "FROM":
+            continue
+        words = args.split()
+        base = re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m.group(1), m.group(0)), words[0])
+        assert "$" not in base, f"{name}: FROM {words[0]} has no default"
+        if base not in stages:
+            bases.append(base)
+        if len(words) == 3 and words[1].upper() == "AS":
+            stages.add(words[2])
     assert bases
     for base in bases:
         pinned = re.search(r"@sha256:[0-9a-f]{64}$", base) or re.search(r":\d+(\.\d+)+[-\w.]*$", base)

@@ -6,14 +6,13 @@ by the API server's authorizer, agents restricted to their own node's report by 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from kubetest import Cluster, kwok_gpu_nodes
+from kubetest import Cluster, kwok_gpu_nodes, remove_gpu_nodes, wait_for
 from sa_kubeconfig import kubectl_with, service_account_kubeconfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,14 +52,6 @@ def cpu_node(name: str) -> str:
     return json.dumps(node)
 
 
-def wait_until(what: str, condition: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def release(cluster: Cluster) -> Iterator[Cluster]:
     """Extra KWOK nodes, a restricted namespace and the chart installed with the simulated backend."""
@@ -75,20 +66,8 @@ def release(cluster: Cluster) -> Iterator[Cluster]:
     finally:
         cluster.helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--ignore-not-found", check=False)
         cluster.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=false", check=False)
-        for node in OWN_GPU_NODES:  # the operator that would remove its finalizer is gone
-            cluster.kubectl(
-                "patch",
-                "gpunodereport",
-                node,
-                "--type=merge",
-                "-p",
-                '{"metadata":{"finalizers":null}}',
-                check=False,
-            )
-        cluster.kubectl(
-            "delete", "gpunodereports", *OWN_GPU_NODES, "--ignore-not-found", "--wait=false", check=False
-        )
-        cluster.kubectl("delete", "node", *OWN_GPU_NODES, CPU_NODE, "--ignore-not-found", check=False)
+        remove_gpu_nodes(cluster, *OWN_GPU_NODES)
+        cluster.kubectl("delete", "node", CPU_NODE, "--ignore-not-found", check=False)
 
 
 def manifest_objects(cluster: Cluster) -> list[dict[str, Any]]:
@@ -157,7 +136,7 @@ def test_install_creates_every_object(release: Cluster) -> None:
         "kopfpeerings.kopf.dev",
     } <= crds
     # The restricted namespace admitted them: non-root, no escalation, no capabilities, seccomp.
-    wait_until(
+    wait_for(
         "the operator and extender pods",
         lambda: running(release, "operator") == running(release, "extender") == 1,
     )
@@ -166,7 +145,7 @@ def test_install_creates_every_object(release: Cluster) -> None:
 def test_agents_run_on_every_gpu_node_and_nowhere_else(release: Cluster) -> None:
     gpu_nodes = gpu_node_names(release)
     assert set(OWN_GPU_NODES) <= set(gpu_nodes)
-    wait_until("an agent on every GPU node", lambda: agent_nodes(release) == gpu_nodes)
+    wait_for("an agent on every GPU node", lambda: agent_nodes(release) == gpu_nodes)
     daemonset = release.get_json("daemonset", f"{PREFIX}-agent", "-n", NAMESPACE)
     assert daemonset["status"]["desiredNumberScheduled"] == len(gpu_nodes)
     assert CPU_NODE not in agent_nodes(release)
@@ -174,10 +153,10 @@ def test_agents_run_on_every_gpu_node_and_nowhere_else(release: Cluster) -> None
     # Positive control: the DaemonSet controller does see the CPU node; the selector keeps agents off it.
     release.kubectl("label", "node", CPU_NODE, GPU_SELECTOR)
     try:
-        wait_until("an agent on the newly labelled node", lambda: CPU_NODE in agent_nodes(release))
+        wait_for("an agent on the newly labelled node", lambda: CPU_NODE in agent_nodes(release))
     finally:
         release.kubectl("label", "node", CPU_NODE, "nvidia.com/gpu.present-")
-    wait_until("the agent to leave the unlabelled node", lambda: CPU_NODE not in agent_nodes(release))
+    wait_for("the agent to leave the unlabelled node", lambda: CPU_NODE not in agent_nodes(release))
     assert agent_nodes(release) == gpu_nodes
 
 
@@ -567,7 +546,7 @@ def test_operator_and_agents_converge_with_only_the_charts_credentials(
             assert not failed, f"an operator handler failed (see {procs.logs}): {failed[0]}"
             return converged(release)
 
-        wait_until("the policy's workloads to converge", done, timeout=300)
+        wait_for("the policy's workloads to converge", done, 300)
         rows = release.get_json("energypolicy", "chart-power", "-n", WORKLOADS)["status"]["workloads"]
         assert {pod for row in rows for pod in row["pods"]} == {
             f"{WORKLOADS}/trainer-0",
@@ -607,8 +586,8 @@ def test_upgrade_scales_and_adds_the_second_scheduler(release: Cluster) -> None:
     operator = release.get_json("deployment", f"{PREFIX}-operator", "-n", NAMESPACE)
     assert operator["spec"]["replicas"] == 2
     assert f"--peering={PREFIX}" in operator["spec"]["template"]["spec"]["containers"][0]["args"]
-    wait_until("two running operator pods", lambda: running(release, "operator") == 2)
-    wait_until("the running second scheduler", lambda: running(release, "scheduler") == 1)
+    wait_for("two running operator pods", lambda: running(release, "operator") == 2)
+    wait_for("the running second scheduler", lambda: running(release, "scheduler") == 1)
     assert agent_nodes(release) == gpu_node_names(release)
 
 
@@ -625,7 +604,7 @@ def test_uninstall_with_policies_present_leaves_no_release_objects(release: Clus
 
     assert existing(release, objects) == []
     assert release.helm("list", "-n", NAMESPACE, "-q").stdout.strip() == ""
-    wait_until(
+    wait_for(
         "the release's pods to go",
         lambda: all(not pods(release, c) for c in ("operator", "agent", "extender")),
     )

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from kubetest import gpu_pod
+from kubetest import gpu_pod, wait_for
 
 if TYPE_CHECKING:
     from kubetest import Cluster
@@ -39,17 +38,6 @@ def cluster_pod(name: str, gpus: int) -> dict[str, Any]:
         labels={"test": "edpilot-cluster"},
         terminationGracePeriodSeconds=0,
     )
-
-
-def wait_for(what: str, check: Any, seconds: float = 60) -> Any:
-    deadline = time.monotonic() + seconds
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")

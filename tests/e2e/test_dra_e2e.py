@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
-from kubetest import Cluster, add_gpu_node, gpu_pod
+from kubetest import Cluster, add_gpu_node, gpu_pod, print_log_tails, remove_gpu_nodes
 
 from edpilot import gpusim
 
@@ -176,25 +175,10 @@ def run(crds_installed: Cluster, tmp_path_factory: pytest.TempPathFactory) -> It
     finally:
         cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=true", "--timeout=60s", check=False)
         procs.stop_all()
-        _dump(procs.logs)
+        print_log_tails(procs.logs, 25)
         cluster.kubectl("delete", "resourceslice", f"{NODE}-{DRIVER}", "--ignore-not-found", check=False)
         cluster.kubectl("delete", "deviceclass", DRIVER, "--ignore-not-found", check=False)
-        cluster.kubectl(
-            "patch",
-            "gpunodereport",
-            NODE,
-            "--type=merge",
-            "-p",
-            '{"metadata":{"finalizers":null}}',
-            check=False,
-        )
-        cluster.kubectl("delete", "gpunodereport", NODE, "--ignore-not-found", "--wait=false", check=False)
-        cluster.kubectl("delete", "node", NODE, "--ignore-not-found", check=False)
-
-
-def _dump(logs: Path) -> None:
-    for log in sorted(logs.glob("*.log")):
-        print(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
+        remove_gpu_nodes(cluster, NODE)
 
 
 def allocated_device(cluster: Cluster, pod: str) -> str:

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
-from kubetest import gpu_pod, kwok_gpu_nodes
+from kubetest import free_port, gpu_pod, kwok_gpu_nodes, wait_for
 from pki import make_pki
 
 from edpilot import gpusim
@@ -43,23 +42,6 @@ GROUPS = {
 }
 NODES = [f"edp-place-{group}-{i}" for group in GROUPS for i in range(2)]
 BUDGET = "edp-place-a100-pool"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(what: str, check: Callable[[], Any], seconds: float = 60) -> Any:
-    deadline = time.monotonic() + seconds
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        time.sleep(0.5)
 
 
 def http_ok(url: str) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,19 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kubetest import Cluster
+from kubetest import Cluster, free_port
 from sa_kubeconfig import service_account_kubeconfig, service_account_token
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "edpilot"
 SYSTEM_NS, TENANT_NS, MONITORING_NS = "edpilot-sec", "tenant-sec", "monitoring-sec"
 AGENT_SA = "rel-edpilot-agent"
 NODE = "sec-metrics-node"  # no such node: the agent only needs a report name of its own
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def status_of(url: str, token: str | None = None) -> tuple[int, str]:

@@ -54,7 +54,7 @@ def test_a_slow_drip_ends_at_one_deadline_per_scrape_not_per_read() -> None:
         elapsed = time.monotonic() - start
     assert reading.work_units is None
     assert "2 s" in reading.error
-    assert elapsed < 4.0
+    assert elapsed < 8.0  # far below the 20 s the drip lasts, with room for a loaded machine
 
 
 def test_a_huge_body_is_cut_at_the_limit_while_reading_without_building_every_sample() -> None:
@@ -72,7 +72,7 @@ def test_a_huge_body_is_cut_at_the_limit_while_reading_without_building_every_sa
     assert reading.work_units is None
     assert "1 MiB" in reading.error
     assert peak < 4 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB"
-    assert elapsed < 3.0
+    assert elapsed < 6.0
 
 
 def test_a_redirect_is_an_error_and_is_never_followed() -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
-from kubetest import Cluster, add_gpu_node
+from kubetest import Cluster, add_gpu_node, print_log_tails, remove_gpu_nodes
 from tenancy import TENANT_RULES, Tenant, make_tenant
 
 from edpilot import gpusim
@@ -225,21 +225,10 @@ def setup(crds_installed: Cluster, tmp_path_factory: pytest.TempPathFactory) -> 
             "delete", "namespace", ATTACKER, VICTIM, "--ignore-not-found", "--timeout=60s", check=False
         )
         procs.stop_all()
-        for log in sorted(procs.logs.glob("*.log")):
-            print(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:]))
+        print_log_tails(procs.logs)
         cluster.kubectl("delete", "resourceslice", f"{NODE}-gpus", "--ignore-not-found", check=False)
         cluster.kubectl("delete", "deviceclass", CLASS, "--ignore-not-found", check=False)
-        cluster.kubectl(
-            "patch",
-            "gpunodereport",
-            NODE,
-            "--type=merge",
-            "-p",
-            '{"metadata":{"finalizers":null}}',
-            check=False,
-        )
-        cluster.kubectl("delete", "gpunodereport", NODE, "--ignore-not-found", "--wait=false", check=False)
-        cluster.kubectl("delete", "node", NODE, "--ignore-not-found", check=False)
+        remove_gpu_nodes(cluster, NODE)
 
 
 def test_a_tenants_claims_never_reach_another_tenants_gpu(setup: Setup) -> None:

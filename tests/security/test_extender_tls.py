@@ -6,21 +6,20 @@ for admins who want budgets to fail closed) no GPU pod is placed while the exten
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from builders import h100_status
-from kubetest import REPO, Cluster, add_gpu_node, gpu_pod
+from kubetest import REPO, Cluster, add_gpu_node, free_port, gpu_pod, wait_for
 from pki import Pki, make_pki
 
 from edpilot.models import GPUNodeReportStatus
@@ -31,20 +30,6 @@ SCHEDULER = "edpilot-sec-tls"
 POOL = {"edpilot.io/pool": "sec-tls"}
 BUDGET = "sec-tls-pool"
 TAINT = "edpilot.io/sec-tls"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(what: str, check: Callable[[], Any], seconds: float = 60) -> Any:
-    deadline = time.monotonic() + seconds
-    while not (result := check()):
-        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for {what}"
-        time.sleep(0.5)
-    return result
 
 
 class Extender:

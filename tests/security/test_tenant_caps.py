@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from builders import h100_status
 from edpilot_operator.localrun import Processes, operator_argv, wait_until
-from kubetest import Cluster, add_gpu_node, gpu_pod
+from kubetest import Cluster, add_gpu_node, gpu_pod, print_log_tails, remove_gpu_nodes
 from tenancy import Tenant, make_tenant
 
 from edpilot.models import GPUNodeReportStatus, WorkloadSample
@@ -166,19 +166,8 @@ def setup(crds_installed: Cluster, tmp_path_factory: pytest.TempPathFactory) -> 
             "delete", "namespace", ATTACKER, VICTIM, "--ignore-not-found", "--timeout=60s", check=False
         )
         procs.stop_all()
-        for log in sorted(procs.logs.glob("*.log")):
-            print(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:]))
-        cluster.kubectl(
-            "patch",
-            "gpunodereport",
-            NODE,
-            "--type=merge",
-            "-p",
-            '{"metadata":{"finalizers":null}}',
-            check=False,
-        )
-        cluster.kubectl("delete", "gpunodereport", NODE, "--ignore-not-found", "--wait=false", check=False)
-        cluster.kubectl("delete", "node", NODE, "--ignore-not-found", check=False)
+        print_log_tails(procs.logs)
+        remove_gpu_nodes(cluster, NODE)
 
 
 def settled(what: str, check: Callable[[], bool], timeout: float = 60) -> None:

@@ -275,12 +275,19 @@ def test_llm_serving_sample_steers_all_three_knobs_of_a_vllm_engine_under_load()
     spec = policy.spec
     assert spec.quantization.mode == "Auto" and spec.quantization.allowed == ["bf16", "fp8"]
     assert (spec.batchSize.mode, spec.batchSize.min, spec.batchSize.max) == ("Auto", 64, 1024)
-    # vLLM's own metric names (v1 engine), and its load gauges: a load-driven policy.
-    assert spec.workMetric.name == "vllm:generation_tokens_total"
-    assert spec.latencySLO is not None and spec.latencySLO.metricName == "vllm:inter_token_latency_seconds"
-    assert spec.firstTokenSLO is not None
-    assert spec.firstTokenSLO.metricName == "vllm:time_to_first_token_seconds"
-    assert spec.workMetric.load == models.LoadMetrics() and spec.load_driven
+    # The vllm preset: vLLM's own metric names (v1 engine), and its load gauges: a load-driven policy.
+    assert spec.workMetric.engine == "vllm" and spec.load_driven
+    names = spec.metrics()
+    assert (names.work, names.unit) == ("vllm:generation_tokens_total", "tokens")
+    assert (names.latency, names.firstToken) == (
+        "vllm:inter_token_latency_seconds",
+        "vllm:time_to_first_token_seconds",
+    )
+    assert (names.running, names.waiting, names.finished) == (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:request_success_total",
+    )
 
 
 def test_a_load_driven_policy_without_a_latency_is_refused() -> None:
