@@ -244,10 +244,9 @@ def monitoring_token(cluster: Cluster, path: Path) -> Path:
 
 def start_scheduler(stack_dir: Path, cluster: Cluster, procs: Processes, extender_port: int) -> None:
     """A second kube-scheduler that consults the extender, as the chart's optional one does."""
-    extender = yaml.safe_load((REPO / "deploy/scheduler/kube-scheduler-config.yaml").read_text())[
-        "extenders"
-    ][0]
-    extender.pop("tlsConfig")
+    shipped = yaml.safe_load((REPO / "deploy" / "scheduler" / "kube-scheduler-config.yaml").read_text())
+    extender = shipped["extenders"][0]
+    extender.pop("tlsConfig")  # the extender serves plain HTTP on loopback here (--insecure-http)
     config = {
         "apiVersion": "kubescheduler.config.k8s.io/v1",
         "kind": "KubeSchedulerConfiguration",
@@ -299,12 +298,10 @@ def stack(crds_installed: Cluster) -> Iterator[Stack]:
         operator_port = free_port()
         procs.start("operator", operator_argv(cluster.kubeconfig, f"--metrics-port={operator_port}"))
         agent_ports = {}
-        for i, node in enumerate(nodes):
+        for i, (node, gpus) in enumerate(nodes.items()):
             agent_ports[node] = free_port()
-            procs.start(
-                f"agent-{node}",
-                agent_argv(cluster.kubeconfig, node, i, f"--metrics-port={agent_ports[node]}"),
-            )
+            extra = (f"--metrics-port={agent_ports[node]}", f"--gpus={gpus}")
+            procs.start(f"agent-{node}", agent_argv(cluster.kubeconfig, node, i, *extra))
         extender_port, extender_metrics = free_port(), free_port()
         procs.start(
             "extender",
