@@ -9,7 +9,7 @@ NODES ?= 2
 GPUS ?= 8
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv tools lint test test-unit test-images images demo simulate cluster-up cluster-down kubectl helm docs priors clean
+.PHONY: help venv tools lint test test-unit test-images test-prometheus images demo simulate cluster-up cluster-down kubectl helm docs priors clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -46,6 +46,10 @@ images: ## build localhost/edpilot/edpilot:dev and edpilot-agent:dev with builda
 
 test-images: $(STAMP) ## build the images (as make images) and run their entrypoints under podman and runc
 	$(BIN)/python -m pytest -m images tests/images
+
+test-prometheus: $(STAMP) tools ## Debian's prometheus scrapes the demo cluster; every dashboard panel must have data
+	@hack/install-packages.sh prometheus
+	$(BIN)/python -m pytest -m prometheus tests/prometheus
 
 simulate: $(STAMP) ## the closed loop on a simulated fleet, in one process, no cluster
 	$(BIN)/edpilot simulate

@@ -17,13 +17,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.k8s)
-    # The image tests (tests/images) build the images first: they run only when a marker
-    # expression names them (`make test-images` runs `-m images`), never in a plain `pytest`.
-    if "images" not in (config.getoption("markexpr") or ""):
-        skipped = [item for item in items if item.get_closest_marker("images")]
+    # The image tests (tests/images) build the images first, and the Prometheus tests
+    # (tests/prometheus) need Debian's prometheus: each kind runs only when a marker expression
+    # names it (`make test-images` runs `-m images`, `make test-prometheus` `-m prometheus`), never
+    # in a plain `pytest`.
+    markexpr = config.getoption("markexpr") or ""
+    for marker in ("images", "prometheus"):
+        if marker in markexpr:
+            continue
+        skipped = [item for item in items if item.get_closest_marker(marker)]
         if skipped:
             config.hook.pytest_deselected(items=skipped)
-            items[:] = [item for item in items if not item.get_closest_marker("images")]
+            items[:] = [item for item in items if not item.get_closest_marker(marker)]
 
 
 @pytest.fixture(scope="session")

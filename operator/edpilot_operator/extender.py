@@ -181,6 +181,11 @@ def host_priority_list(scores: dict[str, int]) -> bytes:
 
 # ---------------------------------------------------------------- metrics
 
+# The label values the handlers below use.
+VERBS = ("filter", "prioritize")
+OUTCOMES = ("ok", "not_ready", "bad_request")
+FILTER_REASONS = ("throttled", "power_budget")
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -210,6 +215,15 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
+        # Every series exists from the start, at 0: a counter born at 1 by its first request shows
+        # no increase to rate() and increase(), so the first filter (often the only one for a
+        # while) would never reach the dashboard, whose panels would say "No data" meanwhile.
+        for verb in VERBS:
+            self.duration.labels(verb)
+            for outcome in OUTCOMES:
+                self.requests.labels(verb, outcome)
+        for reason in FILTER_REASONS:
+            self.filtered.labels(reason)
 
 
 # ---------------------------------------------------------------- handlers

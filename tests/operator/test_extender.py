@@ -331,6 +331,21 @@ def test_metrics_count_requests_and_filtered_nodes() -> None:
     with_client(fleet(), body, ops=True)
 
 
+def test_every_request_and_filter_series_exists_at_zero_before_the_first_request() -> None:
+    """rate() and increase() see a counter's first request only if the series was there before."""
+
+    async def body(client: TestClient[Any, Any], extender: Extender) -> None:
+        text = await (await client.get("/metrics")).text()
+        for verb in ("filter", "prioritize"):
+            for outcome in ("ok", "not_ready", "bad_request"):
+                assert f'edpilot_extender_requests_total{{outcome="{outcome}",verb="{verb}"}} 0.0' in text
+            assert f'edpilot_extender_request_duration_seconds_count{{verb="{verb}"}} 0.0' in text
+        for reason in ("power_budget", "throttled"):
+            assert f'edpilot_extender_filtered_nodes_total{{reason="{reason}"}} 0.0' in text
+
+    with_client(fleet(), body, ops=True)
+
+
 def test_host_priority_list_is_valid_json_even_for_odd_names() -> None:
     scores = {"gpu-1": 10, 'we"ird\\name': 0, "ünï": 3}
     assert json.loads(host_priority_list(scores)) == [

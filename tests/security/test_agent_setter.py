@@ -69,8 +69,11 @@ class Running:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(5)
             sock.connect(self.path)
-            sock.sendall(request)
-            sock.shutdown(socket.SHUT_WR)
+            try:
+                sock.sendall(request)
+                sock.shutdown(socket.SHUT_WR)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a refusal can be answered and closed before the request is sent; it is still read
             return sock.recv(4096)
 
 
