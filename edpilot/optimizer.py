@@ -287,6 +287,11 @@ class _Ctx:
     reasons: list[str]
     events: list[Event]
 
+    @classmethod
+    def of(cls, policy: EnergyPolicySpec, workload: WorkloadInfo, tuning: Tuning, now: float) -> _Ctx:
+        bounds = {m.member: cap_bounds(policy.powerCap, m) for m in workload.members}
+        return cls(policy, workload, tuning, now, bounds, reasons=[], events=[])
+
     def member_caps(self, config: Config) -> dict[str, float | None]:
         return _member_caps(self.bounds, config)
 
@@ -1275,15 +1280,7 @@ def step(
     tuning: Tuning = DEFAULT_TUNING,
 ) -> Decision:
     """The next configuration for `workload`, given what was observed up to `observation`."""
-    ctx = _Ctx(
-        policy=policy,
-        workload=workload,
-        tuning=tuning,
-        now=now,
-        bounds={m.member: cap_bounds(policy.powerCap, m) for m in workload.members},
-        reasons=[],
-        events=[],
-    )
+    ctx = _Ctx.of(policy, workload, tuning, now)
     # A shallow copy is enough: the state's parts are replaced, never changed in place.
     st = _initial(policy, workload, ctx) if state is None else state.model_copy()
     ctx.reasons.extend(b for b in ctx.bounds.values() if isinstance(b, str))
@@ -1347,15 +1344,7 @@ def fail_target(
     failed probe, and the end of its stage, since its neighbours are no better bet. The next target
     keeps the best configuration so far, which rolls the owner back to it. A target that was not a
     probe (the baseline's, the converged one) has nothing to fall back to: it is reported."""
-    ctx = _Ctx(
-        policy=policy,
-        workload=workload,
-        tuning=tuning,
-        now=now,
-        bounds={m.member: cap_bounds(policy.powerCap, m) for m in workload.members},
-        reasons=[],
-        events=[],
-    )
+    ctx = _Ctx.of(policy, workload, tuning, now)
     st = state.model_copy()
     st.last = None  # the pods that ran before are not the ones that run next
     probing = st.phase == "Exploring" and st.stage in ("quantization", "batch") and st.incumbent is not None

@@ -177,7 +177,8 @@ def _strings(value: Any) -> list[str] | None:
     return [str(v) for v in value] if isinstance(value, list) else None
 
 
-def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+def flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of `--flag=value` or `--flag value` in a command line."""
     for i, arg in enumerate(argv):
         if arg.startswith(f"{flag}="):
             return arg.split("=", 1)[1]
@@ -222,7 +223,7 @@ def template_config(owner: OwnerView, spec: EnergyPolicySpec) -> RolloutConfig:
     if where is not None:
         argv = (_strings(container.get("command")) or []) + (_strings(container.get("args")) or [])
         text = (
-            _flag_value(argv, where.arg)
+            flag_value(argv, where.arg)
             if where.arg
             else _env_value(container.get("env") or [], where.env or "")
         )

@@ -30,6 +30,7 @@ from edpilot import gpusim, serving
 from edpilot.contract import ANNOTATION_BATCH_SIZE, ANNOTATION_QUANTIZATION
 from edpilot.dra import DEFAULT_CONFIG, ClaimView, DraConfig, SliceDevice, device_catalog
 from edpilot.models import MeasuredWorkload
+from edpilot.rollout import flag_value
 from edpilot.textnum import ascii_float, positive_int
 from edpilot_agent.backend import GpuBackendError, GpuInfo, GpuReading
 from edpilot_agent.holdings import DynamicDevice, PodDevices, resolve
@@ -261,16 +262,6 @@ class SimBackend:
                 self._points.clear()
             self._points[key] = point
         return point
-
-
-def flag_value(argv: Sequence[str], flag: str) -> str | None:
-    """The value of `--flag=value` or `--flag value` in a command line."""
-    for i, arg in enumerate(argv):
-        if arg.startswith(f"{flag}="):
-            return arg.split("=", 1)[1]
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
 
 
 class SimWorkloads:

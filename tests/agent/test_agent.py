@@ -15,11 +15,11 @@ import pytest
 from agent_helpers import cap_spec, decode_pod, lease, sim_node
 from edpilot_agent.main import install_signal_handlers, run
 from edpilot_agent.metrics import AgentCollector
-from edpilot_agent.sim import flag_value
 from prometheus_client import CollectorRegistry, generate_latest
 
 from edpilot.contract import ANNOTATION_BATCH_SIZE
 from edpilot.models import DesiredPowerLimit, GPUNodeReportStatus
+from edpilot.rollout import flag_value
 
 
 def condition(status: GPUNodeReportStatus, type_: str) -> tuple[str, str]:
