@@ -26,7 +26,7 @@ import pytest
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from kubetest import REPO, Cluster, gpu_pod, kwok_gpu_nodes
+from kubetest import REPO, Cluster, gpu_pod, kwok_gpu_nodes, print_log_tails
 
 from edpilot.contract import ANNOTATION_POLICY, ANNOTATION_POWER_CAP
 from edpilot.models import GROUP, VERSION
@@ -334,9 +334,7 @@ def chaos(chaos_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> I
         sampler.join()
         harness.procs.stop_all()
         write_results(harness, time.monotonic() - started)
-        for log in sorted(harness.procs.logs.glob("*.log")):
-            tail = log.read_text(errors="replace").splitlines()[-12:]
-            print(f"--- {log.name} (last lines)\n" + "\n".join(tail))
+        print_log_tails(harness.procs.logs, 12)
 
 
 def write_results(harness: Chaos, seconds: float) -> None:

@@ -13,14 +13,13 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 from edpilot_agent.sim import PROFILES
 from edpilot_operator.budgets import IDLE_RESERVE_FRACTION
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
-from kubetest import Cluster, gpu_pod
+from kubetest import Cluster, gpu_pod, print_log_tails
 
 from edpilot import gpusim
 from edpilot.budget import grid_optimum
@@ -143,13 +142,7 @@ def converged(crds_installed: Cluster, tmp_path_factory: pytest.TempPathFactory)
         procs.stop_all()
         for node in NODES:
             cluster.kubectl("label", "node", node, f"{RACK_LABEL}-", check=False)
-        _dump_logs(procs.logs)
-
-
-def _dump_logs(logs: Path) -> None:
-    for log in sorted(logs.glob("*.log")):
-        lines = log.read_text(errors="replace").splitlines()
-        print(f"--- {log.name} (last lines)\n" + "\n".join(lines[-10:]))
+        print_log_tails(procs.logs, 10)
 
 
 def policy_rows(cluster: Cluster) -> list[dict[str, Any]]:

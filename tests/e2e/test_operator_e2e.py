@@ -12,12 +12,11 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
-from kubetest import Cluster, gpu_pod
+from kubetest import Cluster, gpu_pod, print_log_tails
 
 from edpilot import gpusim
 from edpilot.contract import HINT_ANNOTATIONS
@@ -109,14 +108,7 @@ def loop(
     finally:
         cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=true", "--timeout=60s", check=False)
         procs.stop_all()
-        _dump_logs(procs.logs)
-
-
-def _dump_logs(logs: Path) -> None:
-    for log in sorted(logs.glob("*.log")):
-        print(
-            f"--- {log.name} (last lines)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        )
+        print_log_tails(procs.logs, 15)
 
 
 def policy_rows(cluster: Cluster) -> list[dict[str, Any]]:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
-from kubetest import Cluster, gpu_pod
+from kubetest import Cluster, gpu_pod, print_log_tails
 
 from edpilot import gpusim
 
@@ -95,13 +94,7 @@ def loop(
     finally:
         cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=true", "--timeout=90s", check=False)
         procs.stop_all()
-        _dump_logs(procs.logs)
-
-
-def _dump_logs(logs: Path) -> None:
-    for log in sorted(logs.glob("*.log")):
-        lines = log.read_text(errors="replace").splitlines()[-20:]
-        print(f"--- {log.name} (last lines)\n" + "\n".join(lines))
+        print_log_tails(procs.logs, 20)
 
 
 def apply(cluster: Cluster, obj: dict[str, Any]) -> None:
