@@ -847,6 +847,14 @@ def _check_cap(gpu: GpuSpec, cap_watts: float) -> None:
         raise ValueError(f"power cap {cap_watts} W is outside {gpu.name}'s constraints [{lo:g}, {hi:g}] W")
 
 
+def _check_locked_clock(gpu: GpuSpec, mhz: float) -> None:
+    lo, hi = gpu.min_sm_clock_mhz, gpu.max_sm_clock_mhz
+    if not (math.isfinite(mhz) and lo <= mhz <= hi):
+        raise ValueError(
+            f"locked SM clock {mhz} MHz is outside the supported clocks of {gpu.name}: [{lo:g}, {hi:g}] MHz"
+        )
+
+
 def _bisect(fits: Callable[[float], bool], lo: float, hi: float) -> float:
     """Largest x in [lo, hi] (to ~1e-12 of the range) with fits(x), given fits(lo) and monotonicity."""
     for _ in range(40):
@@ -859,12 +867,21 @@ def _bisect(fits: Callable[[float], bool], lo: float, hi: float) -> float:
 
 
 def operating_point(
-    gpu: GpuSpec, profile: WorkloadProfile, batch_size: int, precision: str, cap_watts: float
+    gpu: GpuSpec,
+    profile: WorkloadProfile,
+    batch_size: int,
+    precision: str,
+    cap_watts: float,
+    locked_clock_mhz: float | None = None,
 ) -> OperatingPoint:
-    """Steady state of `profile` at `batch_size` and `precision` on `gpu` limited to `cap_watts`.
+    """Steady state of `profile` at `batch_size` and `precision` on `gpu` limited to `cap_watts`
+    and, when `locked_clock_mhz` is given, to SM clocks locked at or below that ceiling.
 
+    A locked clock is modelled as the same operating point the power governor would settle on at
+    that clock: the power model is calibrated on clocks that caps chose, and no probe locked one.
     Deterministic. Raises ValueError for a batch below 1, an unknown precision
-    or one the GPU has no engine for, and a cap outside the GPU's constraints.
+    or one the GPU has no engine for, a cap outside the GPU's constraints, and a locked clock
+    outside the GPU's supported SM clocks.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -877,6 +894,12 @@ def operating_point(
 
     reasons: list[ThrottleReason] = []
     ceiling = gpu.max_sm_clock_mhz
+    if locked_clock_mhz is not None:
+        _check_locked_clock(gpu, locked_clock_mhz)
+        if locked_clock_mhz < ceiling:
+            ceiling = locked_clock_mhz
+            # NVML reports clocks held below the maximum by a clock setting under this reason.
+            reasons.append(ThrottleReason.APPLICATIONS_CLOCKS_SETTING)
     if profile.thermal_clock_limit_mhz is not None and profile.thermal_clock_limit_mhz < ceiling:
         ceiling = max(gpu.min_sm_clock_mhz, profile.thermal_clock_limit_mhz)
         reasons.append(ThrottleReason.HW_THERMAL_SLOWDOWN)
@@ -1071,6 +1094,7 @@ class SimulatedGpu:
         self.index = index
         self.uuid = gpu_uuid(seed_name, index)
         self._limit = spec.default_power_limit_watts
+        self._locked_clock: float | None = None
         self._energy_j = 0.0  # float internally; reported as whole mJ
         self._work = 0.0
         self.assignment: Assignment | None = None
@@ -1100,6 +1124,19 @@ class SimulatedGpu:
     def reset_power_limit(self) -> None:
         self._limit = self.spec.default_power_limit_watts
 
+    @property
+    def locked_clock_mhz(self) -> float | None:
+        return self._locked_clock
+
+    def lock_sm_clock(self, max_mhz: float) -> None:
+        """Lock the SM clock to [lowest supported, max_mhz]; like NVML, refuse a clock the GPU
+        does not support."""
+        _check_locked_clock(self.spec, max_mhz)
+        self._locked_clock = float(max_mhz)
+
+    def reset_locked_clock(self) -> None:
+        self._locked_clock = None
+
     def assign(self, profile: WorkloadProfile, batch_size: int, precision: str) -> None:
         if not self.spec.supports(precision):
             raise ValueError(f"{self.spec.name} cannot run precision {precision!r}")
@@ -1115,7 +1152,9 @@ class SimulatedGpu:
         a = self.assignment
         if a is None:
             return None
-        return operating_point(self.spec, a.profile, a.batch_size, a.precision, self._limit)
+        return operating_point(
+            self.spec, a.profile, a.batch_size, a.precision, self._limit, self._locked_clock
+        )
 
     def advance(self, seconds: float, rng: random.Random) -> WindowResult:
         """Run the assigned workload (or idle) for `seconds` and report."""

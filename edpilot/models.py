@@ -139,6 +139,17 @@ class PowerCapSpec(ApiModel):
         return self
 
 
+class SmClockSpec(ApiModel):
+    """Locked SM clocks: a third actuator, opt-in, for work that draws below any cap worth trying
+    (small decode batches, eager engines, H200s), where a cap never binds. The optimizer locks a
+    ceiling on the SM clock (NVML's locked clocks, lowest supported clock to the ceiling) and
+    searches it between `minPercent` of the GPU's highest supported SM clock and the clock the
+    workload runs at; the agent resets the lock whenever it would restore a default cap."""
+
+    mode: Literal["Auto", "Off"] = "Off"
+    minPercent: float = Field(default=40, ge=10, le=100)
+
+
 class BatchSizeSpec(ApiModel):
     mode: HintMode = "Off"
     min: int = Field(default=8, ge=1, le=65536)
@@ -344,6 +355,7 @@ class EnergyPolicySpec(ApiModel):
     firstTokenSLO: LatencySLO | None = None
     target: Target | None = None
     powerCap: PowerCapSpec = Field(default_factory=PowerCapSpec)
+    smClock: SmClockSpec = Field(default_factory=SmClockSpec)
     batchSize: BatchSizeSpec = Field(default_factory=BatchSizeSpec)
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     workMetric: WorkMetric
@@ -443,6 +455,7 @@ class WorkloadFigures(ApiModel):
 
     phase: Phase = "Pending"
     powerCapWatts: float | None = None
+    smClockMHz: float | None = None  # the locked SM clock ceiling; None: not locked
     batchSize: int | None = None
     quantization: Profile | None = None
     baseline: Measurement | None = None
@@ -514,6 +527,14 @@ class DesiredPowerLimit(ApiModel):
     pod: str = Field(min_length=1, description="namespace/name of the pod the cap is for")
 
 
+class DesiredLockedClock(ApiModel):
+    """A ceiling on one GPU's SM clock: the agent locks its clocks to [lowest supported, maxMHz]."""
+
+    gpuUUID: str = Field(min_length=1)
+    maxMHz: float = Field(gt=0, le=10000)
+    pod: str = Field(min_length=1, description="namespace/name of the pod the lock is for")
+
+
 class MeasuredWorkload(ApiModel):
     """A pod whose work counter the agent must scrape, and where it is."""
 
@@ -563,6 +584,7 @@ class Lease(ApiModel):
 
 class GPUNodeReportSpec(ApiModel):
     powerLimits: list[DesiredPowerLimit] = Field(default_factory=list)
+    lockedClocks: list[DesiredLockedClock] = Field(default_factory=list)
     workloads: list[MeasuredWorkload] = Field(default_factory=list)
     lease: Lease | None = None
     reportIntervalSeconds: int = Field(default=60, ge=1, le=3600)
@@ -583,6 +605,11 @@ class GPUStatus(ApiModel):
     utilizationPercent: float = Field(default=0, ge=0, le=100)
     smClockMHz: float = Field(default=0, ge=0)
     memClockMHz: float = Field(default=0, ge=0)
+    # The GPU's supported SM clocks (0: unknown, and the GPU's clocks are never locked) and the
+    # ceiling the agent has locked them to (None: not locked by edpilot).
+    minSmClockMHz: float = Field(default=0, ge=0)
+    maxSmClockMHz: float = Field(default=0, ge=0)
+    lockedSmClockMHz: float | None = Field(default=None, gt=0)
     temperatureC: float = 0
     throttleReasons: list[str] = Field(default_factory=list)
     pods: list[str] = Field(default_factory=list)

@@ -144,11 +144,13 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """What the engine runs: its sequence limit, its weights' precision and the GPU's cap."""
+    """What the engine runs: its sequence limit, its weights' precision, the GPU's cap and, when
+    locked, its SM clock ceiling."""
 
     max_num_seqs: int
     precision: str
     cap_watts: float
+    locked_clock_mhz: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -204,18 +206,28 @@ def _interpolate(grid: Sequence[int], values: Sequence[float], most: int) -> tup
 
 
 @lru_cache(maxsize=512)
-def step_costs(model: ServedModel, precision: str, cap_watts: float, most_batch: int) -> StepCosts:
-    """Step costs of `model` at `precision` under `cap_watts`, for running batches up to `most_batch`."""
+def step_costs(
+    model: ServedModel,
+    precision: str,
+    cap_watts: float,
+    most_batch: int,
+    locked_clock_mhz: float | None = None,
+) -> StepCosts:
+    """Step costs of `model` at `precision` under `cap_watts` (and a locked SM clock ceiling, when
+    given), for running batches up to `most_batch`."""
     grid = _batch_grid(most_batch)
     seconds, watts = [], []
     for context in _CONTEXT_GRID:
         profile = gpusim.llama_decode(context, cuda_graphs=model.cuda_graphs, shape=model.shape)
-        points = [gpusim.operating_point(model.gpu, profile, b, precision, cap_watts) for b in grid]
+        points = [
+            gpusim.operating_point(model.gpu, profile, b, precision, cap_watts, locked_clock_mhz)
+            for b in grid
+        ]
         seconds.append(_interpolate(grid, [p.step_seconds for p in points], most_batch))
         watts.append(_interpolate(grid, [p.power_watts for p in points], most_batch))
     prompt = max(1, round(model.prompts.mean))
     prefill = gpusim.operating_point(
-        model.gpu, gpusim.llama_prefill(prompt, shape=model.shape), 1, precision, cap_watts
+        model.gpu, gpusim.llama_prefill(prompt, shape=model.shape), 1, precision, cap_watts, locked_clock_mhz
     )
     return StepCosts(
         decode_seconds=tuple(seconds),
@@ -281,7 +293,7 @@ class ServingEngine:
             raise ValueError(f"{self.model.gpu.name} cannot run precision {config.precision!r}")
         # Sequences admitted under a larger limit finish under the new one.
         most = max(config.max_num_seqs, self.running)
-        return step_costs(self.model, config.precision, config.cap_watts, most)
+        return step_costs(self.model, config.precision, config.cap_watts, most, config.locked_clock_mhz)
 
     def configure(self, config: EngineConfig, reload_seconds: float = 0.0) -> None:
         """Apply a new configuration. A new precision reloads the weights: the engine serves

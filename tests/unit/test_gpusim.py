@@ -473,3 +473,51 @@ def test_gpusim_imports_only_pure_standard_modules_and_the_contract() -> None:
     # The contract: its throttle reasons are the names the agent reports for gpusim's GPUs.
     pure = {"__future__", "hashlib", "math", "random", "collections", "dataclasses", "typing"}
     assert imported <= pure | {"edpilot.contract"}
+
+
+# ---------------------------------------------------------------- locked SM clocks
+
+
+def test_a_locked_clock_lands_where_a_cap_at_that_clock_lands() -> None:
+    """The power model is calibrated on clocks that caps chose: a lock at the clock a cap settled
+    on gives the same point, and below a cap's reach a lock still lowers power and speed."""
+    decode = gpusim.llama_decode(4096)
+    capped = gpusim.operating_point(H100_SXM, decode, 64, "bf16", 400.0)
+    assert ThrottleReason.SW_POWER_CAP in capped.throttle_reasons
+    locked = gpusim.operating_point(H100_SXM, decode, 64, "bf16", 700.0, capped.sm_clock_mhz)
+    assert locked.power_watts == pytest.approx(capped.power_watts, rel=1e-3)
+    assert locked.units_per_second == pytest.approx(capped.units_per_second, rel=1e-3)
+    assert locked.throttle_reasons == (ThrottleReason.APPLICATIONS_CLOCKS_SETTING,)
+
+    small = gpusim.operating_point(H100_SXM, decode, 8, "bf16", 700.0)
+    slow = gpusim.operating_point(H100_SXM, decode, 8, "bf16", 700.0, 1500.0)
+    assert slow.power_watts < 0.7 * small.power_watts
+    assert small.units_per_second > slow.units_per_second > 0.85 * small.units_per_second
+    assert slow.joules_per_unit < 0.75 * small.joules_per_unit
+
+
+def test_a_cap_below_the_locked_clock_still_binds() -> None:
+    decode = gpusim.llama_decode(4096)
+    both = gpusim.operating_point(H100_SXM, decode, 64, "bf16", 300.0, 1800.0)
+    assert both.power_watts <= 300.0 + 1e-6
+    assert ThrottleReason.SW_POWER_CAP in both.throttle_reasons
+
+
+@pytest.mark.parametrize("mhz", [100.0, 5000.0, math.nan])
+def test_a_lock_outside_the_supported_clocks_is_refused(mhz: float) -> None:
+    gpu = SimulatedGpu(H100_SXM)
+    with pytest.raises(ValueError, match="supported clocks"):
+        gpu.lock_sm_clock(mhz)
+    assert gpu.locked_clock_mhz is None
+
+
+def test_a_simulated_gpu_runs_at_its_locked_clock_until_reset() -> None:
+    gpu = SimulatedGpu(H100_SXM)
+    gpu.assign(gpusim.llama_decode(4096), 8, "bf16")
+    free = gpu.current_point()
+    gpu.lock_sm_clock(1200.0)
+    locked = gpu.current_point()
+    assert free is not None and locked is not None
+    assert locked.sm_clock_mhz == pytest.approx(1200.0) and locked.power_watts < free.power_watts
+    gpu.reset_locked_clock()
+    assert gpu.locked_clock_mhz is None and gpu.current_point() == free
