@@ -255,12 +255,14 @@ def _families() -> list[tuple[str, list[tuple[str, str, str, list[str]]]]]:
     from edpilot.workload import Workload
 
     gpu = GPUStatus(index=0, uuid="u", model="m", minLimitWatts=1, maxLimitWatts=1, defaultLimitWatts=1,
-                    enforcedLimitWatts=1, powerWatts=1, energyJoules=1, pods=["n/p"])  # fmt: skip
+                    enforcedLimitWatts=1, powerWatts=1, energyJoules=1, lockedSmClockMHz=1, pods=["n/p"])  # fmt: skip
     status = GPUNodeReportStatus(
         nodeName="n", agentVersion="v", backend="sim", time=datetime(2026, 1, 1, tzinfo=UTC), gpus=[gpu],
         workloads=[WorkloadSample(namespace="n", pod="p", workUnits=1)],
     )  # fmt: skip
-    agent = AgentCollector("n", lambda: status, lambda: Counter({("u", "r", "applied"): 1}))
+    agent = AgentCollector(
+        "n", lambda: status, lambda: Counter({("u", "r", "applied"): 1}), lambda: Counter({("u", "r", "applied"): 1})
+    )  # fmt: skip
     operator = OperatorCollector()
     measurement = {"joulesPerUnit": 1, "secondsPerUnit": 1, "edp": 1, "unitsPerSecond": 1}
     operator.publish_policy("n", "p", {

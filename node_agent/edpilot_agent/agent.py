@@ -2,7 +2,7 @@
 
 Each tick reads every GPU and every selected pod's work counter (from a `WorkSource` that never
 blocks: pods' HTTP endpoints are scraped in the background, see scraper.py), decides the power limits
-(`actuator.plan_limits`) and applies them, and writes the node's GPUNodeReport status when it
+and locked SM clocks (`actuator.plan_limits`, `actuator.plan_clocks`) and applies them, and writes the node's GPUNodeReport status when it
 is due: every `reportIntervalSeconds` of the spec (clamped to [min, default] interval), sooner
 (but not more often than the min interval) when a limit changed or a condition flipped, and
 with exponential backoff while the API server fails. Nothing here raises out of `tick()`.
@@ -21,7 +21,16 @@ from edpilot.contract import transition
 from edpilot.dra import DEFAULT_CONFIG, DraConfig, SliceDevice, device_catalog
 from edpilot.models import Condition, GPUNodeReportSpec, GPUNodeReportStatus, GPUStatus, WorkloadSample
 from edpilot_agent import AGENT_VERSION
-from edpilot_agent.actuator import Applier, LeaseTracker, Plan, plan_limits, restore_defaults
+from edpilot_agent.actuator import (
+    Applier,
+    ClockPlan,
+    LeaseTracker,
+    Plan,
+    plan_clocks,
+    plan_limits,
+    restore_clocks,
+    restore_defaults,
+)
 from edpilot_agent.backend import ENERGY_COUNTER_WRAP_JOULES, GpuBackend, GpuBackendError, GpuInfo, GpuReading
 from edpilot_agent.counters import CounterTracker
 from edpilot_agent.holdings import Holdings, PodDevices, resolve
@@ -109,6 +118,7 @@ class NodeAgent:
         self.readings: dict[str, GpuReading] = {}
         self.snapshot: GPUNodeReportStatus | None = None
         self.last_plan: Plan | None = None
+        self.last_clock_plan: ClockPlan | None = None
         self.reports = 0
         self.report_errors = 0
         self._last_report_at: float | None = None
@@ -133,16 +143,20 @@ class NodeAgent:
         void = lease_problem or ("PodsUnknown" if pods is None else None)
         gpu_pods = None if allocation_problem else held.holders()
         current = self.applier.current_limits({u: r.enforced_limit_watts for u, r in self.readings.items()})
+        live = {p.key for p in pods or ()}
         plan = plan_limits(
-            spec.powerLimits if spec else (),
+            spec.powerLimits if spec else (), self.gpus, current, live, gpu_pods, void, shared=held.shared
+        )
+        clocks = plan_clocks(
+            spec.lockedClocks if spec else (),
             self.gpus,
-            current,
-            {p.key for p in pods or ()},
+            self.applier.current_clocks(),
+            live,
             gpu_pods,
             void,
             shared=held.shared,
         )
-        errors = self._apply(plan, now)
+        errors = self._apply(plan, clocks, now)
 
         interval = spec.reportIntervalSeconds if spec else self.default_interval
         report = self._report_due(now, min(max(interval, self.min_interval), self.default_interval))
@@ -151,18 +165,20 @@ class NodeAgent:
         if report or self._energy_read_at is None or now - self._energy_read_at >= self.energy_period:
             read_errors += self._read_gpus(now, self.gpus, energy=True)
         conditions = self._conditions(
-            wall, spec_problem, lease_problem, plan, errors, read_errors, allocation_problem, samples
+            wall, spec_problem, lease_problem, plan, clocks, errors, read_errors, allocation_problem, samples
         )
         self._publish(now, wall, held, samples, conditions)
         if report:
             self._write_report(now)
 
     def shutdown(self, reason: str = "Shutdown") -> None:
-        """Give every GPU back its default limit and say so in a last report (best effort)."""
+        """Give every GPU back its default limit and unlocked clocks, and say so in a last report
+        (best effort)."""
         now, wall = self.clock.monotonic(), self.clock.wall()
         current = self.applier.current_limits({u: r.enforced_limit_watts for u, r in self.readings.items()})
         plan = restore_defaults(self.gpus, current, reason)
-        errors = self._apply(plan, now)
+        clocks = restore_clocks(self.gpus, self.applier.current_clocks(), reason)
+        errors = self._apply(plan, clocks, now)
         errors += self._read_gpus(now, self.gpus, energy=True)
         if self.snapshot is not None:
             previous = self.snapshot.conditions
@@ -172,7 +188,7 @@ class NodeAgent:
                     "Ready",
                     "False",
                     "AgentStopped",
-                    "the agent stopped; default limits restored",
+                    "the agent stopped; default limits and unlocked clocks restored",
                     wall,
                 )
             ]
@@ -240,19 +256,19 @@ class NodeAgent:
 
     # ------------------------------------------------------------------ acting
 
-    def _apply(self, plan: Plan, now: float) -> list[str]:
-        self.last_plan = plan
-        refusals = frozenset((r.uuid, r.pod, r.reason) for r in plan.refusals)
-        for r in plan.refusals:
+    def _apply(self, plan: Plan, clocks: ClockPlan, now: float) -> list[str]:
+        self.last_plan, self.last_clock_plan = plan, clocks
+        refusals = frozenset((r.uuid, r.pod, r.reason) for r in [*plan.refusals, *clocks.refusals])
+        for r in [*plan.refusals, *clocks.refusals]:
             if (r.uuid, r.pod, r.reason) not in self._refusals:
                 log.warning("node %s refuses a spec entry (%s): %s", self.node_name, r.reason, r.message)
         if refusals != self._refusals:
             self._dirty = True
         self._refusals = refusals
-        errors = self.applier.apply(plan)
-        if plan.actions:
+        errors = self.applier.apply(plan) + self.applier.apply_clocks(clocks)
+        if plan.actions or clocks.actions:
             self._dirty = True
-            changed = {a.uuid for a in plan.actions}
+            changed = {a.uuid for a in plan.actions} | {a.uuid for a in clocks.actions}
             errors += self._read_gpus(now, [g for g in self.gpus if g.uuid in changed], energy=False)
         return errors
 
@@ -264,6 +280,7 @@ class NodeAgent:
         spec_problem: str,
         lease_problem: str | None,
         plan: Plan,
+        clocks: ClockPlan,
         errors: list[str],
         read_errors: list[str],
         allocation_problem: str,
@@ -287,16 +304,26 @@ class NodeAgent:
                 "the operator's lease expired: every GPU is back at its default limit",
             )
         capped = sum(1 for reason in plan.reasons.values() if reason in ("Spec", "SpecClamped"))
+        locked = sum(1 for mhz in clocks.targets.values() if mhz is not None)
+        refusals = [*plan.refusals, *clocks.refusals]
         if spec_problem:
             applied = ("False", "SpecUnreadable", spec_problem)
         elif errors:
             applied = ("False", "ActuationFailed", "; ".join(errors))
-        elif plan.refusals:
-            applied = ("False", "Refused", "; ".join(f"{r.reason}: {r.message}" for r in plan.refusals))
+        elif refusals:
+            applied = ("False", "Refused", "; ".join(f"{r.reason}: {r.message}" for r in refusals))
         elif self.applier.dry_run:
-            applied = ("True", "DryRun", f"dry-run: {capped} GPUs would be capped; no limit was changed")
+            applied = (
+                "True",
+                "DryRun",
+                f"dry-run: {capped} GPUs would be capped, {locked} clock-locked; no setting was changed",
+            )
         else:
-            applied = ("True", "Applied", f"{capped} GPUs capped, the others at their default limit")
+            applied = (
+                "True",
+                "Applied",
+                f"{capped} GPUs capped, {locked} clock-locked, the others at their default limit and clocks",
+            )
         unhealthy = [f"{s.namespace}/{s.pod}: {s.message}" for s in samples if not s.healthy]
         if unhealthy:
             work = ("False", "UnhealthyCounters", "; ".join(unhealthy))
@@ -327,6 +354,7 @@ class NodeAgent:
                 self.energy[info.uuid].total or 0.0,
                 sorted(holders.get(info.uuid, ())),
                 shared=info.uuid in held.shared,
+                locked_sm_clock_mhz=self.applier.locked.get(info.uuid),
             )
             for info in self.gpus
             if info.uuid in self.readings

@@ -27,6 +27,10 @@ class GpuInfo:
     default_limit_watts: float
     mig_enabled: bool = False
     energy_source: EnergySource = "counter"
+    # The lowest and highest SM clock the GPU supports, in MHz; 0 when NVML cannot tell (an old
+    # driver), and then edpilot never locks its clocks.
+    min_sm_clock_mhz: float = 0.0
+    max_sm_clock_mhz: float = 0.0
 
     @property
     def highest_cap_watts(self) -> float:
@@ -37,6 +41,10 @@ class GpuInfo:
 
     def clamp(self, watts: float) -> float:
         return min(max(watts, self.min_limit_watts), self.highest_cap_watts)
+
+    @property
+    def clock_range_known(self) -> bool:
+        return 0 < self.min_sm_clock_mhz <= self.max_sm_clock_mhz
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,12 @@ class GpuBackend(Protocol):
 
     def set_power_limit(self, uuid: str, watts: float) -> None:
         """Set the GPU's power limit; raises GpuBackendError when the GPU refuses."""
+        ...
+
+    def set_locked_sm_clock(self, uuid: str, max_mhz: float | None) -> None:
+        """Lock the GPU's SM clock to [its lowest supported clock, `max_mhz`]; None resets the
+        lock (the driver's own clock management again). Raises GpuBackendError when the GPU
+        refuses."""
         ...
 
     def close(self) -> None: ...

@@ -168,7 +168,12 @@ def main(argv: list[str]) -> int:
     heartbeat = Heartbeat(args.liveness_max_age)
     if args.metrics_port:
         serve(
-            AgentCollector(args.node_name, lambda: agent.snapshot, lambda: agent.applier.counts),
+            AgentCollector(
+                args.node_name,
+                lambda: agent.snapshot,
+                lambda: agent.applier.counts,
+                lambda: agent.applier.clock_counts,
+            ),
             args.metrics_port,
             liveness=heartbeat,
             authorizer=KubeAuthorizer(kube.api) if args.metrics_auth == "kube" else None,

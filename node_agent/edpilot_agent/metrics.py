@@ -42,10 +42,12 @@ class AgentCollector(Collector):
         node_name: str,
         snapshot: Callable[[], GPUNodeReportStatus | None],
         actuations: Callable[[], Counter[tuple[str, str, str]]],
+        clock_actuations: Callable[[], Counter[tuple[str, str, str]]] | None = None,
     ) -> None:
         self.node_name = node_name
         self._snapshot = snapshot
         self._actuations = actuations
+        self._clock_actuations = clock_actuations
 
     def collect(self) -> Iterator[Metric]:
         energy = CounterMetricFamily(
@@ -56,6 +58,11 @@ class AgentCollector(Collector):
         power = GaugeMetricFamily("edpilot_gpu_power_watts", "Power the GPU draws now.", labels=GPU_LABELS)
         limit = GaugeMetricFamily(
             "edpilot_gpu_power_limit_watts", "Power limit the GPU enforces.", labels=GPU_LABELS
+        )
+        locked = GaugeMetricFamily(
+            "edpilot_gpu_locked_sm_clock_mhz",
+            "SM clock ceiling the agent locked the GPU to, in MHz (no series: not locked).",
+            labels=GPU_LABELS,
         )
         util = GaugeMetricFamily(
             "edpilot_gpu_utilization_ratio",
@@ -74,6 +81,8 @@ class AgentCollector(Collector):
                 energy.add_metric(labels, gpu.energyJoules)
                 power.add_metric(labels, gpu.powerWatts)
                 limit.add_metric(labels, gpu.enforcedLimitWatts)
+                if gpu.lockedSmClockMHz is not None:
+                    locked.add_metric(labels, gpu.lockedSmClockMHz)
                 util.add_metric(labels, gpu.utilizationPercent / 100)
             for w in status.workloads:
                 work.add_metric([self.node_name, w.namespace, w.pod, w.unit], w.workUnits)
@@ -84,7 +93,15 @@ class AgentCollector(Collector):
         )
         for (uuid, reason, result), count in sorted(self._actuations().items()):
             actuations.add_metric([self.node_name, uuid, reason, result], count)
-        yield from (energy, power, limit, util, work, actuations)
+        clock_actuations = CounterMetricFamily(
+            "edpilot_agent_clock_actuations",
+            "SM clock locks and resets the agent made (applied), would have made (dry_run) or failed to make.",
+            labels=["node", "gpu_uuid", "reason", "result"],
+        )
+        clock_counts = self._clock_actuations() if self._clock_actuations is not None else Counter()
+        for (uuid, reason, result), count in sorted(clock_counts.items()):
+            clock_actuations.add_metric([self.node_name, uuid, reason, result], count)
+        yield from (energy, power, limit, locked, util, work, actuations, clock_actuations)
 
 
 class Heartbeat:

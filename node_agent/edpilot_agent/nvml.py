@@ -2,12 +2,14 @@
 
 Energy comes from the hardware counter (`nvmlDeviceGetTotalEnergyConsumption`, mJ since the
 driver loaded) where the GPU has one (Volta and newer), otherwise from power sampled at 10 Hz.
-MIG-enabled GPUs are reported and never capped. With `read_only` no setter is ever called.
+MIG-enabled GPUs are reported and never capped nor clock-locked. With `read_only` no setter is
+ever called.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from functools import partial
@@ -159,6 +161,7 @@ class NvmlBackend:
             f"reading GPU {uuid}'s default limit",
         )
         mig_current = self._optional(lambda: pynvml.nvmlDeviceGetMigMode(handle)[0], 0)
+        min_clock, max_clock = self._sm_clock_range(handle)
         source: EnergySource = "counter"
         try:
             pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
@@ -177,7 +180,25 @@ class NvmlBackend:
             default_limit_watts=default / 1000,
             mig_enabled=mig_current == pynvml.NVML_DEVICE_MIG_ENABLE,
             energy_source=source,
+            min_sm_clock_mhz=min_clock,
+            max_sm_clock_mhz=max_clock,
         )
+
+    def _sm_clock_range(self, handle: Any) -> tuple[float, float]:
+        """The lowest and highest graphics (SM) clock the GPU supports at its highest memory
+        clock, the range locked clocks may take; (0, 0) where the driver cannot list them."""
+        none: list[float] = []
+        memory = self._optional(
+            lambda: [float(c) for c in pynvml.nvmlDeviceGetSupportedMemoryClocks(handle)], none
+        )
+        if not memory:
+            return 0.0, 0.0
+        top = round(max(memory))
+        clocks = self._optional(
+            lambda: [float(c) for c in pynvml.nvmlDeviceGetSupportedGraphicsClocks(handle, top) if c > 0],
+            none,
+        )
+        return (min(clocks), max(clocks)) if clocks else (0.0, 0.0)
 
     def _handle(self, uuid: str) -> Any:
         try:
@@ -258,6 +279,37 @@ class NvmlBackend:
         self._call(
             lambda: pynvml.nvmlDeviceSetPowerManagementLimit(handle, round(watts * 1000)),
             f"setting GPU {uuid}'s power limit to {watts} W",
+        )
+
+    def set_locked_sm_clock(self, uuid: str, max_mhz: float | None) -> None:
+        """Lock the SM clock to [lowest supported, `max_mhz`] (nvmlDeviceSetGpuLockedClocks), or
+        with None reset it (nvmlDeviceResetGpuLockedClocks)."""
+        info = next((i for i in self._infos if i.uuid == uuid), None)
+        if info is None:
+            raise GpuBackendError(f"GPU {uuid} is not on this node")
+        what = "reset" if max_mhz is None else "lock"
+        if self.read_only:
+            raise GpuBackendError(f"refusing to {what} GPU {uuid}'s SM clocks: the NVML backend is read-only")
+        if info.mig_enabled:
+            raise GpuBackendError(f"refusing to {what} GPU {uuid}'s SM clocks: MIG is enabled on it")
+        handle = self._handles[uuid]
+        if max_mhz is None:
+            self._call(
+                lambda: pynvml.nvmlDeviceResetGpuLockedClocks(handle), f"resetting GPU {uuid}'s locked clocks"
+            )
+            return
+        if not info.clock_range_known:
+            raise GpuBackendError(
+                f"refusing to lock GPU {uuid}'s SM clocks: NVML lists no supported SM clocks"
+            )
+        lo, hi = info.min_sm_clock_mhz, info.max_sm_clock_mhz
+        if not lo <= max_mhz <= hi:
+            raise GpuBackendError(
+                f"{max_mhz} MHz is outside GPU {uuid}'s supported SM clocks [{lo:g}, {hi:g}] MHz"
+            )
+        self._call(
+            lambda: pynvml.nvmlDeviceSetGpuLockedClocks(handle, round(lo), math.floor(max_mhz)),
+            f"locking GPU {uuid}'s SM clocks to [{lo:g}, {max_mhz:g}] MHz",
         )
 
     def power_instant_watts(self, uuid: str) -> float | None:

@@ -13,8 +13,14 @@ from edpilot_agent.scraper import WorkReading
 
 
 def gpu_status(
-    info: GpuInfo, reading: GpuReading, energy_joules: float, pods: Sequence[str], shared: bool = False
+    info: GpuInfo,
+    reading: GpuReading,
+    energy_joules: float,
+    pods: Sequence[str],
+    shared: bool = False,
+    locked_sm_clock_mhz: float | None = None,
 ) -> GPUStatus:
+    """One GPU's status; `locked_sm_clock_mhz` is the ceiling the agent locked (None: none)."""
     return GPUStatus(
         index=info.index,
         uuid=info.uuid,
@@ -30,6 +36,9 @@ def gpu_status(
         utilizationPercent=min(100.0, _gauge(reading.utilization_percent)),
         smClockMHz=_gauge(reading.sm_clock_mhz),
         memClockMHz=_gauge(reading.mem_clock_mhz),
+        minSmClockMHz=_gauge(info.min_sm_clock_mhz),
+        maxSmClockMHz=_gauge(info.max_sm_clock_mhz),
+        lockedSmClockMHz=locked_sm_clock_mhz,
         temperatureC=reading.temperature_c if math.isfinite(reading.temperature_c) else 0.0,
         throttleReasons=list(reading.throttle_reasons),
         pods=sorted(pods),

@@ -8,7 +8,12 @@ and takes one request per connection, one line of ASCII:
 
     SET <gpu uuid> <milliwatts>   ->  OK <milliwatts>  |  ERR <reason>
     RESTORE <gpu uuid>            ->  OK <milliwatts>  |  ERR <reason>
+    LOCK <gpu uuid> <MHz>         ->  OK <MHz>  |  ERR <reason>
+    UNLOCK <gpu uuid>             ->  OK 0  |  ERR <reason>
     ALLOCATIONS                   ->  OK <JSON: what the kubelet gave each pod>  |  ERR <reason>
+
+LOCK locks the GPU's SM clock to [its lowest supported clock, MHz] (the floor is this process's
+own, never the caller's); UNLOCK resets locked clocks.
 
 The answer to ALLOCATIONS is `holdings.encode`'s JSON: per pod, the device IDs of nvidia.com/gpu
 and the DRA devices (driver, pool, device, share id) of its claims. The agent maps them to GPUs
@@ -16,15 +21,18 @@ and the DRA devices (driver, pool, device, share id) of its claims. The agent ma
 token) and parses the answer strictly.
 
 Every limit is checked again against the GPU inventory this process read from NVML itself: a GPU
-of this node, without MIG, within [min constraint, min(max constraint, default limit)]. Anything
-else is refused. Requests are handled one at a time, so on SIGTERM, once it stops accepting caps,
-the restore of every GPU it changed is the last thing that happens to them.
+of this node, without MIG, within [min constraint, min(max constraint, default limit)]; every
+clock ceiling within the supported SM clocks NVML listed (a GPU without that list is never
+locked). Anything else is refused. Requests are handled one at a time, so on SIGTERM, once it
+stops accepting caps and locks, the restore (default limit, unlocked clocks) of every GPU it
+changed is the last thing that happens to them.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import re
 import signal
 import socket
@@ -45,6 +53,8 @@ MAX_REQUEST_BYTES = 128
 MAX_RESPONSE_BYTES = 1 << 20
 _SET = re.compile(rb"SET ([A-Za-z0-9-]{1,96}) ([0-9]{1,8})\n")
 _RESTORE = re.compile(rb"RESTORE ([A-Za-z0-9-]{1,96})\n")
+_LOCK = re.compile(rb"LOCK ([A-Za-z0-9-]{1,96}) ([0-9]{1,5})\n")
+_UNLOCK = re.compile(rb"UNLOCK ([A-Za-z0-9-]{1,96})\n")
 _ALLOCATIONS = b"ALLOCATIONS\n"
 _REASON = re.compile(r"[ -~]{0,200}")
 
@@ -69,6 +79,7 @@ class SetterServer:
         self.read_only = read_only
         self.gpus = {g.uuid: g for g in backend.gpus()}
         self.changed: set[str] = set()
+        self.locked: set[str] = set()
         self.draining = threading.Event()
         self.requests = 0
         self.refused = 0
@@ -94,6 +105,8 @@ class SetterServer:
             except Exception as exc:  # the kubelet is away: say so, keep serving
                 return _err(f"the kubelet's pod-resources API did not answer ({type(exc).__name__})")
             return b"OK " + encode(held).encode() + b"\n"
+        if request.startswith((b"LOCK ", b"UNLOCK ")):
+            return self._clock(request)
         restore = _RESTORE.fullmatch(request)
         match = restore or _SET.fullmatch(request)
         if match is None:
@@ -121,12 +134,50 @@ class SetterServer:
         log.info("set GPU %s to %.0f W", gpu.uuid, watts)
         return f"OK {round(watts * 1000)}\n".encode()
 
+    def _clock(self, request: bytes) -> bytes:
+        unlock = _UNLOCK.fullmatch(request)
+        match = unlock or _LOCK.fullmatch(request)
+        if match is None:
+            return _err("not a request this setter knows")
+        gpu = self.gpus.get(match.group(1).decode())
+        if gpu is None:
+            return _err("no such GPU on this node")
+        if self.read_only:
+            return _err("this setter is read-only (dry run)")
+        if gpu.mig_enabled:
+            return _err("MIG is enabled on this GPU; edpilot never locks its clocks")
+        mhz = None if unlock else float(match.group(2))
+        if mhz is not None:
+            if self.draining.is_set():
+                return _err("the setter is stopping; only restores are taken")
+            if not gpu.clock_range_known:
+                return _err("NVML lists no supported SM clocks for this GPU; edpilot never locks them")
+            if not gpu.min_sm_clock_mhz <= mhz <= gpu.max_sm_clock_mhz:
+                return _err(
+                    f"{mhz:g} MHz is outside the supported SM clocks "
+                    f"[{gpu.min_sm_clock_mhz:g}, {gpu.max_sm_clock_mhz:g}] MHz"
+                )
+        try:
+            self.backend.set_locked_sm_clock(gpu.uuid, mhz)
+        except GpuBackendError as exc:
+            return _err(f"NVML refused: {exc}")
+        if mhz is None:
+            self.locked.discard(gpu.uuid)
+            log.info("reset GPU %s's locked clocks", gpu.uuid)
+        else:
+            self.locked.add(gpu.uuid)
+            log.info("locked GPU %s's SM clock at most %.0f MHz", gpu.uuid, mhz)
+        return f"OK {round(mhz or 0)}\n".encode()
+
     def restore_changed(self) -> list[str]:
+        """Every GPU this process changed back to its default limit and unlocked clocks."""
+        requests = [f"RESTORE {uuid}\n" for uuid in sorted(self.changed)]
+        requests += [f"UNLOCK {uuid}\n" for uuid in sorted(self.locked)]
         errors = []
-        for uuid in sorted(self.changed):
-            answer = self._answer(f"RESTORE {uuid}\n".encode())
+        for request in requests:
+            answer = self._answer(request.encode())
             if not answer.startswith(b"OK"):
-                errors.append(f"GPU {uuid}: {answer.decode().strip()}")
+                errors.append(f"{request.strip()}: {answer.decode().strip()}")
         return errors
 
     # ------------------------------------------------------------ the socket
@@ -159,7 +210,7 @@ class SetterServer:
             self.draining.set()
             errors = self.restore_changed()
             for error in errors:
-                log.error("restoring the default limit failed: %s", error)
+                log.error("restoring the default limit or clocks failed: %s", error)
             self._sock.close()
             Path(self.socket_path).unlink(missing_ok=True)
 
@@ -232,6 +283,15 @@ class SetterClient:
     def set_power_limit(self, uuid: str, watts: float) -> None:
         self._ask(f"SET {uuid} {round(watts * 1000)}\n")
 
+    def set_locked_sm_clock(self, uuid: str, max_mhz: float | None) -> None:
+        if max_mhz is None:
+            self._ask(f"UNLOCK {uuid}\n")
+        elif not math.isfinite(max_mhz) or max_mhz < 0:
+            raise SetterError(f"{max_mhz} MHz is not an SM clock")
+        else:
+            # Whole MHz, never rounded up: the ceiling is a promise.
+            self._ask(f"LOCK {uuid} {math.floor(max_mhz)}\n")
+
     def allocations(self, pods: Sequence[PodInfo]) -> Mapping[str, PodDevices]:
         try:
             return decode(self._ask("ALLOCATIONS\n"))
@@ -260,6 +320,9 @@ class SetterBackend:
     def set_power_limit(self, uuid: str, watts: float) -> None:
         self.setter.set_power_limit(uuid, watts)
 
+    def set_locked_sm_clock(self, uuid: str, max_mhz: float | None) -> None:
+        self.setter.set_locked_sm_clock(uuid, max_mhz)
+
     def close(self) -> None:
         self.reader.close()
 
@@ -270,7 +333,10 @@ class SetterBackend:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="edpilot agent-setter",
-        description="Set GPU power limits for the node agent, within [min, default], and nothing else.",
+        description=(
+            "Set GPU power limits (within [min, default]) and locked SM clocks (within the supported "
+            "clocks) for the node agent, and nothing else."
+        ),
     )
     p.add_argument("--socket", default="/run/edpilot/setter.sock", help="unix socket to serve")
     p.add_argument("--allowed-uid", type=int, default=65532, help="the agent's uid; -1: any (tests only)")

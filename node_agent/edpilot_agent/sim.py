@@ -137,6 +137,8 @@ class SimBackend:
                 min_limit_watts=d.spec.min_power_limit_watts,
                 max_limit_watts=d.spec.max_power_limit_watts,
                 default_limit_watts=d.spec.default_power_limit_watts,
+                min_sm_clock_mhz=d.spec.min_sm_clock_mhz,
+                max_sm_clock_mhz=d.spec.max_sm_clock_mhz,
             )
             for d in self.devices
         ]
@@ -166,6 +168,16 @@ class SimBackend:
     def set_power_limit(self, uuid: str, watts: float) -> None:
         try:
             self.device(uuid).set_power_limit(watts)
+        except ValueError as exc:
+            raise GpuBackendError(str(exc)) from exc
+
+    def set_locked_sm_clock(self, uuid: str, max_mhz: float | None) -> None:
+        device = self.device(uuid)
+        if max_mhz is None:
+            device.reset_locked_clock()
+            return
+        try:
+            device.lock_sm_clock(max_mhz)
         except ValueError as exc:
             raise GpuBackendError(str(exc)) from exc
 
@@ -206,8 +218,9 @@ class SimBackend:
         engine = job.engine
         assert engine is not None
         device = self.devices[job.gpu_indices[0]]
-        if engine.config.cap_watts != device.power_limit_watts:
-            engine.configure(replace(engine.config, cap_watts=device.power_limit_watts))
+        settings = (device.power_limit_watts, device.locked_clock_mhz)
+        if (engine.config.cap_watts, engine.config.locked_clock_mhz) != settings:
+            engine.configure(replace(engine.config, cap_watts=settings[0], locked_clock_mhz=settings[1]))
         joules, tokens = engine.counters.energy_joules, engine.counters.generation_tokens
         start = self.sim_time - seconds
         if job.pending is not None:
@@ -223,7 +236,7 @@ class SimBackend:
         point = gpusim.OperatingPoint(
             units_per_second=rate,
             power_watts=watts,
-            sm_clock_mhz=device.spec.max_sm_clock_mhz,
+            sm_clock_mhz=device.locked_clock_mhz or device.spec.max_sm_clock_mhz,
             mem_clock_mhz=device.spec.mem_clock_mhz,
             step_seconds=seconds,
             joules_per_unit=watts / rate if rate > 0 else math.inf,
@@ -240,7 +253,7 @@ class SimBackend:
             log.info("simulated pod %s now runs batch %d at %s", job.pod, job.batch_size, job.precision)
             if job.engine is not None:
                 # The engine restarts with its new arguments: nothing is served while it loads.
-                config = serving.EngineConfig(job.batch_size, job.precision, job.engine.config.cap_watts)
+                config = replace(job.engine.config, max_num_seqs=job.batch_size, precision=job.precision)
                 job.engine.configure(config, reload_seconds=self.reload_delay_seconds)
 
     def _job_point(self, job: SimJob) -> gpusim.JobPoint:
@@ -390,7 +403,9 @@ class SimWorkloads:
         job.gpu_indices = job.gpu_indices[:1]
         job.engine = serving.ServingEngine(
             serving.ServedModel(gpu=device.spec),
-            serving.EngineConfig(job.batch_size, job.precision, device.power_limit_watts),
+            serving.EngineConfig(
+                job.batch_size, job.precision, device.power_limit_watts, device.locked_clock_mhz
+            ),
             random.Random(f"{job.pod}/arrivals"),
         )
 

@@ -1,13 +1,25 @@
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from edpilot_agent.actuator import Action, Applier, LeaseTracker, Plan, plan_limits, restore_defaults
+from edpilot_agent.actuator import (
+    Action,
+    Applier,
+    ClockAction,
+    ClockPlan,
+    LeaseTracker,
+    Plan,
+    plan_clocks,
+    plan_limits,
+    restore_clocks,
+    restore_defaults,
+)
 from edpilot_agent.backend import GpuInfo
 from edpilot_agent.sim import SimBackend
 
-from edpilot.models import DesiredPowerLimit, Lease
+from edpilot.models import DesiredLockedClock, DesiredPowerLimit, Lease
 
 A, B, MIG = "GPU-a", "GPU-b", "GPU-mig"
 GPUS = [
@@ -134,3 +146,137 @@ def test_a_failing_setter_is_counted_and_reported_not_raised() -> None:
     assert errors and "outside the constraints" in errors[0]
     assert applier.counts[(uuid, "Spec", "failed")] == 1
     assert backend.devices[0].power_limit_watts == 700
+
+
+# ---------------------------------------------------------------- locked SM clocks
+
+
+CLOCK_GPUS = [dataclasses.replace(g, min_sm_clock_mhz=345.0, max_sm_clock_mhz=1980.0) for g in GPUS] + [
+    GpuInfo(3, "GPU-old", "P100", 125.0, 250.0, 250.0)
+]  # an old driver: clock range unknown
+UNLOCKED: dict[str, float | None] = {A: None, B: None, MIG: None, "GPU-old": None}
+
+
+def lock(uuid: str, mhz: float, pod: str) -> DesiredLockedClock:
+    return DesiredLockedClock(gpuUUID=uuid, maxMHz=mhz, pod=pod)
+
+
+def test_a_lock_for_a_live_pod_on_its_gpu_is_applied() -> None:
+    plan = plan_clocks([lock(A, 1200, "ns/a")], CLOCK_GPUS, UNLOCKED, PODS, HOLDERS, None)
+    assert [(a.uuid, a.max_mhz, a.reason, a.pod) for a in plan.actions] == [(A, 1200, "Spec", "ns/a")]
+    assert plan.targets[B] is None and plan.reasons[B] == "NotInSpec"
+    assert not plan.refusals
+
+
+@pytest.mark.parametrize(
+    ("mhz", "target", "reason"),
+    [
+        (100.0, 345.0, "SpecClamped"),  # below the lowest supported clock
+        (345.0, 345.0, "Spec"),
+        (1500.7, 1500.0, "SpecClamped"),  # NVML takes whole MHz; a ceiling never rounds up
+        (1980.0, None, "Spec"),  # at the highest supported clock a lock changes nothing: none
+        (9000.0, None, "SpecClamped"),
+    ],
+)
+def test_lock_ceilings_are_clamped_to_the_supported_clocks(
+    mhz: float, target: float | None, reason: str
+) -> None:
+    plan = plan_clocks([lock(A, mhz, "ns/a")], CLOCK_GPUS, UNLOCKED, PODS, HOLDERS, None)
+    assert (plan.targets[A], plan.reasons[A]) == (target, reason)
+    assert [a.max_mhz for a in plan.actions] == ([] if target is None else [target])
+
+
+def test_a_gpu_whose_clock_range_is_unknown_is_never_locked_nor_reset() -> None:
+    plan = plan_clocks([lock("GPU-old", 1000, "ns/a")], CLOCK_GPUS, {}, PODS, {"GPU-old": {"ns/a"}}, None)
+    assert [r.reason for r in plan.refusals] == ["ClockRangeUnknown"]
+    assert "GPU-old" not in plan.targets
+    assert all(a.uuid != "GPU-old" for a in plan.actions)
+
+
+def test_unknown_gpu_foreign_pod_mig_and_shared_gpus_get_no_lock() -> None:
+    desired = [
+        lock("GPU-of-another-node", 1000, "ns/a"),
+        lock(B, 1000, "other-ns/not-here"),
+        lock(MIG, 1000, "ns/a"),
+        lock(A, 1000, "ns/b"),  # ns/b does not hold A
+    ]
+    plan = plan_clocks(desired, CLOCK_GPUS, UNLOCKED, PODS, HOLDERS, None)
+    assert plan.actions == []
+    assert [r.reason for r in plan.refusals] == [
+        "UnknownGPU",
+        "PodNotOnNode",
+        "MIGEnabled",
+        "GPUNotHeldByPod",
+    ]
+    shared = plan_clocks([lock(A, 1000, "ns/a")], CLOCK_GPUS, UNLOCKED, PODS, HOLDERS, None, shared={A})
+    both = plan_clocks([lock(A, 1000, "ns/a")], CLOCK_GPUS, UNLOCKED, PODS, {A: {"ns/a", "ns/b"}}, None)
+    for plan in (shared, both):
+        assert plan.actions == [] and [r.reason for r in plan.refusals] == ["GPUShared"]
+    assert MIG not in plan.targets
+
+
+def test_a_duplicate_lock_is_refused_and_the_first_wins() -> None:
+    plan = plan_clocks(
+        [lock(A, 1200, "ns/a"), lock(A, 900, "ns/a")], CLOCK_GPUS, UNLOCKED, PODS, HOLDERS, None
+    )
+    assert plan.targets[A] == 1200 and [r.reason for r in plan.refusals] == ["Duplicate"]
+
+
+@pytest.mark.parametrize(
+    ("pods", "holders", "lease_problem", "reason"),
+    [
+        ({"ns/b"}, {B: {"ns/b"}}, None, "PodGone"),
+        (PODS, {A: {"ns/b"}, B: {"ns/b"}}, None, "PodGone"),  # the pod no longer holds the GPU
+        (PODS, HOLDERS, "LeaseExpired", "LeaseExpired"),
+        (PODS, HOLDERS, "NoLease", "NoLease"),
+    ],
+)
+def test_a_lock_is_reset_when_its_pod_or_the_lease_is_gone(
+    pods: set[str], holders: dict[str, set[str]], lease_problem: str | None, reason: str
+) -> None:
+    locked = {**UNLOCKED, A: 1200.0}
+    plan = plan_clocks([lock(A, 1200, "ns/a")], CLOCK_GPUS, locked, pods, holders, lease_problem)
+    assert [(a.uuid, a.max_mhz, a.reason) for a in plan.actions] == [(A, None, reason)]
+
+
+def test_a_lock_no_longer_in_the_spec_is_reset_and_nothing_is_repeated() -> None:
+    locked = {**UNLOCKED, A: 1200.0}
+    assert [
+        (a.uuid, a.max_mhz, a.reason)
+        for a in plan_clocks((), CLOCK_GPUS, locked, PODS, HOLDERS, None).actions
+    ] == [(A, None, "NotInSpec")]
+    assert plan_clocks([lock(A, 1200, "ns/a")], CLOCK_GPUS, locked, PODS, HOLDERS, None).actions == []
+
+
+def test_at_start_every_eligible_gpu_is_reset_once() -> None:
+    # The agent cannot read a lock back from NVML: a crashed run may have left one behind.
+    plan = plan_clocks((), CLOCK_GPUS, {}, PODS, HOLDERS, None)
+    assert sorted((a.uuid, a.max_mhz) for a in plan.actions) == [(A, None), (B, None)]
+    restored = restore_clocks(CLOCK_GPUS, {A: 1200.0, B: None}, "Shutdown")
+    assert restored.actions == [ClockAction(A, None, "Shutdown")]
+    assert {a.uuid for a in restore_clocks(CLOCK_GPUS, {}, "Shutdown").actions} == {A, B}
+
+
+def test_dry_run_remembers_locks_counts_each_once_and_calls_no_setter() -> None:
+    backend = SimBackend("n", gpus=1, clock=lambda: 0.0)
+    uuid = backend.devices[0].uuid
+    gpus = backend.gpus()
+    applier = Applier(backend, "n", dry_run=True)
+    for _ in range(3):
+        plan = plan_clocks([lock(uuid, 1200, "ns/a")], gpus, applier.current_clocks(), {"ns/a"}, None, None)
+        applier.apply_clocks(plan)
+    assert backend.devices[0].locked_clock_mhz is None
+    assert applier.locked == {}  # nothing is locked
+    assert applier.clock_counts == {(uuid, "Spec", "dry_run"): 1}
+
+
+def test_a_lock_is_applied_remembered_and_a_failure_is_counted_not_raised() -> None:
+    backend = SimBackend("n", gpus=1, clock=lambda: 0.0)
+    uuid = backend.devices[0].uuid
+    applier = Applier(backend, "n")
+    applier.apply_clocks(plan_clocks([lock(uuid, 1200, "ns/a")], backend.gpus(), {}, {"ns/a"}, None, None))
+    assert backend.devices[0].locked_clock_mhz == 1200 and applier.locked == {uuid: 1200}
+    errors = applier.apply_clocks(ClockPlan({uuid: 50.0}, {uuid: "Spec"}, [ClockAction(uuid, 50.0, "Spec")]))
+    assert errors and "outside the supported clocks" in errors[0]
+    assert applier.clock_counts[(uuid, "Spec", "failed")] == 1
+    assert backend.devices[0].locked_clock_mhz == 1200 and applier.locked == {uuid: 1200}

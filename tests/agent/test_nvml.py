@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pynvml
 import pytest
 from edpilot_agent.backend import GpuBackendError, GpuInfo, GpuReading
@@ -93,3 +95,95 @@ def test_a_throttle_the_agent_reports_from_nvml_is_the_one_placement_avoids(mask
     )
     text = placement.blocking_throttle([gpu_status(info, reading, 1.0, ["ml/p"])])
     assert (blocked in text and text != "") if blocked else text == ""
+
+
+class FakeDriver:
+    """The pynvml calls NvmlBackend makes for one H100, recording every setter call; `old` is a
+    driver that cannot list supported clocks."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, old: bool = False) -> None:
+        self.calls: list[tuple[object, ...]] = []
+
+        def not_found(*args: object) -> object:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+
+        def record(name: str) -> Callable[..., None]:
+            return lambda *args: self.calls.append((name, *args[1:]))
+
+        fake: dict[str, Callable[..., object]] = {
+            "nvmlInit": lambda: None,
+            "nvmlShutdown": lambda: None,
+            "nvmlDeviceGetCount": lambda: 1,
+            "nvmlDeviceGetHandleByIndex": lambda i: f"handle-{i}",
+            "nvmlDeviceGetUUID": lambda h: "GPU-fake-0",
+            "nvmlDeviceGetName": lambda h: "NVIDIA H100 80GB HBM3",
+            "nvmlDeviceGetPowerManagementLimitConstraints": lambda h: (200000, 700000),
+            "nvmlDeviceGetPowerManagementDefaultLimit": lambda h: 700000,
+            "nvmlDeviceGetMigMode": lambda h: (0, 0),
+            "nvmlDeviceGetTotalEnergyConsumption": lambda h: 1000,
+            "nvmlDeviceGetSupportedMemoryClocks": not_found if old else lambda h: [2619, 1593],
+            "nvmlDeviceGetSupportedGraphicsClocks": not_found
+            if old
+            else lambda h, mem: [1980, 1965, 1500, 345] if mem == 2619 else [1200, 210],
+            "nvmlDeviceSetPowerManagementLimit": record("nvmlDeviceSetPowerManagementLimit"),
+            "nvmlDeviceSetGpuLockedClocks": record("nvmlDeviceSetGpuLockedClocks"),
+            "nvmlDeviceResetGpuLockedClocks": record("nvmlDeviceResetGpuLockedClocks"),
+        }
+        for name, fn in fake.items():
+            monkeypatch.setattr(pynvml, name, fn)
+
+
+def test_the_supported_sm_clocks_are_read_at_the_highest_memory_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    FakeDriver(monkeypatch)
+    [info] = NvmlBackend().gpus()
+    assert (info.min_sm_clock_mhz, info.max_sm_clock_mhz) == (345.0, 1980.0)
+
+
+def test_an_old_driver_yields_an_unknown_clock_range_and_no_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    driver = FakeDriver(monkeypatch, old=True)
+    backend = NvmlBackend()
+    [info] = backend.gpus()
+    assert (info.min_sm_clock_mhz, info.max_sm_clock_mhz) == (0.0, 0.0)
+    with pytest.raises(GpuBackendError, match="supported SM clocks"):
+        backend.set_locked_sm_clock(info.uuid, 1200)
+    assert driver.calls == []
+
+
+def test_a_lock_spans_the_lowest_supported_clock_to_the_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    driver = FakeDriver(monkeypatch)
+    backend = NvmlBackend()
+    backend.set_locked_sm_clock("GPU-fake-0", 1200)
+    backend.set_locked_sm_clock("GPU-fake-0", None)
+    assert driver.calls == [
+        ("nvmlDeviceSetGpuLockedClocks", 345, 1200),
+        ("nvmlDeviceResetGpuLockedClocks",),
+    ]
+    for outside in (344.0, 1981.0, float("nan")):
+        with pytest.raises(GpuBackendError, match="outside"):
+            backend.set_locked_sm_clock("GPU-fake-0", outside)
+    with pytest.raises(GpuBackendError, match="not on this node"):
+        backend.set_locked_sm_clock("GPU-other", None)
+    assert len(driver.calls) == 2
+
+
+def test_a_read_only_backend_never_locks_nor_resets_clocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    driver = FakeDriver(monkeypatch)
+    backend = NvmlBackend(read_only=True)
+    for mhz in (1200.0, None):
+        with pytest.raises(GpuBackendError, match="read-only"):
+            backend.set_locked_sm_clock("GPU-fake-0", mhz)
+    with pytest.raises(GpuBackendError, match="read-only"):
+        backend.set_power_limit("GPU-fake-0", 300)
+    assert driver.calls == []
+    # ...and a tool that forbids setters makes the clock calls raise before they reach the driver.
+    for name in dir(pynvml):  # restored after the test
+        if name.startswith("nvml"):
+            monkeypatch.setattr(pynvml, name, getattr(pynvml, name))
+    disabled = forbid_setters()
+    assert {"nvmlDeviceSetGpuLockedClocks", "nvmlDeviceResetGpuLockedClocks"} <= set(disabled)
+    backend.read_only = False
+    with pytest.raises(GpuBackendError, match="forbidden"):
+        backend.set_locked_sm_clock("GPU-fake-0", 1200)
+    assert driver.calls == []
