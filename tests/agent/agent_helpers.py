@@ -10,7 +10,7 @@ from edpilot_agent.kube import InMemoryKube
 from edpilot_agent.pods import PodInfo
 from edpilot_agent.sim import SIM_WORKLOAD, SimBackend, SimWorkloads
 
-from edpilot.models import DesiredPowerLimit, GPUNodeReportSpec, Lease, MeasuredWorkload
+from edpilot.models import DesiredLockedClock, DesiredPowerLimit, GPUNodeReportSpec, Lease, MeasuredWorkload
 
 NODE = "gpu-node-0"
 
@@ -61,6 +61,21 @@ def cap_spec(
     )
 
 
+def lock_spec(
+    clock: FakeClock,
+    uuid: str,
+    max_mhz: float,
+    pod: str = "default/llm-0",
+    lease_seconds: int = 30,
+    interval: int = 5,
+) -> GPUNodeReportSpec:
+    """A spec that locks one GPU's SM clock (and caps nothing)."""
+    spec = cap_spec(clock, uuid, 700, pod, lease_seconds, interval)
+    spec.powerLimits = []
+    spec.lockedClocks = [DesiredLockedClock(gpuUUID=uuid, maxMHz=max_mhz, pod=pod)]
+    return spec
+
+
 @dataclass
 class SimNode:
     clock: FakeClock
@@ -73,6 +88,9 @@ class SimNode:
 
     def limit(self, index: int) -> float:
         return self.backend.devices[index].power_limit_watts
+
+    def locked(self, index: int) -> float | None:
+        return self.backend.devices[index].locked_clock_mhz
 
 
 def sim_node(

@@ -12,9 +12,10 @@ from datetime import timedelta
 
 # pytest puts this folder on sys.path; mypy, run from the repository root, cannot see it.
 import pytest
-from agent_helpers import cap_spec, decode_pod, lease, sim_node
+from agent_helpers import cap_spec, decode_pod, lease, lock_spec, sim_node
 from edpilot_agent.main import install_signal_handlers, run
 from edpilot_agent.metrics import AgentCollector
+from edpilot_agent.sim import SIM_WORKLOAD
 from prometheus_client import CollectorRegistry, generate_latest
 
 from edpilot.contract import ANNOTATION_BATCH_SIZE
@@ -290,5 +291,180 @@ def test_metrics_expose_the_snapshot_with_node_gpu_and_pod_labels() -> None:
     )
     assert (
         f'edpilot_agent_actuations_total{{gpu_uuid="{uuid}",node="gpu-node-0",reason="Spec",result="applied"}} 1.0'
+        in text
+    )
+
+
+# ---------------------------------------------------------------- locked SM clocks
+
+
+def test_a_lock_is_applied_with_a_fresh_lease_and_reported() -> None:
+    node = sim_node()
+    node.agent.tick()
+    node.clock.advance(1)
+    node.kube.spec = lock_spec(node.clock, node.uuid(0), 1200)
+    node.agent.tick()
+    assert node.locked(0) == 1200 and node.locked(1) is None
+    status = node.kube.statuses[-1]
+    assert len(node.kube.statuses) == 2  # a change is reported before the interval is up
+    gpu0, gpu1 = status.gpus
+    spec = node.backend.devices[0].spec
+    assert (gpu0.minSmClockMHz, gpu0.maxSmClockMHz) == (spec.min_sm_clock_mhz, spec.max_sm_clock_mhz)
+    assert (gpu0.lockedSmClockMHz, gpu1.lockedSmClockMHz) == (1200, None)
+    assert condition(status, "SpecApplied") == ("True", "Applied")
+    assert node.agent.applier.clock_counts[(node.uuid(0), "Spec", "applied")] == 1
+
+
+def test_a_lock_is_clamped_to_the_supported_clocks_and_none_is_made_at_the_top() -> None:
+    node = sim_node()
+    spec = node.backend.devices[0].spec
+    node.kube.spec = lock_spec(node.clock, node.uuid(0), 1.0)
+    node.agent.tick()
+    assert node.locked(0) == spec.min_sm_clock_mhz
+    node.kube.spec = lock_spec(node.clock, node.uuid(0), 9999)
+    node.clock.advance(1)
+    node.agent.tick()
+    assert node.locked(0) is None  # a ceiling above the highest clock is no lock
+
+
+def test_lease_expiry_resets_the_lock_within_one_tick_and_renewal_brings_it_back() -> None:
+    node = sim_node()
+    node.kube.spec = lock_spec(node.clock, node.uuid(0), 1200, lease_seconds=10)
+    node.agent.tick()
+    assert node.locked(0) == 1200
+    node.clock.advance(10)
+    node.agent.tick()
+    assert node.locked(0) == 1200
+    node.clock.advance(1)
+    node.agent.tick()
+    assert node.locked(0) is None
+    assert node.kube.statuses[-1].gpus[0].lockedSmClockMHz is None
+    assert node.agent.applier.clock_counts[(node.uuid(0), "LeaseExpired", "applied")] == 1
+    node.kube.spec = node.kube.spec.model_copy(update={"lease": lease(node.clock, 10)})
+    node.clock.advance(1)
+    node.agent.tick()
+    assert node.locked(0) == 1200
+
+
+def test_pod_removal_resets_the_lock_and_refuses_the_stale_entry() -> None:
+    node = sim_node()
+    node.kube.spec = lock_spec(node.clock, node.uuid(0), 1200)
+    node.agent.tick()
+    assert node.locked(0) == 1200
+    node.kube.pod_list = []
+    node.clock.advance(1)
+    node.agent.tick()
+    assert node.locked(0) is None
+    assert node.agent.applier.clock_counts[(node.uuid(0), "PodGone", "applied")] == 1
+    assert condition(node.kube.statuses[-1], "SpecApplied") == ("False", "Refused")
+
+
+def test_a_lock_for_a_gpu_the_pod_does_not_hold_is_refused() -> None:
+    node = sim_node()
+    node.kube.spec = lock_spec(node.clock, node.uuid(1), 1200)  # llm-0 holds GPU 0
+    node.agent.tick()
+    assert node.locked(1) is None
+    assert "does not hold GPU" in node.kube.statuses[-1].conditions[2].message
+
+
+def test_a_lock_left_by_a_previous_run_is_reset_on_start() -> None:
+    node = sim_node()
+    node.backend.set_locked_sm_clock(node.uuid(1), 900)  # what a crashed agent left behind
+    node.agent.tick()  # no spec, no lease
+    assert node.locked(1) is None
+    assert node.agent.applier.clock_counts[(node.uuid(1), "NoLease", "applied")] == 1
+    node.clock.advance(1)
+    node.agent.tick()
+    assert sum(node.agent.applier.clock_counts.values()) == 2  # once per GPU, not every tick
+
+
+def test_shutdown_resets_locks_and_says_so() -> None:
+    node = sim_node()
+    node.kube.spec = lock_spec(node.clock, node.uuid(0), 1200)
+    node.agent.tick()
+    node.agent.shutdown()
+    assert node.locked(0) is None
+    assert condition(node.kube.statuses[-1], "Ready") == ("False", "AgentStopped")
+    assert node.kube.statuses[-1].gpus[0].lockedSmClockMHz is None
+
+
+def test_sigterm_stops_the_loop_and_resets_locks() -> None:
+    node = sim_node()
+    node.kube.spec = lock_spec(node.clock, node.uuid(0), 1200, lease_seconds=3600)
+    stop = threading.Event()
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    install_signal_handlers(stop)
+    locked = threading.Event()
+
+    def terminate_once_locked() -> None:
+        while node.locked(0) != 1200 and not stop.is_set():
+            stop.wait(0.01)
+        locked.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_once_locked)
+    killer.start()
+    try:
+        assert run(node.agent, stop, tick_seconds=0.05) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+        killer.join()
+    assert locked.is_set() and stop.is_set()
+    assert node.locked(0) is None
+
+
+def test_dry_run_locks_nothing_and_says_what_it_would_do() -> None:
+    node = sim_node(dry_run=True)
+    node.kube.spec = lock_spec(node.clock, node.uuid(0), 1200)
+    for _ in range(3):
+        node.agent.tick()
+        node.clock.advance(1)
+    assert node.locked(0) is None
+    counts = node.agent.applier.clock_counts
+    assert counts[(node.uuid(0), "Spec", "dry_run")] == 1
+    assert all(result == "dry_run" for _, _, result in counts)
+    status = node.kube.statuses[-1]
+    assert status.gpus[0].lockedSmClockMHz is None  # nothing is locked
+    assert condition(status, "SpecApplied") == ("True", "DryRun")
+    assert "1 clock-locked" in status.conditions[2].message
+
+
+def test_a_simulated_serving_engine_runs_under_the_locked_clock() -> None:
+    pod = decode_pod(annotations={SIM_WORKLOAD: "llm-serving", "sim.edpilot.io/requests-per-second": "2"})
+    node = sim_node(pods=[pod])
+    node.kube.spec = lock_spec(node.clock, node.uuid(0), 900)
+    node.agent.tick()
+    node.clock.advance(2)
+    node.agent.tick()
+    engine = node.backend.jobs["default/llm-0"].engine
+    assert engine is not None and engine.config.locked_clock_mhz == 900
+    assert node.agent.snapshot is not None and node.agent.snapshot.gpus[0].smClockMHz <= 900
+    node.agent.shutdown()
+    node.clock.advance(1)
+    node.backend.advance()
+    assert engine.config.locked_clock_mhz is None
+
+
+def test_metrics_expose_the_locked_clock_and_clock_actuations() -> None:
+    node = sim_node()
+    node.kube.spec = lock_spec(node.clock, node.uuid(0), 1200)
+    node.agent.tick()
+    registry = CollectorRegistry()
+    registry.register(
+        AgentCollector(
+            "gpu-node-0",
+            lambda: node.agent.snapshot,
+            lambda: node.agent.applier.counts,
+            lambda: node.agent.applier.clock_counts,
+        )
+    )
+    text = generate_latest(registry).decode()
+    uuid = node.uuid(0)
+    labels = f'gpu_index="0",gpu_uuid="{uuid}",namespace="default",node="gpu-node-0",pod="llm-0"'
+    assert f"edpilot_gpu_locked_sm_clock_mhz{{{labels}}} 1200.0" in text
+    assert 'edpilot_gpu_locked_sm_clock_mhz{gpu_index="1"' not in text  # not locked: no series
+    assert (
+        f'edpilot_agent_clock_actuations_total{{gpu_uuid="{uuid}",node="gpu-node-0",reason="Spec",result="applied"}} 1.0'
         in text
     )
