@@ -1,6 +1,7 @@
 """The agent against the real control plane: a NodeAgent (simulated backend) for KWOK node
-gpu-node-0 reports, applies a spec, restores defaults when the lease runs out or the pod goes
-away, and never acts on another node's spec; `edpilot agent` restores defaults on SIGTERM."""
+gpu-node-0 reports, applies a spec (caps and locked clocks), restores defaults (and resets locks)
+when the lease runs out or the pod goes away, and never acts on another node's spec; `edpilot
+agent` restores defaults and resets locks on SIGTERM."""
 
 from __future__ import annotations
 
@@ -51,6 +52,9 @@ class RunningAgent:
 
     def limit(self, index: int) -> float:
         return self.backend.devices[index].power_limit_watts
+
+    def locked(self, index: int) -> float | None:
+        return self.backend.devices[index].locked_clock_mhz
 
     def uuid(self, index: int) -> str:
         return self.backend.devices[index].uuid
@@ -147,13 +151,15 @@ def test_the_agent_creates_its_report_and_writes_status(running: RunningAgent) -
     assert all(g["energyJoules"] > first[g["uuid"]] for g in later["status"]["gpus"])
 
 
-def test_a_spec_cap_is_applied_then_restored_when_the_lease_expires(running: RunningAgent) -> None:
+def test_a_spec_cap_and_lock_are_applied_then_restored_when_the_lease_expires(running: RunningAgent) -> None:
     running.cluster.kubectl("apply", "-f", "-", input=gpu_pod("llm-0"))
     gpu = wait_for("the pod to hold a GPU", lambda: gpu_holding(running.report(), f"{NAMESPACE}/llm-0"), 60)
     index = gpu["index"]
+    assert 0 < gpu["minSmClockMHz"] < 1200 < gpu["maxSmClockMHz"] and "lockedSmClockMHz" not in gpu
     running.patch_spec(
         {
             "powerLimits": [{"gpuUUID": gpu["uuid"], "watts": 450, "pod": f"{NAMESPACE}/llm-0"}],
+            "lockedClocks": [{"gpuUUID": gpu["uuid"], "maxMHz": 1200, "pod": f"{NAMESPACE}/llm-0"}],
             "workloads": [{"namespace": NAMESPACE, "pod": "llm-0", "metricName": "tokens", "unit": "token"}],
             "lease": fresh_lease(),
             "reportIntervalSeconds": 1,
@@ -161,9 +167,14 @@ def test_a_spec_cap_is_applied_then_restored_when_the_lease_expires(running: Run
     )
     written = time.monotonic()
     wait_for("the cap on the simulated GPU", lambda: running.limit(index) == 450, 10)
+    assert running.locked(index) == 1200
     report = wait_for(
-        "the cap in the status",
-        lambda: (r := running.report())["status"]["gpus"][index]["enforcedLimitWatts"] == 450 and r,
+        "the cap and the lock in the status",
+        lambda: (
+            (g := (r := running.report())["status"]["gpus"][index])["enforcedLimitWatts"] == 450
+            and g.get("lockedSmClockMHz") == 1200
+            and r
+        ),
     )
     assert condition(report, "SpecApplied")["status"] == "True"
     [work] = report["status"]["workloads"]
@@ -173,11 +184,13 @@ def test_a_spec_cap_is_applied_then_restored_when_the_lease_expires(running: Run
     wait_for("the default after the lease expired", lambda: running.limit(index) == 700, LEASE_SECONDS + 5)
     # The agent judges the lease from when it saw renewTime; one report interval (1 s) of slack.
     assert time.monotonic() - written <= LEASE_SECONDS + 1 + 0.5
+    assert running.locked(index) is None  # reset in the same tick
     report = wait_for(
         "LeaseExpired in the status",
         lambda: condition(r := running.report(), "LeaseValid").get("reason") == "LeaseExpired" and r,
     )
     assert report["status"]["gpus"][index]["enforcedLimitWatts"] == 700
+    assert "lockedSmClockMHz" not in report["status"]["gpus"][index]
 
 
 def test_deleting_the_pod_restores_the_default(running: RunningAgent) -> None:
@@ -187,13 +200,17 @@ def test_deleting_the_pod_restores_the_default(running: RunningAgent) -> None:
     running.patch_spec(
         {
             "powerLimits": [{"gpuUUID": gpu["uuid"], "watts": 380, "pod": f"{NAMESPACE}/llm-1"}],
+            "lockedClocks": [{"gpuUUID": gpu["uuid"], "maxMHz": 1000, "pod": f"{NAMESPACE}/llm-1"}],
             "lease": fresh_lease(600),
         }
     )
-    wait_for("the cap", lambda: running.limit(index) == 380, 10)
+    wait_for(
+        "the cap and the lock", lambda: running.limit(index) == 380 and running.locked(index) == 1000, 10
+    )
     running.cluster.kubectl("delete", "pod", "-n", NAMESPACE, "llm-1", "--wait=false")
     wait_for("the default after the pod went away", lambda: running.limit(index) == 700, 30)
-    running.patch_spec({"powerLimits": [], "lease": None})
+    assert running.locked(index) is None
+    running.patch_spec({"powerLimits": [], "lockedClocks": [], "lease": None})
 
 
 def test_another_nodes_spec_is_never_applied_and_a_foreign_uuid_is_refused(running: RunningAgent) -> None:
@@ -311,13 +328,17 @@ def test_the_agent_command_restores_defaults_on_sigterm(running: RunningAgent) -
         running.patch_spec(
             {
                 "powerLimits": [{"gpuUUID": gpu["uuid"], "watts": 420, "pod": f"{NAMESPACE}/llm-2"}],
+                "lockedClocks": [{"gpuUUID": gpu["uuid"], "maxMHz": 1100, "pod": f"{NAMESPACE}/llm-2"}],
                 "lease": fresh_lease(600),
             },
             node=CLI_NODE,
         )
         wait_for(
-            "the cap in the CLI agent's status",
-            lambda: running.report(CLI_NODE)["status"]["gpus"][gpu["index"]]["enforcedLimitWatts"] == 420,
+            "the cap and the lock in the CLI agent's status",
+            lambda: (
+                (g := running.report(CLI_NODE)["status"]["gpus"][gpu["index"]])["enforcedLimitWatts"] == 420
+                and g.get("lockedSmClockMHz") == 1100
+            ),
             15,
         )
         proc.send_signal(signal.SIGTERM)
@@ -329,4 +350,5 @@ def test_the_agent_command_restores_defaults_on_sigterm(running: RunningAgent) -
     assert "received SIGTERM" in output
     report = running.report(CLI_NODE)
     assert report["status"]["gpus"][gpu["index"]]["enforcedLimitWatts"] == 700
+    assert "lockedSmClockMHz" not in report["status"]["gpus"][gpu["index"]]  # reset on SIGTERM
     assert condition(report, "Ready")["reason"] == "AgentStopped"
