@@ -2,8 +2,10 @@
 
 One module-scoped setup (two simulated agents, the operator, a background invariant sampler)
 serves every test. The sampler checks, every ~0.5 s and through every fault, that each desired
-and enforced GPU limit lies within the GPU's constraints and its policy's bounds, and that no
-policy loses optimizer state it had. Each fault's recovery time is recorded; the module ends
+and enforced GPU limit lies within the GPU's constraints and its policy's bounds, that no GPU's
+SM clock is locked outside its supported clocks, on a GPU not held by exactly one pod, or for a
+pod whose policy did not opt in (the suite's policies never do; the tests lock clocks themselves
+while the operator is away), and that no policy loses optimizer state it had. Each fault's recovery time is recorded; the module ends
 by printing the table and writing it to bench/results/chaos.{md,json}.
 """
 
@@ -165,6 +167,8 @@ class Invariants:
 
     api: Api
     bounds: dict[str, tuple[float, float]]  # namespace -> (lowest, highest) cap its policies allow
+    # Pods (namespace/name) whose GPU's SM clock may be locked: those a test locks itself.
+    lockable: set[str] = field(default_factory=set)
     checks: int = 0
     samples: int = 0
     unavailable: int = 0
@@ -208,6 +212,24 @@ class Invariants:
                 self.check(
                     gpu["minLimitWatts"] <= watts <= gpu["maxLimitWatts"],
                     f"{name}: desired {cap} outside the GPU's constraints",
+                )
+        for lock in (report.get("spec") or {}).get("lockedClocks") or []:
+            self.check(lock["pod"] in self.lockable, f"{name}: a clock lock {lock} no policy opted in to")
+        for gpu in gpus.values():
+            locked = gpu.get("lockedSmClockMHz")
+            if locked is not None:
+                pods = gpu.get("pods") or []
+                self.check(
+                    0 < gpu["minSmClockMHz"] <= locked < gpu["maxSmClockMHz"],
+                    f"{name}: GPU {gpu['uuid']} locked at {locked} MHz outside its supported clocks",
+                )
+                self.check(
+                    len(pods) == 1 and not gpu.get("shared") and not gpu.get("migEnabled"),
+                    f"{name}: GPU {gpu['uuid']} of pods {pods} locked at {locked} MHz, not held by one pod",
+                )
+                self.check(
+                    all(p in self.lockable for p in pods),
+                    f"{name}: GPU {gpu['uuid']} of pods {pods} locked at {locked} MHz, no policy opted in",
                 )
         for gpu in gpus.values():
             enforced = gpu["enforcedLimitWatts"]
@@ -467,17 +489,52 @@ def enforced(chaos: Chaos, node: str) -> dict[str, float]:
 
 
 def reconciled(chaos: Chaos, node: str, not_from: str | None = None) -> bool:
-    """The node's agent enforces exactly its spec: desired caps, every other GPU at its default.
-    `not_from`: the time of a dead agent's last report, which must have been replaced."""
+    """The node's agent enforces exactly its spec: desired caps and locks, every other GPU at its
+    default and unlocked. `not_from`: the time of a dead agent's last report, which must have
+    been replaced."""
     report = chaos.api.report(node) or {}
     status = report.get("status") or {}
     if not status.get("gpus") or status["time"] == not_from:
         return False
     wanted = capped_gpus(chaos, node)
+    locks = locked_gpus(chaos, node, report)
     return all(
         abs(g["enforcedLimitWatts"] - wanted.get(g["uuid"], g["defaultLimitWatts"])) <= 1.0
+        and g.get("lockedSmClockMHz") == locks.get(g["uuid"])
         for g in status["gpus"]
     )
+
+
+def locked_gpus(chaos: Chaos, node: str, report: dict[str, Any] | None = None) -> dict[str, float]:
+    """The SM clock ceilings the node's spec asks for."""
+    report = report if report is not None else chaos.api.report(node) or {}
+    return {c["gpuUUID"]: c["maxMHz"] for c in (report.get("spec") or {}).get("lockedClocks") or []}
+
+
+def enforced_locks(chaos: Chaos, node: str) -> dict[str, float]:
+    """The SM clock ceilings the node's agent reports it locked."""
+    gpus = ((chaos.api.report(node) or {}).get("status") or {}).get("gpus") or []
+    return {g["uuid"]: g["lockedSmClockMHz"] for g in gpus if g.get("lockedSmClockMHz") is not None}
+
+
+def lock_capped_gpus(chaos: Chaos, node: str, mhz: float) -> dict[str, float]:
+    """Lock the SM clock of every GPU the node's spec caps, for the pod it caps it for, as an
+    operator with an opted-in policy would (the suite's policies do not opt in). Only while the
+    operator is away: it would take the locks out of the spec again."""
+    report = chaos.api.report(node) or {}
+    caps = (report.get("spec") or {}).get("powerLimits") or []
+    locks = [{"gpuUUID": c["gpuUUID"], "maxMHz": mhz, "pod": c["pod"]} for c in caps]
+    chaos.invariants.lockable.update(c["pod"] for c in caps)
+    chaos.api.custom.patch_cluster_custom_object(
+        GROUP,
+        VERSION,
+        "gpunodereports",
+        node,
+        {"spec": {"lockedClocks": locks}},
+        _content_type="application/merge-patch+json",
+        _request_timeout=10,
+    )
+    return {c["gpuUUID"]: mhz for c in caps}
 
 
 def lease_valid(chaos: Chaos, node: str) -> bool:
@@ -525,6 +582,14 @@ def test_operator_gone_longer_than_the_lease_every_agent_restores_defaults(chaos
     killed_at = time.monotonic()
     chaos.kill_operator()
     renewed = {n: _wall((chaos.api.report(n) or {})["spec"]["lease"]["renewTime"]) for n in AGENT_NODES}
+    # The capped GPUs get their SM clocks locked too, under the lease the operator left behind.
+    locks = {n: lock_capped_gpus(chaos, n, 1200) for n in capped}
+    wait_until(
+        "the agents to lock the SM clocks the spec asks for",
+        lambda: all(enforced_locks(chaos, n) == locks[n] for n in capped),
+        LEASE_SECONDS - 3,
+        0.25,
+    )
     restored_at: dict[str, datetime] = {}
 
     def all_default() -> bool:
@@ -532,11 +597,17 @@ def test_operator_gone_longer_than_the_lease_every_agent_restores_defaults(chaos
             if node in restored_at:
                 continue
             limits = enforced(chaos, node)
-            if limits and all(abs(w - H100_DEFAULT) <= 1.0 for w in limits.values()):
+            if (
+                limits
+                and all(abs(w - H100_DEFAULT) <= 1.0 for w in limits.values())
+                and not enforced_locks(chaos, node)
+            ):
                 restored_at[node] = datetime.now(UTC)
         return len(restored_at) == len(AGENT_NODES)
 
-    wait_until("every agent to restore default limits", all_default, LEASE_SECONDS + 30, 0.25)
+    wait_until(
+        "every agent to restore default limits and unlocked clocks", all_default, LEASE_SECONDS + 30, 0.25
+    )
     gone = time.monotonic() - killed_at
     late = {n: (restored_at[n] - renewed[n]).total_seconds() for n in AGENT_NODES}
     # Within the lease plus one report interval of the last renewal (sampling adds up to ~1 s).
@@ -545,22 +616,25 @@ def test_operator_gone_longer_than_the_lease_every_agent_restores_defaults(chaos
     chaos.record(
         "operator gone longer than the lease",
         gone,
-        "every agent back at default limits "
+        "every agent back at default limits, every clock lock reset, "
         + ", ".join(f"{n} {s:.1f} s after the last renewal" for n, s in late.items()),
     )
     restarted_at = time.monotonic()
     chaos.start_operator()
     wait_until(
-        "the restarted operator's caps to be enforced again",
-        lambda: all(lease_valid(chaos, n) and reconciled(chaos, n) for n in capped),
+        "the restarted operator's caps to be enforced again, and no lock it did not ask for",
+        lambda: all(
+            lease_valid(chaos, n) and reconciled(chaos, n) and not locked_gpus(chaos, n) for n in capped
+        ),
         90,
         0.3,
     )
     chaos.record(
         "operator back after the lease ran out",
         time.monotonic() - restarted_at,
-        "lease renewed, caps re-applied by the agents",
+        "lease renewed, caps re-applied by the agents, the stale locks gone from the spec",
     )
+    chaos.invariants.lockable.clear()
     chaos.alive()
 
 
