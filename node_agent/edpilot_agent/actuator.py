@@ -1,10 +1,13 @@
-"""Power-limit decisions (pure) and the thin layer that applies them.
+"""Power-limit and locked-clock decisions (pure) and the thin layer that applies them.
 
 `plan_limits` is a pure function of the spec, the node's GPUs, the pods, the lease and the
-current limits. It enforces the safety invariants: limits only inside the GPU's constraints and
-never above its default limit, only for GPUs of this node held by a pod that still exists, default limits when the lease is
-missing or expired, MIG GPUs never touched, and no cap on a GPU that several pods hold or that was
-handed out as a shared device (the operator never asks for one: `edpilot.sharing`).
+current limits; `plan_clocks` decides locked SM clock ceilings under the same checks (`_admit`),
+within the GPU's supported clocks, and resets every lock wherever a cap would go back to its
+default. They enforce the safety invariants: limits only inside the GPU's constraints and
+never above its default limit, only for GPUs of this node held by a pod that still exists, default
+limits (and unlocked clocks) when the lease is missing or expired, MIG GPUs never touched, and no
+cap or lock on a GPU that several pods hold or that was handed out as a shared device (the
+operator never asks for one: `edpilot.sharing`).
 """
 
 from __future__ import annotations
@@ -360,7 +363,8 @@ class Applier:
 
     def apply_clocks(self, plan: ClockPlan) -> list[str]:
         """Lock or reset SM clocks as the plan says; returns error messages (never raises for one
-        GPU's failure, whose state then stays as it was believed: a failed reset is tried again)."""
+        GPU's failure). A failed call may still have reached the GPU (a setter that timed out), so
+        the GPU's state is forgotten: the next plan locks or resets it again."""
         errors: list[str] = []
         for action in plan.actions:
             what = "reset" if action.max_mhz is None else f"lock at most {action.max_mhz:.0f} MHz"
@@ -381,6 +385,7 @@ class Applier:
                 self.backend.set_locked_sm_clock(action.uuid, action.max_mhz)
             except (GpuBackendError, ValueError) as exc:
                 self.clock_counts[(action.uuid, action.reason, "failed")] += 1
+                self.locked.pop(action.uuid, None)
                 errors.append(f"GPU {action.uuid}: {exc}")
                 log.error(
                     "SM clocks of GPU %s on node %s: %s failed: %s", action.uuid, self.node_name, what, exc
