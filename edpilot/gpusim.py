@@ -984,6 +984,7 @@ def job_step(
     caps: Sequence[float],
     batch_size: int = 1,
     sync_seconds: float = DEFAULT_SYNC_S,
+    locked_clocks: Sequence[float | None] | None = None,
 ) -> JobPoint:
     """A synchronous step: rank r does work_per_rank[r] units at its own cap, then all synchronise.
 
@@ -993,16 +994,22 @@ def job_step(
     """
     if len(work_per_rank) != len(caps) or not caps:
         raise ValueError("need one cap per rank and at least one rank")
+    locks = [None] * len(caps) if locked_clocks is None else list(locked_clocks)
+    if len(locks) != len(caps):
+        raise ValueError("need one locked clock (or None) per rank")
     if any(w < 0 for w in work_per_rank) or sync_seconds < 0:
         raise ValueError("work and sync time must be non-negative")
-    busy_points = [operating_point(gpu, profile, batch_size, precision, c) for c in caps]
+    busy_points = [
+        operating_point(gpu, profile, batch_size, precision, c, lock)
+        for c, lock in zip(caps, locks, strict=True)
+    ]
     compute = tuple(w / p.units_per_second for w, p in zip(work_per_rank, busy_points, strict=True))
     step = max(compute) + sync_seconds
     if step <= 0:
         raise ValueError("a step with no work and no sync takes no time")
     idle_clock = min(gpu.max_sm_clock_mhz, profile.thermal_clock_limit_mhz or gpu.max_sm_clock_mhz)
     busy_frac, power, wait, ranks = [], [], [], []
-    for w, p, c, cap in zip(work_per_rank, busy_points, compute, caps, strict=True):
+    for w, p, c, cap, lock in zip(work_per_rank, busy_points, compute, caps, locks, strict=True):
         x = c / step
         pw = _wait_watts(gpu, p.power_watts, x, cap)
         avg = x * p.power_watts + (1.0 - x) * pw
@@ -1015,7 +1022,7 @@ def job_step(
                 p,
                 units_per_second=rate,
                 power_watts=avg,
-                sm_clock_mhz=x * p.sm_clock_mhz + (1.0 - x) * idle_clock,
+                sm_clock_mhz=x * p.sm_clock_mhz + (1.0 - x) * min(idle_clock, lock or idle_clock),
                 step_seconds=step,
                 joules_per_unit=avg / rate if rate > 0 else math.inf,
                 utilization=1.0,  # NCCL's wait is a running kernel
@@ -1179,6 +1186,8 @@ class SimulatedGpu:
         gauge = true_watts * _mean_one(rng, POWER_READING_NOISE_REL)
         clock = spec.min_sm_clock_mhz if point is None else point.sm_clock_mhz
         clock = _snap_clock(spec, clock * _mean_one(rng, SM_CLOCK_READING_NOISE_REL))
+        if self._locked_clock is not None:
+            clock = min(clock, _snap_clock(spec, self._locked_clock))  # a locked GPU never reads above it
         reasons = () if point is None else point.throttle_reasons
         if ThrottleReason.HW_THERMAL_SLOWDOWN in reasons:
             temp = spec.slowdown_temp_c

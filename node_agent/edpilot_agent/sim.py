@@ -260,7 +260,8 @@ class SimBackend:
         """A synchronous step over the pod's GPUs. A pod with work-share < 1 waits each step for a
         peer elsewhere (at the default limit) that does a full share: a straggler's partner."""
         caps = [self.devices[i].power_limit_watts for i in job.gpu_indices]
-        key = (job.kind, job.thermal_clock_mhz, job.batch_size, job.precision, job.work_share, *caps)
+        locks: list[float | None] = [self.devices[i].locked_clock_mhz for i in job.gpu_indices]
+        key = (job.kind, job.thermal_clock_mhz, job.batch_size, job.precision, job.work_share, *caps, *locks)
         point = self._points.get(key)
         if point is None:
             profile = job.profile
@@ -270,7 +271,10 @@ class SimBackend:
             if job.work_share < 1:
                 work.append(float(job.batch_size))
                 caps.append(spec.default_power_limit_watts)
-            point = gpusim.job_step(spec, profile, job.precision, work, caps, batch_size=job.batch_size)
+                locks.append(None)
+            point = gpusim.job_step(
+                spec, profile, job.precision, work, caps, batch_size=job.batch_size, locked_clocks=locks
+            )
             if len(self._points) > 4096:
                 self._points.clear()
             self._points[key] = point

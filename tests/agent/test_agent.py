@@ -446,6 +446,25 @@ def test_a_simulated_serving_engine_runs_under_the_locked_clock() -> None:
     assert engine.config.locked_clock_mhz is None
 
 
+def test_a_simulated_decode_job_runs_under_the_locked_clock() -> None:
+    """Jobs that are not serving engines (a synchronous step over the pod's GPUs) follow the lock
+    too: lower clock, lower power."""
+    node = sim_node()
+    node.agent.tick()
+    node.clock.advance(5)
+    node.agent.tick()
+    assert node.agent.snapshot is not None
+    free = node.agent.snapshot.gpus[0]
+    node.kube.spec = lock_spec(node.clock, node.uuid(0), 900)
+    node.agent.tick()
+    node.clock.advance(5)
+    node.agent.tick()
+    locked = node.agent.snapshot.gpus[0]
+    assert locked.lockedSmClockMHz == 900
+    assert locked.smClockMHz <= 900 < free.smClockMHz
+    assert locked.powerWatts < 0.8 * free.powerWatts
+
+
 def test_metrics_expose_the_locked_clock_and_clock_actuations() -> None:
     node = sim_node()
     node.kube.spec = lock_spec(node.clock, node.uuid(0), 1200)

@@ -521,3 +521,13 @@ def test_a_simulated_gpu_runs_at_its_locked_clock_until_reset() -> None:
     assert locked.sm_clock_mhz == pytest.approx(1200.0) and locked.power_watts < free.power_watts
     gpu.reset_locked_clock()
     assert gpu.locked_clock_mhz is None and gpu.current_point() == free
+
+
+def test_a_locked_rank_of_a_job_runs_slower_and_draws_less() -> None:
+    decode = gpusim.llama_decode(4096)
+    free = gpusim.job_step(H100_SXM, decode, "bf16", [8.0], [700.0], batch_size=8)
+    locked = gpusim.job_step(H100_SXM, decode, "bf16", [8.0], [700.0], batch_size=8, locked_clocks=[1200.0])
+    assert locked.per_rank_power_watts[0] < free.per_rank_power_watts[0]
+    assert locked.units_per_second < free.units_per_second
+    with pytest.raises(ValueError, match="one locked clock"):
+        gpusim.job_step(H100_SXM, decode, "bf16", [8.0], [700.0], locked_clocks=[])
