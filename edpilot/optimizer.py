@@ -95,7 +95,7 @@ class Tuning(BaseModel):
     # Locked SM clocks: ceilings are supported clocks (clockStepMHz apart, as on NVIDIA's GPUs),
     # searched on a coarser grid: clocks a step apart differ by less than the noise.
     clockStepMHz: float = Field(default=15.0, gt=0)
-    clockGridMHz: float = Field(default=60.0, gt=0)
+    clockGridMHz: float = Field(default=30.0, gt=0)
     clockProbeBudget: int = Field(default=8, ge=2)
     stragglerProbeBudget: int = Field(default=4, ge=1)
     waitingPowerRatio: float = Field(default=0.85, gt=0, lt=1)  # below this share of the hottest: waits
