@@ -44,7 +44,7 @@ priors: $(STAMP) ## regenerate edpilot/gpu_priors.py (placement and budget prior
 images: ## build localhost/edpilot/edpilot:dev and edpilot-agent:dev with buildah from a local Debian base (cached in ~/.cache/edpilot/images)
 	@hack/build-images.sh >/dev/null
 
-test-images: $(STAMP) ## build the images (as make images) and run their entrypoints under podman and runc
+test-images: $(STAMP) tools ## build the images (as make images), run their entrypoints under podman and runc, and converge a policy with them on the local control plane
 	$(BIN)/python -m pytest -m images tests/images
 
 test-prometheus: $(STAMP) tools ## Debian's prometheus scrapes the demo cluster; every dashboard panel must have data

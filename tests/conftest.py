@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from images_common import TAG, Podman
 from kubetest import CRDS, REPO, Cluster, tool_dir
 
 
@@ -55,3 +56,24 @@ def crds_installed(cluster: Cluster) -> Cluster:
     cluster.kubectl("apply", "--server-side", "-f", str(CRDS))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
     return cluster
+
+
+@pytest.fixture(scope="session")
+def podman() -> Podman:
+    """For the image tests (tests/images): builds both images with hack/build-images.sh (its cache makes a second build quick) and
+    returns podman on the build's own container storage."""
+    proc = subprocess.run(
+        [str(REPO / "hack" / "build-images.sh")],
+        env={**os.environ, "IMAGE_TAG": TAG},
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"hack/build-images.sh exited {proc.returncode}:\n{proc.stderr[-6000:]}")
+    cache = Path(proc.stdout.strip().splitlines()[-1])
+    env = {
+        **os.environ,
+        "CONTAINERS_STORAGE_CONF": str(cache / "storage.conf"),
+        "CONTAINERS_CONF": str(cache / "containers.conf"),
+    }
+    return Podman(env)

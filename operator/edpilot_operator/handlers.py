@@ -153,10 +153,13 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        # An explicit kubeconfig wins; in a pod, the mounted ServiceAccount token.
+        # An explicit kubeconfig wins. In a pod: the mounted ServiceAccount token, sent to the API
+        # server the kubelet names in KUBERNETES_SERVICE_HOST/PORT, as client-go and the
+        # Kubernetes client find it (kopf's own service-account login dials the DNS name
+        # kubernetes.default.svc, which a pod without cluster DNS cannot resolve).
         if cfg.kubeconfig:
             return kopf.login_with_kubeconfig(**kwargs)
-        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        return kopf.login_via_client(**kwargs)
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:

@@ -12,15 +12,11 @@ import json
 import os
 import re
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from images_common import AGENT, OPERATOR, REPO, Podman
 
-REPO = Path(__file__).resolve().parents[2]
-TAG = "edpilot-test"
-OPERATOR = f"localhost/edpilot/edpilot:{TAG}"
-AGENT = f"localhost/edpilot/edpilot-agent:{TAG}"
 # What the chart's Deployments and DaemonSet run from each image (charts/edpilot/templates).
 COMMANDS = {OPERATOR: ["operator", "extender"], AGENT: ["agent", "agent-setter"]}
 
@@ -41,48 +37,6 @@ for path in ("/opt/edpilot/probe", "/tmp/probe", "/probe"):
         print(path, "written")
 """
 READ_ONLY = [f"{p} Read-only file system" for p in ("/opt/edpilot/probe", "/tmp/probe", "/probe")]
-
-
-@dataclass(frozen=True)
-class Podman:
-    env: dict[str, str]
-
-    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(["podman", *args], env=self.env, capture_output=True, text=True, timeout=300)
-        if check and proc.returncode != 0:
-            pytest.fail(f"podman {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-        return proc
-
-    def run(self, image: str, *args: str, entrypoint: str | None = None) -> subprocess.CompletedProcess[str]:
-        """`podman run` as the chart's securityContexts ask: the image's USER (no --user),
-        readOnlyRootFilesystem with no tmpfs podman would add on its own, capabilities dropped,
-        allowPrivilegeEscalation false; and no network."""
-        flags = ["--rm", "--read-only", "--read-only-tmpfs=false", "--cap-drop=all"]
-        flags += ["--security-opt=no-new-privileges", "--network=none"]
-        if entrypoint is not None:
-            flags.append(f"--entrypoint={entrypoint}")
-        return self("run", *flags, image, *args, check=False)
-
-
-@pytest.fixture(scope="module")
-def podman() -> Podman:
-    """Builds both images with hack/build-images.sh (its cache makes a second build quick) and
-    returns podman on the build's own container storage."""
-    proc = subprocess.run(
-        [str(REPO / "hack" / "build-images.sh")],
-        env={**os.environ, "IMAGE_TAG": TAG},
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"hack/build-images.sh exited {proc.returncode}:\n{proc.stderr[-6000:]}")
-    cache = Path(proc.stdout.strip().splitlines()[-1])
-    env = {
-        **os.environ,
-        "CONTAINERS_STORAGE_CONF": str(cache / "storage.conf"),
-        "CONTAINERS_CONF": str(cache / "containers.conf"),
-    }
-    return Podman(env)
 
 
 def version() -> str:
