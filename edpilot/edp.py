@@ -24,6 +24,9 @@ from edpilot.models import Objective, Profile
 MAX_PLAUSIBLE_WATTS_PER_GPU = 5000.0
 # Enforced limits are reported in whole watts (NVML: mW); smaller differences are rounding.
 CAP_TOLERANCE_WATTS = 1.0
+# Locked SM clocks are set on the GPU's supported clocks (15 MHz apart on an H100): a ceiling the
+# agent snapped to a neighbouring supported clock is the same lock.
+CLOCK_TOLERANCE_MHZ = 15.0
 
 
 class BadData(StrEnum):
@@ -73,6 +76,10 @@ class MemberSample(BaseModel):
     requestsWaiting: float | None = None
     requestsFinished: float | None = None
     firstTokenSeconds: float | None = None  # a serving engine's time to first token (the policy's quantile)
+    # The GPU's SM clock (an instantaneous reading; None: not reported) and the ceiling the agent
+    # has locked it to (None: not locked).
+    smClockMHz: float | None = None
+    lockedClockMHz: float | None = None
 
 
 class Sample(BaseModel):
@@ -93,9 +100,13 @@ class ReportedConfig:
     quantization: Profile | None
     batchSize: int | None
     capWatts: tuple[tuple[str, float | None], ...]
+    lockedClocks: tuple[tuple[str, float | None], ...] = ()  # per member; None: not locked
 
     def caps(self) -> dict[str, float | None]:
         return dict(self.capWatts)
+
+    def clocks(self) -> dict[str, float | None]:
+        return dict(self.lockedClocks)
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,7 @@ class Window:
     running: float | None = None  # requests running at the window's end
     arrivals: float | None = None  # requests that arrived in the window: finished + the rise in flight
     firstTokenSeconds: float | None = None
+    smClockMHz: float | None = None  # the members' highest SM clock at the window's end
 
     @property
     def watts(self) -> float:
@@ -152,16 +164,25 @@ def reported_config(sample: Sample) -> ReportedConfig | BadData:
         quantization=profiles.pop() if profiles else None,
         batchSize=batches.pop() if batches else None,
         capWatts=tuple(sorted((m.member, m.capWatts) for m in sample.members)),
+        lockedClocks=tuple(sorted((m.member, m.lockedClockMHz) for m in sample.members)),
     )
 
 
-def _same_caps(a: ReportedConfig, b: ReportedConfig) -> bool:
-    for (ma, ca), (mb, cb) in zip(a.capWatts, b.capWatts, strict=True):
+def _same_settings(
+    a: tuple[tuple[str, float | None], ...], b: tuple[tuple[str, float | None], ...], tolerance: float
+) -> bool:
+    for (ma, ca), (mb, cb) in zip(a, b, strict=True):
         if ma != mb or (ca is None) != (cb is None):
             return False
-        if ca is not None and cb is not None and abs(ca - cb) > CAP_TOLERANCE_WATTS:
+        if ca is not None and cb is not None and abs(ca - cb) > tolerance:
             return False
     return True
+
+
+def _same_caps(a: ReportedConfig, b: ReportedConfig) -> bool:
+    return _same_settings(a.capWatts, b.capWatts, CAP_TOLERANCE_WATTS) and _same_settings(
+        a.lockedClocks, b.lockedClocks, CLOCK_TOLERANCE_MHZ
+    )
 
 
 def _numbers(sample: Sample) -> list[float]:
@@ -177,6 +198,8 @@ def _numbers(sample: Sample) -> list[float]:
                 m.requestsWaiting,
                 m.requestsFinished,
                 m.firstTokenSeconds,
+                m.smClockMHz,
+                m.lockedClockMHz,
             )
             if v is not None
         ]
@@ -230,6 +253,7 @@ def window(start: Sample, end: Sample, min_seconds: float = 0.0) -> Window | Bad
     if not all(m.healthy for m in (*start.members, *end.members)):
         return BadData.UNHEALTHY_SAMPLE
     latencies = [m.latencySeconds for m in end.members if m.latencySeconds is not None]
+    clocks = [m.smClockMHz for m in end.members if m.smClockMHz]
     return Window(
         seconds=seconds,
         joules=sum(j for _, j in joules_by_member),
@@ -241,6 +265,7 @@ def window(start: Sample, end: Sample, min_seconds: float = 0.0) -> Window | Bad
         running=_pod_gauge(end, "requestsRunning"),
         arrivals=_arrivals(start, end),
         firstTokenSeconds=_pod_gauge(end, "firstTokenSeconds"),
+        smClockMHz=max(clocks) if len(clocks) == len(end.members) else None,
     )
 
 
@@ -329,6 +354,7 @@ class Metrics(BaseModel):
     peakWaiting: float | None = None
     queueGrowth: float | None = None
     peakRunning: float | None = None
+    smClockMHz: float | None = None  # the mean SM clock read over its windows (None: not reported)
 
     @property
     def watts(self) -> float:
@@ -356,6 +382,7 @@ class Accumulator(BaseModel):
     loads: list[float] = []  # per window: requests offered per second, else units per second
     waiting: list[tuple[float, float]] = []
     running: list[float] = []
+    smClocks: list[float] = []  # per window: the SM clock read at its end (where reported)
 
     def accepts(self, w: Window) -> bool:
         return self.windows == 0 or (
@@ -389,6 +416,7 @@ class Accumulator(BaseModel):
             if w.firstTokenSeconds is not None
             else base.firstTokens,
             loads=[*base.loads, w.arrivals / w.seconds if w.arrivals is not None else w.unitsPerSecond],
+            smClocks=[*base.smClocks, w.smClockMHz] if w.smClockMHz is not None else base.smClocks,
         )
 
     def metrics(self, objective: Objective, served_load: float | None = None) -> Metrics:
@@ -431,5 +459,6 @@ class Accumulator(BaseModel):
             latencyNoise=relative_std(self.latencies),
             arrivalRate=None if self.arrivals is None else self.arrivals / self.seconds,
             firstTokenSeconds=sum(self.firstTokens) / len(self.firstTokens) if self.firstTokens else None,
+            smClockMHz=sum(self.smClocks) / len(self.smClocks) if self.smClocks else None,
             **queue,
         )

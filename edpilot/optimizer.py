@@ -1,10 +1,11 @@
-"""The per-workload search over (quantization, batch size, power cap), as one pure function.
+"""The per-workload search over (quantization, batch size, power cap, SM clock), as one pure function.
 
 `step(policy, workload, state, observation, now)` is called every time a new observation of a
 workload arrives. It turns the observation into a window (edp.py), attributes the window to the
 configuration the workload REPORTS it runs, and moves a small state machine:
 
-    Baseline  -> Exploring (quantization -> batch size -> power cap -> straggler caps) -> Converged
+    Baseline  -> Exploring (quantization -> batch size -> power cap -> SM clock -> straggler caps)
+              -> Converged
     Converged -> Drifted (work rate changed beyond noise, restart, new image) -> Baseline again
 
 Every probe is measured over enough windows to beat the noise measured at the baseline, and a
@@ -30,13 +31,14 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from edpilot.contract import CapBounds, WorkloadFigures, cap_bounds
 from edpilot.edp import (
     CAP_TOLERANCE_WATTS,
+    CLOCK_TOLERANCE_MHZ,
     TRANSITIONS,
     Accumulator,
     BadData,
@@ -56,10 +58,11 @@ from edpilot.models import (
     Phase,
     PowerCapSpec,
     Profile,
+    SmClockSpec,
 )
 
-Stage = Literal["quantization", "batch", "cap", "straggler"]
-STAGES: tuple[Stage, ...] = ("quantization", "batch", "cap", "straggler")
+Stage = Literal["quantization", "batch", "cap", "clock", "straggler"]
+STAGES: tuple[Stage, ...] = ("quantization", "batch", "cap", "clock", "straggler")
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
@@ -89,6 +92,11 @@ class Tuning(BaseModel):
     capGridWatts: float = Field(default=5.0, gt=0)
     capProbeBudget: int = Field(default=8, ge=2)
     capMarginWatts: float = Field(default=25.0, ge=0)  # above the natural draw a cap changes nothing
+    # Locked SM clocks: ceilings are supported clocks (clockStepMHz apart, as on NVIDIA's GPUs),
+    # searched on a coarser grid: clocks a step apart differ by less than the noise.
+    clockStepMHz: float = Field(default=15.0, gt=0)
+    clockGridMHz: float = Field(default=30.0, gt=0)
+    clockProbeBudget: int = Field(default=8, ge=2)
     stragglerProbeBudget: int = Field(default=4, ge=1)
     waitingPowerRatio: float = Field(default=0.85, gt=0, lt=1)  # below this share of the hottest: waits
     driftWindows: int = Field(default=3, ge=1)
@@ -113,7 +121,8 @@ DEFAULT_TUNING = Tuning()
 
 
 class MemberInfo(BaseModel):
-    """One GPU of a workload; limits are None for a GPU whose constraints are unknown."""
+    """One GPU of a workload; limits are None for a GPU whose constraints are unknown, and its
+    supported SM clocks None where they are unknown (its clocks are then never locked)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -122,6 +131,8 @@ class MemberInfo(BaseModel):
     minWatts: float | None = None
     maxWatts: float | None = None
     defaultWatts: float | None = None
+    minClockMHz: float | None = None
+    maxClockMHz: float | None = None
 
 
 class WorkloadInfo(BaseModel):
@@ -153,7 +164,8 @@ class Observation(BaseModel):
 
 class Config(BaseModel):
     """A configuration the optimizer asks for. capWatts None: each member's baseline cap;
-    quantization or batchSize None: no hint (the workload runs its own)."""
+    smClockMHz None: clocks not locked; quantization or batchSize None: no hint (the workload
+    runs its own)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -161,6 +173,7 @@ class Config(BaseModel):
     batchSize: int | None = None
     capWatts: float | None = None
     memberCaps: dict[str, float] = {}  # straggler-aware overrides of capWatts
+    smClockMHz: float | None = None  # the locked SM clock ceiling (clamped per member)
 
 
 class Probe(BaseModel):
@@ -204,6 +217,7 @@ class OptimizerState(BaseModel):
     throughputNoise: float = 0.0
     windowsPerProbe: int = 3
     capBracket: tuple[float, float] | None = None
+    clockBracket: tuple[float, float] | None = None
     last: Sample | None = None
     badStreak: int = 0
     lastBad: BadData | None = None
@@ -240,6 +254,7 @@ class Decision(BaseModel):
     state: OptimizerState
     phase: Phase
     capWatts: dict[str, float | None]  # per member GPU; None: leave that GPU's limit alone
+    smClockMHz: dict[str, float | None] = {}  # per member GPU: the locked ceiling; None: unlocked
     batchSize: int | None  # hint to write; None: no hint
     quantization: Profile | None
     reasons: list[str]
@@ -277,6 +292,41 @@ def cap_for(spec: PowerCapSpec, member: MemberInfo, config: Config) -> float | N
     return _member_caps({member.member: cap_bounds(spec, member)}, config)[member.member]
 
 
+ClockBounds = tuple[float, float]
+
+
+def clock_bounds(
+    spec: SmClockSpec, member: MemberInfo, step: float = DEFAULT_TUNING.clockStepMHz
+) -> ClockBounds | None:
+    """The SM clock ceilings a member GPU may be locked to under `spec`: from `minPercent` of its
+    highest supported clock (rounded up to a supported step, never below its lowest) to its
+    highest. None under mode Off and where its supported clocks are unknown: never locked."""
+    lo, hi = member.minClockMHz, member.maxClockMHz
+    if spec.mode != "Auto" or lo is None or hi is None or not 0 < lo <= hi:
+        return None
+    floor = math.ceil(max(lo, spec.minPercent / 100.0 * hi) / step - 1e-9) * step
+    return min(floor, hi), hi
+
+
+def _member_clocks(bounds: dict[str, ClockBounds | None], config: Config) -> dict[str, float | None]:
+    return {
+        member: None if b is None or config.smClockMHz is None else _clamp(config.smClockMHz, b[0], b[1])
+        for member, b in bounds.items()
+    }
+
+
+def member_clocks(
+    policy: EnergyPolicySpec, workload: WorkloadInfo, config: Config
+) -> dict[str, float | None]:
+    """The locked SM clock ceiling each member GPU gets under `config`; None: clocks unlocked."""
+    return _member_clocks({m.member: clock_bounds(policy.smClock, m) for m in workload.members}, config)
+
+
+def clock_for(spec: SmClockSpec, member: MemberInfo, config: Config) -> float | None:
+    """The locked SM clock ceiling one member GPU gets under `config` and `spec`; None: unlocked."""
+    return _member_clocks({member.member: clock_bounds(spec, member)}, config)[member.member]
+
+
 @dataclass
 class _Ctx:
     policy: EnergyPolicySpec
@@ -284,16 +334,21 @@ class _Ctx:
     tuning: Tuning
     now: float
     bounds: dict[str, CapBounds | str]
+    clocks: dict[str, ClockBounds | None]
     reasons: list[str]
     events: list[Event]
 
     @classmethod
     def of(cls, policy: EnergyPolicySpec, workload: WorkloadInfo, tuning: Tuning, now: float) -> _Ctx:
         bounds = {m.member: cap_bounds(policy.powerCap, m) for m in workload.members}
-        return cls(policy, workload, tuning, now, bounds, reasons=[], events=[])
+        clocks = {m.member: clock_bounds(policy.smClock, m, tuning.clockStepMHz) for m in workload.members}
+        return cls(policy, workload, tuning, now, bounds, clocks, reasons=[], events=[])
 
     def member_caps(self, config: Config) -> dict[str, float | None]:
         return _member_caps(self.bounds, config)
+
+    def member_clocks(self, config: Config) -> dict[str, float | None]:
+        return _member_clocks(self.clocks, config)
 
     def known_bounds(self) -> list[CapBounds]:
         return [b for b in self.bounds.values() if not isinstance(b, str)]
@@ -556,60 +611,135 @@ def _cap_range(st: OptimizerState, ctx: _Ctx) -> tuple[float, float] | None:
     return lo, hi
 
 
+def _clock_range(st: OptimizerState, ctx: _Ctx) -> tuple[float, float] | None:
+    """From the lowest ceiling the policy allows to the clock the incumbent runs at: its lock, or
+    the clock it was read at (a cap that binds holds it below the highest), else the highest."""
+    assert st.incumbent is not None and st.incumbent.metrics is not None
+    bounds = [b for b in ctx.clocks.values() if b is not None]
+    if not bounds:
+        return None
+    t = ctx.tuning
+    lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
+    running = [c for c in (st.incumbent.metrics.smClockMHz, st.incumbent.config.smClockMHz) if c]
+    if running:
+        hi = min(hi, max(lo, math.floor(min(running) / t.clockStepMHz + 1e-9) * t.clockStepMHz))
+    if hi - lo < 2 * t.clockGridMHz:
+        return None
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """A knob the golden-section search moves along: the power cap or the SM clock ceiling. Lower
+    values never speed the work up; the objective (with infeasible values worse than any feasible
+    one) is unimodal along it."""
+
+    stage: Stage
+    field: Literal["capWatts", "smClockMHz"]
+    bracket: Literal["capBracket", "clockBracket"]
+    grid: Callable[[Tuning], float]
+    budget: Callable[[Tuning], int]
+    span: Callable[[OptimizerState, _Ctx], tuple[float, float] | None]
+
+    def value(self, p: Probe) -> float | None:
+        return cast(float | None, getattr(p.config, self.field))
+
+    def of(self, p: Probe) -> float:
+        return self.value(p) or 0.0
+
+    def at(self, config: Config, x: float) -> Config:
+        return config.model_copy(update={self.field: x})
+
+    def get_bracket(self, st: OptimizerState) -> tuple[float, float] | None:
+        return cast(tuple[float, float] | None, getattr(st, self.bracket))
+
+    def set_bracket(self, st: OptimizerState, bracket: tuple[float, float] | None) -> None:
+        setattr(st, self.bracket, bracket)
+
+
+CAP_AXIS = _Axis(
+    stage="cap",
+    field="capWatts",
+    bracket="capBracket",
+    grid=lambda t: t.capGridWatts,
+    budget=lambda t: t.capProbeBudget,
+    span=_cap_range,
+)
+CLOCK_AXIS = _Axis(
+    stage="clock",
+    field="smClockMHz",
+    bracket="clockBracket",
+    grid=lambda t: t.clockGridMHz,
+    budget=lambda t: t.clockProbeBudget,
+    span=_clock_range,
+)
+
+
 def _snap(x: float, lo: float, hi: float, grid: float) -> float:
     return _clamp(round(x / grid) * grid, lo, hi)
 
 
-def _find_cap(probes: list[Probe], cap: float, grid: float) -> Probe | None:
-    """A probe at `cap` or one grid step from it: snapping golden points to the grid moves them by
-    a step from one bracket to the next, and caps a step apart differ by less than the noise."""
-    near = [p for p in probes if p.config.capWatts is not None and abs(p.config.capWatts - cap) <= grid]
-    return min(near, key=lambda p: abs((p.config.capWatts or 0.0) - cap), default=None)
+def _find(probes: list[Probe], x: float, axis: _Axis, grid: float) -> Probe | None:
+    """A probe at `x` or one grid step from it: snapping golden points to the grid moves them by
+    a step from one bracket to the next, and values a step apart differ by less than the noise."""
+    near = [p for p in probes if axis.value(p) is not None and abs(axis.of(p) - x) <= grid]
+    return min(near, key=lambda p: abs(axis.of(p) - x), default=None)
 
 
-def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
-    """Golden-section search over the cap: the objective (with infeasible caps worse than any
-    feasible one) is unimodal in the cap, so each probe after the first two shrinks the bracket
-    by 38% — about 8 probes where a 25 W sweep needs 10-20."""
+def _golden(st: OptimizerState, ctx: _Ctx, axis: _Axis) -> Config | None:
+    """Golden-section search along `axis`: the objective (with infeasible values worse than any
+    feasible one) is unimodal along it, so each probe after the first two shrinks the bracket by
+    38% — about 8 probes where a 25 W sweep of caps needs 10-20."""
     assert st.incumbent is not None
     t = ctx.tuning
-    full = _cap_range(st, ctx)
+    grid, budget = axis.grid(t), axis.budget(t)
+    full = axis.span(st, ctx)
     if full is None:
         return None
-    probes = _stage_probes(st, "cap")
-    a, b = st.capBracket or full
-    floor = _find_cap(probes, full[0], t.capGridWatts)
+    probes = _stage_probes(st, axis.stage)
+    a, b = axis.get_bracket(st) or full
+    floor = _find(probes, full[0], axis, grid)
     # One probe is kept back to pin down an optimum on an edge of the feasible range, unless the
-    # lowest cap, the edge that probe would most often try, was measured already.
+    # lowest value, the edge that probe would most often try, was measured already.
     reserve = 1 if floor is None else 0
-    while len(probes) < t.capProbeBudget - reserve and b - a > 2 * t.capGridWatts:
-        x1 = _snap(b - GOLDEN * (b - a), full[0], full[1], t.capGridWatts)
-        x2 = _snap(a + GOLDEN * (b - a), full[0], full[1], t.capGridWatts)
-        if x2 - x1 < t.capGridWatts / 2:
+    while len(probes) < budget - reserve and b - a > 2 * grid:
+        x1 = _snap(b - GOLDEN * (b - a), full[0], full[1], grid)
+        x2 = _snap(a + GOLDEN * (b - a), full[0], full[1], grid)
+        if x2 - x1 < grid / 2:
             break
-        p1, p2 = _find_cap(probes, x1, t.capGridWatts), _find_cap(probes, x2, t.capGridWatts)
+        p1, p2 = _find(probes, x1, axis, grid), _find(probes, x2, axis, grid)
         if p1 is None or p2 is None:
-            st.capBracket = (a, b)
-            return st.incumbent.config.model_copy(update={"capWatts": x1 if p1 is None else x2})
+            axis.set_bracket(st, (a, b))
+            return axis.at(st.incumbent.config, x1 if p1 is None else x2)
         if _key(p1, st, ctx) <= _key(p2, st, ctx):
             if a == full[0] and floor is None and _barely_slowed(p1, st, ctx):
-                # Still falling towards the lowest cap with the speed barely touched: memory-bound
+                # Still falling towards the lowest value with the speed barely touched: memory-bound
                 # work often gains all the way down, so the floor is probed now rather than last.
-                st.capBracket = (a, b)
-                return st.incumbent.config.model_copy(update={"capWatts": full[0]})
+                axis.set_bracket(st, (a, b))
+                return axis.at(st.incumbent.config, full[0])
             if floor is not None and a == full[0] and _key(floor, st, ctx) <= _key(p1, st, ctx):
                 b = x1  # the floor beats the lower golden point: the optimum lies below it
                 continue
             b = x2
         else:
             a = x1
-    st.capBracket = (a, b)
-    if len(probes) >= t.capProbeBudget:
+    axis.set_bracket(st, (a, b))
+    if len(probes) >= budget:
         return None
-    edge = _edge_cap(st, ctx, probes, full[0])
-    if edge is None or _find_cap(probes, edge, t.capGridWatts) is not None:
+    edge = _edge(st, ctx, axis, probes, full[0])
+    if edge is None or _find(probes, edge, axis, grid) is not None:
         return None
-    return st.incumbent.config.model_copy(update={"capWatts": edge})
+    return axis.at(st.incumbent.config, edge)
+
+
+def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
+    return _golden(st, ctx, CAP_AXIS)
+
+
+def _next_clock(st: OptimizerState, ctx: _Ctx) -> Config | None:
+    """The SM clock ceiling, searched like the cap with the incumbent's cap kept: where the cap
+    does not bind (the draw is below any cap worth trying), a locked clock still lowers power."""
+    return _golden(st, ctx, CLOCK_AXIS)
 
 
 def _barely_slowed(p: Probe, st: OptimizerState, ctx: _Ctx) -> bool:
@@ -619,36 +749,32 @@ def _barely_slowed(p: Probe, st: OptimizerState, ctx: _Ctx) -> bool:
     return _slack(p.metrics, st, ctx, noise_margin=False) >= 0.75 * ctx.policy.maxSlowdownPercent
 
 
-def _edge_cap(st: OptimizerState, ctx: _Ctx, probes: list[Probe], lowest: float) -> float | None:
+def _edge(st: OptimizerState, ctx: _Ctx, axis: _Axis, probes: list[Probe], lowest: float) -> float | None:
     """Where the constrained optimum most likely sits when it is on an edge: the lowest allowed
-    cap (memory-bound work gains all the way down), or the cap where the slowdown reaches the
+    value (memory-bound work gains all the way down), or the value where the slowdown reaches the
     limit, interpolated between the best feasible probe and the infeasible one below it."""
-    t = ctx.tuning
-    measured = sorted((p for p in probes if p.metrics is not None), key=_cap_of)
-    best = _best_cap_probe(st, ctx, measured)
+    grid = axis.grid(ctx.tuning)
+    measured = sorted((p for p in probes if p.metrics is not None), key=axis.of)
+    best = _best_probe(st, ctx, axis, measured)
     if best is None:
         return None
-    below = [p for p in measured if _cap_of(p) < _cap_of(best)]
+    below = [p for p in measured if axis.of(p) < axis.of(best)]
     under = below[-1] if below else None
     if under is None or under.metrics is None or _violation(under.metrics, st, ctx) == 0:
         # Memory-bound work often gains all the way down, sometimes only in the last few watts.
         return lowest
     assert best.metrics is not None
     s_under, s_best = _slack(under.metrics, st, ctx), _slack(best.metrics, st, ctx)
-    c_under, c_best = under.config.capWatts or 0.0, best.config.capWatts or 0.0
+    c_under, c_best = axis.of(under), axis.of(best)
     if s_under >= 0 or s_best <= s_under:
-        return None  # the latency SLO, not the slowdown, rules the lower cap out
+        return None  # the latency SLO, not the slowdown, rules the lower value out
     crossing = c_under + (0.0 - s_under) / (s_best - s_under) * (c_best - c_under)
-    edge = math.ceil(crossing / t.capGridWatts) * t.capGridWatts  # round towards the feasible side
-    return edge if c_under < edge <= c_best - t.capGridWatts else None
+    edge = math.ceil(crossing / grid) * grid  # round towards the feasible side
+    return edge if c_under < edge <= c_best - grid else None
 
 
-def _cap_of(p: Probe) -> float:
-    return p.config.capWatts or 0.0
-
-
-def _best_cap_probe(st: OptimizerState, ctx: _Ctx, probes: list[Probe]) -> Probe | None:
-    """The feasible cap probe with the lowest objective, judged on a least-squares parabola through
+def _best_probe(st: OptimizerState, ctx: _Ctx, axis: _Axis, probes: list[Probe]) -> Probe | None:
+    """The feasible probe with the lowest objective, judged on a least-squares parabola through
     the probes nearest the best one when there are enough: near the optimum the curve is smooth
     and its differences are as small as the noise, so the fit's average beats one noisy reading."""
     feasible = [p for p in probes if p.metrics is not None and _violation(p.metrics, st, ctx) == 0]
@@ -657,8 +783,8 @@ def _best_cap_probe(st: OptimizerState, ctx: _Ctx, probes: list[Probe]) -> Probe
     best = min(feasible, key=lambda p: p.metrics.objective)  # type: ignore[union-attr]
     if len(feasible) < 4:
         return best
-    near = sorted(feasible, key=lambda p: abs(_cap_of(p) - _cap_of(best)))[:5]
-    xs = [(_cap_of(p) - _cap_of(best)) / 100.0 for p in near]
+    near = sorted(feasible, key=lambda p: abs(axis.of(p) - axis.of(best)))[:5]
+    xs = [(axis.of(p) - axis.of(best)) / 100.0 for p in near]
     ys = [p.metrics.objective / best.metrics.objective for p in near]  # type: ignore[union-attr]
     fit = _parabola(xs, ys)
     if fit is None or fit[0] <= 0:
@@ -761,6 +887,7 @@ NEXT: dict[Stage, Callable[[OptimizerState, _Ctx], Config | None]] = {
     "quantization": _next_quantization,
     "batch": _next_batch,
     "cap": _next_cap,
+    "clock": _next_clock,
     "straggler": _next_straggler,
 }
 
@@ -787,6 +914,18 @@ def _stage_applies(stage: Stage, st: OptimizerState, ctx: _Ctx) -> str | None:
             return "batch size: no multiple of multipleOf inside the allowed range"
         if ctx.load_driven and not _limit_binds(st, ctx):
             return "batch size: the sequence limit does not bind at this load (fewer run, none wait)"
+    elif stage == "clock":
+        if policy.smClock.mode != "Auto":
+            return f"SM clock: mode {policy.smClock.mode}"
+        margin = noise_margin_percent(st, ctx)
+        if margin is not None and margin >= policy.maxSlowdownPercent:
+            # A lower clock never speeds work up: as with caps, no probe could keep the limit.
+            return (
+                f"SM clock: maxSlowdownPercent {policy.maxSlowdownPercent:g}% is within the measurement "
+                f"noise ({margin:.1f}% even at {ctx.tuning.maxWindows} windows a probe): no lower clock is probed"
+            )
+        if any(b is None for b in ctx.clocks.values()):
+            return "SM clock: some GPU's supported clocks are unknown (or it is not held alone)"
     else:
         if policy.powerCap.mode != "Auto":
             return f"power cap: mode {policy.powerCap.mode}"
@@ -809,8 +948,8 @@ def _finish_stage(st: OptimizerState, stage: Stage, ctx: _Ctx) -> None:
     assert st.incumbent is not None
     probes = [p for p in _stage_probes(st, stage) if p.metrics is not None]
     best = st.incumbent
-    if stage == "cap":
-        chosen = _best_cap_probe(st, ctx, probes)
+    if stage in ("cap", "clock"):
+        chosen = _best_probe(st, ctx, CAP_AXIS if stage == "cap" else CLOCK_AXIS, probes)
         if chosen is not None and _better(chosen, st.incumbent, st, ctx):
             best = chosen
     elif stage == "straggler":
@@ -833,11 +972,12 @@ def _finish_stage(st: OptimizerState, stage: Stage, ctx: _Ctx) -> None:
         best = _stage_best(st, stage, ctx)
     changed = best is not st.incumbent
     st.incumbent = best
-    st.capBracket = None
+    st.capBracket = st.clockBracket = None
     label = {
         "quantization": "quantization",
         "batch": "batch size",
         "cap": "power cap",
+        "clock": "SM clock",
         "straggler": "straggler caps",
     }
     ctx.event(
@@ -850,10 +990,12 @@ def _finish_stage(st: OptimizerState, stage: Stage, ctx: _Ctx) -> None:
 
 def _describe(config: Config, ctx: _Ctx) -> str:
     caps = sorted({c for c in ctx.member_caps(config).values() if c is not None})
+    clocks = sorted({c for c in ctx.member_clocks(config).values() if c is not None})
     parts = [
         f"quantization {config.quantization}" if config.quantization else "",
         f"batch {config.batchSize}" if config.batchSize else "",
         ("cap " + "/".join(f"{c:.0f}" for c in caps) + " W") if caps else "",
+        ("SM clock ≤ " + "/".join(f"{c:.0f}" for c in clocks) + " MHz") if clocks else "",
     ]
     return ", ".join(p for p in parts if p) or "the workload's own configuration"
 
@@ -902,6 +1044,15 @@ def _runs(w: Window, target: Config, ctx: _Ctx) -> bool:
         got = reported.get(member)
         if cap is not None and (got is None or abs(got - cap) > CAP_TOLERANCE_WATTS):
             return False
+    if ctx.policy.smClock.mode == "Auto":
+        # Both ways: a probe runs at its lock, and a baseline only once the lock is reset.
+        locked = w.config.clocks()
+        for member, clock in ctx.member_clocks(target).items():
+            got = locked.get(member)
+            if (clock is None) != (got is None):
+                return False
+            if clock is not None and got is not None and abs(got - clock) > CLOCK_TOLERANCE_MHZ:
+                return False
     return True
 
 
@@ -974,7 +1125,7 @@ def _rebaseline(st: OptimizerState, ctx: _Ctx, why: str) -> None:
     st.stage = None
     st.baseline = st.incumbent = None
     st.probes = []
-    st.capBracket = None
+    st.capBracket = st.clockBracket = None
     st.driftStreak = 0
     st.convergedAt = None
     st.band = st.levelLoad = None
@@ -1370,12 +1521,14 @@ def _measurement(m: Metrics) -> Measurement:
 def _decision(st: OptimizerState, ctx: _Ctx, bad: BadData | None) -> Decision:
     policy = ctx.policy
     caps = ctx.member_caps(st.target)
+    clocks = ctx.member_clocks(st.target)
     phase: Phase = "Degraded" if st.badStreak >= ctx.tuning.degradedAfterBadWindows else st.phase
     baseline = st.baseline.metrics if st.baseline else None
     current = st.incumbent.metrics if st.incumbent else None
     figures = Figures(
         phase=phase,
         powerCapWatts=max((c for c in caps.values() if c is not None), default=None),
+        smClockMHz=max((c for c in clocks.values() if c is not None), default=None),
         batchSize=st.incumbent.config.batchSize if st.incumbent else None,
         quantization=st.incumbent.config.quantization if st.incumbent else None,
         baseline=_measurement(baseline) if baseline else None,
@@ -1393,6 +1546,7 @@ def _decision(st: OptimizerState, ctx: _Ctx, bad: BadData | None) -> Decision:
         state=st,
         phase=phase,
         capWatts=caps,
+        smClockMHz=clocks,
         batchSize=st.target.batchSize if policy.batchSize.mode == "Auto" else None,
         quantization=st.target.quantization if policy.quantization.mode == "Auto" else None,
         reasons=ctx.reasons,

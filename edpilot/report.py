@@ -142,6 +142,7 @@ def _sim_row(w: WorkloadResult) -> WorkloadRow:
         edpReductionPercent=w.edpReductionPercent,
         slowdownPercent=w.slowdownPercent,
         powerCapWatts=_highest(w.capWatts.values()),
+        smClockMHz=_highest(w.smClockMHz.values()),
         batchSize=w.batchSize,
         quantization=w.quantization,
         energySavedJoules=w.energySavedJoules,

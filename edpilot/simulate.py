@@ -3,9 +3,9 @@
 No cluster: each simulated workload runs on `gpusim.SimulatedGpu`s, applies the optimizer's hints
 after a short delay (a quantization switch reloads the model, doing no work meanwhile), and
 reports what it runs, the way a real workload reports through its metrics. Every report
-interval the agent's view (cumulative energy, work, enforced limit, reported config) goes
-through `optimizer.step`, and its decision is applied: caps at once (the agent), hints later
-(the workload).
+interval the agent's view (cumulative energy, work, enforced limit, locked SM clock, reported
+config) goes through `optimizer.step`, and its decision is applied: caps and clock locks at once
+(the agent), hints later (the workload).
 
 Serving workloads run `serving.ServingEngine` under offered load (a steady rate or a diurnal
 trace): demand sets their work rate, their batch knob limits the sequences in flight, and they
@@ -13,6 +13,9 @@ report what a vLLM engine exposes (generated tokens, the policy's latency, runni
 requests), so the optimizer judges them on latency at the load they serve.
 
 `run_fleet(config, seed)` is the reusable pure part; `main` prints a table or `--json`.
+`run_serving(...)` runs one serving replica under a policy's powerCap and smClock (the actuator
+variants of `ACTUATORS`: caps only, clocks only, both) and returns its J/token, p99 inter-token
+latency and time over the SLO.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import json
 import math
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from pydantic import BaseModel, ConfigDict
@@ -40,6 +43,7 @@ from edpilot.models import (
     PowerCapSpec,
     Profile,
     QuantizationSpec,
+    SmClockSpec,
     WorkMetric,
 )
 from edpilot.optimizer import (
@@ -51,6 +55,7 @@ from edpilot.optimizer import (
     Tuning,
     WorkloadInfo,
     member_caps,
+    member_clocks,
     step,
 )
 
@@ -218,6 +223,8 @@ def _workload_info(
                 minWatts=g.min_power_limit_watts,
                 maxWatts=g.max_power_limit_watts,
                 defaultWatts=g.default_power_limit_watts,
+                minClockMHz=g.min_sm_clock_mhz,
+                maxClockMHz=g.max_sm_clock_mhz,
             )
             for gpu, pod in zip(gpus, pods, strict=True)
         ),
@@ -228,8 +235,25 @@ def _workload_info(
     )
 
 
+def _apply_locks(gpus: Sequence[gpusim.SimulatedGpu], decision: Decision) -> bool:
+    """Lock (or reset) each GPU's SM clock as the decision says, the way the agent does: a GPU
+    the decision names no ceiling for runs unlocked. Whether any lock changed."""
+    changed = False
+    for gpu in gpus:
+        wanted = decision.smClockMHz.get(gpu.uuid)
+        if wanted == gpu.locked_clock_mhz:
+            continue
+        if wanted is None:
+            gpu.reset_locked_clock()
+        else:
+            gpu.lock_sm_clock(wanted)
+        changed = True
+    return changed
+
+
 class SimWorkload:
-    """GPUs running one workload that follows its hints the way a real one would."""
+    """GPUs running one workload that follows its hints the way a real one would. A locked SM
+    clock acts on one GPU running alone (gpusim's job model of several ranks has no locks)."""
 
     def __init__(self, spec: SimWorkloadSpec, index: int) -> None:
         self.spec = spec
@@ -242,15 +266,22 @@ class SimWorkload:
         self.busyUntil = 0.0  # reloading: no work until then
         self.latency = 0.0
         self.gauge: dict[str, float] = {}  # the last instantaneous power reading per GPU
+        self.clock: dict[str, float] = {}  # the last SM clock reading per GPU
 
     def info(self) -> WorkloadInfo:
         return _workload_info(self.spec, self.gpus, self.pods)
 
-    def true_point(self, running: Running, caps: Sequence[float]) -> tuple[float, float, float]:
-        """Noiseless (units/s, watts, step seconds) of the whole workload."""
+    def true_point(
+        self, running: Running, caps: Sequence[float], clocks: Sequence[float | None] = ()
+    ) -> tuple[float, float, float]:
+        """Noiseless (units/s, watts, step seconds) of the whole workload (`clocks`: the locked
+        ceilings per GPU, none by default)."""
         s = self.spec
         if len(self.gpus) == 1 and not s.synchronous:
-            p = gpusim.operating_point(s.gpu, s.profile, running.batchSize, running.quantization, caps[0])
+            lock = clocks[0] if clocks else None
+            p = gpusim.operating_point(
+                s.gpu, s.profile, running.batchSize, running.quantization, caps[0], lock
+            )
             return p.units_per_second, p.power_watts, p.step_seconds
         job = gpusim.job_step(s.gpu, s.profile, running.quantization, s.workPerRank, caps, running.batchSize)
         return job.units_per_second, sum(job.per_rank_power_watts), job.step_seconds
@@ -265,7 +296,8 @@ class SimWorkload:
             gpu.assign(s.profile, self.running.batchSize, self.running.quantization)
             point = gpu.current_point()
             assert point is not None
-            self.gauge[gpu.uuid] = gpu.advance(seconds, rng).power_watts
+            reading = gpu.advance(seconds, rng)
+            self.gauge[gpu.uuid], self.clock[gpu.uuid] = reading.power_watts, reading.sm_clock_mhz
             self.latency = point.step_seconds
             return
         job = gpusim.job_step(
@@ -275,14 +307,15 @@ class SimWorkload:
             # Every rank counts the job's progress (a global step counter), so the slowest rank's
             # counter is the job's throughput.
             reading = gpu.advance_at(replace(rank, units_per_second=job.units_per_second), seconds, rng)
-            self.gauge[gpu.uuid] = reading.power_watts
+            self.gauge[gpu.uuid], self.clock[gpu.uuid] = reading.power_watts, reading.sm_clock_mhz
         self.latency = job.step_seconds
 
     def _idle(self, seconds: float, rng: random.Random) -> None:
         if seconds > 0:
             for gpu in self.gpus:
                 gpu.clear()
-                self.gauge[gpu.uuid] = gpu.advance(seconds, rng).power_watts
+                reading = gpu.advance(seconds, rng)
+                self.gauge[gpu.uuid], self.clock[gpu.uuid] = reading.power_watts, reading.sm_clock_mhz
 
     def advance(self, start: float, seconds: float, rng: random.Random) -> None:
         end = start + seconds
@@ -312,6 +345,8 @@ class SimWorkload:
                     batchSize=self.running.batchSize if self.spec.reportsBatch else None,
                     quantization=self.running.quantization,
                     latencySeconds=self.latency,
+                    smClockMHz=self.clock.get(gpu.uuid),
+                    lockedClockMHz=gpu.locked_clock_mhz,
                 )
                 for gpu in self.gpus
             ),
@@ -322,6 +357,7 @@ class SimWorkload:
             cap = decision.capWatts.get(gpu.uuid)
             if cap is not None and cap != gpu.power_limit_watts:
                 gpu.set_power_limit(cap)
+        _apply_locks(self.gpus, decision)
         wanted = Running(
             decision.batchSize or self.running.batchSize,
             decision.quantization or self.running.quantization,
@@ -338,7 +374,7 @@ class SimServing:
     Like a vLLM Deployment rolled out with a surge pod: a new precision takes RELOAD_SECONDS to
     load on another GPU while this one keeps serving, then traffic moves to it (the surge GPU's
     energy is counted in `surgeJoules`). A new sequence limit applies at the next scheduling
-    round, a cap at once."""
+    round, a cap or a clock lock at once."""
 
     def __init__(self, spec: SimWorkloadSpec, index: int, seed: int = 0) -> None:
         assert spec.serving is not None
@@ -367,7 +403,10 @@ class SimServing:
         return _workload_info(self.spec, self.gpus, self.pods)
 
     def _configure(self, running: Running) -> None:
-        config = serving.EngineConfig(running.batchSize, running.quantization, self.gpus[0].power_limit_watts)
+        gpu = self.gpus[0]
+        config = serving.EngineConfig(
+            running.batchSize, running.quantization, gpu.power_limit_watts, gpu.locked_clock_mhz
+        )
         self.engine.configure(config)
 
     def advance(self, start: float, seconds: float, rng: random.Random) -> None:
@@ -403,6 +442,17 @@ class SimServing:
         )
         self._last = replace(c, itl_fine=dict(c.itl_fine), ttft_fine=dict(c.ttft_fine))
         gpu = self.gpus[0]
+        # The SM clock NVML would read now: where the running batch puts the governor.
+        model = self.load.model
+        decode = gpusim.llama_decode(cuda_graphs=model.cuda_graphs, shape=model.shape)
+        clock = gpusim.operating_point(
+            model.gpu,
+            decode,
+            max(1, e.running),
+            e.config.precision,
+            gpu.power_limit_watts,
+            gpu.locked_clock_mhz,
+        ).sm_clock_mhz
         return Observation(
             time=now,
             members=(
@@ -419,6 +469,8 @@ class SimServing:
                     requestsRunning=float(e.running),
                     requestsWaiting=float(e.waiting),
                     requestsFinished=float(c.finished),
+                    smClockMHz=clock,
+                    lockedClockMHz=gpu.locked_clock_mhz,
                 ),
             ),
         )
@@ -426,8 +478,10 @@ class SimServing:
     def apply(self, decision: Decision, now: float) -> None:
         gpu = self.gpus[0]
         cap = decision.capWatts.get(gpu.uuid)
-        if cap is not None and cap != gpu.power_limit_watts:
+        changed = cap is not None and cap != gpu.power_limit_watts
+        if cap is not None and changed:
             gpu.set_power_limit(cap)
+        if _apply_locks(self.gpus, decision) or changed:
             self._configure(self.running)
         wanted = Running(
             decision.batchSize or self.running.batchSize, decision.quantization or self.running.quantization
@@ -465,6 +519,7 @@ class ProbeRecord(BaseModel):
     quantization: Profile | None
     batchSize: int | None
     capWatts: dict[str, float | None]
+    smClockMHz: dict[str, float | None] = {}
     objective: float | None
     unitsPerSecond: float | None
     failed: str | None = None
@@ -489,6 +544,7 @@ class WorkloadResult(BaseModel):
     trueEdpReductionPercent: float | None  # from gpusim's noiseless model, for comparison
     trueSlowdownPercent: float | None
     capWatts: dict[str, float | None]
+    smClockMHz: dict[str, float | None] = {}  # the locked SM clock ceilings; None: unlocked
     defaultCapWatts: float
     batchSize: int | None
     quantization: Profile | None
@@ -518,8 +574,10 @@ def _figures(m: Metrics | None) -> Figures | None:
     )
 
 
-def _true_edp(sim: SimWorkload, running: Running, caps: Sequence[float]) -> tuple[float, float]:
-    ups, watts, _ = sim.true_point(running, caps)
+def _true_edp(
+    sim: SimWorkload, running: Running, caps: Sequence[float], clocks: Sequence[float | None] = ()
+) -> tuple[float, float]:
+    ups, watts, _ = sim.true_point(running, caps, clocks)
     batch = running.batchSize if sim.spec.reportsBatch else None
     spu = seconds_per_unit(ups, batch)
     return objective_value("EDP", watts / ups, spu), ups
@@ -547,14 +605,19 @@ TRUTH_SECONDS = 900.0
 
 
 def serving_truth(
-    spec: SimWorkloadSpec, running: Running, cap_watts: float, rate: float, seed: int = 0
+    spec: SimWorkloadSpec,
+    running: Running,
+    cap_watts: float,
+    rate: float,
+    seed: int = 0,
+    locked_clock_mhz: float | None = None,
 ) -> tuple[float, float]:
     """(J/token, the policy's latency) of a configuration over a long run at a steady `rate`.
     The same seed gives the same arrivals, so two configurations compare on the same requests."""
     assert spec.serving is not None
     engine = serving.ServingEngine(
         spec.serving.model,
-        serving.EngineConfig(running.batchSize, running.quantization, cap_watts),
+        serving.EngineConfig(running.batchSize, running.quantization, cap_watts, locked_clock_mhz),
         random.Random(f"truth/{seed}"),
     )
     engine.run(TRUTH_SECONDS, rate)
@@ -567,10 +630,16 @@ def serving_truth(
 
 
 def _true_figures(
-    sim: SimWorkload | SimServing, baseline: Running, final: Running, final_caps: Sequence[float], end: float
+    sim: SimWorkload | SimServing,
+    baseline: Running,
+    final: Running,
+    final_caps: Sequence[float],
+    end: float,
+    final_clocks: Sequence[float | None] = (),
 ) -> tuple[float, float]:
     """(EDP reduction %, slowdown %) of the final configuration against the baseline, by the model.
-    The baseline runs at the baseline cap the optimizer measured it at (`member_caps` of no config)."""
+    The baseline runs at the baseline cap the optimizer measured it at (`member_caps` of no config),
+    unlocked."""
     default = sim.spec.gpu.default_power_limit_watts
     baseline_caps = [
         default if c is None else c for c in member_caps(sim.spec.policy, sim.info(), Config()).values()
@@ -578,10 +647,11 @@ def _true_figures(
     if isinstance(sim, SimServing):
         rate = sim.load.rate(end)
         b_j, b_lat = serving_truth(sim.spec, baseline, baseline_caps[0], rate)
-        f_j, f_lat = serving_truth(sim.spec, final, final_caps[0], rate)
+        lock = final_clocks[0] if final_clocks else None
+        f_j, f_lat = serving_truth(sim.spec, final, final_caps[0], rate, locked_clock_mhz=lock)
         return 100.0 * (1.0 - f_j * f_lat / (b_j * b_lat)), 100.0 * (f_lat / b_lat - 1.0)
     b_edp, b_ups = _true_edp(sim, baseline, baseline_caps)
-    f_edp, f_ups = _true_edp(sim, final, final_caps)
+    f_edp, f_ups = _true_edp(sim, final, final_caps, final_clocks)
     return 100.0 * (1.0 - f_edp / b_edp), 100.0 * (1.0 - f_ups / b_ups)
 
 
@@ -605,13 +675,15 @@ def _result(
         b_run = Running(b_cfg.batchSize or spec.batchSize, b_cfg.quantization or spec.quantization)
         f_run = Running(f_cfg.batchSize or b_run.batchSize, f_cfg.quantization or b_run.quantization)
         final_caps = [c if c is not None else default for c in decision.capWatts.values()]
-        true_red, true_slow = _true_figures(sim, b_run, f_run, final_caps, end)
+        final_clocks = [decision.smClockMHz.get(m) for m in decision.capWatts]
+        true_red, true_slow = _true_figures(sim, b_run, f_run, final_caps, end, final_clocks)
     explored = [
         ProbeRecord(
             stage=p.stage,
             quantization=p.config.quantization,
             batchSize=p.config.batchSize,
             capWatts=member_caps(spec.policy, info, p.config),
+            smClockMHz=member_clocks(spec.policy, info, p.config),
             objective=p.metrics.objective if p.metrics else None,
             unitsPerSecond=p.metrics.unitsPerSecond if p.metrics else None,
             failed=p.failed,
@@ -636,6 +708,7 @@ def _result(
         trueEdpReductionPercent=true_red,
         trueSlowdownPercent=true_slow,
         capWatts=decision.capWatts,
+        smClockMHz=decision.smClockMHz,
         defaultCapWatts=default,
         batchSize=fig.batchSize,
         quantization=fig.quantization,
@@ -646,33 +719,187 @@ def _result(
     )
 
 
+Watch = Callable[[float, Observation, Decision], None]
+
+
+@dataclass
+class _Run:
+    sim: SimWorkload | SimServing
+    decision: Decision
+    convergedAt: float | None
+    series: list[tuple[float, float]]
+    bad: dict[str, int]
+    end: float
+
+
+def _drive(sim: SimWorkload | SimServing, config: FleetConfig, seed: int, watch: Watch | None = None) -> _Run:
+    """One workload through the optimizer on a virtual clock; `watch` sees every observation and
+    the decision taken on it."""
+    spec = sim.spec
+    rng = random.Random(f"{seed}/{spec.name}")
+    info = sim.info()
+    state: OptimizerState | None = None
+    decision: Decision | None = None
+    converged_at: float | None = None
+    series: list[tuple[float, float]] = []
+    bad: dict[str, int] = {}
+    now = 0.0
+    while now < config.durationSeconds:
+        observation = sim.observation(now)
+        decision = step(spec.policy, info, state, observation, now, config.tuning)
+        state = decision.state
+        if watch is not None:
+            watch(now, observation, decision)
+        if decision.badData is not None:
+            bad[decision.badData.value] = bad.get(decision.badData.value, 0) + 1
+        if decision.phase == "Converged" and converged_at is None:
+            converged_at = now
+        series.append((now, decision.figures.energySavedJoules))
+        sim.apply(decision, now)
+        sim.advance(now, config.reportSeconds, rng)
+        now += config.reportSeconds
+    assert decision is not None
+    return _Run(sim, decision, converged_at, series, bad, now)
+
+
 def run_fleet(config: FleetConfig, seed: int = 0) -> FleetResult:
     """Run every workload of `config` through the optimizer on a virtual clock."""
     results = []
     for index, spec in enumerate(config.workloads):
-        rng = random.Random(f"{seed}/{spec.name}")
-        sim = sim_workload(spec, index, seed)
-        info = sim.info()
-        state: OptimizerState | None = None
-        decision: Decision | None = None
-        converged_at: float | None = None
-        series: list[tuple[float, float]] = []
-        bad: dict[str, int] = {}
-        now = 0.0
-        while now < config.durationSeconds:
-            decision = step(spec.policy, info, state, sim.observation(now), now, config.tuning)
-            state = decision.state
-            if decision.badData is not None:
-                bad[decision.badData.value] = bad.get(decision.badData.value, 0) + 1
-            if decision.phase == "Converged" and converged_at is None:
-                converged_at = now
-            series.append((now, decision.figures.energySavedJoules))
-            sim.apply(decision, now)
-            sim.advance(now, config.reportSeconds, rng)
-            now += config.reportSeconds
-        assert decision is not None
-        results.append(_result(sim, decision, converged_at, series[:: max(1, len(series) // 60)], bad, now))
+        r = _drive(sim_workload(spec, index, seed), config, seed)
+        results.append(
+            _result(r.sim, r.decision, r.convergedAt, r.series[:: max(1, len(r.series) // 60)], r.bad, r.end)
+        )
     return FleetResult(seed=seed, durationSeconds=config.durationSeconds, workloads=results)
+
+
+# ---------------------------------------------------------------- actuators side by side
+
+# The actuator variants of a serving replica's policy: power caps only, locked SM clocks only, both.
+ACTUATORS: dict[str, tuple[PowerCapSpec, SmClockSpec]] = {
+    "caps": (PowerCapSpec(mode="Auto", minPercent=40, maxPercent=100), SmClockSpec(mode="Off")),
+    "clocks": (PowerCapSpec(mode="Off"), SmClockSpec(mode="Auto")),
+    "both": (PowerCapSpec(mode="Auto", minPercent=40, maxPercent=100), SmClockSpec(mode="Auto")),
+}
+
+
+class ServingOutcome(BaseModel):
+    """One serving replica's run under one policy: what it cost and how its latency fared.
+    Whole-run figures include the exploration; steady ones run from convergence to the end."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    gpu: str
+    requestsPerSecond: float
+    powerCapMode: str
+    smClockMode: str
+    phase: Phase
+    convergedAtSeconds: float | None
+    probes: int
+    capWatts: float | None  # the final cap; None: the limit was left alone
+    smClockMHz: float | None  # the final locked ceiling; None: unlocked
+    joulesPerToken: float
+    p99ItlSeconds: float | None
+    sloViolationSeconds: float  # report windows whose latency SLO (either of them) was broken
+    steadyJoulesPerToken: float | None
+    steadyP99ItlSeconds: float | None
+    trueBaselineJoulesPerToken: float  # gpusim's long run: the replica's own config, default cap, unlocked
+    trueJoulesPerToken: float  # gpusim's long run at the final configuration
+    trueLatencySeconds: float  # the policy's latency metric in that run
+    trueBaselineLatencySeconds: float
+
+
+def _p99_itl(now: serving.Counters, before: serving.Counters) -> float | None:
+    window = {k: v - before.itl_fine.get(k, 0.0) for k, v in now.itl_fine.items()}
+    return serving.quantile({k: v for k, v in window.items() if v > 0}, 0.99)
+
+
+def run_serving(
+    power_cap: PowerCapSpec,
+    sm_clock: SmClockSpec,
+    *,
+    gpu: gpusim.GpuSpec = gpusim.H100_SXM,
+    requests_per_second: float = 8.0,
+    model: serving.ServedModel | None = None,
+    knobs: bool = False,
+    duration_seconds: float = 2400.0,
+    seed: int = 0,
+    tuning: Tuning | None = None,
+    name: str = "chat",
+) -> ServingOutcome:
+    """A chat replica (`model`, by default a Llama-3-8B-shaped one with CUDA graphs on `gpu`) at a
+    steady load, under the chat policy with `power_cap` and `sm_clock` (batch size and precision
+    too with `knobs`). The same seed gives the same arrivals to every variant."""
+    policy = serving_policy(knobs=knobs).model_copy(update={"powerCap": power_cap, "smClock": sm_clock})
+    served = model or serving.ServedModel(gpu=gpu)
+    load = ServingLoad(served, requests_per_second)
+    spec = SimWorkloadSpec(
+        name, gpusim.llama_decode(), 256, "bf16", policy, DECODE_ACCURACY, gpu=served.gpu, serving=load
+    )
+    config = FleetConfig(workloads=(spec,), durationSeconds=duration_seconds, tuning=tuning or Tuning())
+    over = 0.0
+    steady: list[serving.Counters] = []
+
+    def watch(now: float, observation: Observation, decision: Decision) -> None:
+        nonlocal over
+        m = observation.members[0]
+        for slo, value in (
+            (policy.latencySLO, m.latencySeconds),
+            (policy.firstTokenSLO, m.firstTokenSeconds),
+        ):
+            if now > 0 and slo is not None and value is not None and value > slo.maxSeconds:
+                over += config.reportSeconds
+                break
+        if decision.phase == "Converged" and not steady:
+            c = sim.engine.counters
+            steady.append(replace(c, itl_fine=dict(c.itl_fine), ttft_fine=dict(c.ttft_fine)))
+
+    sim = SimServing(spec, 0, seed)
+    run = _drive(sim, config, seed, watch)
+    c = sim.engine.counters
+    empty = serving.Counters()
+    st = run.decision.state
+    final = st.incumbent.config if st.incumbent is not None else Config()
+    caps = [v for v in run.decision.capWatts.values() if v is not None]
+    clocks = [v for v in run.decision.smClockMHz.values() if v is not None]
+    default = served.gpu.default_power_limit_watts
+    base_run = Running(spec.batchSize, spec.quantization)
+    final_run = Running(final.batchSize or spec.batchSize, final.quantization or spec.quantization)
+    b_j, b_lat = serving_truth(spec, base_run, default, requests_per_second, seed)
+    f_j, f_lat = serving_truth(
+        spec,
+        final_run,
+        max(caps, default=default),
+        requests_per_second,
+        seed,
+        locked_clock_mhz=max(clocks, default=None),
+    )
+    since = steady[0] if steady else None
+    return ServingOutcome(
+        name=name,
+        gpu=served.gpu.name,
+        requestsPerSecond=requests_per_second,
+        powerCapMode=power_cap.mode,
+        smClockMode=sm_clock.mode,
+        phase=run.decision.phase,
+        convergedAtSeconds=run.convergedAt,
+        probes=len(st.probes),
+        capWatts=max(caps, default=None),
+        smClockMHz=max(clocks, default=None),
+        joulesPerToken=c.energy_joules / max(c.generation_tokens, 1),
+        p99ItlSeconds=_p99_itl(c, empty),
+        sloViolationSeconds=over,
+        steadyJoulesPerToken=(c.energy_joules - since.energy_joules)
+        / max(c.generation_tokens - since.generation_tokens, 1)
+        if since is not None
+        else None,
+        steadyP99ItlSeconds=_p99_itl(c, since) if since is not None else None,
+        trueBaselineJoulesPerToken=b_j,
+        trueJoulesPerToken=f_j,
+        trueLatencySeconds=f_lat,
+        trueBaselineLatencySeconds=b_lat,
+    )
 
 
 # ---------------------------------------------------------------- output

@@ -267,7 +267,7 @@ def _families() -> list[tuple[str, list[tuple[str, str, str, list[str]]]]]:
     measurement = {"joulesPerUnit": 1, "secondsPerUnit": 1, "edp": 1, "unitsPerSecond": 1}
     operator.publish_policy("n", "p", {
         "conditions": [{"type": "Ready", "status": "True", "reason": "R", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
-        "workloads": [{"name": "w", "powerCapWatts": 1, "batchSize": 1, "baseline": measurement, "current": measurement,
+        "workloads": [{"name": "w", "powerCapWatts": 1, "smClockMHz": 1, "batchSize": 1, "baseline": measurement, "current": measurement,
                        "edpReductionPercent": 1, "slowdownPercent": 1}],
     })  # fmt: skip
     operator.publish_budget("b", 1, {})

@@ -92,6 +92,11 @@ class OperatorCollector(Collector):
             "Power cap the operator asks for on the workload's GPUs.",
             labels=WORKLOAD_LABELS,
         )
+        clock = GaugeMetricFamily(
+            "edpilot_workload_sm_clock_hertz",
+            "Locked SM clock ceiling the operator asks for on the workload's GPUs (absent: unlocked).",
+            labels=WORKLOAD_LABELS,
+        )
         batch = GaugeMetricFamily(
             "edpilot_workload_batch_size", "Batch size of the configuration kept.", labels=WORKLOAD_LABELS
         )
@@ -114,11 +119,13 @@ class OperatorCollector(Collector):
                 saved.add_metric(labels, w.energySavedJoules)
                 if w.powerCapWatts is not None:
                     cap.add_metric(labels, w.powerCapWatts)
+                if w.smClockMHz is not None:
+                    clock.add_metric(labels, w.smClockMHz * 1e6)
                 if w.batchSize is not None:
                     batch.add_metric(labels, w.batchSize)
                 for p in PHASES:
                     phase.add_metric([*labels, p], 1.0 if w.phase == p else 0.0)
-        yield from (joules, edp, reduction, slowdown, saved, cap, batch, phase)
+        yield from (joules, edp, reduction, slowdown, saved, cap, clock, batch, phase)
 
     @staticmethod
     def _policy_families(policies: dict[tuple[str, str], EnergyPolicyStatus]) -> Iterator[Metric]:

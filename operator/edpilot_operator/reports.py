@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from edpilot.dra import DraHoldings
 from edpilot.models import (
+    DesiredLockedClock,
     DesiredPowerLimit,
     GPUNodeReportSpec,
     GPUNodeReportStatus,
@@ -31,8 +32,9 @@ from edpilot.models import (
     Lease,
     MeasuredWorkload,
     PowerCapSpec,
+    SmClockSpec,
 )
-from edpilot.optimizer import Config, MemberInfo, cap_for
+from edpilot.optimizer import Config, MemberInfo, cap_for, clock_for
 from edpilot.sharing import NO_DRA, Exclusivity, exclusivity
 
 from .selection import Governed, PodInfo
@@ -93,16 +95,24 @@ def gpu_exclusivity(gpu: GPUStatus, dra: DraHoldings = NO_DRA) -> Exclusivity:
     return exclusivity(gpu.uuid, gpu.pods, mig_enabled=gpu.migEnabled, reported_shared=gpu.shared, dra=dra)
 
 
+def known_clocks(gpu: GPUStatus) -> bool:
+    """Whether the GPU's supported SM clocks are known and consistent (else they are never locked)."""
+    return not gpu.migEnabled and 0 < gpu.minSmClockMHz <= gpu.maxSmClockMHz
+
+
 def member_info(gpu: GPUStatus, pod: str, exclusive: bool = True) -> MemberInfo:
     """The GPU as the optimizer sees it: without limits (left alone) where they are unknown or
-    where the pod does not hold it alone."""
+    where the pod does not hold it alone, and likewise without supported clocks (never locked)."""
     known = known_limits(gpu) and exclusive
+    clocks = known_clocks(gpu) and exclusive
     return MemberInfo(
         member=gpu.uuid,
         pod=pod,
         minWatts=gpu.minLimitWatts if known else None,
         maxWatts=gpu.maxLimitWatts if known else None,
         defaultWatts=gpu.defaultLimitWatts if known else None,
+        minClockMHz=gpu.minSmClockMHz if clocks else None,
+        maxClockMHz=gpu.maxSmClockMHz if clocks else None,
     )
 
 
@@ -111,6 +121,13 @@ def planned_cap(power_cap: PowerCapSpec, target: Config | None, gpu: GPUStatus, 
     mode included); None before a decision, under mode Off (the limit is left alone) or on an
     unknown GPU."""
     return None if target is None else cap_for(power_cap, member_info(gpu, pod), target)
+
+
+def planned_clock(sm_clock: SmClockSpec, target: Config | None, gpu: GPUStatus, pod: str) -> float | None:
+    """The locked SM clock ceiling the optimizer's `target` means for this GPU, inside its supported
+    clocks; None (unlocked) before a decision, under mode Off, for a target that locks nothing and
+    on a GPU whose clocks are unknown."""
+    return None if target is None else clock_for(sm_clock, member_info(gpu, pod), target)
 
 
 def clamp_to_board(watts: float, gpu: GPUStatus) -> float:
@@ -141,6 +158,7 @@ def desired_spec(
                 gpus_of.setdefault(pod_key, []).append(gpu)
 
     limits: list[DesiredPowerLimit] = []
+    locks: list[DesiredLockedClock] = []
     measured: list[MeasuredWorkload] = []
     fast = False
     for pod in sorted(pods, key=lambda p: p.key):
@@ -151,7 +169,12 @@ def desired_spec(
             measured.append(MeasuredWorkload.of_policy(pod.namespace, pod.name, rule.policy.spec))
             fast = fast or rule.exploring
         for gpu in sorted(gpus_of.get(pod.key, []), key=lambda g: g.uuid):
-            if not known_limits(gpu) or gpu_exclusivity(gpu, dra).holder != pod.key:
+            if gpu_exclusivity(gpu, dra).holder != pod.key:
+                continue
+            clock = planned_clock(rule.policy.spec.smClock, rule.target, gpu, pod.key) if rule else None
+            if clock is not None:
+                locks.append(DesiredLockedClock(gpuUUID=gpu.uuid, maxMHz=clock, pod=pod.key))
+            if not known_limits(gpu):
                 continue
             policy_cap = planned_cap(rule.policy.spec.powerCap, rule.target, gpu, pod.key) if rule else None
             # A GPU the budget governs gets its share even before the optimizer picks a cap.
@@ -169,6 +192,7 @@ def desired_spec(
         lease = Lease(holderIdentity=holder, renewTime=now, leaseSeconds=timing.lease_seconds)
     return GPUNodeReportSpec(
         powerLimits=limits,
+        lockedClocks=locks,
         workloads=measured,
         lease=lease,
         reportIntervalSeconds=timing.fast_interval_seconds if fast else timing.slow_interval_seconds,

@@ -147,6 +147,8 @@ def snapshot(
                     workUnits=work.workUnits,
                     powerWatts=gpu.powerWatts,
                     capWatts=gpu.enforcedLimitWatts,
+                    smClockMHz=gpu.smClockMHz or None,
+                    lockedClockMHz=gpu.lockedSmClockMHz,
                     batchSize=work.batchSize,
                     quantization=work.quantization,
                     latencySeconds=work.latencySeconds,
