@@ -44,7 +44,7 @@ priors: $(STAMP) ## regenerate edpilot/gpu_priors.py (placement and budget prior
 images: ## build localhost/edpilot/edpilot:dev and edpilot-agent:dev with buildah from a local Debian base (cached in ~/.cache/edpilot/images)
 	@hack/build-images.sh >/dev/null
 
-test-images: $(STAMP) tools ## build the images (as make images), run their entrypoints under podman and runc, and converge a policy with them on the local control plane
+test-images: $(STAMP) tools ## build the images, run them under podman and runc, converge a policy with them, and run a pod on a real kubelet (root)
 	$(BIN)/python -m pytest -m images tests/images
 
 test-prometheus: $(STAMP) tools ## Debian's prometheus scrapes the demo cluster; every dashboard panel must have data

@@ -2,14 +2,15 @@
 # Installs the Debian packages a group of targets needs, once: install-packages.sh <group>...
 #   images      buildah and podman (build and run the images), runc and crun (the runtimes the
 #               image tests run them under), mmdebstrap (the local Debian base)
-#   node        a real node: runc, the CNI plugins (bridge, host-local, loopback) and iptables
+#   node        a real node: containerd, runc, the CNI plugins (bridge, host-local, loopback),
+#               iptables, and buildah (builds the local pause image)
 #   prometheus  Debian's Prometheus server
 # Packages already installed are left alone, so a second run asks the network for nothing. Needs
 # root (or sudo): these are system packages.
 set -euo pipefail
 declare -A groups=(
   [images]="buildah podman runc crun mmdebstrap"
-  [node]="runc containernetworking-plugins iptables"
+  [node]="containerd runc containernetworking-plugins iptables buildah"
   [prometheus]="prometheus"
 )
 wanted=()
