@@ -14,8 +14,9 @@ precision stay the engine's own: this bench compares the GPU actuators alone. Re
 after the optimizer converged: J/token (and its ratio to `none` on the same arrivals), p99 ITL,
 seconds of report windows over either SLO during the whole run, the settings kept, the probes
 spent. Scenarios: an H100 with CUDA graphs, where a Llama-8B decode draws enough for caps to bind,
-and engines without CUDA graphs on an H100 and an H200, which draw less (the H200 file's eager rows:
-232-290 W), where a cap from 40% of the default limit binds late or not at all.
+at a busy and a light load, and engines without CUDA graphs on an H100 and an H200, which draw less
+(the H200 file's eager rows: 232-290 W): a cap reaches its floor (40% of the default limit, 280 W)
+before the energy optimum there, where a locked clock can go further.
 
     .venv/bin/python bench/serving_clocks.py [--seeds 5]
 """

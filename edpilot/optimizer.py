@@ -892,6 +892,19 @@ NEXT: dict[Stage, Callable[[OptimizerState, _Ctx], Config | None]] = {
 }
 
 
+def _lost_in_noise(st: OptimizerState, ctx: _Ctx, label: str, lever: str) -> str | None:
+    """Why a stage that only slows work down is skipped when the slowdown limit is within the
+    measurement noise: a lower cap or clock never speeds work up, so every probe would slow the
+    workload and none could be shown to keep the limit. None when the limit is above the noise."""
+    margin = noise_margin_percent(st, ctx)
+    if margin is None or margin < ctx.policy.maxSlowdownPercent:
+        return None
+    return (
+        f"{label}: maxSlowdownPercent {ctx.policy.maxSlowdownPercent:g}% is within the measurement "
+        f"noise ({margin:.1f}% even at {ctx.tuning.maxWindows} windows a probe): no lower {lever} is probed"
+    )
+
+
 def _stage_applies(stage: Stage, st: OptimizerState, ctx: _Ctx) -> str | None:
     """None when the stage runs, else why it is skipped."""
     assert st.incumbent is not None
@@ -917,26 +930,15 @@ def _stage_applies(stage: Stage, st: OptimizerState, ctx: _Ctx) -> str | None:
     elif stage == "clock":
         if policy.smClock.mode != "Auto":
             return f"SM clock: mode {policy.smClock.mode}"
-        margin = noise_margin_percent(st, ctx)
-        if margin is not None and margin >= policy.maxSlowdownPercent:
-            # A lower clock never speeds work up: as with caps, no probe could keep the limit.
-            return (
-                f"SM clock: maxSlowdownPercent {policy.maxSlowdownPercent:g}% is within the measurement "
-                f"noise ({margin:.1f}% even at {ctx.tuning.maxWindows} windows a probe): no lower clock is probed"
-            )
+        if (lost := _lost_in_noise(st, ctx, "SM clock", "clock")) is not None:
+            return lost
         if any(b is None for b in ctx.clocks.values()):
             return "SM clock: some GPU's supported clocks are unknown (or it is not held alone)"
     else:
         if policy.powerCap.mode != "Auto":
             return f"power cap: mode {policy.powerCap.mode}"
-        margin = noise_margin_percent(st, ctx)
-        if margin is not None and margin >= policy.maxSlowdownPercent:
-            # A lower cap never speeds work up: every probe would slow the workload, and none
-            # could be shown to keep the limit.
-            return (
-                f"{stage}: maxSlowdownPercent {policy.maxSlowdownPercent:g}% is within the measurement "
-                f"noise ({margin:.1f}% even at {ctx.tuning.maxWindows} windows a probe): no lower cap is probed"
-            )
+        if (lost := _lost_in_noise(st, ctx, stage, "cap")) is not None:
+            return lost
         if not ctx.known_bounds() or len(ctx.known_bounds()) != len(ctx.bounds):
             return "power cap: some GPU has no usable bounds"
         if stage == "straggler" and len(ctx.workload.members) < 2:

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from edpilot_operator.localrun import FAST_AGENT_ARGS, FAST_OPERATOR_ARGS
 from images_common import AGENT, OPERATOR, Podman
-from kubetest import REPO, Cluster, kwok_gpu_nodes, remove_gpu_nodes, wait_for
+from kubetest import REPO, Cluster, gpu_pod, kwok_gpu_nodes, remove_gpu_nodes, wait_for
 from sa_kubeconfig import service_account_token
 
 pytestmark = [pytest.mark.images, pytest.mark.timeout(1800)]
@@ -38,30 +38,15 @@ CHART = REPO / "charts" / "edpilot"
 
 def trainer_pod(name: str, node: str) -> dict[str, Any]:
     """A simulated training pod: the agent on its node plays it from the sim.edpilot.io annotations."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": WORKLOADS,
-            "labels": {"app": "image-trainer"},
-            "annotations": {
-                "sim.edpilot.io/workload": "training",
-                "sim.edpilot.io/precision": "bf16",
-                "sim.edpilot.io/batch-size": "256",
-            },
-        },
-        "spec": {
-            "nodeName": node,
-            "containers": [
-                {
-                    "name": "trainer",
-                    "image": "example.invalid/trainer:1",
-                    "resources": {"limits": {"nvidia.com/gpu": "1"}},
-                }
-            ],
-        },
+    annotations = {
+        "sim.edpilot.io/workload": "training",
+        "sim.edpilot.io/precision": "bf16",
+        "sim.edpilot.io/batch-size": "256",
     }
+    return gpu_pod(
+        WORKLOADS, name, image="example.invalid/trainer:1", node=node, labels={"app": "image-trainer"},
+        annotations=annotations,
+    )  # fmt: skip
 
 
 POLICY = {
