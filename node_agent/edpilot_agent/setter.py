@@ -266,7 +266,10 @@ class SetterClient:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(self.timeout_seconds)
                 sock.connect(self.socket_path)
-                sock.sendall(request.encode("ascii"))
+                try:
+                    sock.sendall(request.encode("ascii"))
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # a setter refusing the caller answers and closes unread: its answer waits
                 answer = b""
                 while not answer.endswith(b"\n") and len(answer) <= MAX_RESPONSE_BYTES:
                     chunk = sock.recv(65536)
@@ -276,6 +279,8 @@ class SetterClient:
         except OSError as exc:
             raise SetterError(f"the setter at {self.socket_path} did not answer: {exc}") from exc
         text = answer.decode("utf-8", errors="replace").strip()
+        if not text:
+            raise SetterError(f"the setter at {self.socket_path} did not answer: it closed the connection")
         if not text.startswith("OK"):
             raise SetterError(f"the setter refused: {text.removeprefix('ERR ')[:300]}")
         return text[3:]

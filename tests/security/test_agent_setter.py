@@ -209,6 +209,21 @@ def test_only_the_agents_uid_may_ask(tmp_path: Path) -> None:
         running.thread.join(5)
 
 
+def test_the_client_reports_the_refusal_even_when_the_setter_closes_first(tmp_path: Path) -> None:
+    """A setter that refuses the caller's uid answers and closes without reading the request: the
+    client's write can fail (EPIPE) before the answer is read. The agent must still log the
+    refusal, not "did not answer"."""
+    running = start(tmp_path, allowed_uid=os.getuid() + 1)
+    client = SetterClient(running.path, timeout_seconds=2)
+    try:
+        for _ in range(200):
+            with pytest.raises(SetterError, match="refused"):
+                client.set_power_limit(GPU.uuid, 250.0)
+    finally:
+        running.stop.set()
+        running.thread.join(5)
+
+
 def test_a_read_only_setter_changes_nothing(tmp_path: Path) -> None:
     running = start(tmp_path, read_only=True)
     try:
