@@ -31,6 +31,7 @@ changed is the last thing that happens to them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import re
@@ -266,10 +267,9 @@ class SetterClient:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(self.timeout_seconds)
                 sock.connect(self.socket_path)
-                try:
+                # A setter refusing the caller answers and closes without reading: its answer waits.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     sock.sendall(request.encode("ascii"))
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # a setter refusing the caller answers and closes unread: its answer waits
                 answer = b""
                 while not answer.endswith(b"\n") and len(answer) <= MAX_RESPONSE_BYTES:
                     chunk = sock.recv(65536)
