@@ -83,12 +83,21 @@ def test_a_policy_that_opts_in_converges_on_a_lock_and_its_deletion_unlocks(loop
     assert MIN_PERCENT / 100 * spec.max_sm_clock_mhz - 15 <= clock < spec.max_sm_clock_mhz
     assert row.get("powerCapWatts") is None  # caps Off: the limit is left alone
 
+    # The operator writes the policy's status before the node's spec, and the agent reports on its
+    # own interval: each shows the kept lock within a few seconds of the other.
+    def spec_lock() -> dict[str, Any] | None:
+        locks = cluster.get_json("gpunodereport", NODE)["spec"].get("lockedClocks") or []
+        return locks[0] if len(locks) == 1 and locks[0]["maxMHz"] == clock else None
+
+    lock = wait_until("the node's spec to ask for the kept lock", spec_lock, 30)
+    assert lock["pod"] == f"{NAMESPACE}/decode-0"
     report = cluster.get_json("gpunodereport", NODE)
-    (lock,) = report["spec"]["lockedClocks"]
-    assert lock["pod"] == f"{NAMESPACE}/decode-0" and lock["maxMHz"] == clock
     assert not [p for p in report["spec"].get("powerLimits") or [] if p["pod"] == lock["pod"]]
-    gpu = report_gpu(cluster, lock["gpuUUID"])
-    assert gpu["lockedSmClockMHz"] == int(clock)
+    gpu = wait_until(
+        "the agent to report the kept lock",
+        lambda: (g := report_gpu(cluster, lock["gpuUUID"])).get("lockedSmClockMHz") == int(clock) and g,
+        30,
+    )
     assert gpu["smClockMHz"] <= clock
     assert "ApplicationsClocksSetting" in gpu["throttleReasons"]
 
