@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok and helm
-# from the pinned Go modules in hack/tools/ into a cache keyed by their versions, go.sum files and
-# this script (its build flags decide what a binary prints and assumes), so a second run builds
-# nothing. Prints the binary directory as its last line.
+# from the pinned Go modules in hack/tools/ into a cache keyed by their versions, go.sum files, the
+# programs written here and this script (its build flags decide what a binary prints and assumes),
+# so a second run builds nothing. With `node`, also what a real node needs (hack/real-node.sh): the
+# kubelet, gpu-device-plugin and pause. Prints the binary directory as its last line.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
 source "$here/versions.env"
-key=$(cat "$here"/versions.env "$here"/tools/*/go.mod "$here"/tools/*/go.sum "$here/build-tools.sh" | sha256sum | cut -c1-16)
+key=$(cat "$here"/versions.env "$here"/tools/*/go.mod "$here"/tools/*/go.sum "$here"/tools/kube/*/main.go \
+  "$here/build-tools.sh" | sha256sum | cut -c1-16)
 bin=${EDPILOT_BIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edpilot/bin}/$key
 mkdir -p "$bin"
 export GOFLAGS=-mod=mod CGO_ENABLED=0
@@ -29,6 +31,11 @@ build kwok kwok sigs.k8s.io/kwok/cmd/kwok
 for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   build kube "$cmd" "k8s.io/kubernetes/cmd/$cmd" "$kube_ld"
 done
+if [ "${1:-}" = node ]; then
+  build kube kubelet k8s.io/kubernetes/cmd/kubelet "$kube_ld"
+  build kube gpu-device-plugin ./gpu-device-plugin
+  build kube pause ./pause
+fi
 # Stamped as helm's own Makefile stamps a release (v3.22.0: version, tag metadata, tree state, and
 # the Kubernetes version helm assumes without a cluster: one major above client-go's v0.N, so v1.N).
 # Unstamped, helm assumes v1.20 and refuses to template a chart that needs a newer one. The module

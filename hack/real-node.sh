@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Adds one real node to the local control plane that cluster-up.sh started (CLUSTER_DIR): containerd
-# with runc and a CNI bridge, a kubelet built from the pinned Kubernetes (build-node-tools.sh), and
+# with runc and a CNI bridge, a kubelet built from the pinned Kubernetes (build-tools.sh node), and
 # gpu-device-plugin advertising GPUS simulated nvidia.com/gpu devices whose IDs are the UUIDs
 # edpilot's simulated backend gives that node. Registry images cannot be pulled here: the pod
 # sandbox image is built locally (pause, with buildah), and IMAGES (docker-archive files, space
@@ -16,7 +16,8 @@ state=$dir/node-$node
 [ "$(id -u)" = 0 ] || { echo "real-node.sh: a kubelet and containerd need root" >&2; exit 1; }
 [ -f "$dir/kubeconfig" ] || { echo "real-node.sh: no control plane in $dir (run cluster-up.sh)" >&2; exit 1; }
 "$here/install-packages.sh" node
-bin=$("$here/build-node-tools.sh" | tail -n1)
+bin=$("$here/build-tools.sh" node | tail -n1)
+kubectl=("$bin/kubectl" --kubeconfig "$dir/kubeconfig")
 mkdir -p "$state"/{containerd,cni,kubelet} "$dir"/{pids,logs}
 
 launch() { # as cluster-up.sh: background, by pid, logs in logs/<name>.log
@@ -113,7 +114,6 @@ launch "kubelet-$node" "$bin/kubelet" --config "$state/kubelet/config.yaml" --ku
   --root-dir "$state/kubelet" --hostname-override "$node" --node-ip "$ip" -v 1
 wait_for "the kubelet's device-plugin socket" 120 test -S "$plugins/kubelet.sock"
 launch "gpu-device-plugin-$node" "$bin/gpu-device-plugin" --plugin-dir "$plugins" --node-name "$node" --gpus "$gpus"
-kubectl=("$("$here/build-tools.sh" | tail -n1)/kubectl" --kubeconfig "$dir/kubeconfig")
 wait_for "node $node to be Ready" 120 "${kubectl[@]}" wait --for=condition=Ready --timeout=2s "node/$node"
 wait_for "$gpus nvidia.com/gpu on $node" 60 \
   bash -c "[ \"\$(${kubectl[*]} get node $node -o jsonpath='{.status.allocatable.nvidia\\.com/gpu}')\" = $gpus ]"

@@ -1,10 +1,19 @@
-"""Objects many tests build: an H100's report entry with the fields a test cares about."""
+"""Objects many tests build: an H100's report entry with the fields a test cares about, and one
+simulated workload driven by the optimizer."""
 
 from __future__ import annotations
 
+import json
+import random
+from collections.abc import Callable
 from typing import Any
 
 from edpilot.models import GPUStatus
+from edpilot.optimizer import Decision, OptimizerState, Tuning, WorkloadInfo, step
+from edpilot.simulate import SimWorkload, SimWorkloadSpec
+
+REPORT_SECONDS = 5.0
+Hook = Callable[[float, SimWorkload, WorkloadInfo], WorkloadInfo]
 
 H100_NVML_NAME = "NVIDIA H100 80GB HBM3"
 
@@ -24,3 +33,33 @@ def h100_status(index: int = 0, uuid: str | None = None, **fields: Any) -> GPUSt
         "energyJoules": 0,
     }
     return GPUStatus.model_validate({**values, **fields})
+
+
+def drive(
+    spec: SimWorkloadSpec,
+    seconds: float = 2400.0,
+    seed: int = 0,
+    tuning: Tuning | None = None,
+    hook: Hook | None = None,
+    roundtrip: bool = False,
+) -> tuple[SimWorkload, list[Decision]]:
+    """Run one simulated workload under the optimizer, the way `edpilot simulate` does; `hook`
+    may change what the operator knows between reports."""
+    sim = SimWorkload(spec, 0)
+    info = sim.info()
+    rng = random.Random(seed)
+    state: OptimizerState | None = None
+    decisions: list[Decision] = []
+    now = 0.0
+    while now < seconds:
+        if hook is not None:
+            info = hook(now, sim, info)
+        d = step(spec.policy, info, state, sim.observation(now), now, tuning or Tuning())
+        decisions.append(d)
+        state = d.state
+        if roundtrip:  # what a restarted operator reads back from the policy's status
+            state = OptimizerState.model_validate(json.loads(json.dumps(d.state.model_dump(mode="json"))))
+        sim.apply(d, now)
+        sim.advance(now, REPORT_SECONDS, rng)
+        now += REPORT_SECONDS
+    return sim, decisions

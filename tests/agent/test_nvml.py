@@ -99,10 +99,18 @@ def test_a_throttle_the_agent_reports_from_nvml_is_the_one_placement_avoids(mask
 
 class FakeDriver:
     """The pynvml calls NvmlBackend makes for one H100, recording every setter call; `old` is a
-    driver that cannot list supported clocks."""
+    driver that cannot list supported clocks. Nothing reaches a real GPU: every pynvml setter is
+    replaced first by one that fails the test, and only the recorded ones are put back."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, old: bool = False) -> None:
         self.calls: list[tuple[object, ...]] = []
+
+        def real_setter(*args: object) -> None:
+            pytest.fail("a test reached a real NVML setter")
+
+        for name in dir(pynvml):
+            if name.startswith(("nvmlDeviceSet", "nvmlDeviceReset")):
+                monkeypatch.setattr(pynvml, name, real_setter)
 
         def not_found(*args: object) -> object:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)

@@ -39,6 +39,17 @@ def service_account_token(
     return cluster.kubectl(*args).stdout.strip()
 
 
+def agent_pod_on(cluster: Cluster, namespace: str, release: str, node: str) -> str:
+    """The name of the release's agent DaemonSet pod on `node` (what an agent's token is bound to)."""
+    selector = f"app.kubernetes.io/instance={release},app.kubernetes.io/component=agent"
+    items = cluster.get_json(
+        "pods", "-n", namespace, "-l", selector, "--field-selector", f"spec.nodeName={node}"
+    )
+    (pod,) = items["items"]
+    name: str = pod["metadata"]["name"]
+    return name
+
+
 def token_kubeconfig(cluster: Cluster, token: str, path: Path, *, namespace: str = "default") -> Path:
     """Writes a kubeconfig for the cluster's API server that authenticates with `token` only."""
     admin: dict[str, Any] = yaml.safe_load(cluster.kubeconfig.read_text())

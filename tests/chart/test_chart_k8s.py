@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 from kubetest import Cluster, kwok_gpu_nodes, remove_gpu_nodes, wait_for
-from sa_kubeconfig import kubectl_with, service_account_kubeconfig
+from sa_kubeconfig import agent_pod_on, kubectl_with, service_account_kubeconfig
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "edpilot"
@@ -352,16 +352,6 @@ def status_patch(node: str) -> str:
     return json.dumps({"status": status})
 
 
-def agent_pod_on(cluster: Cluster, node: str) -> str:
-    selector = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=agent"
-    items = cluster.get_json(
-        "pods", "-n", NAMESPACE, "-l", selector, "--field-selector", f"spec.nodeName={node}"
-    )
-    (pod,) = items["items"]
-    name: str = pod["metadata"]["name"]
-    return name
-
-
 def test_agents_write_only_their_own_nodes_report(release: Cluster, tmp_path: Path) -> None:
     node_a, node_b = OWN_GPU_NODES
     kubeconfigs = {
@@ -370,7 +360,7 @@ def test_agents_write_only_their_own_nodes_report(release: Cluster, tmp_path: Pa
             NAMESPACE,
             SA["agent"],
             tmp_path / f"{node}.kubeconfig",
-            bound_pod=agent_pod_on(release, node),
+            bound_pod=agent_pod_on(release, NAMESPACE, RELEASE, node),
         )
         for node in OWN_GPU_NODES
     }
@@ -532,7 +522,7 @@ def test_operator_and_agents_converge_with_only_the_charts_credentials(
                 NAMESPACE,
                 SA["agent"],
                 tmp_path / f"{node}.kc",
-                bound_pod=agent_pod_on(release, node),
+                bound_pod=agent_pod_on(release, NAMESPACE, RELEASE, node),
             )
             procs.start(f"agent-{node}", agent_argv(kubeconfig, node, seed))
 

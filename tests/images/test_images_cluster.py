@@ -24,7 +24,7 @@ import yaml
 from edpilot_operator.localrun import FAST_AGENT_ARGS, FAST_OPERATOR_ARGS
 from images_common import AGENT, OPERATOR, Podman
 from kubetest import REPO, Cluster, gpu_pod, kwok_gpu_nodes, remove_gpu_nodes, wait_for
-from sa_kubeconfig import service_account_token
+from sa_kubeconfig import agent_pod_on, service_account_token
 
 pytestmark = [pytest.mark.images, pytest.mark.timeout(1800)]
 
@@ -101,16 +101,6 @@ def api_server(cluster: Cluster) -> dict[str, str]:
     return {"KUBERNETES_SERVICE_HOST": url.hostname, "KUBERNETES_SERVICE_PORT": str(url.port)}
 
 
-def agent_pod_on(cluster: Cluster, node: str) -> str:
-    selector = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=agent"
-    items = cluster.get_json(
-        "pods", "-n", NAMESPACE, "-l", selector, "--field-selector", f"spec.nodeName={node}"
-    )
-    (pod,) = items["items"]
-    name: str = pod["metadata"]["name"]
-    return name
-
-
 def converged(cluster: Cluster) -> bool:
     policy = cluster.get_json("energypolicy", "image-power", "-n", WORKLOADS)
     rows = (policy.get("status") or {}).get("workloads") or []
@@ -135,8 +125,8 @@ def test_the_images_converge_a_policy_with_the_charts_credentials(
             {**env, "POD_NAME": "operator-container", "POD_NAMESPACE": NAMESPACE},
             secrets_dir(release, tmp_path / "operator", operator_token),
         )
-        wait_for("the agent's DaemonSet pod", lambda: agent_pod_on(release, node), 60)
-        agent_pod = agent_pod_on(release, node)
+        wait_for("the agent's DaemonSet pod", lambda: agent_pod_on(release, NAMESPACE, RELEASE, node), 60)
+        agent_pod = agent_pod_on(release, NAMESPACE, RELEASE, node)
         agent_token = service_account_token(release, NAMESPACE, f"{PREFIX}-agent", bound_pod=agent_pod)
         podman.start(
             containers["agent"],

@@ -5,12 +5,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import random
 import zlib
-from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
+from builders import REPORT_SECONDS, drive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -40,7 +39,6 @@ from edpilot.optimizer import (
 )
 from edpilot.simulate import DECODE_ACCURACY, Running, SimWorkload, SimWorkloadSpec
 
-REPORT_SECONDS = 5.0
 H100 = gpusim.H100_SXM
 
 
@@ -57,38 +55,6 @@ def policy(**overrides: object) -> EnergyPolicySpec:
 
 def h100(member: str = "GPU-0", pod: str = "default/p") -> MemberInfo:
     return MemberInfo(member=member, pod=pod, minWatts=200.0, maxWatts=700.0, defaultWatts=700.0)
-
-
-Hook = Callable[[float, SimWorkload, WorkloadInfo], WorkloadInfo]
-
-
-def drive(
-    spec: SimWorkloadSpec,
-    seconds: float,
-    seed: int = 0,
-    tuning: Tuning | None = None,
-    hook: Hook | None = None,
-    roundtrip: bool = False,
-) -> tuple[SimWorkload, list[Decision]]:
-    """Run one simulated workload under the optimizer, the way `edpilot simulate` does."""
-    sim = SimWorkload(spec, 0)
-    info = sim.info()
-    rng = random.Random(seed)
-    state: OptimizerState | None = None
-    decisions: list[Decision] = []
-    now = 0.0
-    while now < seconds:
-        if hook is not None:
-            info = hook(now, sim, info)
-        d = step(spec.policy, info, state, sim.observation(now), now, tuning or Tuning())
-        decisions.append(d)
-        state = d.state
-        if roundtrip:  # what a restarted operator reads back from the policy's status
-            state = OptimizerState.model_validate(json.loads(json.dumps(d.state.model_dump(mode="json"))))
-        sim.apply(d, now)
-        sim.advance(now, REPORT_SECONDS, rng)
-        now += REPORT_SECONDS
-    return sim, decisions
 
 
 def true_objective(

@@ -9,13 +9,11 @@ saves about 45% J/token at 8% slowdown).
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from builders import h100_status
+from builders import Hook, drive, h100_status
 from edpilot_operator.reports import ReportTiming, desired_spec, member_info
 from edpilot_operator.selection import Governed, PodInfo, PolicyRef
 
@@ -49,7 +47,6 @@ from edpilot.simulate import ACTUATORS, Running, SimWorkload, SimWorkloadSpec, r
 H100 = gpusim.H100_SXM
 EAGER_DECODE = gpusim.llama_decode(cuda_graphs=False)
 GRAPH_DECODE = gpusim.llama_decode()
-REPORT_SECONDS = 5.0
 
 
 def policy(**overrides: object) -> EnergyPolicySpec:
@@ -65,37 +62,6 @@ def policy(**overrides: object) -> EnergyPolicySpec:
             **overrides,
         }
     )
-
-
-Hook = Callable[[float, SimWorkload, WorkloadInfo], WorkloadInfo]
-
-
-def drive(
-    spec: SimWorkloadSpec,
-    seconds: float = 2400.0,
-    seed: int = 0,
-    hook: Hook | None = None,
-    roundtrip: bool = False,
-) -> tuple[SimWorkload, list[Decision]]:
-    """One simulated workload under the optimizer, as `edpilot simulate` runs it."""
-    sim = SimWorkload(spec, 0)
-    info = sim.info()
-    rng = random.Random(seed)
-    state: OptimizerState | None = None
-    decisions: list[Decision] = []
-    now = 0.0
-    while now < seconds:
-        if hook is not None:
-            info = hook(now, sim, info)
-        d = step(spec.policy, info, state, sim.observation(now), now, Tuning())
-        decisions.append(d)
-        state = d.state
-        if roundtrip:
-            state = OptimizerState.model_validate(json.loads(json.dumps(d.state.model_dump(mode="json"))))
-        sim.apply(d, now)
-        sim.advance(now, REPORT_SECONDS, rng)
-        now += REPORT_SECONDS
-    return sim, decisions
 
 
 def decode(pol: EnergyPolicySpec, profile: gpusim.WorkloadProfile = EAGER_DECODE) -> SimWorkloadSpec:
