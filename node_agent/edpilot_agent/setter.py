@@ -42,10 +42,10 @@ import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Literal, Protocol
+from typing import Literal
 
 from edpilot_agent.backend import GpuBackend, GpuBackendError, GpuInfo, GpuReading
-from edpilot_agent.holdings import PodDevices, decode, encode
+from edpilot_agent.holdings import GpuAllocations, PodDevices, decode, encode
 from edpilot_agent.pods import PodInfo
 
 log = logging.getLogger(__name__)
@@ -60,17 +60,13 @@ _ALLOCATIONS = b"ALLOCATIONS\n"
 _REASON = re.compile(r"[ -~]{0,200}")
 
 
-class Allocations(Protocol):
-    def allocations(self, pods: Sequence[PodInfo]) -> Mapping[str, PodDevices]: ...
-
-
 class SetterServer:
     def __init__(
         self,
         backend: GpuBackend,
         socket_path: str,
         allowed_uid: int | None,
-        allocations: Allocations | None = None,
+        allocations: GpuAllocations | None = None,
         read_only: bool = False,
     ) -> None:
         self.backend = backend
@@ -346,9 +342,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--socket", default="/run/edpilot/setter.sock", help="unix socket to serve")
     p.add_argument("--allowed-uid", type=int, default=65532, help="the agent's uid; -1: any (tests only)")
     p.add_argument("--read-only", action="store_true", help="refuse every change (the agent's dry run)")
+    p.add_argument(
+        "--backend",
+        choices=("nvml", "sim"),
+        default="nvml",
+        help="sim: simulated GPUs on a real kubelet; only allocations are served, every change refused",
+    )
+    p.add_argument("--node-name", default="", help="sim: the node whose simulated GPUs to list")
+    p.add_argument("--gpus", type=int, default=8, help="sim: how many simulated GPUs")
     p.add_argument("--pod-resources-socket", default="/var/lib/kubelet/pod-resources/kubelet.sock")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
+
+
+def open_backend(args: argparse.Namespace) -> GpuBackend:
+    """The GPUs this setter guards. Simulated ones live in the agent's process, so setting them here
+    would change nothing: a simulated setter is read-only (`args.read_only` becomes true)."""
+    if args.backend == "sim":
+        from edpilot_agent.sim import SimBackend
+
+        args.read_only = True
+        return SimBackend(args.node_name, gpus=args.gpus)
+    from edpilot_agent.nvml import NvmlBackend
+
+    return NvmlBackend(read_only=args.read_only)
 
 
 def main(argv: list[str]) -> int:
@@ -356,11 +373,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from edpilot_agent.nvml import NvmlBackend
     from edpilot_agent.podresources import PodResourcesClient
 
     try:
-        backend = NvmlBackend(read_only=args.read_only)
+        backend = open_backend(args)
     except GpuBackendError as exc:
         log.error("%s", exc)
         return 1

@@ -4,11 +4,14 @@ for DRA and shared GPUs, and the simulated kubelet's DRA devices."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from agent_helpers import NODE, FakeClock, cap_spec, decode_pod
 from edpilot_agent.agent import NodeAgent
 from edpilot_agent.holdings import DynamicDevice, PodDevices, decode, encode, resolve
 from edpilot_agent.kube import InMemoryKube
+from edpilot_agent.podresources import PodResourcesClient
 from edpilot_agent.pods import PodInfo
 from edpilot_agent.setter import SetterServer
 from edpilot_agent.sim import SimBackend, SimWorkloads
@@ -199,3 +202,43 @@ def test_the_simulated_kubelet_gives_dra_pods_their_devices_and_plugin_pods_the_
     held = resolve(given, device_catalog(slices), DEFAULT_CONFIG)
     assert held.by_pod[dra_pod.key] == (uuids[3],)
     assert backend.jobs[dra_pod.key].gpu_indices == (3,)
+
+
+def test_on_a_real_kubelet_simulated_pods_play_on_the_gpus_it_gave_them() -> None:
+    backend = SimBackend(NODE, gpus=4, seed=1)
+    uuids = [d.uuid for d in backend.devices]
+    trainer = PodInfo("ml", "trainer", uid="u-t", phase="Running", gpu_request=2)
+    waiting = PodInfo("ml", "waiting", uid="u-w", phase="Pending", gpu_request=1)
+    # The kubelet gave the trainer GPUs 3 and 1 (not the lowest free ones the simulator would pick)
+    # and has not admitted the other pod yet.
+    kubelet_says = {trainer.key: PodDevices(plugin=(uuids[3], uuids[1]))}
+
+    class Kubelet:
+        def allocations(self, pods: object) -> dict[str, PodDevices]:
+            return kubelet_says
+
+    workloads = SimWorkloads(backend, kubelet=Kubelet())
+    given = workloads.allocations([trainer, waiting])
+    assert given == {trainer.key: PodDevices(plugin=(uuids[3], uuids[1]))}
+    assert backend.jobs[trainer.key].gpu_indices == (3, 1)
+    assert waiting.key not in backend.jobs
+    kubelet_says[waiting.key] = PodDevices(plugin=(uuids[0],))
+    assert workloads.allocations([trainer, waiting])[waiting.key] == PodDevices(plugin=(uuids[0],))
+    # A pod the kubelet has let go of stops playing.
+    assert trainer.key not in workloads.allocations([waiting])
+
+
+def test_a_simulated_setter_relays_the_allocations_and_refuses_every_change(tmp_path: Path) -> None:
+    from edpilot_agent import setter
+
+    kubelet_socket = tmp_path / "absent.sock"
+    args = setter.parse_args(["--backend=sim", f"--node-name={NODE}", "--gpus=2"])
+    backend = setter.open_backend(args)
+    assert args.read_only
+    uuid = SimBackend(NODE, gpus=2).devices[1].uuid  # the agent's simulated GPUs, by UUID
+    assert [g.uuid for g in backend.gpus()][1] == uuid
+    server = SetterServer(backend, "/unused", None, PodResourcesClient(str(kubelet_socket)), args.read_only)
+    assert server.handle(f"SET {uuid} 300000\n".encode()).startswith(b"ERR this setter is read-only")
+    assert server.handle(f"LOCK {uuid} 1000\n".encode()).startswith(b"ERR this setter is read-only")
+    # No kubelet listening: the setter says so and keeps serving.
+    assert server.handle(b"ALLOCATIONS\n").startswith(b"ERR the kubelet's pod-resources API did not answer")
