@@ -4,7 +4,7 @@ With `--setter-socket` (the Helm chart's way) this process holds no privilege: i
 read-only and asks `edpilot agent-setter`, in its own container, to set limits and to read the
 kubelet's pod-resources socket. Without it, it does both itself and needs root and CAP_SYS_ADMIN.
 With `--backend sim` the GPUs are simulated; a setter then only relays what a real kubelet
-allocated (a setter started with `--backend sim`), and the simulated pods play on those GPUs.
+allocated (a setter started with `--allocations-only`), and the simulated pods play on those GPUs.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ _REASON = re.compile(r"[ -~]{0,200}")
 class SetterServer:
     def __init__(
         self,
-        backend: GpuBackend,
+        backend: GpuBackend | None,
         socket_path: str,
         allowed_uid: int | None,
         allocations: GpuAllocations | None = None,
@@ -74,7 +74,8 @@ class SetterServer:
         self.allowed_uid = allowed_uid
         self.allocations = allocations
         self.read_only = read_only
-        self.gpus = {g.uuid: g for g in backend.gpus()}
+        # Without a backend (allocations only) there is no GPU to change: every change is refused.
+        self.gpus = {g.uuid: g for g in backend.gpus()} if backend is not None else {}
         self.changed: set[str] = set()
         self.locked: set[str] = set()
         self.draining = threading.Event()
@@ -121,6 +122,7 @@ class SetterServer:
         if not gpu.min_limit_watts <= watts <= gpu.highest_cap_watts:
             return _err(f"{watts:g} W is outside [{gpu.min_limit_watts:g}, {gpu.highest_cap_watts:g}] W")
         try:
+            assert self.backend is not None  # a GPU was found, so there is one
             self.backend.set_power_limit(gpu.uuid, watts)
         except GpuBackendError as exc:
             return _err(f"NVML refused: {exc}")
@@ -155,6 +157,7 @@ class SetterServer:
                     f"[{gpu.min_sm_clock_mhz:g}, {gpu.max_sm_clock_mhz:g}] MHz"
                 )
         try:
+            assert self.backend is not None
             self.backend.set_locked_sm_clock(gpu.uuid, mhz)
         except GpuBackendError as exc:
             return _err(f"NVML refused: {exc}")
@@ -343,29 +346,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--allowed-uid", type=int, default=65532, help="the agent's uid; -1: any (tests only)")
     p.add_argument("--read-only", action="store_true", help="refuse every change (the agent's dry run)")
     p.add_argument(
-        "--backend",
-        choices=("nvml", "sim"),
-        default="nvml",
-        help="sim: simulated GPUs on a real kubelet; only allocations are served, every change refused",
+        "--allocations-only",
+        action="store_true",
+        help="open no GPU, refuse every change, relay only the kubelet's allocations "
+        "(for a simulated agent on a node with a real kubelet)",
     )
-    p.add_argument("--node-name", default="", help="sim: the node whose simulated GPUs to list")
-    p.add_argument("--gpus", type=int, default=8, help="sim: how many simulated GPUs")
     p.add_argument("--pod-resources-socket", default="/var/lib/kubelet/pod-resources/kubelet.sock")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
-
-
-def open_backend(args: argparse.Namespace) -> GpuBackend:
-    """The GPUs this setter guards. Simulated ones live in the agent's process, so setting them here
-    would change nothing: a simulated setter is read-only (`args.read_only` becomes true)."""
-    if args.backend == "sim":
-        from edpilot_agent.sim import SimBackend
-
-        args.read_only = True
-        return SimBackend(args.node_name, gpus=args.gpus)
-    from edpilot_agent.nvml import NvmlBackend
-
-    return NvmlBackend(read_only=args.read_only)
 
 
 def main(argv: list[str]) -> int:
@@ -375,8 +363,12 @@ def main(argv: list[str]) -> int:
     )
     from edpilot_agent.podresources import PodResourcesClient
 
+    backend: GpuBackend | None = None
     try:
-        backend = open_backend(args)
+        if not args.allocations_only:
+            from edpilot_agent.nvml import NvmlBackend
+
+            backend = NvmlBackend(read_only=args.read_only)
     except GpuBackendError as exc:
         log.error("%s", exc)
         return 1
@@ -401,5 +393,6 @@ def main(argv: list[str]) -> int:
     try:
         server.serve(stop)
     finally:
-        backend.close()
+        if backend is not None:
+            backend.close()
     return 0

@@ -228,17 +228,14 @@ def test_on_a_real_kubelet_simulated_pods_play_on_the_gpus_it_gave_them() -> Non
     assert trainer.key not in workloads.allocations([waiting])
 
 
-def test_a_simulated_setter_relays_the_allocations_and_refuses_every_change(tmp_path: Path) -> None:
+def test_an_allocations_only_setter_relays_the_kubelet_and_refuses_every_change(tmp_path: Path) -> None:
     from edpilot_agent import setter
 
-    kubelet_socket = tmp_path / "absent.sock"
-    args = setter.parse_args(["--backend=sim", f"--node-name={NODE}", "--gpus=2"])
-    backend = setter.open_backend(args)
-    assert args.read_only
-    uuid = SimBackend(NODE, gpus=2).devices[1].uuid  # the agent's simulated GPUs, by UUID
-    assert [g.uuid for g in backend.gpus()][1] == uuid
-    server = SetterServer(backend, "/unused", None, PodResourcesClient(str(kubelet_socket)), args.read_only)
-    assert server.handle(f"SET {uuid} 300000\n".encode()).startswith(b"ERR this setter is read-only")
-    assert server.handle(f"LOCK {uuid} 1000\n".encode()).startswith(b"ERR this setter is read-only")
+    assert setter.parse_args(["--allocations-only"]).allocations_only
+    server = SetterServer(None, "/unused", None, PodResourcesClient(str(tmp_path / "absent.sock")))
+    uuid = SimBackend(NODE, gpus=1).devices[0].uuid  # a simulated GPU the agent would ask about
+    for change in (f"SET {uuid} 300000", f"RESTORE {uuid}", f"LOCK {uuid} 1000", f"UNLOCK {uuid}"):
+        assert server.handle(f"{change}\n".encode()) == b"ERR no such GPU on this node\n"
     # No kubelet listening: the setter says so and keeps serving.
     assert server.handle(b"ALLOCATIONS\n").startswith(b"ERR the kubelet's pod-resources API did not answer")
+    assert server.restore_changed() == []

@@ -121,9 +121,9 @@ def test_a_simulated_node_with_a_real_kubelet_reads_it_through_a_read_only_sette
     )
     agent, setter = containers(pod)["agent"], containers(pod)["setter"]
     assert f"--setter-socket={SETTER_SOCKET}" in agent["args"] and "--gpus=4" in agent["args"]
-    # The same simulated GPUs (the node's name and their number give their UUIDs), and no change.
-    assert {"--backend=sim", "--node-name=$(NODE_NAME)", "--gpus=4"} <= set(setter["args"])
+    # It opens no GPU, so it changes none, and needs no capability nor the NVIDIA runtime's devices.
+    assert "--allocations-only" in setter["args"]
     assert setter["securityContext"]["capabilities"] == {"drop": ["ALL"]}
-    assert {e["name"] for e in setter["env"]} == {"NODE_NAME"}
+    assert "env" not in setter
     (mount,) = [m for m in setter["volumeMounts"] if m["name"] == "pod-resources"]
     assert mount == {"name": "pod-resources", "mountPath": "/var/lib/kubelet/pod-resources", "readOnly": True}
