@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -197,11 +197,19 @@ class LoadLevel(BaseModel):
     choice: Probe
 
 
+# The shape of the stored `OptimizerState`. A field added with a default that means what its
+# absence meant needs no new version (old states load as they are); renaming, removing or
+# reshaping a field does: bump SCHEMA_VERSION and append the step to MIGRATIONS.
+SCHEMA_VERSION = 1
+
+
 class OptimizerState(BaseModel):
-    """Everything the optimizer remembers about one workload (stored in the policy's status)."""
+    """Everything the optimizer remembers about one workload (stored in the policy's status).
+    Read a stored one with `load_state`, which migrates it from the version it was written at."""
 
     model_config = ConfigDict(extra="forbid")
 
+    schemaVersion: int = Field(default=SCHEMA_VERSION, ge=SCHEMA_VERSION, le=SCHEMA_VERSION)
     phase: Phase = "Baseline"
     stage: Stage | None = None
     exploration: int = 1
@@ -233,6 +241,61 @@ class OptimizerState(BaseModel):
     levelLoad: float | None = None  # load-driven: the offered load that level was measured at
     recentLoads: list[float] = []  # load-driven: the last windows' offered load while converged
     rollouts: int = 0  # delivery Rollout: changes of the owner's pod template this exploration cost
+
+
+# ---------------------------------------------------------------- stored state: versions
+
+UNVERSIONED = 0  # states stored before `schemaVersion` existed: version 1's shape, unlabelled
+
+
+class StateTooNew(ValueError):
+    """A stored state written by a newer optimizer (a rolling downgrade): this one cannot read it."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(
+            f"stored optimizer state has schemaVersion {version}; this operator knows up to {SCHEMA_VERSION}"
+        )
+        self.version = version
+
+
+def _label_unversioned(stored: dict[str, Any]) -> dict[str, Any]:
+    """Unversioned -> 1: the shape is version 1's (a state stored before the clock stage lacks
+    its fields, whose defaults mean what their absence meant); only the label is added."""
+    return {**stored, "schemaVersion": 1}
+
+
+# MIGRATIONS[v] turns a stored state of version v into version v + 1, as plain dicts.
+MIGRATIONS: tuple[Callable[[dict[str, Any]], dict[str, Any]], ...] = (_label_unversioned,)
+
+
+def stored_version(stored: Mapping[str, Any]) -> int:
+    """The version a stored state was written at (UNVERSIONED without a label)."""
+    if not isinstance(stored, Mapping):
+        raise ValueError(f"stored optimizer state is not an object: {type(stored).__name__}")
+    version = stored.get("schemaVersion", UNVERSIONED)
+    if not isinstance(version, int) or isinstance(version, bool) or version < UNVERSIONED:
+        raise ValueError(f"stored optimizer state has an invalid schemaVersion {version!r}")
+    return version
+
+
+def migrate(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored state brought to SCHEMA_VERSION, one step at a time, in order."""
+    version = stored_version(stored)
+    if version > SCHEMA_VERSION:
+        raise StateTooNew(version)
+    data = dict(stored)
+    while version < SCHEMA_VERSION:
+        data = MIGRATIONS[version](data)
+        if data.get("schemaVersion") != version + 1:
+            raise RuntimeError(f"migration from schemaVersion {version} did not produce {version + 1}")
+        version += 1
+    return data
+
+
+def load_state(stored: Mapping[str, Any]) -> OptimizerState:
+    """A state read back from the policy's status. Raises StateTooNew for one written by a newer
+    optimizer, ValueError (pydantic's ValidationError among them) for one that is unreadable."""
+    return OptimizerState.model_validate(migrate(stored))
 
 
 # ---------------------------------------------------------------- outputs
