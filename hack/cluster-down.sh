@@ -36,6 +36,8 @@ if compgen -G "$dir/node-*" >/dev/null; then
   # Sandboxes' network namespaces, shm and root filesystems stay mounted: unmount, deepest first.
   awk -v d="$dir/node-" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null
   ip link delete edpilot0 2>/dev/null
+  iptables -t nat -D PREROUTING -i edpilot0 -j EDPILOT-API 2>/dev/null
+  iptables -t nat -F EDPILOT-API 2>/dev/null && iptables -t nat -X EDPILOT-API
 fi
 if [ "${1:-}" = --keep-logs ]; then
   find "$dir" -mindepth 1 -maxdepth 1 ! -name logs -exec rm -rf {} +

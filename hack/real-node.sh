@@ -5,7 +5,8 @@
 # edpilot's simulated backend gives that node. Registry images cannot be pulled here: the pod
 # sandbox image is built locally (pause, with buildah), and IMAGES (docker-archive files, space
 # separated) are imported into containerd. Needs root. Usage: real-node.sh <node-name>
-# Prints the kubelet's pod-resources socket as its last line; cluster-down.sh stops it all.
+# Pods reach the API server as in-cluster clients do (the `kubernetes` Service). Prints the kubelet's
+# pod-resources socket as its last line; cluster-down.sh stops it all.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -63,6 +64,21 @@ cat >"$state/cni/10-edpilot.conflist" <<'JSON'
    "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.7.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
   {"type": "loopback"}]}
 JSON
+# No kube-proxy runs here. The one Service pods need is `kubernetes` (in-cluster configuration), and
+# its endpoint is the API server's loopback address: one DNAT rule from the pods' bridge does what
+# kube-proxy's rule for it would. A loopback destination from a non-loopback interface needs
+# route_localnet on that interface, so the bridge is made here (the CNI plugin takes it as is).
+# cluster-down.sh removes the chain and the bridge.
+server=$("${kubectl[@]}" config view --minify -o jsonpath='{.clusters[0].cluster.server}')
+service=$("${kubectl[@]}" get service kubernetes -n default -o jsonpath='{.spec.clusterIP}:{.spec.ports[0].port}')
+chain=EDPILOT-API
+ip link show edpilot0 >/dev/null 2>&1 || ip link add edpilot0 type bridge
+ip link set edpilot0 up
+sysctl -qw net.ipv4.conf.edpilot0.route_localnet=1
+iptables -t nat -N "$chain" 2>/dev/null || iptables -t nat -F "$chain"
+iptables -t nat -A "$chain" -p tcp -d "${service%:*}" --dport "${service##*:}" -j DNAT --to-destination "${server#https://}"
+iptables -t nat -C PREROUTING -i edpilot0 -j "$chain" 2>/dev/null || iptables -t nat -A PREROUTING -i edpilot0 -j "$chain"
+
 launch "containerd-$node" containerd --config "$state/containerd/config.toml"
 wait_for "containerd" 60 ctr --address "$sock" version
 
@@ -111,7 +127,8 @@ YAML
 plugins=/var/lib/kubelet/device-plugins
 rm -f "$plugins/kubelet.sock"
 launch "kubelet-$node" "$bin/kubelet" --config "$state/kubelet/config.yaml" --kubeconfig "$dir/kubeconfig" \
-  --root-dir "$state/kubelet" --hostname-override "$node" --node-ip "$ip" -v 1
+  --root-dir "$state/kubelet" --hostname-override "$node" --node-ip "$ip" -v 1 \
+  --node-labels nvidia.com/gpu.present=true
 wait_for "the kubelet's device-plugin socket" 120 test -S "$plugins/kubelet.sock"
 launch "gpu-device-plugin-$node" "$bin/gpu-device-plugin" --plugin-dir "$plugins" --node-name "$node" --gpus "$gpus"
 wait_for "node $node to be Ready" 120 "${kubectl[@]}" wait --for=condition=Ready --timeout=2s "node/$node"

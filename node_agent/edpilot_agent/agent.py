@@ -33,7 +33,7 @@ from edpilot_agent.actuator import (
 )
 from edpilot_agent.backend import ENERGY_COUNTER_WRAP_JOULES, GpuBackend, GpuBackendError, GpuInfo, GpuReading
 from edpilot_agent.counters import CounterTracker
-from edpilot_agent.holdings import Holdings, PodDevices, resolve
+from edpilot_agent.holdings import GpuAllocations, Holdings, resolve
 from edpilot_agent.kube import KubeApi
 from edpilot_agent.pods import PodInfo
 from edpilot_agent.reporter import gpu_status, workload_sample
@@ -56,13 +56,6 @@ class SystemClock:
 
     def wall(self) -> datetime:
         return datetime.now(UTC)
-
-
-class GpuAllocations(Protocol):
-    """What each pod was given (device-plugin IDs, DRA devices): the kubelet's pod-resources API,
-    or the simulator."""
-
-    def allocations(self, pods: Sequence[PodInfo]) -> Mapping[str, PodDevices]: ...
 
 
 class SliceSource(Protocol):

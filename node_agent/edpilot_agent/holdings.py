@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from edpilot.dra import DeviceKey, DraConfig, SliceDevice
+from edpilot_agent.pods import PodInfo
 
 # `<uuid>` or a time-slicing/MPS replica `<uuid>::<n>`.
 _PLUGIN_ID: Final = re.compile(r"([A-Za-z0-9-]{1,96})(::[0-9]{1,6})?")
@@ -51,6 +52,13 @@ class PodDevices:
 
     plugin: tuple[str, ...] = ()
     dynamic: tuple[DynamicDevice, ...] = ()
+
+
+class GpuAllocations(Protocol):
+    """What each pod was given (device-plugin IDs, DRA devices): the kubelet's pod-resources API,
+    the setter relaying it, or the simulator playing the kubelet."""
+
+    def allocations(self, pods: Sequence[PodInfo]) -> Mapping[str, PodDevices]: ...
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@
 With `--setter-socket` (the Helm chart's way) this process holds no privilege: it reads NVML
 read-only and asks `edpilot agent-setter`, in its own container, to set limits and to read the
 kubelet's pod-resources socket. Without it, it does both itself and needs root and CAP_SYS_ADMIN.
+With `--backend sim` the GPUs are simulated; a setter then only relays what a real kubelet
+allocated (a setter started with `--allocations-only`), and the simulated pods play on those GPUs.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import time
 from types import FrameType
 
 from edpilot import dra
-from edpilot_agent.agent import GpuAllocations, NodeAgent, SystemClock
+from edpilot_agent.agent import NodeAgent, SystemClock
 from edpilot_agent.backend import GpuBackend, GpuBackendError
+from edpilot_agent.holdings import GpuAllocations
 from edpilot_agent.kube import KubeClient
 from edpilot_agent.kube_auth import KubeAuthorizer
 from edpilot_agent.metrics import AgentCollector, Heartbeat, serve
@@ -54,7 +57,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--setter-socket",
         default="",
-        help="nvml: set limits and read GPU allocations through `edpilot agent-setter` on this socket",
+        help="nvml: set limits and read GPU allocations through `edpilot agent-setter` on this socket; "
+        "sim: read only the allocations (a simulated node with a real kubelet)",
     )
     p.add_argument("--scrape-timeout", type=float, default=2.0, help="seconds for one whole scrape of a pod")
     p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None, help="default: in-cluster")
@@ -130,7 +134,11 @@ def main(argv: list[str]) -> int:
             from edpilot_agent.sim import SimBackend, SimWorkloads
 
             sim = SimBackend(args.node_name, gpus=args.gpus, seed=args.seed, speed=args.sim_speed)
-            workloads = SimWorkloads(sim, claims=kube.claims, slices=kube.slice_devices, dra=dra_config)
+            # With a setter, the node has a real kubelet: pods play on the GPUs it gave them.
+            kubelet = SetterClient(args.setter_socket) if args.setter_socket else None
+            workloads = SimWorkloads(
+                sim, claims=kube.claims, slices=kube.slice_devices, dra=dra_config, kubelet=kubelet
+            )
             backend, work, allocations = sim, workloads, workloads
         else:
             from edpilot_agent.nvml import NvmlBackend

@@ -42,10 +42,10 @@ import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Literal, Protocol
+from typing import Literal
 
 from edpilot_agent.backend import GpuBackend, GpuBackendError, GpuInfo, GpuReading
-from edpilot_agent.holdings import PodDevices, decode, encode
+from edpilot_agent.holdings import GpuAllocations, PodDevices, decode, encode
 from edpilot_agent.pods import PodInfo
 
 log = logging.getLogger(__name__)
@@ -60,17 +60,13 @@ _ALLOCATIONS = b"ALLOCATIONS\n"
 _REASON = re.compile(r"[ -~]{0,200}")
 
 
-class Allocations(Protocol):
-    def allocations(self, pods: Sequence[PodInfo]) -> Mapping[str, PodDevices]: ...
-
-
 class SetterServer:
     def __init__(
         self,
-        backend: GpuBackend,
+        backend: GpuBackend | None,
         socket_path: str,
         allowed_uid: int | None,
-        allocations: Allocations | None = None,
+        allocations: GpuAllocations | None = None,
         read_only: bool = False,
     ) -> None:
         self.backend = backend
@@ -78,7 +74,8 @@ class SetterServer:
         self.allowed_uid = allowed_uid
         self.allocations = allocations
         self.read_only = read_only
-        self.gpus = {g.uuid: g for g in backend.gpus()}
+        # Without a backend (allocations only) there is no GPU to change: every change is refused.
+        self.gpus = {g.uuid: g for g in backend.gpus()} if backend is not None else {}
         self.changed: set[str] = set()
         self.locked: set[str] = set()
         self.draining = threading.Event()
@@ -125,6 +122,7 @@ class SetterServer:
         if not gpu.min_limit_watts <= watts <= gpu.highest_cap_watts:
             return _err(f"{watts:g} W is outside [{gpu.min_limit_watts:g}, {gpu.highest_cap_watts:g}] W")
         try:
+            assert self.backend is not None  # a GPU was found, so there is one
             self.backend.set_power_limit(gpu.uuid, watts)
         except GpuBackendError as exc:
             return _err(f"NVML refused: {exc}")
@@ -159,6 +157,7 @@ class SetterServer:
                     f"[{gpu.min_sm_clock_mhz:g}, {gpu.max_sm_clock_mhz:g}] MHz"
                 )
         try:
+            assert self.backend is not None
             self.backend.set_locked_sm_clock(gpu.uuid, mhz)
         except GpuBackendError as exc:
             return _err(f"NVML refused: {exc}")
@@ -346,6 +345,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--socket", default="/run/edpilot/setter.sock", help="unix socket to serve")
     p.add_argument("--allowed-uid", type=int, default=65532, help="the agent's uid; -1: any (tests only)")
     p.add_argument("--read-only", action="store_true", help="refuse every change (the agent's dry run)")
+    p.add_argument(
+        "--allocations-only",
+        action="store_true",
+        help="open no GPU, refuse every change, relay only the kubelet's allocations "
+        "(for a simulated agent on a node with a real kubelet)",
+    )
     p.add_argument("--pod-resources-socket", default="/var/lib/kubelet/pod-resources/kubelet.sock")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
@@ -356,11 +361,14 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from edpilot_agent.nvml import NvmlBackend
     from edpilot_agent.podresources import PodResourcesClient
 
+    backend: GpuBackend | None = None
     try:
-        backend = NvmlBackend(read_only=args.read_only)
+        if not args.allocations_only:
+            from edpilot_agent.nvml import NvmlBackend
+
+            backend = NvmlBackend(read_only=args.read_only)
     except GpuBackendError as exc:
         log.error("%s", exc)
         return 1
@@ -385,5 +393,6 @@ def main(argv: list[str]) -> int:
     try:
         server.serve(stop)
     finally:
-        backend.close()
+        if backend is not None:
+            backend.close()
     return 0

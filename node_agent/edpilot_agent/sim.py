@@ -33,7 +33,7 @@ from edpilot.models import MeasuredWorkload
 from edpilot.rollout import flag_value
 from edpilot.textnum import ascii_float, positive_int
 from edpilot_agent.backend import GpuBackendError, GpuInfo, GpuReading
-from edpilot_agent.holdings import DynamicDevice, PodDevices, resolve
+from edpilot_agent.holdings import DynamicDevice, GpuAllocations, PodDevices, resolve
 from edpilot_agent.pods import PodInfo
 from edpilot_agent.scraper import MetricsParser, WorkReading
 
@@ -284,7 +284,9 @@ class SimBackend:
 class SimWorkloads:
     """Pods of a KWOK node as simulated workloads: GPU allocation and work counters. `claims` and
     `slices` (the API server's ResourceClaims and this node's ResourceSlices) give DRA pods their
-    devices; without them only device-plugin pods get GPUs."""
+    devices; without them only device-plugin pods get GPUs. On a node with a real kubelet (its
+    device plugin advertising these simulated GPUs' UUIDs), `kubelet` is its pod-resources API:
+    each pod then plays on the GPUs the kubelet gave it, and a pod it lists none for waits."""
 
     def __init__(
         self,
@@ -292,11 +294,13 @@ class SimWorkloads:
         claims: Callable[[], Sequence[ClaimView]] | None = None,
         slices: Callable[[], Sequence[SliceDevice]] | None = None,
         dra: DraConfig | None = DEFAULT_CONFIG,
+        kubelet: GpuAllocations | None = None,
     ) -> None:
         self.backend = backend
         self.claims = claims
         self.slices = slices
         self.dra = dra
+        self.kubelet = kubelet
         self._parser = MetricsParser()
 
     def dynamic(self, pods: Sequence[PodInfo]) -> dict[str, tuple[DynamicDevice, ...]]:
@@ -334,9 +338,17 @@ class SimWorkloads:
         for key in [k for k in jobs if k not in present]:
             del jobs[key]
         used = {i for job in jobs.values() for i in job.gpu_indices}
+        given = self.kubelet.allocations(pods) if self.kubelet is not None else None
         for key, pod in sorted(present.items()):
             job = jobs.get(key)
-            if job is None:
+            if job is None and given is not None:
+                held = tuple(index_of[u] for u in given.get(key, PodDevices()).plugin if u in index_of)
+                if len(held) < pod.gpu_request:
+                    continue  # not admitted by the kubelet yet
+                job = jobs[key] = self._new_job(pod, held)
+                if job.kind == SERVING:
+                    self._start_engine(job, pod)
+            elif job is None:
                 allocated = tuple(index_of[u] for u in by_dra.get(key, ()) if u in index_of)
                 free = sorted(
                     (d.index for d in devices if d.index not in used and d.index not in allocated),

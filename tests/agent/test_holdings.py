@@ -4,11 +4,14 @@ for DRA and shared GPUs, and the simulated kubelet's DRA devices."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from agent_helpers import NODE, FakeClock, cap_spec, decode_pod
 from edpilot_agent.agent import NodeAgent
 from edpilot_agent.holdings import DynamicDevice, PodDevices, decode, encode, resolve
 from edpilot_agent.kube import InMemoryKube
+from edpilot_agent.podresources import PodResourcesClient
 from edpilot_agent.pods import PodInfo
 from edpilot_agent.setter import SetterServer
 from edpilot_agent.sim import SimBackend, SimWorkloads
@@ -199,3 +202,40 @@ def test_the_simulated_kubelet_gives_dra_pods_their_devices_and_plugin_pods_the_
     held = resolve(given, device_catalog(slices), DEFAULT_CONFIG)
     assert held.by_pod[dra_pod.key] == (uuids[3],)
     assert backend.jobs[dra_pod.key].gpu_indices == (3,)
+
+
+def test_on_a_real_kubelet_simulated_pods_play_on_the_gpus_it_gave_them() -> None:
+    backend = SimBackend(NODE, gpus=4, seed=1)
+    uuids = [d.uuid for d in backend.devices]
+    trainer = PodInfo("ml", "trainer", uid="u-t", phase="Running", gpu_request=2)
+    waiting = PodInfo("ml", "waiting", uid="u-w", phase="Pending", gpu_request=1)
+    # The kubelet gave the trainer GPUs 3 and 1 (not the lowest free ones the simulator would pick)
+    # and has not admitted the other pod yet.
+    kubelet_says = {trainer.key: PodDevices(plugin=(uuids[3], uuids[1]))}
+
+    class Kubelet:
+        def allocations(self, pods: object) -> dict[str, PodDevices]:
+            return kubelet_says
+
+    workloads = SimWorkloads(backend, kubelet=Kubelet())
+    given = workloads.allocations([trainer, waiting])
+    assert given == {trainer.key: PodDevices(plugin=(uuids[3], uuids[1]))}
+    assert backend.jobs[trainer.key].gpu_indices == (3, 1)
+    assert waiting.key not in backend.jobs
+    kubelet_says[waiting.key] = PodDevices(plugin=(uuids[0],))
+    assert workloads.allocations([trainer, waiting])[waiting.key] == PodDevices(plugin=(uuids[0],))
+    # A pod the kubelet has let go of stops playing.
+    assert trainer.key not in workloads.allocations([waiting])
+
+
+def test_an_allocations_only_setter_relays_the_kubelet_and_refuses_every_change(tmp_path: Path) -> None:
+    from edpilot_agent import setter
+
+    assert setter.parse_args(["--allocations-only"]).allocations_only
+    server = SetterServer(None, "/unused", None, PodResourcesClient(str(tmp_path / "absent.sock")))
+    uuid = SimBackend(NODE, gpus=1).devices[0].uuid  # a simulated GPU the agent would ask about
+    for change in (f"SET {uuid} 300000", f"RESTORE {uuid}", f"LOCK {uuid} 1000", f"UNLOCK {uuid}"):
+        assert server.handle(f"{change}\n".encode()) == b"ERR no such GPU on this node\n"
+    # No kubelet listening: the setter says so and keeps serving.
+    assert server.handle(b"ALLOCATIONS\n").startswith(b"ERR the kubelet's pod-resources API did not answer")
+    assert server.restore_changed() == []

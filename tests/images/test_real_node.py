@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from edpilot_agent.podresources import PodResourcesClient
 from edpilot_agent.pods import PodInfo
-from images_common import AGENT, REPO, Podman
+from edpilot_operator.localrun import FAST_AGENT_ARGS, FAST_OPERATOR_ARGS
+from images_common import AGENT, OPERATOR, REPO, TAG, Podman
 from kubetest import Cluster, wait_for
 
 from edpilot.gpusim import gpu_uuid
@@ -33,9 +34,16 @@ NAMESPACE = "edpilot-real-node"
 @pytest.fixture(scope="module")
 def real_node(podman: Podman, cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Adds the real node to the session's control plane; its socket for pod-resources."""
-    archive = tmp_path_factory.mktemp("images") / "agent.tar"
-    podman("save", "--format=docker-archive", f"--output={archive}", AGENT)
-    env = {**podman.env, "CLUSTER_DIR": str(cluster.dir), "GPUS": str(GPUS), "IMAGES": str(archive)}
+    archives = []
+    for image in (AGENT, OPERATOR):
+        archives.append(tmp_path_factory.mktemp("images") / "image.tar")
+        podman("save", "--format=docker-archive", f"--output={archives[-1]}", image)
+    env = {
+        **podman.env,
+        "CLUSTER_DIR": str(cluster.dir),
+        "GPUS": str(GPUS),
+        "IMAGES": " ".join(str(a) for a in archives),
+    }
     proc = subprocess.run(
         [str(REPO / "hack" / "real-node.sh"), NODE], env=env, capture_output=True, text=True, timeout=1200
     )
@@ -121,3 +129,113 @@ def test_deleting_the_pod_frees_its_gpus(real_node: Path, cluster: Cluster) -> N
             break
         assert time.monotonic() < deadline, f"the kubelet still reports {left}"
         time.sleep(1)
+
+
+# ---------------------------------------------------------------- the chart on the real node
+
+RELEASE = "realnode"
+POLICY_NAME = "real-node-power"
+POLICY = {
+    "apiVersion": "edpilot.io/v1alpha1",
+    "kind": "EnergyPolicy",
+    "metadata": {"name": POLICY_NAME, "namespace": NAMESPACE},
+    "spec": {
+        "selector": {"matchLabels": {"app": "real-trainer"}},
+        "objective": "EDP",
+        "maxSlowdownPercent": 5,
+        "powerCap": {"mode": "Auto", "minPercent": 40, "maxPercent": 100},
+        "workMetric": {"port": 9400, "name": "training_samples_total", "unit": "samples"},
+    },
+}
+
+
+def trainer_pod() -> dict[str, Any]:
+    """A training pod the simulated agent plays (sim.edpilot.io annotations) on the two GPUs the
+    real kubelet gives it; its container is the local pause image."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "trainer",
+            "namespace": NAMESPACE,
+            "labels": {"app": "real-trainer"},
+            "annotations": {
+                "sim.edpilot.io/workload": "training",
+                "sim.edpilot.io/precision": "bf16",
+                "sim.edpilot.io/batch-size": "256",
+            },
+        },
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [
+                {
+                    "name": "trainer",
+                    "image": "localhost/edpilot/pause:local",
+                    "imagePullPolicy": "Never",
+                    "resources": {"limits": {"nvidia.com/gpu": "2"}},
+                }
+            ],
+        },
+    }
+
+
+def chart_values(pod_resources: Path) -> dict[str, Any]:
+    """The local images, never pulled; simulated GPUs whose allocation the real kubelet makes."""
+    image = {"tag": TAG, "pullPolicy": "Never"}
+    operator = {"repository": OPERATOR.rsplit(":", 1)[0], **image}
+    return {
+        "operator": {"image": operator, "extraArgs": list(FAST_OPERATOR_ARGS)},
+        "extender": {"image": operator},
+        "agent": {
+            "image": {"repository": AGENT.rsplit(":", 1)[0], **image},
+            "backend": "sim",
+            "sim": {"gpus": GPUS, "podResources": True},
+            "podResourcesPath": str(pod_resources.parent),
+            "extraArgs": [a for a in FAST_AGENT_ARGS if not a.startswith("--backend")],
+        },
+    }
+
+
+def test_the_chart_runs_on_the_real_node_and_converges_a_policy(
+    real_node: Path, cluster: Cluster, tmp_path: Path
+) -> None:
+    values = tmp_path / "values.json"
+    values.write_text(json.dumps(chart_values(real_node)))
+    release_namespace = f"{NAMESPACE}-system"
+    cluster.kubectl("create", "namespace", release_namespace)
+    try:
+        cluster.helm(
+            "install", RELEASE, str(REPO / "charts" / "edpilot"), "-n", release_namespace,
+            "-f", str(values), "--wait", "--timeout=5m",
+        )  # fmt: skip
+        pods = cluster.get_json("pods", "-n", release_namespace)["items"]
+        ready = {
+            p["metadata"]["name"]: all(c["ready"] for c in p["status"].get("containerStatuses", []))
+            for p in pods
+        }
+        assert {p["spec"]["nodeName"] for p in pods} == {NODE}
+        assert len(pods) >= 3 and all(ready.values()), ready  # operator, extender, agent
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(trainer_pod()))
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(POLICY))
+        cluster.kubectl("wait", "--for=condition=Ready", "--timeout=120s", "-n", NAMESPACE, "pod/trainer")
+
+        def converged() -> dict[str, Any] | None:
+            policy = cluster.get_json("energypolicy", POLICY_NAME, "-n", NAMESPACE)
+            rows = (policy.get("status") or {}).get("workloads") or []
+            return rows[0] if len(rows) == 1 and rows[0].get("phase") == "Converged" else None
+
+        row = wait_for("the trainer's workload to converge", converged, 600)
+        assert row["pods"] == [f"{NAMESPACE}/trainer"] and row["powerCapWatts"]
+        # The agent's report names the GPUs the real kubelet gave the pod, and caps them.
+        given = PodResourcesClient(str(real_node)).allocations([])[f"{NAMESPACE}/trainer"].plugin
+        report = cluster.get_json("gpunodereport", NODE)["status"]
+        held = {g["uuid"]: g for g in report["gpus"] if f"{NAMESPACE}/trainer" in g["pods"]}
+        assert report["backend"] == "sim" and sorted(held) == sorted(given) and len(given) == 2
+        assert all(g["enforcedLimitWatts"] < g["defaultLimitWatts"] for g in held.values())
+    finally:
+        print(cluster.kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout)
+        for log in sorted(Path("/var/log/pods").glob(f"{release_namespace}_*/*/*.log")):
+            print(f"----- {log}\n" + "\n".join(log.read_text().splitlines()[-40:]))
+        cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+        cluster.helm("uninstall", RELEASE, "-n", release_namespace, "--wait", check=False)
+        cluster.kubectl("delete", "namespace", release_namespace, "--wait=false", check=False)

@@ -102,3 +102,28 @@ def test_the_agents_rbac_reads_no_single_pod_and_creates_no_event() -> None:
     assert not {g for g in granted if g[1] == "events"}
     assert ("authentication.k8s.io", "tokenreviews", "create") in granted
     assert ("authorization.k8s.io", "subjectaccessreviews", "create") in granted
+
+
+def test_a_simulated_node_simulates_its_kubelet_without_a_setter() -> None:
+    pod = daemonset_pod(render("--set", "agent.backend=sim", "--set", "agent.sim.gpus=4"))
+    assert set(containers(pod)) == {"agent"}
+    agent = containers(pod)["agent"]
+    assert "--gpus=4" in agent["args"]
+    assert not any(a.startswith("--setter-socket") for a in agent["args"])
+    assert "pod-resources" not in {v["name"] for v in pod["volumes"]}
+
+
+def test_a_simulated_node_with_a_real_kubelet_reads_it_through_a_read_only_setter() -> None:
+    pod = daemonset_pod(
+        render(
+            "--set", "agent.backend=sim", "--set", "agent.sim.podResources=true", "--set", "agent.sim.gpus=4"
+        )
+    )
+    agent, setter = containers(pod)["agent"], containers(pod)["setter"]
+    assert f"--setter-socket={SETTER_SOCKET}" in agent["args"] and "--gpus=4" in agent["args"]
+    # It opens no GPU, so it changes none, and needs no capability nor the NVIDIA runtime's devices.
+    assert "--allocations-only" in setter["args"]
+    assert setter["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert "env" not in setter
+    (mount,) = [m for m in setter["volumeMounts"] if m["name"] == "pod-resources"]
+    assert mount == {"name": "pod-resources", "mountPath": "/var/lib/kubelet/pod-resources", "readOnly": True}
