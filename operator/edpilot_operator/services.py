@@ -385,6 +385,8 @@ def _untouched(
     outcome.events.append(PolicyEvent("Warning", "StateTooNew", f"{name}: {message}"))
     held = _held(row, previous_row, None, message)
     held.optimizer = dict(previous_row["optimizer"])
+    # Its rollout record too: an owner no row records is one whose template is put back.
+    held.rollout = _rollout_record(previous_row)
     rollouts_spent = previous_row.get("rollouts")
     held.rollouts = rollouts_spent if isinstance(rollouts_spent, int) else 0
     return held
