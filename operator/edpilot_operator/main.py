@@ -113,6 +113,9 @@ def main(argv: list[str]) -> int:
             standalone=args.peering is None,
             peering_name=args.peering,
             priority=priority,
+            # kopf would name this replica after its user, and a uid without a passwd entry (the
+            # image's numeric USER under containerd, an OpenShift uid) has none: getpwuid fails.
+            identity=args.identity,
             clusterwide=not args.namespace,
             namespaces=args.namespace,
             liveness_endpoint=args.liveness,
