@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -61,8 +61,7 @@ from edpilot.models import (
     SmClockSpec,
 )
 
-Stage = Literal["quantization", "batch", "cap", "clock", "straggler"]
-STAGES: tuple[Stage, ...] = ("quantization", "batch", "cap", "clock", "straggler")
+Stage = Literal["quantization", "batch", "cap", "clock", "straggler"]  # in order: STAGE_ORDER
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
@@ -197,11 +196,19 @@ class LoadLevel(BaseModel):
     choice: Probe
 
 
+# The shape of the stored `OptimizerState`. A field added with a default that means what its
+# absence meant needs no new version (old states load as they are); renaming, removing or
+# reshaping a field does: bump SCHEMA_VERSION and append the step to MIGRATIONS.
+SCHEMA_VERSION = 1
+
+
 class OptimizerState(BaseModel):
-    """Everything the optimizer remembers about one workload (stored in the policy's status)."""
+    """Everything the optimizer remembers about one workload (stored in the policy's status).
+    Read a stored one with `load_state`, which migrates it from the version it was written at."""
 
     model_config = ConfigDict(extra="forbid")
 
+    schemaVersion: int = Field(default=SCHEMA_VERSION, ge=SCHEMA_VERSION, le=SCHEMA_VERSION)
     phase: Phase = "Baseline"
     stage: Stage | None = None
     exploration: int = 1
@@ -233,6 +240,61 @@ class OptimizerState(BaseModel):
     levelLoad: float | None = None  # load-driven: the offered load that level was measured at
     recentLoads: list[float] = []  # load-driven: the last windows' offered load while converged
     rollouts: int = 0  # delivery Rollout: changes of the owner's pod template this exploration cost
+
+
+# ---------------------------------------------------------------- stored state: versions
+
+UNVERSIONED = 0  # states stored before `schemaVersion` existed: version 1's shape, unlabelled
+
+
+class StateTooNew(ValueError):
+    """A stored state written by a newer optimizer (a rolling downgrade): this one cannot read it."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(
+            f"stored optimizer state has schemaVersion {version}; this operator knows up to {SCHEMA_VERSION}"
+        )
+        self.version = version
+
+
+def _label_unversioned(stored: dict[str, Any]) -> dict[str, Any]:
+    """Unversioned -> 1: the shape is version 1's (a state stored before the clock stage lacks
+    its fields, whose defaults mean what their absence meant); only the label is added."""
+    return {**stored, "schemaVersion": 1}
+
+
+# MIGRATIONS[v] turns a stored state of version v into version v + 1, as plain dicts.
+MIGRATIONS: tuple[Callable[[dict[str, Any]], dict[str, Any]], ...] = (_label_unversioned,)
+
+
+def stored_version(stored: Mapping[str, Any]) -> int:
+    """The version a stored state was written at (UNVERSIONED without a label)."""
+    if not isinstance(stored, Mapping):
+        raise ValueError(f"stored optimizer state is not an object: {type(stored).__name__}")
+    version = stored.get("schemaVersion", UNVERSIONED)
+    if not isinstance(version, int) or isinstance(version, bool) or version < UNVERSIONED:
+        raise ValueError(f"stored optimizer state has an invalid schemaVersion {version!r}")
+    return version
+
+
+def migrate(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored state brought to SCHEMA_VERSION, one step at a time, in order."""
+    version = stored_version(stored)
+    if version > SCHEMA_VERSION:
+        raise StateTooNew(version)
+    data = dict(stored)
+    while version < SCHEMA_VERSION:
+        data = MIGRATIONS[version](data)
+        if data.get("schemaVersion") != version + 1:
+            raise RuntimeError(f"migration from schemaVersion {version} did not produce {version + 1}")
+        version += 1
+    return data
+
+
+def load_state(stored: Mapping[str, Any]) -> OptimizerState:
+    """A state read back from the policy's status. Raises StateTooNew for one written by a newer
+    optimizer, ValueError (pydantic's ValidationError among them) for one that is unreadable."""
+    return OptimizerState.model_validate(migrate(stored))
 
 
 # ---------------------------------------------------------------- outputs
@@ -505,31 +567,6 @@ def _quantization_probes(st: OptimizerState) -> list[Probe]:
     return [p for p in _stage_probes(st, "quantization") if p.config.batchSize == batch]
 
 
-def _requantize(st: OptimizerState, ctx: _Ctx) -> bool:
-    """Re-check the precision once when the batch search moved the batch: which precision is best
-    depends on it (at small batches bytes decide, at large ones the math). Not for serving, where a
-    precision change restarts the engine."""
-    assert st.incumbent is not None
-    if st.requantized or ctx.load_driven or st.baseline is None:
-        return False
-    if st.incumbent.config.batchSize == st.baseline.config.batchSize:
-        return False
-    st.requantized = _stage_applies("quantization", st, ctx) is None
-    return st.requantized
-
-
-def _next_quantization(st: OptimizerState, ctx: _Ctx) -> Config | None:
-    assert st.incumbent is not None
-    if not ctx.rollout_room(st):
-        ctx.reasons.append("quantization: the rollout budget (delivery.maxRollouts) is spent")
-        return None
-    tried = {p.config.quantization for p in _quantization_probes(st)}
-    for profile in _eligible_profiles(st, ctx):
-        if profile not in tried:
-            return st.incumbent.config.model_copy(update={"quantization": profile})
-    return None
-
-
 def batch_candidates(policy: EnergyPolicySpec, workload: WorkloadInfo) -> list[int]:
     """Multiples of `multipleOf` at powers of two inside the policy's and the workload's range."""
     spec = policy.batchSize
@@ -732,16 +769,6 @@ def _golden(st: OptimizerState, ctx: _Ctx, axis: _Axis) -> Config | None:
     return axis.at(st.incumbent.config, edge)
 
 
-def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
-    return _golden(st, ctx, CAP_AXIS)
-
-
-def _next_clock(st: OptimizerState, ctx: _Ctx) -> Config | None:
-    """The SM clock ceiling, searched like the cap with the incumbent's cap kept: where the cap
-    does not bind (the draw is below any cap worth trying), a locked clock still lowers power."""
-    return _golden(st, ctx, CLOCK_AXIS)
-
-
 def _barely_slowed(p: Probe, st: OptimizerState, ctx: _Ctx) -> bool:
     """Within the limits, with at most a quarter of the slowdown allowance used."""
     if p.metrics is None or _violation(p.metrics, st, ctx) > 0:
@@ -883,15 +910,6 @@ def _next_straggler(st: OptimizerState, ctx: _Ctx) -> Config | None:
     return st.incumbent.config.model_copy(update={"memberCaps": {m: y for m in waiting}})
 
 
-NEXT: dict[Stage, Callable[[OptimizerState, _Ctx], Config | None]] = {
-    "quantization": _next_quantization,
-    "batch": _next_batch,
-    "cap": _next_cap,
-    "clock": _next_clock,
-    "straggler": _next_straggler,
-}
-
-
 def _lost_in_noise(st: OptimizerState, ctx: _Ctx, label: str, lever: str) -> str | None:
     """Why a stage that only slows work down is skipped when the slowdown limit is within the
     measurement noise: a lower cap or clock never speeds work up, so every probe would slow the
@@ -905,88 +923,210 @@ def _lost_in_noise(st: OptimizerState, ctx: _Ctx, label: str, lever: str) -> str
     )
 
 
-def _stage_applies(stage: Stage, st: OptimizerState, ctx: _Ctx) -> str | None:
-    """None when the stage runs, else why it is skipped."""
-    assert st.incumbent is not None
-    policy, config = ctx.policy, st.incumbent.config
-    if stage == "quantization":
-        if policy.quantization.mode != "Auto":
+class _StageRules:
+    """One stage of the exploration and all its transitions: why it is skipped (None: it runs),
+    the next configuration it probes (None: it has none left), the probe it keeps when it ends,
+    and the stages tried after it. `_advance` drives them in `STAGE_ORDER`."""
+
+    name: Stage
+    label: str  # in events
+
+    def skipped(self, st: OptimizerState, ctx: _Ctx) -> str | None:
+        raise NotImplementedError
+
+    def next_config(self, st: OptimizerState, ctx: _Ctx) -> Config | None:
+        raise NotImplementedError
+
+    def finish(self, st: OptimizerState, ctx: _Ctx) -> Probe:
+        """The configuration kept from this stage's probes (the incumbent if none beat it)."""
+        return _stage_best(st, self.name, ctx)
+
+    def then(self, st: OptimizerState, ctx: _Ctx) -> list[_StageRules]:
+        """The stages tried after this one has finished, in order."""
+        return _after(self)
+
+
+def _after(rules: _StageRules) -> list[_StageRules]:
+    return list(STAGE_ORDER[STAGE_ORDER.index(rules) + 1 :])
+
+
+def _measured(st: OptimizerState, stage: Stage) -> list[Probe]:
+    return [p for p in _stage_probes(st, stage) if p.metrics is not None]
+
+
+class _Quantization(_StageRules):
+    name, label = "quantization", "quantization"
+
+    def skipped(self, st: OptimizerState, ctx: _Ctx) -> str | None:
+        assert st.incumbent is not None
+        if ctx.policy.quantization.mode != "Auto":
             return "quantization: mode Off"
-        if config.quantization is None:
+        if st.incumbent.config.quantization is None:
             return "quantization: the workload does not report the profile it runs"
         if not _eligible_profiles(st, ctx):
             return "quantization: no allowed profile declares an accuracy within maxAccuracyDropPercent"
         if ctx.load_driven and st.heldQuantization is not None:
             return "quantization: chosen at the first load level (a serving engine reloads to change it)"
-    elif stage == "batch":
+        return None
+
+    def next_config(self, st: OptimizerState, ctx: _Ctx) -> Config | None:
+        assert st.incumbent is not None
+        if not ctx.rollout_room(st):
+            ctx.reasons.append("quantization: the rollout budget (delivery.maxRollouts) is spent")
+            return None
+        tried = {p.config.quantization for p in _quantization_probes(st)}
+        for profile in _eligible_profiles(st, ctx):
+            if profile not in tried:
+                return st.incumbent.config.model_copy(update={"quantization": profile})
+        return None
+
+    def finish(self, st: OptimizerState, ctx: _Ctx) -> Probe:
+        assert st.incumbent is not None
+        batch = st.incumbent.config.batchSize
+        winners = [
+            p
+            for p in _measured(st, self.name)
+            if p.config.batchSize == batch and _better(p, st.incumbent, st, ctx)
+        ]
+        if not winners:
+            return st.incumbent
+        best = min(winners, key=lambda p: _key(p, st, ctx))
+        own, faster = st.incumbent.metrics, best.metrics
+        if own is not None and faster is not None and own.latencySeconds and faster.latencySeconds:
+            # How much slower the workload's own precision is, at the same cap and load.
+            st.latencyScale = own.latencySeconds / faster.latencySeconds
+        return best
+
+    def then(self, st: OptimizerState, ctx: _Ctx) -> list[_StageRules]:
+        # The re-check after the batch stage goes on after the batch stage, not back into it.
+        return _after(BATCH) if st.requantized else _after(self)
+
+
+class _Batch(_StageRules):
+    name, label = "batch", "batch size"
+
+    def skipped(self, st: OptimizerState, ctx: _Ctx) -> str | None:
+        assert st.incumbent is not None
+        policy = ctx.policy
         if policy.batchSize.mode != "Auto":
             return "batch size: mode Off"
-        if config.batchSize is None:
+        if st.incumbent.config.batchSize is None:
             return "batch size: the workload does not report the batch size it runs"
         if not batch_candidates(policy, ctx.workload):
             return "batch size: no multiple of multipleOf inside the allowed range"
         if ctx.load_driven and not _limit_binds(st, ctx):
             return "batch size: the sequence limit does not bind at this load (fewer run, none wait)"
-    elif stage == "clock":
-        if policy.smClock.mode != "Auto":
-            return f"SM clock: mode {policy.smClock.mode}"
+        return None
+
+    def next_config(self, st: OptimizerState, ctx: _Ctx) -> Config | None:
+        return _next_batch(st, ctx)
+
+    def then(self, st: OptimizerState, ctx: _Ctx) -> list[_StageRules]:
+        following = super().then(st, ctx)
+        return [QUANTIZATION, *following] if self._requantize(st, ctx) else following
+
+    @staticmethod
+    def _requantize(st: OptimizerState, ctx: _Ctx) -> bool:
+        """Re-check the precision once when the batch search moved the batch: which precision is
+        best depends on it (at small batches bytes decide, at large ones the math). Not for
+        serving, where a precision change restarts the engine."""
+        assert st.incumbent is not None
+        if st.requantized or ctx.load_driven or st.baseline is None:
+            return False
+        if st.incumbent.config.batchSize == st.baseline.config.batchSize:
+            return False
+        st.requantized = QUANTIZATION.skipped(st, ctx) is None
+        return st.requantized
+
+
+def _cap_skipped(st: OptimizerState, ctx: _Ctx, stage: Stage) -> str | None:
+    """Why a stage that lowers power caps (the cap, the stragglers') is skipped."""
+    if ctx.policy.powerCap.mode != "Auto":
+        return f"power cap: mode {ctx.policy.powerCap.mode}"
+    if (lost := _lost_in_noise(st, ctx, stage, "cap")) is not None:
+        return lost
+    if not ctx.known_bounds() or len(ctx.known_bounds()) != len(ctx.bounds):
+        return "power cap: some GPU has no usable bounds"
+    return None
+
+
+class _AxisStage(_StageRules):
+    """A golden-section search along an axis; keeps the best probe on the fitted curve if it beats
+    the incumbent beyond noise."""
+
+    axis: _Axis
+
+    def next_config(self, st: OptimizerState, ctx: _Ctx) -> Config | None:
+        return _golden(st, ctx, self.axis)
+
+    def finish(self, st: OptimizerState, ctx: _Ctx) -> Probe:
+        assert st.incumbent is not None
+        chosen = _best_probe(st, ctx, self.axis, _measured(st, self.name))
+        return chosen if chosen is not None and _better(chosen, st.incumbent, st, ctx) else st.incumbent
+
+
+class _Cap(_AxisStage):
+    name, label, axis = "cap", "power cap", CAP_AXIS
+
+    def skipped(self, st: OptimizerState, ctx: _Ctx) -> str | None:
+        return _cap_skipped(st, ctx, self.name)
+
+
+class _Clock(_AxisStage):
+    """The SM clock ceiling, searched like the cap with the incumbent's cap kept: where the cap
+    does not bind (the draw is below any cap worth trying), a locked clock still lowers power."""
+
+    name, label, axis = "clock", "SM clock", CLOCK_AXIS
+
+    def skipped(self, st: OptimizerState, ctx: _Ctx) -> str | None:
+        if ctx.policy.smClock.mode != "Auto":
+            return f"SM clock: mode {ctx.policy.smClock.mode}"
         if (lost := _lost_in_noise(st, ctx, "SM clock", "clock")) is not None:
             return lost
         if any(b is None for b in ctx.clocks.values()):
             return "SM clock: some GPU's supported clocks are unknown (or it is not held alone)"
-    else:
-        if policy.powerCap.mode != "Auto":
-            return f"power cap: mode {policy.powerCap.mode}"
-        if (lost := _lost_in_noise(st, ctx, stage, "cap")) is not None:
-            return lost
-        if not ctx.known_bounds() or len(ctx.known_bounds()) != len(ctx.bounds):
-            return "power cap: some GPU has no usable bounds"
-        if stage == "straggler" and len(ctx.workload.members) < 2:
-            return "straggler: a single GPU"
-    return None
+        return None
 
 
-def _finish_stage(st: OptimizerState, stage: Stage, ctx: _Ctx) -> None:
-    assert st.incumbent is not None
-    probes = [p for p in _stage_probes(st, stage) if p.metrics is not None]
-    best = st.incumbent
-    if stage in ("cap", "clock"):
-        chosen = _best_probe(st, ctx, CAP_AXIS if stage == "cap" else CLOCK_AXIS, probes)
-        if chosen is not None and _better(chosen, st.incumbent, st, ctx):
-            best = chosen
-    elif stage == "straggler":
-        pace = [p for p in probes if _keeps_pace(p, st, ctx)]
-        assert st.incumbent.metrics is not None
+class _Straggler(_StageRules):
+    name, label = "straggler", "straggler caps"
+
+    def skipped(self, st: OptimizerState, ctx: _Ctx) -> str | None:
+        if (why := _cap_skipped(st, ctx, self.name)) is not None:
+            return why
+        return "straggler: a single GPU" if len(ctx.workload.members) < 2 else None
+
+    def next_config(self, st: OptimizerState, ctx: _Ctx) -> Config | None:
+        return _next_straggler(st, ctx)
+
+    def finish(self, st: OptimizerState, ctx: _Ctx) -> Probe:
+        """The lowest-objective probe that keeps the job's pace, if it beats the incumbent's
+        objective beyond noise."""
+        assert st.incumbent is not None and st.incumbent.metrics is not None
+        pace = [p for p in _measured(st, self.name) if _keeps_pace(p, st, ctx)]
         bar = st.incumbent.metrics.objective * (1.0 - _threshold(st, ctx.tuning))
         winner = min(pace, key=lambda p: p.metrics.objective if p.metrics else math.inf, default=None)
         if winner is not None and winner.metrics is not None and winner.metrics.objective < bar:
-            best = winner
-    elif stage == "quantization":
-        batch = st.incumbent.config.batchSize
-        winners = [p for p in probes if p.config.batchSize == batch and _better(p, st.incumbent, st, ctx)]
-        if winners:
-            best = min(winners, key=lambda p: _key(p, st, ctx))
-            own, faster = st.incumbent.metrics, best.metrics
-            if own is not None and faster is not None and own.latencySeconds and faster.latencySeconds:
-                # How much slower the workload's own precision is, at the same cap and load.
-                st.latencyScale = own.latencySeconds / faster.latencySeconds
-    else:
-        best = _stage_best(st, stage, ctx)
+            return winner
+        return st.incumbent
+
+
+QUANTIZATION, BATCH = _Quantization(), _Batch()
+STAGE_ORDER: tuple[_StageRules, ...] = (QUANTIZATION, BATCH, _Cap(), _Clock(), _Straggler())
+STAGE_RULES: dict[Stage, _StageRules] = {rules.name: rules for rules in STAGE_ORDER}
+
+
+def _finish_stage(st: OptimizerState, rules: _StageRules, ctx: _Ctx) -> None:
+    assert st.incumbent is not None
+    best = rules.finish(st, ctx)
     changed = best is not st.incumbent
     st.incumbent = best
     st.capBracket = st.clockBracket = None
-    label = {
-        "quantization": "quantization",
-        "batch": "batch size",
-        "cap": "power cap",
-        "clock": "SM clock",
-        "straggler": "straggler caps",
-    }
     ctx.event(
         "Normal",
         "ExplorationStep",
-        f"{label[stage]}: {_describe(best.config, ctx) if changed else 'kept ' + _describe(best.config, ctx)} "
-        f"after {len(_stage_probes(st, stage))} probe(s)",
+        f"{rules.label}: {_describe(best.config, ctx) if changed else 'kept ' + _describe(best.config, ctx)} "
+        f"after {len(_stage_probes(st, rules.name))} probe(s)",
     )
 
 
@@ -1061,28 +1201,22 @@ def _runs(w: Window, target: Config, ctx: _Ctx) -> bool:
 def _advance(st: OptimizerState, ctx: _Ctx, abandon: bool = False) -> None:
     """Pick the next probe, finishing stages that have none left; converge after the last.
     `abandon`: the current stage ends now, whatever it has left."""
-    order = list(STAGES)
     while True:
+        following: list[_StageRules] | tuple[_StageRules, ...] = STAGE_ORDER
         if st.stage is not None:
-            config = None if abandon else NEXT[st.stage](st, ctx)
+            rules = STAGE_RULES[st.stage]
+            config = None if abandon else rules.next_config(st, ctx)
             abandon = False
             if config is not None:
                 _set_target(st, config, ctx)
                 return
-            finished = st.stage
-            _finish_stage(st, finished, ctx)
-            following = order[order.index(finished) + 1 :]
-            if finished == "quantization" and st.requantized:
-                following = order[order.index("batch") + 1 :]
-            elif finished == "batch" and _requantize(st, ctx):
-                following = ["quantization", *following]
-        else:
-            following = order
+            _finish_stage(st, rules, ctx)
+            following = rules.then(st, ctx)
         st.stage = None
-        for stage in following:
-            skipped = _stage_applies(stage, st, ctx)
+        for candidate in following:
+            skipped = candidate.skipped(st, ctx)
             if skipped is None:
-                st.stage = stage
+                st.stage = candidate.name
                 break
             ctx.reasons.append(skipped)
         if st.stage is None:

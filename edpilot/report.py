@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edpilot.contract import WorkloadFigures
 from edpilot.models import GROUP, VERSION, Measurement, WorkloadStatus
-from edpilot.optimizer import OptimizerState, Probe
+from edpilot.optimizer import OptimizerState, Probe, load_state
 from edpilot.simulate import Figures as SimFigures
 from edpilot.simulate import FleetResult, WorkloadResult
 
@@ -195,8 +195,8 @@ def _policy_row(row: WorkloadStatus, default_caps: Mapping[str, float], warn: Te
     state: OptimizerState | None = None
     if row.optimizer:
         try:
-            state = OptimizerState.model_validate(row.optimizer)
-        except ValidationError as exc:
+            state = load_state(row.optimizer)
+        except ValueError as exc:  # unreadable, or written by a newer optimizer (StateTooNew)
             if warn is not None:
                 print(
                     f"warning: {row.name}: optimizer state unreadable, no explored points: {exc}", file=warn

@@ -52,7 +52,7 @@ from edpilot.models import (
     PowerBudgetStatus,
     PowerCapSpec,
 )
-from edpilot.optimizer import Config, OptimizerState
+from edpilot.optimizer import Config, load_state
 from edpilot.placement import compute_bound_curve
 from edpilot.sharing import NO_DRA
 
@@ -93,8 +93,8 @@ def probe_points(policy_status: Mapping[str, Any]) -> dict[str, tuple[ProbePoint
         if not stored:
             continue
         try:
-            state = OptimizerState.model_validate(stored)
-        except ValidationError:
+            state = load_state(stored)
+        except ValueError:  # unreadable, or written by a newer optimizer (StateTooNew)
             continue  # the policy reconciler reports unreadable state; no curve meanwhile
         running = (state.target.quantization, state.target.batchSize)
         measured = [

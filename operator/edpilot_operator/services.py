@@ -45,8 +45,10 @@ from edpilot.optimizer import (
     MemberInfo,
     Observation,
     OptimizerState,
+    StateTooNew,
     Tuning,
     WorkloadInfo,
+    load_state,
     step,
 )
 from edpilot.rollout import JsonPatch, OwnerView, RolloutConfig
@@ -270,7 +272,11 @@ def _reconcile_workload(
         if pod.annotations.get(ANNOTATION_POLICY) != policy.name:
             outcome.pod_annotations.setdefault(pod.key, {})[ANNOTATION_POLICY] = policy.name
     spec = policy.spec
-    state = _stored_state(previous_row, outcome, workload.name)
+    try:
+        state = _stored_state(previous_row, outcome, workload.name)
+    except StateTooNew as exc:
+        assert previous_row is not None
+        return _untouched(row, previous_row, outcome, workload.name, exc)
     plan: rollouts.RolloutPlan | None = None
     measured, configs = workload, None
     if spec.delivery.mode == "Rollout":
@@ -365,6 +371,27 @@ def _held(
     return held
 
 
+def _untouched(
+    row: WorkloadStatus,
+    previous_row: Mapping[str, Any],
+    outcome: PolicyOutcome,
+    name: str,
+    exc: StateTooNew,
+) -> WorkloadStatus:
+    """A state a newer optimizer wrote (a rolling downgrade): kept byte for byte and the workload
+    not optimized, its hints and caps left as the newer operator set them, until an operator that
+    reads that version runs again (docs/architecture.md)."""
+    message = f"{exc}: left untouched, this workload is not optimized until a newer operator runs"
+    outcome.events.append(PolicyEvent("Warning", "StateTooNew", f"{name}: {message}"))
+    held = _held(row, previous_row, None, message)
+    held.optimizer = dict(previous_row["optimizer"])
+    # Its rollout record too: an owner no row records is one whose template is put back.
+    held.rollout = _rollout_record(previous_row)
+    rollouts_spent = previous_row.get("rollouts")
+    held.rollouts = rollouts_spent if isinstance(rollouts_spent, int) else 0
+    return held
+
+
 def not_started(status: dict[str, Any], owner_key: str) -> None:
     """The owner's patch was refused (it changed since it was read): no rollout is in flight, and
     the next reconcile starts it again on fresh data."""
@@ -407,8 +434,10 @@ def _stored_state(row: Mapping[str, Any] | None, outcome: PolicyOutcome, name: s
     if not stored:
         return None
     try:
-        return OptimizerState.model_validate(stored)
-    except ValidationError as exc:
+        return load_state(stored)
+    except StateTooNew:
+        raise
+    except ValueError as exc:
         outcome.events.append(
             PolicyEvent(
                 "Warning",

@@ -383,3 +383,59 @@ def test_windows_run_on_a_nodes_counter_clock_not_on_its_wall_clock_stamp() -> N
     assert observed is not None and observed.time == ahead.timestamp()
     observed = snapshot(workload, {"n0": report()}).observation  # an older agent: its read time
     assert observed is not None and observed.time == NOW.timestamp()
+
+
+def reconcile_twice(stored: Any) -> tuple[dict[str, Any], Any]:
+    """A first reconcile measures a baseline; `stored(optimizer, row)` rewrites what its status
+    row stored before the second reads it back, as another operator version would have written it."""
+    mine = policy(powerCap={"mode": "Auto", "minPercent": 50, "maxPercent": 100})
+    claimed = pod("a", annotations={"edpilot.io/policy": "p"})
+    first = reconcile_policy(
+        policy=mine,
+        status={},
+        generation=1,
+        pods=[claimed],
+        governance=governance([claimed], [mine]),
+        reports={"n0": report()},
+        now=NOW,
+    )
+    row = first.status["workloads"][0]
+    row["optimizer"] = stored(row["optimizer"], row)
+    later = NOW + timedelta(seconds=10)
+    second = reconcile_policy(
+        policy=mine,
+        status=first.status,
+        generation=1,
+        pods=[claimed],
+        governance=governance([claimed], [mine]),
+        reports={"n0": report(work=1e6).model_copy(update={"time": later})},
+        now=later,
+    )
+    return row, second
+
+
+def test_a_state_without_a_schema_version_is_migrated_and_resumed() -> None:
+    row, second = reconcile_twice(lambda o, _: {k: v for k, v in o.items() if k != "schemaVersion"})
+    _, labelled = reconcile_twice(lambda o, _: o)
+    assert "schemaVersion" not in row["optimizer"]
+    assert not any(e.reason in ("StateDiscarded", "StateTooNew") for e in second.events), second.events
+    resumed = second.status["workloads"][0]["optimizer"]
+    # What the first reconcile started goes on exactly as from the state it would store now.
+    assert resumed["schemaVersion"] == 1 and resumed["last"] is not None
+    assert resumed == labelled.status["workloads"][0]["optimizer"]
+
+
+def test_a_state_from_a_newer_operator_is_kept_untouched_and_not_optimized() -> None:
+    record = {"owner": "Deployment/llm", "config": "batch=16", "previous": "batch=8"}
+
+    def newer(optimizer: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+        row["rollout"] = record  # the newer operator had rolled the owner out
+        return {**optimizer, "schemaVersion": 99, "fieldOfTheFuture": {"x": 1}}
+
+    row, second = reconcile_twice(newer)
+    kept = second.status["workloads"][0]
+    assert kept["optimizer"] == row["optimizer"]  # byte for byte what the newer operator stored
+    assert record.items() <= kept["rollout"].items()  # so its owner's template is not put back either
+    assert kept["phase"] == row["phase"] and "schemaVersion 99" in kept["message"]
+    assert [e.reason for e in second.events] == ["StateTooNew"]
+    assert second.pod_annotations == {}  # no hints written for it
