@@ -166,6 +166,7 @@ def trainer_pod() -> dict[str, Any]:
             },
         },
         "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": NODE},
             "terminationGracePeriodSeconds": 1,
             "containers": [
                 {
