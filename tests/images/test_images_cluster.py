@@ -121,7 +121,14 @@ def test_the_images_converge_a_policy_with_the_charts_credentials(
         podman.start(
             containers["operator"],
             OPERATOR,
-            ["operator", "--all-namespaces", f"--peering={PREFIX}", *FAST_OPERATOR_ARGS],
+            # As the chart's Deployment runs it: its RBAC names the Lease it renews.
+            [
+                "operator",
+                "--all-namespaces",
+                f"--peering={PREFIX}",
+                f"--lease-name={PREFIX}-operator",
+                *FAST_OPERATOR_ARGS,
+            ],
             {**env, "POD_NAME": "operator-container", "POD_NAMESPACE": NAMESPACE},
             secrets_dir(release, tmp_path / "operator", operator_token),
         )
