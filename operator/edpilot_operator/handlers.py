@@ -12,9 +12,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from edpilot.contract import HINT_ANNOTATIONS
+from edpilot.contract import (
+    HINT_ANNOTATIONS,
+    STATE_PLURAL,
+    StoredState,
+    state_object,
+    states_of,
+    stored_state,
+)
 from edpilot.dra import (
     DEFAULT_CONFIG,
     ClaimView,
@@ -56,11 +64,13 @@ from .selection import (
 POLICIES = (GROUP, VERSION, "energypolicies")
 REPORTS = (GROUP, VERSION, "gpunodereports")
 BUDGETS = (GROUP, VERSION, "powerbudgets")
+STATES = (GROUP, VERSION, STATE_PLURAL)
 CLAIMS = ("resource.k8s.io", "v1", "resourceclaims")
 DEPLOYMENTS = ("apps", "v1", "deployments")
 STATEFULSETS = ("apps", "v1", "statefulsets")
 SLICES = ("resource.k8s.io", "v1", "resourceslices")
 PROGRESS_PREFIX = GROUP
+STATE_MANAGER = "edpilot-operator"  # the field manager of state objects (server-side apply)
 
 
 @dataclass(frozen=True)
@@ -236,6 +246,15 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
     def decisions_by_policy(namespace: str, name: str, status: kopf.Status, **_: Any) -> dict[str, Decided]:
         return {f"{namespace}/{name}": decided(namespace, status)}
 
+    @kopf.index(*STATES, id="states_by_policy", registry=registry)
+    def states_by_policy(
+        namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
+    ) -> dict[str, StoredState] | None:
+        owners = meta.get("ownerReferences") or []
+        owner = next((str(o.get("uid", "")) for o in owners if o.get("kind") == "EnergyPolicy"), "")
+        stored = stored_state(name, spec, owner)
+        return {f"{namespace}/{stored.policy}": stored} if stored else None
+
     @kopf.index(*REPORTS, id="reports_by_node", registry=registry)
     def reports_by_node(name: str, status: kopf.Status, **_: Any) -> dict[str, GPUNodeReportStatus] | None:
         try:
@@ -260,6 +279,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         policies_by_namespace: kopf.Index[str, PolicyEntry],
         reports_by_node: kopf.Index[str, GPUNodeReportStatus],
         pods_by_node: kopf.Index[str, PodInfo],
+        states_by_policy: kopf.Index[str, StoredState],
         claims_by_pod: ClaimIndex | None = None,
         slices_by_pool: SliceIndex | None = None,
         deployments_by_namespace: OwnerIndex | None = None,
@@ -284,6 +304,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         # Another namespace's pod may hold one of these GPUs through DRA too.
         neighbours = [p for node in reports for p in pods_by_node.get(node, [])]
         holders = dra_holdings(with_dra_gpus(neighbours, claims_by_pod, slices_by_pool))
+        stored = list(states_by_policy.get(f"{namespace}/{name}", []))
         # The optimizer is CPU work: off the event loop, so watches and lease renewals go on.
         outcome = await asyncio.to_thread(
             services.reconcile_policy,
@@ -297,8 +318,12 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             tuning=cfg.tuning,
             dra=holders,
             owners=owners_of(namespace, deployments_by_namespace, statefulsets_by_namespace),
+            states=states_of(stored, name),
         )
         kube: Kube = memo.kube
+        unstored = await store_states(kube, namespace, name, str(meta.get("uid", "")), stored, outcome)
+        for workload, problem in unstored.items():
+            logger.error("EnergyPolicy %s/%s: state of %s not stored: %s", namespace, name, workload, problem)
         for owner_key, owner_patch in outcome.owner_patches.items():
             if not await kube.patch_owner(namespace, owner_key, owner_patch):
                 logger.info("%s/%s changed since it was read: its rollout waits", namespace, owner_key)
@@ -378,13 +403,16 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
     def node_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, str]]:
         return {name: dict(labels)}
 
-    @kopf.index(*POLICIES, id="probe_points_by_policy_gpu", registry=registry)
+    @kopf.index(*STATES, id="probe_points_by_policy_gpu", registry=registry)
     def probe_points_by_policy_gpu(
-        namespace: str, name: str, status: kopf.Status, **_: Any
+        namespace: str, spec: kopf.Spec, **_: Any
     ) -> dict[tuple[str, str], tuple[budgets.ProbePoint, ...]]:
-        # Keyed by policy too: a status names any GPU UUID it likes, but only the policy that
+        # Keyed by policy too: a state names any GPU UUID it likes, but only the policy that
         # governs a GPU's pod shapes that GPU's curve.
-        return {(f"{namespace}/{name}", uuid): p for uuid, p in budgets.probe_points(status).items()}
+        policy, state = spec.get("policy"), spec.get("state")
+        if not isinstance(policy, str) or not isinstance(state, Mapping):
+            return {}
+        return {(f"{namespace}/{policy}", uuid): p for uuid, p in budgets.probe_points([state]).items()}
 
     @kopf.index(*BUDGETS, id="budget_caps_by_node", registry=registry)
     def budget_caps_by_node(status: kopf.Status, **_: Any) -> dict[str, dict[str, float]]:
@@ -514,6 +542,41 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             await kube.patch_report_spec(node, desired.model_dump(mode="json", exclude_none=True))
         metrics.forget_policy(namespace, name)
         logger.info("EnergyPolicy %s/%s released %d pods", namespace, name, len(released))
+
+
+async def store_states(
+    kube: Kube, namespace: str, policy: str, uid: str, stored: Collection[StoredState], outcome: Any
+) -> dict[str, str]:
+    """Write each workload's state to its WorkloadOptimizerState where it changed, delete the
+    objects no workload of the policy owns any more. A state that could not be written stays
+    embedded in its status row (never lost), with a Warning event; returns those, with why."""
+    wanted = {w: state_object(namespace, policy, uid, w, body) for w, body in outcome.states.items()}
+    current = {s.name: s for s in stored}
+    failed: dict[str, str] = {}
+    for workload, body in wanted.items():
+        seen = current.get(body["metadata"]["name"])
+        if seen is not None and seen.owner == uid and seen.state == body["spec"]["state"]:
+            continue
+        try:
+            await kube.apply_state(body, manager=STATE_MANAGER)
+        except (kopf.TemporaryError, ApiException) as exc:
+            failed[workload] = str(exc)
+    for name in sorted(set(current) - {b["metadata"]["name"] for b in wanted.values()}):
+        try:
+            await kube.delete_state(namespace, name)
+        except (kopf.TemporaryError, ApiException) as exc:
+            failed.setdefault(f"(orphan {name})", str(exc))
+    for row in outcome.status.get("workloads") or []:
+        if row.get("name") in failed:
+            row["optimizer"] = outcome.states[row["name"]]
+            outcome.events.append(
+                services.PolicyEvent(
+                    "Warning",
+                    "StateNotStored",
+                    f"{row['name']}: optimizer state kept in the status row: {failed[row['name']]}",
+                )
+            )
+    return failed
 
 
 def owners_of(

@@ -69,8 +69,10 @@ def decided(namespace: str, status: Mapping[str, Any]) -> Decided:
         pods = [p for p in row.get("pods") or [] if isinstance(p, str) and p.startswith(f"{namespace}/")]
         if row.get("phase") in ("Baseline", "Exploring", "Drifted"):
             exploring.update(pods)
-        stored = row.get("optimizer")
-        target = stored.get("target") if isinstance(stored, Mapping) else None
+        target = row.get("target")
+        if target is None:  # a row an operator before per-workload state objects wrote
+            stored = row.get("optimizer")
+            target = stored.get("target") if isinstance(stored, Mapping) else None
         if not isinstance(target, Mapping):
             continue
         try:

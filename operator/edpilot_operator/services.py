@@ -78,6 +78,9 @@ class PolicyOutcome:
     events: list[PolicyEvent] = field(default_factory=list)
     # Delivery Rollout: JSON patches of owners' templates, by "Kind/name" in the policy's namespace.
     owner_patches: dict[str, JsonPatch] = field(default_factory=dict)
+    # Workload name -> the optimizer state to store (its own WorkloadOptimizerState object): one
+    # per workload that has a state; a stored object of any other workload is deleted.
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -207,11 +210,16 @@ def reconcile_policy(
     tuning: Tuning = DEFAULT_TUNING,
     dra: DraHoldings = NO_DRA,
     owners: Mapping[str, OwnerView] | None = None,
+    states: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> PolicyOutcome:
     """`governance` is the namespace's (`selection.GovernanceCache`), shared by all its policies;
     `dra` what DRA allocated on the nodes of its pods; `owners` the namespace's Deployments and
-    StatefulSets by "Kind/name" (delivery Rollout)."""
+    StatefulSets by "Kind/name" (delivery Rollout); `states` the stored optimizer states by
+    workload name (`contract.states_of`). A state still embedded in a status row (where operators
+    before per-workload state objects kept it) is read once when no object holds one, moves to
+    `outcome.states` and leaves the row."""
     owners = owners or {}
+    states = states or {}
     selection = select(policy, pods, governance)
     previous_rows = {
         row.get("name"): row for row in status.get("workloads") or [] if isinstance(row, Mapping)
@@ -221,7 +229,16 @@ def reconcile_policy(
     for workload in selection.workloads:
         rows.append(
             _reconcile_workload(
-                policy, workload, previous_rows.get(workload.name), reports, now, tuning, outcome, dra, owners
+                policy,
+                workload,
+                previous_rows.get(workload.name),
+                states.get(workload.name),
+                reports,
+                now,
+                tuning,
+                outcome,
+                dra,
+                owners,
             )
         )
     # Owners this policy rolled out and no longer does get their templates back.
@@ -255,6 +272,30 @@ def _reconcile_workload(
     policy: PolicyRef,
     workload: Workload,
     previous_row: Mapping[str, Any] | None,
+    stored: Mapping[str, Any] | None,
+    reports: Mapping[str, GPUNodeReportStatus],
+    now: datetime,
+    tuning: Tuning,
+    outcome: PolicyOutcome,
+    dra: DraHoldings,
+    owners: Mapping[str, OwnerView],
+) -> WorkloadStatus:
+    row = _reconcile_one(policy, workload, previous_row, stored, reports, now, tuning, outcome, dra, owners)
+    # The row keeps the figures and the target (what the node-spec composer enforces); the whole
+    # state lives in its own object.
+    body, row.optimizer = row.optimizer, None
+    target = body.get("target") if body else None
+    row.target = dict(target) if isinstance(target, Mapping) else None
+    if body:
+        outcome.states[workload.name] = body
+    return row
+
+
+def _reconcile_one(
+    policy: PolicyRef,
+    workload: Workload,
+    previous_row: Mapping[str, Any] | None,
+    stored: Mapping[str, Any] | None,
     reports: Mapping[str, GPUNodeReportStatus],
     now: datetime,
     tuning: Tuning,
@@ -273,10 +314,11 @@ def _reconcile_workload(
             outcome.pod_annotations.setdefault(pod.key, {})[ANNOTATION_POLICY] = policy.name
     spec = policy.spec
     try:
-        state = _stored_state(previous_row, outcome, workload.name)
+        body = _stored_body(stored, previous_row)
+        state = _stored_state(body, outcome, workload.name)
     except StateTooNew as exc:
-        assert previous_row is not None
-        return _untouched(row, previous_row, outcome, workload.name, exc)
+        assert body is not None
+        return _untouched(row, previous_row, body, outcome, workload.name, exc)
     plan: rollouts.RolloutPlan | None = None
     measured, configs = workload, None
     if spec.delivery.mode == "Rollout":
@@ -373,7 +415,8 @@ def _held(
 
 def _untouched(
     row: WorkloadStatus,
-    previous_row: Mapping[str, Any],
+    previous_row: Mapping[str, Any] | None,
+    body: Mapping[str, Any],
     outcome: PolicyOutcome,
     name: str,
     exc: StateTooNew,
@@ -384,10 +427,10 @@ def _untouched(
     message = f"{exc}: left untouched, this workload is not optimized until a newer operator runs"
     outcome.events.append(PolicyEvent("Warning", "StateTooNew", f"{name}: {message}"))
     held = _held(row, previous_row, None, message)
-    held.optimizer = dict(previous_row["optimizer"])
+    held.optimizer = dict(body)
     # Its rollout record too: an owner no row records is one whose template is put back.
     held.rollout = _rollout_record(previous_row)
-    rollouts_spent = previous_row.get("rollouts")
+    rollouts_spent = previous_row.get("rollouts") if previous_row else None
     held.rollouts = rollouts_spent if isinstance(rollouts_spent, int) else 0
     return held
 
@@ -429,15 +472,28 @@ def _joined(*parts: str) -> str:
     return " | ".join(p for p in parts if p)
 
 
-def _stored_state(row: Mapping[str, Any] | None, outcome: PolicyOutcome, name: str) -> OptimizerState | None:
-    stored = row.get("optimizer") if row else None
+def _stored_body(stored: Mapping[str, Any] | None, row: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The workload's stored state: its own object's, else (migration) the one an older operator
+    embedded in the status row."""
+    if stored is not None:
+        return stored
+    embedded = row.get("optimizer") if row else None
+    return embedded if isinstance(embedded, Mapping) else None
+
+
+def _stored_state(
+    stored: Mapping[str, Any] | None, outcome: PolicyOutcome, name: str
+) -> OptimizerState | None:
+    """The state to resume from; None (a fresh exploration, and a StateDiscarded warning) for one
+    that is unreadable. A tenant allowed to edit its namespace's state objects gets no further: every
+    decision from a state is clamped to the policy's bounds again by the optimizer."""
     if not stored:
         return None
     try:
         return load_state(stored)
     except StateTooNew:
         raise
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         outcome.events.append(
             PolicyEvent(
                 "Warning",
