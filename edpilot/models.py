@@ -704,3 +704,22 @@ class PowerBudget(ApiModel):
     metadata: ObjectMeta
     spec: PowerBudgetSpec
     status: PowerBudgetStatus | None = None
+
+
+# ---------------------------------------------------------------- WorkloadOptimizerState
+
+
+class WorkloadOptimizerStateSpec(ApiModel):
+    """One workload's optimizer state, kept by the operator so that a restarted operator resumes
+    where it was (`edpilot.optimizer.OptimizerState`, read through `load_state`)."""
+
+    policy: str = Field(min_length=1)
+    workload: str = Field(min_length=1)
+    state: dict[str, object]
+
+
+class WorkloadOptimizerState(ApiModel):
+    apiVersion: Literal["edpilot.io/v1alpha1"] = API_VERSION  # type: ignore[assignment]
+    kind: Literal["WorkloadOptimizerState"] = "WorkloadOptimizerState"
+    metadata: ObjectMeta
+    spec: WorkloadOptimizerStateSpec
