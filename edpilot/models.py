@@ -480,9 +480,6 @@ class WorkloadStatus(WorkloadFigures):
     # Delivery by rollout (the operator's, not the optimizer's figures).
     rollouts: int = Field(default=0, ge=0)
     rollout: RolloutStatus | None = None
-    # The configuration the optimizer targets (its state's `target`): what the operator enforces
-    # on the workload's GPUs, next to the figures that explain it.
-    target: dict[str, object] | None = None
     # Where operators before per-workload WorkloadOptimizerState objects kept the whole state: read
     # once to migrate it to its object, never written.
     optimizer: dict[str, object] | None = None

@@ -43,12 +43,12 @@ from edpilot.models import (
     PowerBudgetSpec,
     PowerBudgetStatus,
 )
-from edpilot.optimizer import DEFAULT_TUNING, Tuning
+from edpilot.optimizer import DEFAULT_TUNING, Config, Tuning
 from edpilot.rollout import OwnerView, owner_view
 
 from . import budgets, metrics, services
 from .kube import Kube, load_client
-from .reports import Decided, ReportTiming, decided, desired_spec
+from .reports import Decided, ReportTiming, decided, desired_spec, state_target, target_of
 from .selection import (
     GovernanceCache,
     Governed,
@@ -100,6 +100,7 @@ def _is_gpu_pod(spec: Mapping[str, Any], **_: Any) -> bool:
 ClaimIndex = kopf.Index[str, ClaimView]
 OwnerIndex = kopf.Index[str, OwnerView]
 SliceIndex = kopf.Index[tuple[str, str], tuple[SliceDevice, ...]]
+TargetIndex = kopf.Index[tuple[str, str], Config]  # ("namespace/policy", workload) -> its target
 
 
 def with_dra_gpus(
@@ -146,9 +147,11 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         pods_by_namespace: kopf.Index[str, PodInfo],
         policies_by_namespace: kopf.Index[str, PolicyEntry],
         decisions_by_policy: kopf.Index[str, Decided],
+        targets_by_workload: TargetIndex,
     ) -> dict[str, Governed]:
         """How the operator governs each of `pods`: the winning policy from labels and specs (never
-        from annotations), and that policy's decision for the pod from its status."""
+        from annotations), and that policy's decision for the pod from its status (which pods form
+        which workload, which explore) and its workload's stored state (the target)."""
         result: dict[str, Governed] = {}
         for pod in pods:
             namespace = pod.namespace
@@ -158,7 +161,12 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             if winner is None:
                 continue
             decision = next(iter(decisions_by_policy.get(winner.key, [])), Decided())
-            result[pod.key] = Governed(winner, decision.targets.get(pod.key), pod.key in decision.exploring)
+
+            def stored(workload: str, policy: str = winner.key) -> Config | None:
+                return next(iter(targets_by_workload.get((policy, workload), [])), None)
+
+            target = target_of(decision, pod.key, stored)
+            result[pod.key] = Governed(winner, target, pod.key in decision.exploring)
         return result
 
     @kopf.on.login(registry=registry)
@@ -254,6 +262,17 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         owner = next((str(o.get("uid", "")) for o in owners if o.get("kind") == "EnergyPolicy"), "")
         stored = stored_state(name, spec, owner)
         return {f"{namespace}/{stored.policy}": stored} if stored else None
+
+    @kopf.index(*STATES, id="targets_by_workload", registry=registry)
+    def targets_by_workload(
+        namespace: str, name: str, spec: kopf.Spec, **_: Any
+    ) -> dict[tuple[str, str], Config] | None:
+        # Only an object under the name its policy and workload give it counts (`states_of`).
+        stored = stored_state(name, spec)
+        if stored is None or not states_of([stored], stored.policy):
+            return None
+        target = state_target(stored.state)
+        return {(f"{namespace}/{stored.policy}", stored.workload): target} if target else None
 
     @kopf.index(*REPORTS, id="reports_by_node", registry=registry)
     def reports_by_node(name: str, status: kopf.Status, **_: Any) -> dict[str, GPUNodeReportStatus] | None:
@@ -376,6 +395,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         pods_by_namespace: kopf.Index[str, PodInfo],
         policies_by_namespace: kopf.Index[str, PolicyEntry],
         decisions_by_policy: kopf.Index[str, Decided],
+        targets_by_workload: TargetIndex,
         budget_caps_by_node: kopf.Index[str, dict[str, float]],
         claims_by_pod: ClaimIndex | None = None,
         slices_by_pool: SliceIndex | None = None,
@@ -389,7 +409,9 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         desired = node_spec(
             pods,
             _report_status(status),
-            governed(pods, pods_by_namespace, policies_by_namespace, decisions_by_policy),
+            governed(
+                pods, pods_by_namespace, policies_by_namespace, decisions_by_policy, targets_by_workload
+            ),
             current,
             budgets.lowest_caps(budget_caps_by_node.get(name, [])),
         )
@@ -434,6 +456,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         pods_by_namespace: kopf.Index[str, PodInfo],
         policies_by_namespace: kopf.Index[str, PolicyEntry],
         decisions_by_policy: kopf.Index[str, Decided],
+        targets_by_workload: TargetIndex,
         probe_points_by_policy_gpu: kopf.Index[tuple[str, str], tuple[budgets.ProbePoint, ...]],
         claims_by_pod: ClaimIndex | None = None,
         slices_by_pool: SliceIndex | None = None,
@@ -457,7 +480,9 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             (p for n in nodes for p in pods_by_node.get(n, [])), claims_by_pod, slices_by_pool
         )
         pods = {p.key: p for p in enriched}
-        rules = governed(pods.values(), pods_by_namespace, policies_by_namespace, decisions_by_policy)
+        rules = governed(
+            pods.values(), pods_by_namespace, policies_by_namespace, decisions_by_policy, targets_by_workload
+        )
         keys = {
             (rule.policy.key, g.uuid)
             for r in reports.values()
@@ -504,6 +529,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         pods_by_node: kopf.Index[str, PodInfo],
         policies_by_namespace: kopf.Index[str, PolicyEntry],
         decisions_by_policy: kopf.Index[str, Decided],
+        targets_by_workload: TargetIndex,
         reports_by_node: kopf.Index[str, GPUNodeReportStatus],
         budget_caps_by_node: kopf.Index[str, dict[str, float]],
         spec: kopf.Spec,
@@ -531,7 +557,9 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         for node in sorted({p.node for p in released}):
             store = reports_by_node.get(node)
             pods = with_dra_gpus(pods_by_node.get(node, []), claims_by_pod, slices_by_pool)
-            rules = governed(pods, pods_by_namespace, policies_by_namespace, decisions_by_policy)
+            rules = governed(
+                pods, pods_by_namespace, policies_by_namespace, decisions_by_policy, targets_by_workload
+            )
             desired = node_spec(
                 pods,
                 next(iter(store)) if store else None,

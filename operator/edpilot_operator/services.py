@@ -281,11 +281,9 @@ def _reconcile_workload(
     owners: Mapping[str, OwnerView],
 ) -> WorkloadStatus:
     row = _reconcile_one(policy, workload, previous_row, stored, reports, now, tuning, outcome, dra, owners)
-    # The row keeps the figures and the target (what the node-spec composer enforces); the whole
-    # state lives in its own object.
+    # The row keeps the figures; the state (the target the node-spec composer enforces among it)
+    # lives in its own object.
     body, row.optimizer = row.optimizer, None
-    target = body.get("target") if body else None
-    row.target = dict(target) if isinstance(target, Mapping) else None
     if body:
         outcome.states[workload.name] = body
     return row
@@ -375,9 +373,7 @@ def _reconcile_one(
     for event in decision.events:
         outcome.events.append(PolicyEvent(event.type, event.reason, f"{workload.name}: {event.message}"))
     # Figures are named like the status row's fields.
-    figures = decision.figures.model_dump()
-    figures["edpReductionPercent"] = _finite(figures["edpReductionPercent"])
-    figures["slowdownPercent"] = _finite(figures["slowdownPercent"])
+    figures = row_figures(decision.figures.model_dump())
     row = WorkloadStatus.model_validate({**row.model_dump(), **figures})
     row.rollouts = decision.state.rollouts
     row.message = _joined(
@@ -532,6 +528,27 @@ def _write_hints(
 
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+FIGURE_DIGITS: Final = 4  # significant digits of a status figure: more than a measurement can tell
+
+
+def _significant(value: float | None) -> float | None:
+    value = _finite(value)
+    return float(f"{value:.{FIGURE_DIGITS}g}") if value else value
+
+
+def row_figures(figures: dict[str, Any]) -> dict[str, Any]:
+    """The figures as the status row shows them: four significant digits (the exact values stay in
+    the workload's state object), so that 2,000 rows fit one policy's status; the joules saved to
+    the joule, as totals sum them."""
+    for key in ("edpReductionPercent", "slowdownPercent", "noiseMarginPercent"):
+        figures[key] = _significant(figures[key])
+    for key in ("baseline", "current"):
+        if isinstance(figures.get(key), dict):
+            figures[key] = {k: _significant(v) if math.isfinite(v) else v for k, v in figures[key].items()}
+    figures["energySavedJoules"] = float(round(figures["energySavedJoules"]))
+    return figures
 
 
 def _previous_status(status: Mapping[str, Any]) -> EnergyPolicyStatus:
