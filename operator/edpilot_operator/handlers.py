@@ -19,7 +19,6 @@ from edpilot.contract import (
     HINT_ANNOTATIONS,
     STATE_PLURAL,
     StoredState,
-    state_object,
     states_of,
     stored_state,
 )
@@ -575,35 +574,21 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
 async def store_states(
     kube: Kube, namespace: str, policy: str, uid: str, stored: Collection[StoredState], outcome: Any
 ) -> dict[str, str]:
-    """Write each workload's state to its WorkloadOptimizerState where it changed, delete the
-    objects no workload of the policy owns any more. A state that could not be written stays
-    embedded in its status row (never lost), with a Warning event; returns those, with why."""
-    wanted = {w: state_object(namespace, policy, uid, w, body) for w, body in outcome.states.items()}
-    current = {s.name: s for s in stored}
+    """Write the states `services.state_writes` says changed, delete the orphans; a state that
+    could not be written stays in its status row (`services.keep_embedded`). Returns those, with why."""
+    writes = services.state_writes(namespace, policy, uid, stored, outcome.states)
     failed: dict[str, str] = {}
-    for workload, body in wanted.items():
-        seen = current.get(body["metadata"]["name"])
-        if seen is not None and seen.owner == uid and seen.state == body["spec"]["state"]:
-            continue
+    for workload, body in writes.apply.items():
         try:
             await kube.apply_state(body, manager=STATE_MANAGER)
         except (kopf.TemporaryError, ApiException) as exc:
             failed[workload] = str(exc)
-    for name in sorted(set(current) - {b["metadata"]["name"] for b in wanted.values()}):
+    for name in writes.delete:
         try:
             await kube.delete_state(namespace, name)
         except (kopf.TemporaryError, ApiException) as exc:
-            failed.setdefault(f"(orphan {name})", str(exc))
-    for row in outcome.status.get("workloads") or []:
-        if row.get("name") in failed:
-            row["optimizer"] = outcome.states[row["name"]]
-            outcome.events.append(
-                services.PolicyEvent(
-                    "Warning",
-                    "StateNotStored",
-                    f"{row['name']}: optimizer state kept in the status row: {failed[row['name']]}",
-                )
-            )
+            failed[f"(orphan {name})"] = str(exc)
+    services.keep_embedded(outcome, failed)
     return failed
 
 

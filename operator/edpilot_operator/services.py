@@ -6,7 +6,7 @@ Pure: the kopf handler passes in what the watches hold and writes back what this
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -20,10 +20,12 @@ from edpilot.contract import (
     ANNOTATION_POWER_CAP,
     ANNOTATION_QUANTIZATION,
     ANNOTATION_QUANTIZATION_ACCURACY,
+    StoredState,
     encode_batch_size,
     encode_power_cap,
     parse_accuracy,
     parse_batch_range,
+    state_object,
     transition,
 )
 from edpilot.dra import DraHoldings
@@ -429,6 +431,52 @@ def _untouched(
     rollouts_spent = previous_row.get("rollouts") if previous_row else None
     held.rollouts = rollouts_spent if isinstance(rollouts_spent, int) else 0
     return held
+
+
+@dataclass(frozen=True)
+class StateWrites:
+    """What to write of a policy's optimizer states: the objects to apply by workload (new, changed,
+    or owned by another policy of that name) and the names of objects to delete."""
+
+    apply: dict[str, dict[str, Any]]
+    delete: list[str]
+
+
+def state_writes(
+    namespace: str,
+    policy: str,
+    uid: str,
+    stored: Collection[StoredState],
+    states: Mapping[str, Mapping[str, Any]],
+) -> StateWrites:
+    """`stored`: the objects that name `policy` (its index entry); `states`: `PolicyOutcome.states`.
+    An unchanged state is not written; an object no workload of the policy owns under its name any
+    more (a workload that left, a copy under another name) is deleted."""
+    wanted = {w: state_object(namespace, policy, uid, w, body) for w, body in states.items()}
+    current = {s.name: s for s in stored}
+    apply = {}
+    for workload, body in wanted.items():
+        seen = current.get(body["metadata"]["name"])
+        if seen is None or seen.owner != uid or seen.state != body["spec"]["state"]:
+            apply[workload] = body
+    names = {b["metadata"]["name"] for b in wanted.values()}
+    return StateWrites(apply=apply, delete=sorted(set(current) - names))
+
+
+def keep_embedded(outcome: PolicyOutcome, failed: Mapping[str, str]) -> None:
+    """States whose objects could not be written (`failed`: workload -> why) stay in their status
+    rows, where the next reconcile migrates them again, with a Warning event: never lost."""
+    for row in outcome.status.get("workloads") or []:
+        name = row.get("name")
+        if name in failed and name in outcome.states:
+            row["optimizer"] = outcome.states[name]
+            outcome.events.append(
+                PolicyEvent(
+                    "Warning",
+                    "StateNotStored",
+                    f"{name}: optimizer state kept in the status row: {failed[name]}",
+                )
+            )
 
 
 def not_started(status: dict[str, Any], owner_key: str) -> None:

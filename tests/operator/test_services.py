@@ -3,6 +3,7 @@ operator's own decisions, and one policy reconcile from a snapshot — all witho
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,9 +19,17 @@ from edpilot_operator.selection import (
     pod_info,
     select,
 )
-from edpilot_operator.services import policy_totals, reconcile_policy, row_figures, snapshot
+from edpilot_operator.services import (
+    StateWrites,
+    keep_embedded,
+    policy_totals,
+    reconcile_policy,
+    row_figures,
+    snapshot,
+    state_writes,
+)
 
-from edpilot.contract import parse_batch_range
+from edpilot.contract import StoredState, parse_batch_range, policy_label, state_name
 from edpilot.models import (
     EnergyPolicySpec,
     GPUNodeReportSpec,
@@ -584,3 +593,58 @@ def test_a_policy_with_2000_converged_workloads_fits_etcd_and_each_state_object_
     assert status_bytes < ETCD_LIMIT * 0.8, status_bytes
     assert state_bytes < 16 * 1024, state_bytes
     assert embedded_bytes > ETCD_LIMIT  # why the states moved out
+
+
+# ---------------------------------------------------------------- state objects: what to write
+
+
+def stored_objects(*entries: tuple[str, str, dict[str, Any], str]) -> list[StoredState]:
+    """(policy, workload, state, owner UID) as the operator's index holds them."""
+    return [StoredState(state_name(p, w), p, w, s, uid) for p, w, s, uid in entries]
+
+
+def test_only_new_changed_or_reowned_states_are_written_and_orphans_deleted() -> None:
+    same: dict[str, Any] = {"schemaVersion": 1, "phase": "Converged"}
+    old: dict[str, Any] = {"schemaVersion": 1}
+    new: dict[str, Any] = {"schemaVersion": 1, "x": 2}
+    stored = [
+        *stored_objects(
+            ("p", "kept", same, "uid-1"),
+            ("p", "changed", old, "uid-1"),
+            ("p", "left", same, "uid-1"),  # its workload left the policy
+            ("p", "reowned", same, "uid-0"),  # written for an earlier policy of the same name
+        ),
+        StoredState("a-copy-under-another-name", "p", "kept", same, "uid-1"),
+    ]
+    states: dict[str, dict[str, Any]] = {"kept": same, "changed": new, "reowned": same, "fresh": new}
+    writes = state_writes("ns", "p", "uid-1", stored, states)
+    assert sorted(writes.apply) == ["changed", "fresh", "reowned"]
+    assert writes.delete == sorted(["a-copy-under-another-name", state_name("p", "left")])
+    body = writes.apply["fresh"]
+    assert body["metadata"]["name"] == state_name("p", "fresh") and body["metadata"]["namespace"] == "ns"
+    assert body["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert body["spec"] == {"policy": "p", "workload": "fresh", "state": new}
+    # Nothing changed: nothing written, nothing deleted.
+    again = [s for s in stored_objects(*((("p", w, b, "uid-1") for w, b in states.items())))]
+    assert state_writes("ns", "p", "uid-1", again, states) == StateWrites(apply={}, delete=[])
+
+
+def test_a_state_that_could_not_be_stored_stays_in_its_row_with_a_warning() -> None:
+    _, outcome = reconcile_twice(lambda o, _: o)
+    keep_embedded(outcome, {"a": "403 forbidden"})
+    (row,) = outcome.status["workloads"]
+    assert row["optimizer"] == outcome.states["a"]
+    assert outcome.events[-1].reason == "StateNotStored" and "403 forbidden" in outcome.events[-1].message
+    assert [e.reason for e in outcome.events].count("StateNotStored") == 1
+
+
+@pytest.mark.parametrize(
+    ("policy_name", "workload"),
+    [("decode", "decode-a"), ("a-b", "c"), ("a", "b-c"), ("p" * 253, "w" * 253), ("Odd.Name", "x_y")],
+)
+def test_state_object_names_are_valid_bounded_and_distinct(policy_name: str, workload: str) -> None:
+    name = state_name(policy_name, workload)
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 100
+    assert name == state_name(policy_name, workload)
+    assert state_name("a-b", "c") != state_name("a", "b-c")
+    assert len(policy_label(policy_name)) <= 63
