@@ -31,8 +31,9 @@ lint: $(STAMP) ## ruff, mypy and the import-linter contracts
 	$(BIN)/mypy edpilot operator/edpilot_operator node_agent/edpilot_agent bench tests
 	$(BIN)/lint-imports
 
-test: $(STAMP) tools lint ## everything CI runs: lint, unit, agent, operator, chart and e2e tests on a real control plane
+test: $(STAMP) tools lint ## everything CI runs: lint, unit, agent, operator, chart and e2e tests on a real control plane, then test-images and test-prometheus (root)
 	$(BIN)/python -m pytest
+	@$(MAKE) --no-print-directory test-images test-prometheus
 
 test-unit: $(STAMP) ## the tests that need no cluster
 	EDPILOT_NO_CLUSTER=1 $(BIN)/python -m pytest -m 'not k8s and not chaos'
@@ -44,7 +45,7 @@ priors: $(STAMP) ## regenerate edpilot/gpu_priors.py (placement and budget prior
 images: ## build localhost/edpilot/edpilot:dev and edpilot-agent:dev with buildah from a local Debian base (cached in ~/.cache/edpilot/images)
 	@hack/build-images.sh >/dev/null
 
-test-images: $(STAMP) tools ## build the images, run them under podman and runc, converge a policy with them, and run a pod on a real kubelet (root)
+test-images: $(STAMP) tools ## build the images, run them under podman and runc, converge a policy with them, and install the chart on a real kubelet node (root)
 	$(BIN)/python -m pytest -m images tests/images
 
 test-prometheus: $(STAMP) tools ## Debian's prometheus scrapes the demo cluster; every dashboard panel must have data
