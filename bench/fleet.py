@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import urllib3
 import yaml
 from edpilot_agent.agent import NodeAgent, SystemClock
-from edpilot_agent.kube import KubeError
+from edpilot_agent.kube import KubeError, lease_of
 from edpilot_agent.kube import pod_info as agent_pod_info
 from edpilot_agent.pods import PodInfo as AgentPodInfo
 from edpilot_agent.sim import SIM_BATCH_SIZE, SIM_PRECISION, SIM_WORKLOAD, SimBackend, SimWorkloads
@@ -49,6 +49,8 @@ from edpilot.models import (
     EnergyPolicySpec,
     GPUNodeReportSpec,
     GPUNodeReportStatus,
+    Lease,
+    LeaseRef,
 )
 from edpilot.textnum import ascii_int
 
@@ -438,11 +440,49 @@ class ReportWrites:
             self.written = {k: v for k, v in self.written.items() if v >= wall}
 
 
+class SharedLeases:
+    """The operator's Lease as every agent of the fleet reads it: one shared watch per namespace,
+    started when a spec first names a Lease there (a real agent watches the one Lease by name)."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self.lock = threading.Lock()
+        self.watchers: dict[str, Watcher] = {}
+
+    def lease(self, ref: LeaseRef) -> tuple[Lease | None, str]:
+        with self.lock:
+            watcher = self.watchers.get(ref.namespace)
+            if watcher is None:
+                path = f"/apis/coordination.k8s.io/v1/namespaces/{ref.namespace}/leases"
+                watcher = self.watchers[ref.namespace] = Watcher(self.api, path, object_key).start()
+        if not watcher.synced.is_set():
+            return None, f"the operator's Lease {ref.namespace}/{ref.name} has not been read yet"
+        with watcher.lock:
+            obj = watcher.items.get(f"{ref.namespace}/{ref.name}")
+        if obj is None:
+            return None, f"the operator's Lease {ref.namespace}/{ref.name} does not exist"
+        return lease_of(obj)
+
+    def stop(self) -> None:
+        with self.lock:
+            for watcher in self.watchers.values():
+                watcher.stop()
+
+
 class FleetKube:
     """The agent's `KubeApi` for one node, over the fleet's shared watches and connection pool."""
 
-    def __init__(self, node: str, api: Api, pods: PodsByNode, reports: Watcher, writes: ReportWrites) -> None:
+    def __init__(
+        self,
+        node: str,
+        api: Api,
+        pods: PodsByNode,
+        reports: Watcher,
+        writes: ReportWrites,
+        leases: SharedLeases,
+    ) -> None:
         self.node = node
+        self.leases = leases
         self.api = api
         self.shared_pods = pods
         self.reports = reports
@@ -469,6 +509,9 @@ class FleetKube:
 
     def pods(self) -> list[AgentPodInfo] | None:
         return self.shared_pods.pods(self.node)
+
+    def operator_lease(self, ref: LeaseRef) -> tuple[Lease | None, str]:
+        return self.leases.lease(ref)
 
     def write_status(self, status: GPUNodeReportStatus) -> None:
         body = {"status": status.model_dump(mode="json", exclude_none=True)}
@@ -524,6 +567,7 @@ class Fleet:
         self.workers = workers
         self.pods = PodsByNode(api)
         self.reports = Watcher(api, REPORTS_PATH, object_key)
+        self.leases = SharedLeases(api)
         self.writes = ReportWrites()
         self.agents: dict[str, NodeAgent] = {}
         self.stats = TickStats()
@@ -549,7 +593,7 @@ class Fleet:
                 node,
                 sim,
                 workloads,
-                FleetKube(node, self.api, self.pods, self.reports, self.writes),
+                FleetKube(node, self.api, self.pods, self.reports, self.writes, self.leases),
                 clock,
                 allocations=workloads,
                 # Ticks come every `interval`; a report is due at each one, whatever the spec asks.
@@ -599,6 +643,7 @@ class Fleet:
         self.stop()
         self.pods.watcher.stop()
         self.reports.stop()
+        self.leases.stop()
 
 
 # ---------------------------------------------------------------- the control plane

@@ -68,6 +68,9 @@ ISSUERS = {
     ("PUT", "nodes", "status"): "KWOK",
     ("GET", "nodes", ""): "KWOK",
     ("PUT", "leases.coordination.k8s.io", ""): "KWOK, controllers",
+    ("PATCH", "leases.coordination.k8s.io", ""): "operator (its liveness Lease)",
+    ("POST", "leases.coordination.k8s.io", ""): "operator (its Lease, once), KWOK (node leases)",
+    ("WATCH", "leases.coordination.k8s.io", ""): "agents (the operator's Lease), bench",
     ("PUT", "pods", "status"): "KWOK",
     ("WATCH", "gpunodereports.edpilot.io", ""): "operator, bench",
 }

@@ -578,15 +578,30 @@ class MeasuredWorkload(ApiModel):
 
 
 class Lease(ApiModel):
+    """The operator's liveness as the agent judges it: its coordination.k8s.io Lease (named by
+    `GPUNodeReportSpec.operatorLease`) mapped to these fields, or a spec's embedded lease."""
+
     holderIdentity: str = ""
     renewTime: datetime
     leaseSeconds: int = Field(default=60, ge=5, le=3600)
+
+
+class LeaseRef(ApiModel):
+    """Where the operator's one coordination.k8s.io/v1 Lease is (in the operator's namespace)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    namespace: str = Field(min_length=1, max_length=63)
+    name: str = Field(min_length=1, max_length=253)
 
 
 class GPUNodeReportSpec(ApiModel):
     powerLimits: list[DesiredPowerLimit] = Field(default_factory=list)
     lockedClocks: list[DesiredLockedClock] = Field(default_factory=list)
     workloads: list[MeasuredWorkload] = Field(default_factory=list)
+    # The operator's liveness: the one Lease it renews for every node. An operator before it
+    # renewed `lease` in each spec instead; an agent still honours that where no ref is set.
+    operatorLease: LeaseRef | None = None
     lease: Lease | None = None
     reportIntervalSeconds: int = Field(default=60, ge=1, le=3600)
 

@@ -19,7 +19,14 @@ from typing import Protocol
 
 from edpilot.contract import transition
 from edpilot.dra import DEFAULT_CONFIG, DraConfig, SliceDevice, device_catalog
-from edpilot.models import Condition, GPUNodeReportSpec, GPUNodeReportStatus, GPUStatus, WorkloadSample
+from edpilot.models import (
+    Condition,
+    GPUNodeReportSpec,
+    GPUNodeReportStatus,
+    GPUStatus,
+    Lease,
+    WorkloadSample,
+)
 from edpilot_agent import AGENT_VERSION
 from edpilot_agent.actuator import (
     Applier,
@@ -131,7 +138,8 @@ class NodeAgent:
         read_errors = self._read_gpus(now, self.gpus, energy=False)
         samples = self._read_work(spec, pods, held.by_pod, now)
 
-        lease_problem = self.lease.expired_reason(spec.lease if spec else None, now, wall)
+        lease, lease_note = self._operator_lease(spec)
+        lease_problem = self.lease.expired_reason(lease, now, wall)
         # Until the pods are known, no cap can be tied to a live pod: hold the defaults.
         void = lease_problem or ("PodsUnknown" if pods is None else None)
         gpu_pods = None if allocation_problem else held.holders()
@@ -158,7 +166,16 @@ class NodeAgent:
         if report or self._energy_read_at is None or now - self._energy_read_at >= self.energy_period:
             read_errors += self._read_gpus(now, self.gpus, energy=True)
         conditions = self._conditions(
-            wall, spec_problem, lease_problem, plan, clocks, errors, read_errors, allocation_problem, samples
+            wall,
+            spec_problem,
+            lease_problem,
+            plan,
+            clocks,
+            errors,
+            read_errors,
+            allocation_problem,
+            samples,
+            lease_note,
         )
         self._publish(now, wall, held, samples, conditions)
         if report:
@@ -192,6 +209,16 @@ class NodeAgent:
             self._publish(now, wall, Holdings(), list(self.snapshot.workloads), conditions)
             self._dirty = True
             self._write_report(now)
+
+    def _operator_lease(self, spec: GPUNodeReportSpec | None) -> tuple[Lease | None, str]:
+        """The operator's lease as the spec names it: the watched Lease of `operatorLease`, else
+        (an operator before that field) the lease embedded in the spec. Only a Lease the spec
+        names is trusted: the operator writes the spec, and tenants cannot write reports."""
+        if spec is None:
+            return None, ""
+        if spec.operatorLease is not None:
+            return self.kube.operator_lease(spec.operatorLease)
+        return spec.lease, ""
 
     # ------------------------------------------------------------------ measuring
 
@@ -278,6 +305,7 @@ class NodeAgent:
         read_errors: list[str],
         allocation_problem: str,
         samples: list[WorkloadSample],
+        lease_note: str = "",
     ) -> list[Condition]:
         previous = self.snapshot.conditions if self.snapshot else []
         if read_errors:
@@ -289,7 +317,11 @@ class NodeAgent:
         if lease_problem is None:
             lease = ("True", "LeaseHeld", "the operator's lease is current")
         elif lease_problem == "NoLease":
-            lease = ("False", "NoLease", "the spec has no lease: every GPU keeps its default limit")
+            lease = (
+                "False",
+                "NoLease",
+                f"{lease_note or 'the spec names no lease'}: every GPU keeps its default limit",
+            )
         else:
             lease = (
                 "False",

@@ -1,12 +1,16 @@
-"""The agent's only link to the API server: its own GPUNodeReport and the pods on its node.
+"""The agent's only link to the API server: its own GPUNodeReport, the pods on its node and the
+operator's Lease.
 
 Informers (list, then watch, relist on expiry) keep in memory the node's report, read by
 name so another node's spec never reaches this agent, the pods bound to the node
 (fieldSelector spec.nodeName), so thousands of agents do not poll the API server, and, with DRA,
 the ResourceSlices DRA drivers published for the node (fieldSelector spec.nodeName: the UUIDs of
 the GPUs the kubelet hands out as DRA devices). A simulated node also reads ResourceClaims, to play
-the kubelet's pod-resources answer for them (sim.py). Status is written through the status
-subresource only.
+the kubelet's pod-resources answer for them (sim.py). The operator's liveness is the one
+coordination.k8s.io Lease its report's spec names (`spec.operatorLease`), watched by name
+(fieldSelector metadata.name, which RBAC's resourceNames can authorize): no GET per tick, and a
+Lease nothing in the spec names is never read. Status is written through the status subresource
+only.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pydantic import ValidationError
 
 from edpilot.contract import gpu_request
 from edpilot.dra import ClaimView, DraConfig, SliceDevice, claim_view, slice_devices
-from edpilot.models import GROUP, VERSION, GPUNodeReportSpec, GPUNodeReportStatus
+from edpilot.models import GROUP, VERSION, GPUNodeReportSpec, GPUNodeReportStatus, Lease, LeaseRef
 from edpilot_agent.pods import PodInfo
 
 PLURAL = "gpunodereports"
@@ -45,6 +49,11 @@ class KubeApi(Protocol):
 
     def pods(self) -> list[PodInfo] | None:
         """The pods bound to the node; None until the first list arrived."""
+        ...
+
+    def operator_lease(self, ref: LeaseRef) -> tuple[Lease | None, str]:
+        """The operator's Lease that a spec names (None while unknown, absent or unreadable) and
+        why there is none, if there is a reason to tell."""
         ...
 
     def write_status(self, status: GPUNodeReportStatus) -> None: ...
@@ -70,6 +79,23 @@ def pod_info(obj: dict[str, Any]) -> PodInfo | None:
         annotations=dict(meta.get("annotations") or {}),
         argv=_argv(spec),
     )
+
+
+def lease_of(obj: Mapping[str, Any]) -> tuple[Lease | None, str]:
+    """A coordination.k8s.io/v1 Lease object as the agent's `Lease` (holderIdentity, renewTime,
+    leaseDurationSeconds), or None and why it cannot serve as one."""
+    meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+    where = f"Lease {meta.get('namespace', '')}/{meta.get('name', '')}"
+    if not spec.get("renewTime"):
+        return None, f"{where} has no renewTime"
+    try:
+        return Lease(
+            holderIdentity=spec.get("holderIdentity") or "",
+            renewTime=spec["renewTime"],
+            leaseSeconds=spec.get("leaseDurationSeconds"),
+        ), ""
+    except ValidationError as exc:
+        return None, f"{where} is not a lease the agent can judge: {exc.errors()[:2]}"
 
 
 def _argv(spec: Mapping[str, Any]) -> tuple[str, ...]:
@@ -211,6 +237,9 @@ class KubeClient:
             field_selector=f"spec.nodeName={node_name}",
         )
         self.informers = [self.report_informer, self.pod_informer]
+        self.coordination = client.CoordinationV1Api(api)
+        self.lease_informer: Informer | None = None
+        self._lease_ref: LeaseRef | None = None
         self.slice_informer: Informer | None = None
         self.claim_informer: Informer | None = None
         if dra is not None:
@@ -252,6 +281,37 @@ class KubeClient:
         if items is None:
             return None
         return [p for p in (pod_info(o) for o in items) if p is not None]
+
+    def operator_lease(self, ref: LeaseRef) -> tuple[Lease | None, str]:
+        if ref != self._lease_ref or self.lease_informer is None:
+            self._watch_lease(ref)
+        assert self.lease_informer is not None
+        items = self.lease_informer.items()
+        if items is None:
+            return None, f"the operator's Lease {ref.namespace}/{ref.name} has not been read yet"
+        if not items:
+            return None, f"the operator's Lease {ref.namespace}/{ref.name} does not exist"
+        return lease_of(items[0])
+
+    def _watch_lease(self, ref: LeaseRef) -> None:
+        """Watch the Lease `ref` names (only it), instead of any other watched before."""
+        if self.lease_informer is not None:
+            self.lease_informer.stop()
+            self.informers.remove(self.lease_informer)
+        namespace = ref.namespace
+
+        def list_leases(**kwargs: Any) -> Any:
+            return self.coordination.list_namespaced_lease(namespace, **kwargs)
+
+        self.lease_informer = Informer(
+            f"Lease {ref.namespace}/{ref.name}",
+            list_leases,
+            _name,
+            field_selector=f"metadata.name={ref.name}",
+        )
+        self._lease_ref = ref
+        self.informers.append(self.lease_informer)
+        self.lease_informer.start()
 
     def slice_devices(self) -> list[SliceDevice]:
         """The GPU devices DRA drivers published for this node (none until read, or without DRA)."""
@@ -325,6 +385,7 @@ class InMemoryKube:
     def __init__(self, spec: GPUNodeReportSpec | None = None, pods: list[PodInfo] | None = None) -> None:
         self.spec = spec
         self.pod_list = pods if pods is not None else []
+        self.leases: dict[LeaseRef, Lease] = {}
         self.statuses: list[GPUNodeReportStatus] = []
         self.fail_writes = 0
 
@@ -333,6 +394,13 @@ class InMemoryKube:
 
     def pods(self) -> list[PodInfo] | None:
         return list(self.pod_list)
+
+    def operator_lease(self, ref: LeaseRef) -> tuple[Lease | None, str]:
+        lease = self.leases.get(ref)
+        return (
+            lease,
+            "" if lease is not None else f"the operator's Lease {ref.namespace}/{ref.name} does not exist",
+        )
 
     def write_status(self, status: GPUNodeReportStatus) -> None:
         if self.fail_writes > 0:

@@ -341,25 +341,25 @@ class SimWorkloads:
         given = self.kubelet.allocations(pods) if self.kubelet is not None else None
         for key, pod in sorted(present.items()):
             job = jobs.get(key)
-            if job is None and given is not None:
-                held = tuple(index_of[u] for u in given.get(key, PodDevices()).plugin if u in index_of)
-                if len(held) < pod.gpu_request:
-                    continue  # not admitted by the kubelet yet
-                job = jobs[key] = self._new_job(pod, held)
-                if job.kind == SERVING:
-                    self._start_engine(job, pod)
-            elif job is None:
-                allocated = tuple(index_of[u] for u in by_dra.get(key, ()) if u in index_of)
-                free = sorted(
-                    (d.index for d in devices if d.index not in used and d.index not in allocated),
-                    key=lambda i: (i in published, i),
-                )
-                if len(free) < pod.gpu_request:
-                    log.warning(
-                        "pod %s wants %d GPUs, only %d free on this node", key, pod.gpu_request, len(free)
+            if job is None:
+                allocated: tuple[int, ...] = ()
+                if given is not None:
+                    gpus = tuple(index_of[u] for u in given.get(key, PodDevices()).plugin if u in index_of)
+                    if len(gpus) < pod.gpu_request:
+                        continue  # not admitted by the kubelet yet
+                else:
+                    allocated = tuple(index_of[u] for u in by_dra.get(key, ()) if u in index_of)
+                    free = sorted(
+                        (d.index for d in devices if d.index not in used and d.index not in allocated),
+                        key=lambda i: (i in published, i),
                     )
-                    continue
-                job = self._new_job(pod, allocated + tuple(free[: pod.gpu_request]))
+                    if len(free) < pod.gpu_request:
+                        log.warning(
+                            "pod %s wants %d GPUs, only %d free on this node", key, pod.gpu_request, len(free)
+                        )
+                        continue
+                    gpus = allocated + tuple(free[: pod.gpu_request])
+                job = self._new_job(pod, gpus)
                 job.dra_indices = allocated
                 if job.kind == SERVING:
                     self._start_engine(job, pod)

@@ -39,6 +39,7 @@ from edpilot.models import (
     EnergyPolicySpec,
     GPUNodeReportSpec,
     GPUNodeReportStatus,
+    LeaseRef,
     PowerBudgetSpec,
     PowerBudgetStatus,
 )
@@ -47,6 +48,7 @@ from edpilot.rollout import OwnerView, owner_view
 
 from . import budgets, metrics, services
 from .kube import Kube, load_client
+from .liveness import LeaseKeeper, LeaseWriter
 from .reports import Decided, ReportTiming, decided, desired_spec, state_target, target_of
 from .selection import (
     GovernanceCache,
@@ -79,6 +81,9 @@ class OperatorConfig:
     reconcile_interval: float = 5.0
     report_interval: float = 5.0
     lease_seconds: int = 60
+    # The one coordination.k8s.io Lease the operator renews and every report spec names.
+    lease_namespace: str = "default"
+    lease_name: str = "edpilot-operator"
     fast_report_interval: int = 5
     slow_report_interval: int = 60
     tuning: Tuning = DEFAULT_TUNING
@@ -86,6 +91,10 @@ class OperatorConfig:
     # Delivery Rollout: watch Deployments and StatefulSets and patch their pod templates (the
     # chart grants that only with operator.rolloutDelivery.enabled).
     rollouts: bool = False
+
+    @property
+    def lease(self) -> LeaseRef:
+        return LeaseRef(namespace=self.lease_namespace, name=self.lease_name)
 
     @property
     def timing(self) -> ReportTiming:
@@ -196,7 +205,11 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         # A policy deleted while its reconcile timer runs waits this long before release_policy
         # (kopf's default, 60 s, held caps and hints for a minute after a delete in bench/soak.py).
         settings.background.cancellation_polling = 1
-        memo.kube = Kube(load_client(cfg.kubeconfig))
+        api = load_client(cfg.kubeconfig)
+        memo.kube = Kube(api)
+        memo.lease_keeper = LeaseKeeper(
+            cfg.lease, cfg.identity, cfg.lease_seconds, LeaseWriter(api).renew, time.monotonic
+        )
 
     @kopf.on.probe(id="policies", registry=registry)
     def probe_policies(policies_by_namespace: kopf.Index[str, PolicyEntry], **_: Any) -> int:
@@ -360,7 +373,6 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         pods: Collection[PodInfo],
         status: GPUNodeReportStatus | None,
         rules: Mapping[str, Governed],
-        current: GPUNodeReportSpec,
         budget_caps: Mapping[str, float],
     ) -> GPUNodeReportSpec:
         """A node's desired spec: `rules` says how the operator governs its pods (enriched by
@@ -370,17 +382,15 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             pods=pods,
             status=status,
             governed=rules,
-            current=current,
-            holder=cfg.identity,
-            now=datetime.now(UTC),
+            lease=cfg.lease,
             timing=cfg.timing,
             budget_caps=budget_caps,
         )
 
-    # The last spec written per report. While the watch lags, the timer would take its own lease
-    # renewal for missing and renew again: ~200 spec writes/s at 2,000 nodes for ~100 renewals
-    # due (bench/operator_scale.py).
-    written_specs: dict[str, GPUNodeReportSpec] = {}
+    # The last spec written per report, with the resourceVersion it was composed from: while the
+    # watch has not delivered that write yet, the timer compares with what it wrote, not with the
+    # older spec it still sees, and does not write the same spec again.
+    written_specs: dict[str, tuple[str, GPUNodeReportSpec]] = {}
 
     @kopf.timer(
         *REPORTS, id="compose_report", interval=cfg.report_interval, initial_delay=1, registry=registry
@@ -389,7 +399,9 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         name: str,
         spec: kopf.Spec,
         status: kopf.Status,
+        meta: kopf.Meta,
         patch: kopf.Patch,
+        memo: kopf.Memo,
         pods_by_node: kopf.Index[str, PodInfo],
         pods_by_namespace: kopf.Index[str, PodInfo],
         policies_by_namespace: kopf.Index[str, PolicyEntry],
@@ -400,10 +412,10 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         slices_by_pool: SliceIndex | None = None,
         **_: Any,
     ) -> None:
-        current = _report_spec(spec)
+        seen = _report_spec(spec)
+        version = str(meta.get("resourceVersion", ""))
         mine = written_specs.get(name)
-        if mine is not None and _renewed_after(mine, current):
-            current = mine  # our last write has not come back through the watch yet
+        current = mine[1] if mine is not None and mine[0] == version else seen
         pods = with_dra_gpus(pods_by_node.get(name, []), claims_by_pod, slices_by_pool)
         desired = node_spec(
             pods,
@@ -411,12 +423,16 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             governed(
                 pods, pods_by_namespace, policies_by_namespace, decisions_by_policy, targets_by_workload
             ),
-            current,
             budgets.lowest_caps(budget_caps_by_node.get(name, [])),
         )
         if desired != current:
             patch.spec.update(desired.model_dump(mode="json", exclude_none=True))
-            written_specs[name] = desired
+            if seen.lease is not None:
+                patch.spec["lease"] = None  # an older operator's per-node lease: operatorLease rules
+            written_specs[name] = (version, desired)
+        # Renewed only from here: kopf stops this timer while the replica is paused or stopping.
+        keeper: LeaseKeeper = memo.lease_keeper
+        keeper.renew_if_due(datetime.now(UTC))
 
     # ---------------------------------------------------------------- power budgets
 
@@ -563,7 +579,6 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
                 pods,
                 next(iter(store)) if store else None,
                 {k: r for k, r in rules.items() if r.policy.key != f"{namespace}/{name}"},
-                GPUNodeReportSpec(),
                 budgets.lowest_caps(budget_caps_by_node.get(node, [])),
             )
             await kube.patch_report_spec(node, desired.model_dump(mode="json", exclude_none=True))
@@ -619,13 +634,6 @@ def _report_spec(spec: Mapping[str, Any]) -> GPUNodeReportSpec:
         return GPUNodeReportSpec.model_validate(dict(spec))
     except ValidationError:
         return GPUNodeReportSpec()  # rewritten whole at the next patch
-
-
-def _renewed_after(mine: GPUNodeReportSpec, seen: GPUNodeReportSpec) -> bool:
-    """Whether the spec this operator wrote last is newer than the one its watch delivered."""
-    if mine.lease is None:
-        return False
-    return seen.lease is None or mine.lease.renewTime > seen.lease.renewTime
 
 
 def _report_status(status: Mapping[str, Any]) -> GPUNodeReportStatus | None:

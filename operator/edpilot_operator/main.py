@@ -45,6 +45,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--report-interval", type=float, default=5.0, help="seconds between report spec updates")
     p.add_argument("--lease-seconds", type=int, default=60, help="agents restore default limits after this")
     p.add_argument(
+        "--lease-name",
+        default="edpilot-operator",
+        help="the coordination.k8s.io Lease the operator renews and every report spec names",
+    )
+    p.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE") or "default",
+        help="that Lease's namespace (default: $POD_NAMESPACE, else default)",
+    )
+    p.add_argument(
         "--fast-report-interval", type=int, default=5, help="agent report interval while exploring"
     )
     p.add_argument("--slow-report-interval", type=int, default=60, help="agent report interval otherwise")
@@ -91,6 +101,8 @@ def main(argv: list[str]) -> int:
             reconcile_interval=args.reconcile_interval,
             report_interval=args.report_interval,
             lease_seconds=args.lease_seconds,
+            lease_namespace=args.lease_namespace,
+            lease_name=args.lease_name,
             fast_report_interval=args.fast_report_interval,
             slow_report_interval=args.slow_report_interval,
             tuning=DEFAULT_TUNING.model_copy(

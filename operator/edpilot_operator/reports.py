@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,7 +28,7 @@ from edpilot.models import (
     GPUNodeReportSpec,
     GPUNodeReportStatus,
     GPUStatus,
-    Lease,
+    LeaseRef,
     MeasuredWorkload,
     PowerCapSpec,
     SmClockSpec,
@@ -166,15 +165,14 @@ def desired_spec(
     pods: Iterable[PodInfo],
     status: GPUNodeReportStatus | None,
     governed: Mapping[str, Governed],
-    current: GPUNodeReportSpec,
-    holder: str,
-    now: datetime,
+    lease: LeaseRef,
     timing: ReportTiming,
     budget_caps: Mapping[str, float] | None = None,
     dra: DraHoldings = NO_DRA,
 ) -> GPUNodeReportSpec:
     """`governed` maps the key of each governed pod to its policy and decision (pods missing there
-    are ungoverned); `budget_caps` maps GPU UUID to the most its PowerBudgets allow it; `dra` is
+    are ungoverned); `lease` names the operator's one Lease (`liveness`), the same in every spec, so
+    a spec changes only when what the agent must do changes; `budget_caps` maps GPU UUID to the most its PowerBudgets allow it; `dra` is
     what DRA allocated on the node (who else holds a GPU)."""
     budget_caps = budget_caps or {}
     gpus_of: dict[str, list[GPUStatus]] = {}
@@ -209,17 +207,10 @@ def desired_spec(
                 watts = clamp_to_board(min(wanted), gpu)
                 limits.append(DesiredPowerLimit(gpuUUID=gpu.uuid, watts=watts, pod=pod.key))
 
-    lease = current.lease
-    if (
-        lease is None
-        or lease.holderIdentity != holder
-        or now - lease.renewTime >= timedelta(seconds=timing.lease_seconds / 3)
-    ):
-        lease = Lease(holderIdentity=holder, renewTime=now, leaseSeconds=timing.lease_seconds)
     return GPUNodeReportSpec(
         powerLimits=limits,
         lockedClocks=locks,
         workloads=measured,
-        lease=lease,
+        operatorLease=lease,
         reportIntervalSeconds=timing.fast_interval_seconds if fast else timing.slow_interval_seconds,
     )

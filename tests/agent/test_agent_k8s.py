@@ -193,6 +193,63 @@ def test_a_spec_cap_and_lock_are_applied_then_restored_when_the_lease_expires(ru
     assert "lockedSmClockMHz" not in report["status"]["gpus"][index]
 
 
+def renew_lease(cluster: Any, name: str = "op-lease", seconds: int = LEASE_SECONDS) -> None:
+    """Create or renew a coordination.k8s.io Lease as the operator does (MicroTime renewTime)."""
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    lease = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {"holderIdentity": "operator-0", "leaseDurationSeconds": seconds, "renewTime": now},
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(lease))
+
+
+def test_a_cap_holds_while_the_named_lease_object_is_renewed_and_goes_when_it_lapses_or_goes(
+    running: RunningAgent,
+) -> None:
+    """The agent watches the Lease its spec names: each renewal reaches it (a cap outlives several
+    lease lengths while renewed), a lapse or a deleted Lease restores the default."""
+    pod = f"{NAMESPACE}/llm-0"
+    gpu = wait_for("the pod to hold a GPU", lambda: gpu_holding(running.report(), pod), 60)
+    index = gpu["index"]
+    renew_lease(running.cluster)
+    running.patch_spec(
+        {
+            "powerLimits": [{"gpuUUID": gpu["uuid"], "watts": 450, "pod": pod}],
+            "lockedClocks": [],
+            "lease": None,
+            "operatorLease": {"namespace": NAMESPACE, "name": "op-lease"},
+            "reportIntervalSeconds": 1,
+        }
+    )
+    wait_for("the cap under the named Lease", lambda: running.limit(index) == 450, 10)
+    wait_for("LeaseHeld", lambda: condition(running.report(), "LeaseValid").get("reason") == "LeaseHeld")
+    held_until = time.monotonic() + 2.5 * LEASE_SECONDS
+    while time.monotonic() < held_until:  # renewed every 2 s: the cap stays
+        renew_lease(running.cluster)
+        last = time.monotonic()
+        assert running.limit(index) == 450
+        time.sleep(2)
+    assert running.limit(index) == 450
+    wait_for("the default after the Lease lapsed", lambda: running.limit(index) == 700, LEASE_SECONDS + 5)
+    # Judged from when the agent saw the last renewTime: not before the lease, within a tick after.
+    assert LEASE_SECONDS - 0.5 <= time.monotonic() - last <= LEASE_SECONDS + 1.5
+    wait_for(
+        "LeaseExpired", lambda: condition(running.report(), "LeaseValid").get("reason") == "LeaseExpired"
+    )
+
+    renew_lease(running.cluster)
+    wait_for("the cap back after a renewal", lambda: running.limit(index) == 450, 10)
+    running.cluster.kubectl("delete", "lease", "op-lease", "-n", NAMESPACE)
+    wait_for("the default once the Lease is gone", lambda: running.limit(index) == 700, 10)
+    gone = wait_for(
+        "NoLease", lambda: (c := condition(running.report(), "LeaseValid")).get("reason") == "NoLease" and c
+    )
+    assert f"{NAMESPACE}/op-lease does not exist" in gone["message"]
+    running.patch_spec({"powerLimits": [], "operatorLease": None})
+
+
 def test_deleting_the_pod_restores_the_default(running: RunningAgent) -> None:
     running.cluster.kubectl("apply", "-f", "-", input=gpu_pod("llm-1"))
     gpu = wait_for("the pod to hold a GPU", lambda: gpu_holding(running.report(), f"{NAMESPACE}/llm-1"), 60)

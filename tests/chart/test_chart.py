@@ -261,6 +261,9 @@ def test_defaults_install_every_component_with_least_privilege(render: Render) -
     assert "--all-namespaces" in args
     assert "--peering=rel-edpilot" in args
     assert "--liveness=http://0.0.0.0:8080/healthz" in args
+    assert "--lease-name=rel-edpilot-operator" in args  # in $POD_NAMESPACE
+    env = {e["name"]: e for e in container(operator)["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert one(manifests, "ClusterKopfPeering", "rel-edpilot")
     for probe in ("livenessProbe", "readinessProbe"):
         assert container(operator)[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -315,7 +318,10 @@ def test_defaults_install_every_component_with_least_privilege(render: Render) -
     assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 65532
 
-    assert not {"ServiceMonitor", "ConfigMap", "Role", "RoleBinding"} & kinds(manifests)
+    assert not {"ServiceMonitor", "ConfigMap"} & kinds(manifests)
+    # The only namespaced RBAC: the operator's liveness Lease (test_the_operator_lease_rbac...).
+    roles = {m["metadata"]["name"] for m in manifests if m["kind"] in ("Role", "RoleBinding")}
+    assert roles == {"rel-edpilot-operator-lease", "rel-edpilot-operator-lease-reader"}
 
 
 DRA_ARGS = (
@@ -507,6 +513,46 @@ def test_monitoring_variant_and_dashboards_from_the_chart_files(render: Render, 
     assert configmap["metadata"]["namespace"] == "monitoring"
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(configmap["data"]["edpilot-test.json"]) == dashboard
+
+
+def test_the_operator_lease_rbac_lets_the_operator_renew_it_and_the_agents_only_read_it(
+    render: Render,
+) -> None:
+    """One Lease in the release namespace: the operator may create Leases there (RBAC cannot narrow
+    `create` to a name) and read and renew only its own; the agents may read only it."""
+    manifests = render()
+    lease = "rel-edpilot-operator"
+    operator = one(manifests, "Role", f"{lease}-lease")
+    assert operator["metadata"]["namespace"] == "gpu-energy"
+    assert sorted((r.get("resourceNames", []), sorted(r["verbs"])) for r in operator["rules"]) == [
+        ([], ["create"]),
+        ([lease], ["get", "patch", "update"]),
+    ]
+    assert all(
+        r["apiGroups"] == ["coordination.k8s.io"] and r["resources"] == ["leases"] for r in operator["rules"]
+    )
+    reader = one(manifests, "Role", f"{lease}-lease-reader")
+    assert reader["metadata"]["namespace"] == "gpu-energy"
+    assert reader["rules"] == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": [lease],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    for name, account in (
+        (f"{lease}-lease", "rel-edpilot-operator"),
+        (f"{lease}-lease-reader", "rel-edpilot-agent"),
+    ):
+        binding = one(manifests, "RoleBinding", name)
+        assert binding["roleRef"]["name"] == name
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": "gpu-energy"}]
+    for role in manifests:
+        if role["kind"] == "ClusterRole":
+            assert "leases" not in {
+                r for rule in role.get("rules", []) for r in rule.get("resources", [])
+            } or (role["metadata"]["name"].startswith("rel-edpilot-scheduler")), role["metadata"]["name"]
 
 
 def test_operator_rbac_matches_what_it_touches(render: Render) -> None:

@@ -187,17 +187,19 @@ def test_each_ci_variant_is_accepted_by_the_api_server(release: Cluster) -> None
 def review(cluster: Cluster, component: str, checks: list[str]) -> dict[str, bool]:
     """Asks the API server's authorizer (SubjectAccessReview, as `kubectl auth can-i` does) whether
     the component's ServiceAccount, with the groups its tokens carry, may do each check:
-    "verb resource[.group][/subresource] [namespace]"."""
+    "verb resource[.group][/subresource] [namespace [name]]"."""
     user = f"system:serviceaccount:{NAMESPACE}:{SA[component]}"
     groups = ["system:serviceaccounts", f"system:serviceaccounts:{NAMESPACE}", "system:authenticated"]
     reviews = []
     for check in checks:
-        verb, target, *namespace = check.split()
+        verb, target, *where = check.split()
         resource, _, subresource = target.partition("/")
         resource, _, group = resource.partition(".")
         attributes = {"verb": verb, "resource": resource, "group": group, "subresource": subresource}
-        if namespace:
-            attributes["namespace"] = namespace[0]
+        if where:
+            attributes["namespace"] = where[0]
+        if len(where) > 1:
+            attributes["name"] = where[1]
         reviews.append(
             {
                 "apiVersion": "authorization.k8s.io/v1",
@@ -211,7 +213,13 @@ def review(cluster: Cluster, component: str, checks: list[str]) -> dict[str, boo
     return {check: answer == "true" for check, answer in zip(checks, answers, strict=True)}
 
 
+LEASE = f"{PREFIX}-operator"  # the operator's liveness Lease, in the release namespace
+LEASES = "leases.coordination.k8s.io"
 OPERATOR_ALLOWED = [
+    f"create {LEASES} {NAMESPACE}",
+    f"get {LEASES} {NAMESPACE} {LEASE}",
+    f"patch {LEASES} {NAMESPACE} {LEASE}",
+    f"update {LEASES} {NAMESPACE} {LEASE}",
     "watch energypolicies.edpilot.io",
     "patch energypolicies.edpilot.io team-a",
     "patch energypolicies.edpilot.io/status team-a",
@@ -233,6 +241,10 @@ OPERATOR_ALLOWED = [
 OPERATOR_FORBIDDEN = [
     "update workloadoptimizerstates.edpilot.io team-a",
     "deletecollection workloadoptimizerstates.edpilot.io team-a",
+    f"patch {LEASES} {NAMESPACE} another-lease",
+    f"patch {LEASES} kube-node-lease chart-gpu-0",
+    f"create {LEASES} default",
+    f"delete {LEASES} {NAMESPACE} {LEASE}",
     "get secrets default",
     "list secrets",
     "patch nodes",
@@ -257,6 +269,9 @@ OPERATOR_FORBIDDEN = [
     "delete namespaces",
 ]
 AGENT_ALLOWED = [
+    f"get {LEASES} {NAMESPACE} {LEASE}",
+    f"list {LEASES} {NAMESPACE} {LEASE}",  # a list or watch with fieldSelector metadata.name=<it>
+    f"watch {LEASES} {NAMESPACE} {LEASE}",
     "list pods",
     "watch pods",
     "get gpunodereports.edpilot.io",
@@ -268,6 +283,13 @@ AGENT_ALLOWED = [
     "create subjectaccessreviews.authorization.k8s.io",
 ]
 AGENT_FORBIDDEN = [
+    f"patch {LEASES} {NAMESPACE} {LEASE}",
+    f"update {LEASES} {NAMESPACE} {LEASE}",
+    f"delete {LEASES} {NAMESPACE} {LEASE}",
+    f"create {LEASES} {NAMESPACE}",
+    f"watch {LEASES} {NAMESPACE}",  # every Lease of the namespace
+    f"get {LEASES} {NAMESPACE} another-lease",
+    f"watch {LEASES} kube-node-lease",
     "get secrets default",
     "get pods default",
     "create events default",
@@ -555,7 +577,17 @@ def test_operator_and_agents_converge_with_only_the_charts_credentials(
         operator_kubeconfig = service_account_kubeconfig(
             release, NAMESPACE, SA["operator"], tmp_path / "op.kc"
         )
-        procs.start("operator", operator_argv(operator_kubeconfig, f"--peering={PREFIX}", "--all-namespaces"))
+        procs.start(
+            "operator",
+            operator_argv(
+                operator_kubeconfig,
+                f"--peering={PREFIX}",
+                "--all-namespaces",
+                f"--lease-name={LEASE}",
+                f"--lease-namespace={NAMESPACE}",
+            ),
+        )
+        agent_kubeconfigs = []
         for seed, node in enumerate(OWN_GPU_NODES):
             kubeconfig = service_account_kubeconfig(
                 release,
@@ -564,6 +596,7 @@ def test_operator_and_agents_converge_with_only_the_charts_credentials(
                 tmp_path / f"{node}.kc",
                 bound_pod=agent_pod_on(release, NAMESPACE, RELEASE, node),
             )
+            agent_kubeconfigs.append(kubeconfig)
             procs.start(f"agent-{node}", agent_argv(kubeconfig, node, seed))
 
         def done() -> bool:
@@ -590,6 +623,24 @@ def test_operator_and_agents_converge_with_only_the_charts_credentials(
             row["name"]: uid for row in rows
         }
         assert all(s["spec"]["state"]["phase"] == "Converged" for s in states)
+        # The operator's one Lease, created and renewed with its chart credentials; every report
+        # names it and every agent, watching it with its own, holds it.
+        lease = release.get_json("lease", LEASE, "-n", NAMESPACE)["spec"]
+        assert lease["holderIdentity"] and lease["leaseDurationSeconds"] > 0 and lease["renewTime"]
+        for node in OWN_GPU_NODES:
+            report = release.get_json("gpunodereport", node)
+            assert report["spec"]["operatorLease"] == {"namespace": NAMESPACE, "name": LEASE}
+            assert "lease" not in report["spec"]
+            held = {c["type"]: c["status"] for c in report["status"]["conditions"]}
+            assert held["LeaseValid"] == "True", report["status"]["conditions"]
+        as_agent = agent_kubeconfigs[0]
+        read = kubectl_with(
+            release, as_agent, "get", "leases", "-n", NAMESPACE, f"--field-selector=metadata.name={LEASE}"
+        )
+        assert read.returncode == 0 and LEASE in read.stdout, read.stderr
+        renew = '{"spec":{"renewTime":"2099-01-01T00:00:00.000000Z"}}'
+        written = kubectl_with(release, as_agent, "patch", "lease", LEASE, "-n", NAMESPACE, "-p", renew)
+        assert written.returncode != 0 and "forbidden" in written.stderr
 
         # Clean up while the operator runs: it removes its finalizers from the policy and the reports.
         release.kubectl("delete", "energypolicy", "chart-power", "-n", WORKLOADS, "--timeout=60s")

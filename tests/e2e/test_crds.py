@@ -224,11 +224,25 @@ def test_get_powerbudgets_and_gpunodereports_show_their_columns(
         "backend": "sim",
         "time": "2026-01-01T00:00:00Z",
         "gpus": [gpu(0)],
+        "conditions": [
+            {
+                "type": "LeaseValid",
+                "status": "False",
+                "reason": "LeaseExpired",
+                "message": "m",
+                "lastTransitionTime": "2026-01-01T00:00:00Z",
+            }
+        ],
     }
     status_patch(api, "gpunodereports", name, report, namespaced=False)
     (row,) = table(api, "gpunodereports", name)
-    assert list(row) == ["NAME", "BACKEND", "MODEL", "INTERVAL-S", "LEASE-RENEWED", "UPDATED"]
-    assert [row[k] for k in ("BACKEND", "MODEL", "INTERVAL-S")] == ["sim", "NVIDIA H100 80GB HBM3", "10"]
+    assert list(row) == ["NAME", "BACKEND", "MODEL", "INTERVAL-S", "LEASE-VALID", "UPDATED"]
+    assert [row[k] for k in ("BACKEND", "MODEL", "INTERVAL-S", "LEASE-VALID")] == [
+        "sim",
+        "NVIDIA H100 80GB HBM3",
+        "10",
+        "False",
+    ]
 
 
 def gpu(index: int) -> dict[str, Any]:
@@ -753,6 +767,14 @@ CASES = [
         {"spec.lease.leaseSeconds": 1},
         "spec.lease.leaseSeconds",
         "greater than or equal to 5",
+    ),
+    Invalid(
+        "report-operator-lease-without-name",
+        report,
+        {"spec.operatorLease": {"namespace": "edpilot-system"}},
+        "spec.operatorLease.name",
+        "Required value",
+        "Field required",
     ),
     Invalid(
         "report-interval-zero",

@@ -23,6 +23,7 @@ NAMESPACE = "e2e-peering"
 NODE = "gpu-node-0"
 PEERING = "e2e-peering"
 HIGH, LOW = "operator-high", "operator-low"
+LEASE = "peering-operator"  # the replicas' liveness Lease, in NAMESPACE
 # A handler run logs "Timer 'reconcile_policy' succeeded." (kopf), once per policy and interval.
 ACTION = re.compile(r"(Timer|Handler) '[a-z_]+' (succeeded|failed)")
 
@@ -51,8 +52,18 @@ def pod(name: str) -> dict[str, Any]:
 
 def replica(cluster: Cluster, name: str, priority: int) -> list[str]:
     return operator_argv(
-        cluster.kubeconfig, f"--peering={PEERING}", f"--priority={priority}", f"--identity={name}"
+        cluster.kubeconfig,
+        f"--peering={PEERING}",
+        f"--priority={priority}",
+        f"--identity={name}",
+        f"--lease-namespace={NAMESPACE}",
+        f"--lease-name={LEASE}",
     )
+
+
+def lease_holder(cluster: Cluster) -> str:
+    proc = cluster.kubectl("get", "lease", LEASE, "-n", NAMESPACE, "-o", "json", check=False)
+    return str(json.loads(proc.stdout)["spec"].get("holderIdentity", "")) if proc.returncode == 0 else ""
 
 
 def _cached(cluster: Cluster) -> bool:
@@ -131,6 +142,13 @@ def test_the_lower_priority_replica_pauses_and_takes_over_when_the_other_leaves(
     assert ACTION.search(log_of(procs, HIGH)), "the active replica logged no handler run"
     assert not ACTION.search(log_of(procs, LOW)), "the paused replica acted"
     assert "Resuming operations" not in log_of(procs, LOW)
+    # Only the active replica renews the agents' Lease: a paused one's report timers do not run.
+    wait_until("the active replica to hold the Lease", lambda: lease_holder(cluster) == HIGH, 30, 0.5)
+    holders = set()
+    for _ in range(12):  # more than two renewal periods (FAST_OPERATOR_ARGS: 15 s lease, 5 s)
+        holders.add(lease_holder(cluster))
+        time.sleep(1)
+    assert holders == {HIGH}, holders
 
     # The active replica leaves (SIGTERM: kopf removes it from the peering): the other resumes.
     left_at = time.monotonic()
@@ -146,3 +164,4 @@ def test_the_lower_priority_replica_pauses_and_takes_over_when_the_other_leaves(
     wait_until("the remaining replica to reconcile a new policy", lambda: observed(cluster, "second"), 60)
     print(f"took over and reconciled a new policy {time.monotonic() - left_at:.1f} s after the other left")
     assert ACTION.search(log_of(procs, LOW))
+    wait_until("the new active replica to renew the Lease", lambda: lease_holder(cluster) == LOW, 30, 0.5)

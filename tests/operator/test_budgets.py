@@ -31,10 +31,10 @@ from edpilot.edp import Metrics
 from edpilot.models import (
     BudgetAllocation,
     EnergyPolicySpec,
-    GPUNodeReportSpec,
     GPUNodeReportStatus,
     GPUStatus,
     LabelSelector,
+    LeaseRef,
     PowerBudgetSpec,
     PowerBudgetStatus,
     PowerCapSpec,
@@ -644,9 +644,7 @@ def test_reports_ask_for_the_lower_of_the_policy_cap_and_the_budget_cap() -> Non
         pods=pods,
         status=status,
         governed=rules,
-        current=GPUNodeReportSpec(),
-        holder="op",
-        now=NOW,
+        lease=LeaseRef(namespace="edpilot", name="op"),
         timing=ReportTiming(),
         budget_caps={uuid("node-a", i): 450 for i in range(3)},
     )

@@ -27,8 +27,8 @@ from edpilot_operator.services import REPORT_ONLY, reconcile_policy, snapshot
 from edpilot.dra import AllocatedDevice, ClaimView, DraHoldings, SliceDevice, device_catalog, holdings
 from edpilot.models import (
     EnergyPolicySpec,
-    GPUNodeReportSpec,
     GPUNodeReportStatus,
+    LeaseRef,
     PowerBudgetSpec,
     WorkloadSample,
 )
@@ -108,9 +108,7 @@ def limits(status: GPUNodeReportStatus, dra: DraHoldings, budget: float | None =
         pods=[pod("a"), pod("b")],
         status=status,
         governed={k: Governed(policy(), Config(capWatts=450)) for k in ("ns/a", "ns/b")},
-        current=GPUNodeReportSpec(),
-        holder="op",
-        now=NOW,
+        lease=LeaseRef(namespace="edpilot", name="op"),
         timing=ReportTiming(),
         budget_caps={"GPU-n0-0": budget} if budget is not None else None,
         dra=dra,

@@ -25,6 +25,7 @@ from edpilot.models import (
     GPUNodeReportStatus,
     LabelSelector,
     LatencySLO,
+    LeaseRef,
     Objective,
     PowerCapSpec,
     SmClockSpec,
@@ -370,9 +371,7 @@ def node_spec(sm_clock: dict[str, Any], target: Config | None, **gpu: Any) -> GP
         pods=[pod],
         status=node_status(**gpu),
         governed={"ns/a": Governed(PolicyRef("ns", "p", spec), target)},
-        current=GPUNodeReportSpec(),
-        holder="op",
-        now=NOW,
+        lease=LeaseRef(namespace="edpilot", name="op"),
         timing=ReportTiming(),
     )
 
