@@ -137,9 +137,9 @@ def trial(seed: int, models: Mapping[str, Curve]) -> dict[str, dict[int, float]]
     rows, chosen, gpu = [], {}, {}
     for index, name in enumerate(PODS):
         uuid, state, cap = converge(name, index, seed)
-        rows.append({"name": name, "optimizer": state.model_dump(mode="json")})
+        rows.append(state.model_dump(mode="json"))
         chosen[name], gpu[name] = cap, uuid
-    points = probe_points({"workloads": rows})
+    points = probe_points(rows)
     out: dict[str, dict[int, float]] = {}
     for model, shape in models.items():
         demands = [

@@ -42,7 +42,7 @@ from edpilot_operator.selection import PolicyRef, governance, pod_info, select
 from pydantic import ValidationError
 
 import edpilot
-from edpilot.contract import ANNOTATION_POLICY, HINT_ANNOTATIONS, gpu_request
+from edpilot.contract import ANNOTATION_POLICY, HINT_ANNOTATIONS, STATE_KIND, STATE_PLURAL, gpu_request
 from edpilot.models import (
     GROUP,
     VERSION,
@@ -156,18 +156,32 @@ def request_rates(
     return {k: r for k, r in sorted(rates.items(), key=lambda kv: -kv[1]) if r > 0}
 
 
-def observation_times(policy: Mapping[str, Any]) -> list[tuple[str, str, float]]:
-    """(pod key, node, observation time) of each workload row whose optimizer consumed a report.
-
-    The optimizer keeps the last observation it used (`optimizer.last.time`, the report's
-    status time): a row carrying time t is the decision made on the report stamped t.
-    """
-    out = []
+def single_pod_rows(policy: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """Workload name -> (pod key, node) of each row of the policy's status with one pod on one node."""
+    out = {}
     for row in (policy.get("status") or {}).get("workloads") or []:
-        last = (row.get("optimizer") or {}).get("last") or {}
         pods, nodes = row.get("pods") or [], row.get("nodes") or []
-        if "time" in last and len(pods) == 1 and len(nodes) == 1:
-            out.append((str(pods[0]), str(nodes[0]), float(last["time"])))
+        if len(pods) == 1 and len(nodes) == 1 and row.get("phase") != "Conflict":
+            out[str(row.get("name"))] = (str(pods[0]), str(nodes[0]))
+    return out
+
+
+def last_observation(state: Mapping[str, Any] | None) -> float | None:
+    """The report time of the last observation an optimizer state used (`last.time`): a state
+    carrying time t is the decision made on the report stamped t."""
+    last = (state or {}).get("last") or {}
+    return float(last["time"]) if "time" in last else None
+
+
+def observation_times(policy: Mapping[str, Any]) -> list[tuple[str, str, float]]:
+    """(pod key, node, observation time) of each single-pod row whose state, still embedded in the
+    status (operators before WorkloadOptimizerState objects), consumed a report."""
+    rows = {r.get("name"): r for r in (policy.get("status") or {}).get("workloads") or []}
+    out = []
+    for name, (pod, node) in single_pod_rows(policy).items():
+        t = last_observation(rows[name].get("optimizer"))
+        if t is not None:
+            out.append((pod, node, t))
     return out
 
 
@@ -842,27 +856,48 @@ class DecisionLag:
 
     def __init__(self, writes: ReportWrites) -> None:
         self.writes = writes
+        # (namespace, policy, workload) -> (pod key, node), from the policies' status rows: a
+        # WorkloadOptimizerState names its policy and workload only.
+        self.placed: dict[tuple[str, str, str], tuple[str, str]] = {}
         self.lock = threading.Lock()
         self.seen: set[tuple[str, float]] = set()
         self.lags: list[tuple[float, float]] = []  # (decision wall time, lag seconds)
         self.unmatched = 0
 
     def on_event(self, kind: str, obj: dict[str, Any], received: float) -> None:
+        """Fed with EnergyPolicy and WorkloadOptimizerState events (`policy_watcher`,
+        `state_watcher`): the decision is the state object's write carrying the report's time."""
         if kind == "DELETED":
             return
+        namespace = str((obj.get("metadata") or {}).get("namespace", ""))
+        if obj.get("kind") == STATE_KIND:
+            spec = obj.get("spec") or {}
+            with self.lock:
+                where = self.placed.get((namespace, str(spec.get("policy")), str(spec.get("workload"))))
+            t = last_observation(spec.get("state"))
+            if where is not None and t is not None:
+                self._decided(kind, where[0], where[1], t, received)
+            return
+        name = str((obj.get("metadata") or {}).get("name", ""))
+        with self.lock:
+            for workload, where in single_pod_rows(obj).items():
+                self.placed[(namespace, name, workload)] = where
         for pod, node, t in observation_times(obj):
-            with self.lock:
-                if (pod, t) in self.seen:
-                    continue
-                self.seen.add((pod, t))
-                if kind == "LISTED":
-                    continue  # written before this watch began: its time of writing is unknown
-            written = self.writes.written_at(node, t)
-            with self.lock:
-                if written is None:
-                    self.unmatched += 1
-                else:
-                    self.lags.append((received, received - written))
+            self._decided(kind, pod, node, t, received)
+
+    def _decided(self, kind: str, pod: str, node: str, t: float, received: float) -> None:
+        with self.lock:
+            if (pod, t) in self.seen:
+                return
+            self.seen.add((pod, t))
+            if kind == "LISTED":
+                return  # written before this watch began: its time of writing is unknown
+        written = self.writes.written_at(node, t)
+        with self.lock:
+            if written is None:
+                self.unmatched += 1
+            else:
+                self.lags.append((received, received - written))
 
     def between(self, start: float, end: float) -> list[float]:
         with self.lock:
@@ -887,6 +922,11 @@ def policy_watcher(api: Api, *handlers: EventHandler) -> Watcher:
             handle(kind, obj, received)
 
     return Watcher(api, f"/apis/{GROUP}/{VERSION}/energypolicies", object_key, fan_out)
+
+
+def state_watcher(api: Api, handler: EventHandler) -> Watcher:
+    """One watch on every WorkloadOptimizerState (each workload's optimizer state)."""
+    return Watcher(api, f"/apis/{GROUP}/{VERSION}/{STATE_PLURAL}", object_key, handler)
 
 
 def policy_status_problems(

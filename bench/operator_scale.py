@@ -48,6 +48,7 @@ from bench.fleet import (
     policy_watcher,
     ready_nodes,
     request_rates,
+    state_watcher,
     summary,
     terminated_watchers,
 )
@@ -115,6 +116,7 @@ def measure(
     procs = Processes(logs=cp.dir / f"logs-{size}")
     lag = DecisionLag(fleet.writes)
     watcher = policy_watcher(api, lag.on_event).start()
+    states = state_watcher(api, lag.on_event).start()
     operator = procs.start("operator", operator_command(cp.kubeconfig, *operator_args))
     probe = ProcessProbe(operator.pid, period=2.0).start()
     try:
@@ -141,6 +143,7 @@ def measure(
     finally:
         probe.stop()
         watcher.stop()
+        states.stop()
         procs.stop_all()
     log = cp.dir / f"logs-{size}" / "operator.log"
     log_lines = log.read_text(errors="replace").splitlines() if log.exists() else []

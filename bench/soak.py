@@ -49,6 +49,7 @@ from bench.fleet import (
     policy_watcher,
     ready_nodes,
     request_rates,
+    state_watcher,
     summary,
     terminated_watchers,
 )
@@ -202,6 +203,7 @@ def main(argv: list[str]) -> int:
         fleet.start()
         lag = DecisionLag(fleet.writes)
         watcher = policy_watcher(api, lag.on_event, churn.on_event).start()
+        states = state_watcher(api, lag.on_event).start()
         operator = procs.start("operator", operator_command(cp.kubeconfig, *args.operator_arg))
         probe = ProcessProbe(operator.pid, period=5.0).start()
         metrics_before = api.text("/metrics")
@@ -302,6 +304,7 @@ def main(argv: list[str]) -> int:
             }
         )
         watcher.stop()
+        states.stop()
     finally:
         if fleet is not None:
             fleet.shutdown()

@@ -10,6 +10,8 @@ I/O, no clock; the CRD models it speaks in are `edpilot.models`.
 - cap bounds: the power limits a policy allows on one GPU;
 - committed watts: what GPUs hold against a power budget;
 - condition transitions: when a condition's lastTransitionTime moves;
+- stored optimizer states: the `WorkloadOptimizerState` object that holds one workload's state,
+  its name, labels and owner (written by the operator, read by budgets and `edpilot report`);
 - the status row model: `WorkloadFigures`, what the optimizer decides about a workload and every
   reader shows (the policy's status rows extend it, as do `edpilot report`'s). It is a CRD shape,
   so it is defined with the CRD models and named here.
@@ -17,9 +19,11 @@ I/O, no clock; the CRD models it speaks in are `edpilot.models`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -309,3 +313,91 @@ def transition(
         lastTransitionTime=since,
         observedGeneration=generation,
     )
+
+
+# ---------------------------------------------------------------- stored optimizer states
+
+STATE_KIND: Final = "WorkloadOptimizerState"
+STATE_PLURAL: Final = "workloadoptimizerstates"
+# The policy a state object belongs to, for `kubectl get wos -l edpilot.io/policy=NAME`. Label
+# values hold 63 characters: a longer policy name is cut and suffixed with a hash of it.
+LABEL_STATE_POLICY: Final = f"{GROUP}/policy"
+_NAME_BUDGET: Final = 100  # characters of an object name, hash suffix included (253 allowed)
+_UNSAFE: Final = re.compile(r"[^a-z0-9-]+")
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:10]
+
+
+def _readable(text: str, limit: int) -> str:
+    return _UNSAFE.sub("-", text.lower())[:limit].strip("-")
+
+
+def state_name(policy: str, workload: str) -> str:
+    """The object name of one workload's stored state in its policy's namespace: readable where the
+    names allow, always unique (a hash of both names ends it, so "a-b"/"c" and "a"/"b-c" differ)."""
+    head = _readable(f"{policy}.{workload}".replace(".", "-"), _NAME_BUDGET - 11)
+    return f"{head}-{_digest(policy, workload)}" if head else _digest(policy, workload)
+
+
+def policy_label(policy: str) -> str:
+    """The `edpilot.io/policy` label value naming `policy` (63 characters at most)."""
+    if len(policy) <= 63:
+        return policy
+    return f"{_readable(policy, 52)}-{_digest(policy)}"
+
+
+def state_object(
+    namespace: str, policy: str, policy_uid: str, workload: str, state: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The whole object holding `state` (an `OptimizerState` as JSON), owned by its EnergyPolicy so
+    that the garbage collector deletes it with the policy."""
+    return {
+        "apiVersion": f"{GROUP}/v1alpha1",
+        "kind": STATE_KIND,
+        "metadata": {
+            "name": state_name(policy, workload),
+            "namespace": namespace,
+            "labels": {LABEL_STATE_POLICY: policy_label(policy)},
+            "ownerReferences": [
+                {
+                    "apiVersion": f"{GROUP}/v1alpha1",
+                    "kind": "EnergyPolicy",
+                    "name": policy,
+                    "uid": policy_uid,
+                    "controller": True,
+                }
+            ],
+        },
+        "spec": {"policy": policy, "workload": workload, "state": dict(state)},
+    }
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """One state object as read back: which policy and workload it claims, and its state body."""
+
+    name: str
+    policy: str
+    workload: str
+    state: Mapping[str, Any]
+    owner: str = ""  # the UID its ownerReference names
+
+
+def stored_state(name: str, spec: Mapping[str, Any], owner: str = "") -> StoredState | None:
+    """A state object's content, or None for one that does not even name a policy and a workload
+    (its state body is checked by `optimizer.load_state` where it is used)."""
+    policy, workload, state = spec.get("policy"), spec.get("workload"), spec.get("state")
+    if not isinstance(policy, str) or not isinstance(workload, str):
+        return None
+    return StoredState(name, policy, workload, dict(state) if isinstance(state, Mapping) else {}, owner)
+
+
+def states_of(stored: Iterable[StoredState], policy: str) -> dict[str, Mapping[str, Any]]:
+    """Workload name -> state body, of the objects that belong to `policy`: an object counts only
+    under the name `state_name` gives its policy and workload (a copy under another name is not
+    read, and is deleted as an orphan by the operator)."""
+    return {
+        s.workload: s.state for s in stored if s.policy == policy and s.name == state_name(policy, s.workload)
+    }

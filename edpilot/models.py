@@ -480,7 +480,8 @@ class WorkloadStatus(WorkloadFigures):
     # Delivery by rollout (the operator's, not the optimizer's figures).
     rollouts: int = Field(default=0, ge=0)
     rollout: RolloutStatus | None = None
-    # The optimizer's whole state, so a restarted operator resumes where it was.
+    # Where operators before per-workload WorkloadOptimizerState objects kept the whole state: read
+    # once to migrate it to its object, never written.
     optimizer: dict[str, object] | None = None
 
 
@@ -715,3 +716,22 @@ class PowerBudget(ApiModel):
     metadata: ObjectMeta
     spec: PowerBudgetSpec
     status: PowerBudgetStatus | None = None
+
+
+# ---------------------------------------------------------------- WorkloadOptimizerState
+
+
+class WorkloadOptimizerStateSpec(ApiModel):
+    """One workload's optimizer state, kept by the operator so that a restarted operator resumes
+    where it was (`edpilot.optimizer.OptimizerState`, read through `load_state`)."""
+
+    policy: str = Field(min_length=1)
+    workload: str = Field(min_length=1)
+    state: dict[str, object]
+
+
+class WorkloadOptimizerState(ApiModel):
+    apiVersion: Literal["edpilot.io/v1alpha1"] = API_VERSION  # type: ignore[assignment]
+    kind: Literal["WorkloadOptimizerState"] = "WorkloadOptimizerState"
+    metadata: ObjectMeta
+    spec: WorkloadOptimizerStateSpec

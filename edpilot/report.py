@@ -1,7 +1,7 @@
 """`edpilot report`: what each policy did for each workload, as a table and, with --plot, figures.
 
-It reads either the EnergyPolicies of the current kubeconfig (their status rows, whose optimizer
-state holds every explored configuration) or the output of `edpilot simulate --json`, turns both
+It reads either the EnergyPolicies of the current kubeconfig (their status rows) with their
+WorkloadOptimizerStates (each workload's optimizer state, which holds every explored configuration) or the output of `edpilot simulate --json`, turns both
 into one `PolicyReport` form, and prints baseline and current J/unit and EDP, slowdown, cap, batch
 size, profile, phase and energy saved (kWh, and money and CO2 when given a price and a grid carbon
 intensity). `--plot DIR` writes, per workload, the explored configurations on the objective
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edpilot.contract import WorkloadFigures
+from edpilot.contract import STATE_PLURAL, StoredState, WorkloadFigures, states_of, stored_state
 from edpilot.models import GROUP, VERSION, Measurement, WorkloadStatus
 from edpilot.optimizer import OptimizerState, Probe, load_state
 from edpilot.simulate import Figures as SimFigures
@@ -189,13 +189,19 @@ def _probe_point(probe: Probe, baseline_cap: float | None) -> Point:
     )
 
 
-def _policy_row(row: WorkloadStatus, default_caps: Mapping[str, float], warn: TextIO | None) -> WorkloadRow:
+def _policy_row(
+    row: WorkloadStatus,
+    default_caps: Mapping[str, float],
+    warn: TextIO | None,
+    stored: Mapping[str, Any] | None = None,
+) -> WorkloadRow:
     # Probes without a cap ran at the baseline cap: the default limit of the pods' GPUs.
     baseline_cap = _highest(default_caps.get(pod) for pod in row.pods)
     state: OptimizerState | None = None
-    if row.optimizer:
+    body = stored if stored is not None else row.optimizer  # the row's: not migrated yet
+    if body:
         try:
-            state = load_state(row.optimizer)
+            state = load_state(body)
         except ValueError as exc:  # unreadable, or written by a newer optimizer (StateTooNew)
             if warn is not None:
                 print(
@@ -219,10 +225,18 @@ def from_policies(
     policies: Sequence[Mapping[str, Any]],
     default_caps: Mapping[str, float] | None = None,
     progress: TextIO | None = None,
+    states: Iterable[Mapping[str, Any]] = (),
 ) -> list[PolicyReport]:
     """Reports of EnergyPolicy objects as the API server returns them. `default_caps` maps
-    "namespace/pod" to its GPUs' default power limit (from GPUNodeReports)."""
+    "namespace/pod" to its GPUs' default power limit (from GPUNodeReports); `states` are the
+    WorkloadOptimizerState objects of those policies' namespaces."""
     caps = default_caps or {}
+    by_policy: dict[str, list[StoredState]] = {}
+    for obj in states:
+        meta = obj.get("metadata") or {}
+        found = stored_state(str(meta.get("name", "")), obj.get("spec") or {})
+        if found is not None:
+            by_policy.setdefault(f"{meta.get('namespace', '')}/{found.policy}", []).append(found)
     counter = Progress("reading EnergyPolicy", len(policies), progress)
     out = []
     for obj in policies:
@@ -230,10 +244,12 @@ def from_policies(
         namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
         counter.step(f"{namespace}/{name}")
         status = obj.get("status") or {}
+        held = states_of(by_policy.get(f"{namespace}/{name}", []), name)
         rows = []
         for raw in status.get("workloads") or []:
             try:
-                rows.append(_policy_row(WorkloadStatus.model_validate(raw), caps, progress))
+                row = WorkloadStatus.model_validate(raw)
+                rows.append(_policy_row(row, caps, progress, held.get(row.name)))
             except ValidationError as exc:
                 if progress is not None:
                     print(f"warning: {namespace}/{name}: a workload row is unreadable: {exc}", file=progress)
@@ -276,15 +292,18 @@ def read_cluster(
         api = client.ApiClient()
     objects = client.CustomObjectsApi(api)
     if progress is not None:
-        print("listing EnergyPolicies and GPUNodeReports ...", file=progress, flush=True)
+        print("listing EnergyPolicies, their states and GPUNodeReports ...", file=progress, flush=True)
     if namespace:
         listed = objects.list_namespaced_custom_object(GROUP, VERSION, namespace, "energypolicies")
+        held = objects.list_namespaced_custom_object(GROUP, VERSION, namespace, STATE_PLURAL)
     else:
         listed = objects.list_cluster_custom_object(GROUP, VERSION, "energypolicies")
+        held = objects.list_cluster_custom_object(GROUP, VERSION, STATE_PLURAL)
     policies = cast(dict[str, Any], listed)
+    states = cast(dict[str, Any], held)["items"]
     reports = cast(dict[str, Any], objects.list_cluster_custom_object(GROUP, VERSION, "gpunodereports"))
     items = sorted(policies["items"], key=lambda o: (o["metadata"]["namespace"], o["metadata"]["name"]))
-    return from_policies(items, default_caps_from_reports(reports["items"]), progress)
+    return from_policies(items, default_caps_from_reports(reports["items"]), progress, states)
 
 
 def _in_cluster() -> bool:

@@ -6,12 +6,14 @@ import json
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from edpilot.contract import state_name
 
 REPO = Path(__file__).resolve().parent.parent
 CRDS = REPO / "crds"
@@ -147,3 +149,25 @@ def tool_dir() -> Path:
     if proc.returncode != 0:
         pytest.fail(f"building the control-plane binaries failed:\n{proc.stderr[-4000:]}")
     return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def with_states(
+    rows: Iterable[Mapping[str, Any]], objects: Iterable[Mapping[str, Any]], policy: str
+) -> list[dict[str, Any]]:
+    """A policy's status rows, each with the optimizer state its WorkloadOptimizerState holds (of
+    `objects`, the namespace's) under "optimizer", where the status kept it before the states moved
+    to their own objects; None where it has none."""
+    held = {
+        o["spec"]["workload"]: o["spec"]["state"]
+        for o in objects
+        if (o.get("spec") or {}).get("policy") == policy
+        and o["metadata"]["name"] == state_name(policy, o["spec"]["workload"])
+    }
+    return [{**r, "optimizer": held.get(r["name"], r.get("optimizer"))} for r in rows]
+
+
+def policy_rows_with_states(cluster: Cluster, namespace: str, policy: str) -> list[dict[str, Any]]:
+    """The policy's status rows with their optimizer states (`with_states`), read from the API."""
+    body = cluster.get_json("energypolicy", policy, "-n", namespace)
+    rows = (body.get("status") or {}).get("workloads") or []
+    return with_states(rows, cluster.get_json("workloadoptimizerstates", "-n", namespace)["items"], policy)

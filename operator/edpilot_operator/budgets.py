@@ -84,12 +84,12 @@ class ProbePoint:
     units_per_second: float  # the whole workload's: curves are compared relative to their own top
 
 
-def probe_points(policy_status: Mapping[str, Any]) -> dict[str, tuple[ProbePoint, ...]]:
+def probe_points(states: Iterable[Mapping[str, Any]]) -> dict[str, tuple[ProbePoint, ...]]:
     """GPU UUID -> the points the optimizer measured for the configuration its workload runs now
-    (probes of another batch size or quantization are another curve)."""
+    (probes of another batch size or quantization are another curve), from stored optimizer states
+    (the `spec.state` of WorkloadOptimizerState objects)."""
     points: dict[str, tuple[ProbePoint, ...]] = {}
-    for row in policy_status.get("workloads") or []:
-        stored = row.get("optimizer") if isinstance(row, Mapping) else None
+    for stored in states:
         if not stored:
             continue
         try:

@@ -12,9 +12,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from edpilot.contract import HINT_ANNOTATIONS
+from edpilot.contract import (
+    HINT_ANNOTATIONS,
+    STATE_PLURAL,
+    StoredState,
+    states_of,
+    stored_state,
+)
 from edpilot.dra import (
     DEFAULT_CONFIG,
     ClaimView,
@@ -36,13 +43,13 @@ from edpilot.models import (
     PowerBudgetSpec,
     PowerBudgetStatus,
 )
-from edpilot.optimizer import DEFAULT_TUNING, Tuning
+from edpilot.optimizer import DEFAULT_TUNING, Config, Tuning
 from edpilot.rollout import OwnerView, owner_view
 
 from . import budgets, metrics, services
 from .kube import Kube, load_client
 from .liveness import LeaseKeeper, LeaseWriter
-from .reports import Decided, ReportTiming, decided, desired_spec
+from .reports import Decided, ReportTiming, decided, desired_spec, state_target, target_of
 from .selection import (
     GovernanceCache,
     Governed,
@@ -58,11 +65,13 @@ from .selection import (
 POLICIES = (GROUP, VERSION, "energypolicies")
 REPORTS = (GROUP, VERSION, "gpunodereports")
 BUDGETS = (GROUP, VERSION, "powerbudgets")
+STATES = (GROUP, VERSION, STATE_PLURAL)
 CLAIMS = ("resource.k8s.io", "v1", "resourceclaims")
 DEPLOYMENTS = ("apps", "v1", "deployments")
 STATEFULSETS = ("apps", "v1", "statefulsets")
 SLICES = ("resource.k8s.io", "v1", "resourceslices")
 PROGRESS_PREFIX = GROUP
+STATE_MANAGER = "edpilot-operator"  # the field manager of state objects (server-side apply)
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,7 @@ def _is_gpu_pod(spec: Mapping[str, Any], **_: Any) -> bool:
 ClaimIndex = kopf.Index[str, ClaimView]
 OwnerIndex = kopf.Index[str, OwnerView]
 SliceIndex = kopf.Index[tuple[str, str], tuple[SliceDevice, ...]]
+TargetIndex = kopf.Index[tuple[str, str], Config]  # ("namespace/policy", workload) -> its target
 
 
 def with_dra_gpus(
@@ -145,9 +155,11 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         pods_by_namespace: kopf.Index[str, PodInfo],
         policies_by_namespace: kopf.Index[str, PolicyEntry],
         decisions_by_policy: kopf.Index[str, Decided],
+        targets_by_workload: TargetIndex,
     ) -> dict[str, Governed]:
         """How the operator governs each of `pods`: the winning policy from labels and specs (never
-        from annotations), and that policy's decision for the pod from its status."""
+        from annotations), and that policy's decision for the pod from its status (which pods form
+        which workload, which explore) and its workload's stored state (the target)."""
         result: dict[str, Governed] = {}
         for pod in pods:
             namespace = pod.namespace
@@ -157,7 +169,12 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             if winner is None:
                 continue
             decision = next(iter(decisions_by_policy.get(winner.key, [])), Decided())
-            result[pod.key] = Governed(winner, decision.targets.get(pod.key), pod.key in decision.exploring)
+
+            def stored(workload: str, policy: str = winner.key) -> Config | None:
+                return next(iter(targets_by_workload.get((policy, workload), [])), None)
+
+            target = target_of(decision, pod.key, stored)
+            result[pod.key] = Governed(winner, target, pod.key in decision.exploring)
         return result
 
     @kopf.on.login(registry=registry)
@@ -249,6 +266,26 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
     def decisions_by_policy(namespace: str, name: str, status: kopf.Status, **_: Any) -> dict[str, Decided]:
         return {f"{namespace}/{name}": decided(namespace, status)}
 
+    @kopf.index(*STATES, id="states_by_policy", registry=registry)
+    def states_by_policy(
+        namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
+    ) -> dict[str, StoredState] | None:
+        owners = meta.get("ownerReferences") or []
+        owner = next((str(o.get("uid", "")) for o in owners if o.get("kind") == "EnergyPolicy"), "")
+        stored = stored_state(name, spec, owner)
+        return {f"{namespace}/{stored.policy}": stored} if stored else None
+
+    @kopf.index(*STATES, id="targets_by_workload", registry=registry)
+    def targets_by_workload(
+        namespace: str, name: str, spec: kopf.Spec, **_: Any
+    ) -> dict[tuple[str, str], Config] | None:
+        # Only an object under the name its policy and workload give it counts (`states_of`).
+        stored = stored_state(name, spec)
+        if stored is None or not states_of([stored], stored.policy):
+            return None
+        target = state_target(stored.state)
+        return {(f"{namespace}/{stored.policy}", stored.workload): target} if target else None
+
     @kopf.index(*REPORTS, id="reports_by_node", registry=registry)
     def reports_by_node(name: str, status: kopf.Status, **_: Any) -> dict[str, GPUNodeReportStatus] | None:
         try:
@@ -273,6 +310,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         policies_by_namespace: kopf.Index[str, PolicyEntry],
         reports_by_node: kopf.Index[str, GPUNodeReportStatus],
         pods_by_node: kopf.Index[str, PodInfo],
+        states_by_policy: kopf.Index[str, StoredState],
         claims_by_pod: ClaimIndex | None = None,
         slices_by_pool: SliceIndex | None = None,
         deployments_by_namespace: OwnerIndex | None = None,
@@ -297,6 +335,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         # Another namespace's pod may hold one of these GPUs through DRA too.
         neighbours = [p for node in reports for p in pods_by_node.get(node, [])]
         holders = dra_holdings(with_dra_gpus(neighbours, claims_by_pod, slices_by_pool))
+        stored = list(states_by_policy.get(f"{namespace}/{name}", []))
         # The optimizer is CPU work: off the event loop, so watches and lease renewals go on.
         outcome = await asyncio.to_thread(
             services.reconcile_policy,
@@ -310,8 +349,12 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             tuning=cfg.tuning,
             dra=holders,
             owners=owners_of(namespace, deployments_by_namespace, statefulsets_by_namespace),
+            states=states_of(stored, name),
         )
         kube: Kube = memo.kube
+        unstored = await store_states(kube, namespace, name, str(meta.get("uid", "")), stored, outcome)
+        for workload, problem in unstored.items():
+            logger.error("EnergyPolicy %s/%s: state of %s not stored: %s", namespace, name, workload, problem)
         for owner_key, owner_patch in outcome.owner_patches.items():
             if not await kube.patch_owner(namespace, owner_key, owner_patch):
                 logger.info("%s/%s changed since it was read: its rollout waits", namespace, owner_key)
@@ -363,6 +406,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         pods_by_namespace: kopf.Index[str, PodInfo],
         policies_by_namespace: kopf.Index[str, PolicyEntry],
         decisions_by_policy: kopf.Index[str, Decided],
+        targets_by_workload: TargetIndex,
         budget_caps_by_node: kopf.Index[str, dict[str, float]],
         claims_by_pod: ClaimIndex | None = None,
         slices_by_pool: SliceIndex | None = None,
@@ -376,7 +420,9 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         desired = node_spec(
             pods,
             _report_status(status),
-            governed(pods, pods_by_namespace, policies_by_namespace, decisions_by_policy),
+            governed(
+                pods, pods_by_namespace, policies_by_namespace, decisions_by_policy, targets_by_workload
+            ),
             budgets.lowest_caps(budget_caps_by_node.get(name, [])),
         )
         if desired != current:
@@ -394,13 +440,16 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
     def node_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, str]]:
         return {name: dict(labels)}
 
-    @kopf.index(*POLICIES, id="probe_points_by_policy_gpu", registry=registry)
+    @kopf.index(*STATES, id="probe_points_by_policy_gpu", registry=registry)
     def probe_points_by_policy_gpu(
-        namespace: str, name: str, status: kopf.Status, **_: Any
+        namespace: str, spec: kopf.Spec, **_: Any
     ) -> dict[tuple[str, str], tuple[budgets.ProbePoint, ...]]:
-        # Keyed by policy too: a status names any GPU UUID it likes, but only the policy that
+        # Keyed by policy too: a state names any GPU UUID it likes, but only the policy that
         # governs a GPU's pod shapes that GPU's curve.
-        return {(f"{namespace}/{name}", uuid): p for uuid, p in budgets.probe_points(status).items()}
+        policy, state = spec.get("policy"), spec.get("state")
+        if not isinstance(policy, str) or not isinstance(state, Mapping):
+            return {}
+        return {(f"{namespace}/{policy}", uuid): p for uuid, p in budgets.probe_points([state]).items()}
 
     @kopf.index(*BUDGETS, id="budget_caps_by_node", registry=registry)
     def budget_caps_by_node(status: kopf.Status, **_: Any) -> dict[str, dict[str, float]]:
@@ -422,6 +471,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         pods_by_namespace: kopf.Index[str, PodInfo],
         policies_by_namespace: kopf.Index[str, PolicyEntry],
         decisions_by_policy: kopf.Index[str, Decided],
+        targets_by_workload: TargetIndex,
         probe_points_by_policy_gpu: kopf.Index[tuple[str, str], tuple[budgets.ProbePoint, ...]],
         claims_by_pod: ClaimIndex | None = None,
         slices_by_pool: SliceIndex | None = None,
@@ -445,7 +495,9 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             (p for n in nodes for p in pods_by_node.get(n, [])), claims_by_pod, slices_by_pool
         )
         pods = {p.key: p for p in enriched}
-        rules = governed(pods.values(), pods_by_namespace, policies_by_namespace, decisions_by_policy)
+        rules = governed(
+            pods.values(), pods_by_namespace, policies_by_namespace, decisions_by_policy, targets_by_workload
+        )
         keys = {
             (rule.policy.key, g.uuid)
             for r in reports.values()
@@ -492,6 +544,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         pods_by_node: kopf.Index[str, PodInfo],
         policies_by_namespace: kopf.Index[str, PolicyEntry],
         decisions_by_policy: kopf.Index[str, Decided],
+        targets_by_workload: TargetIndex,
         reports_by_node: kopf.Index[str, GPUNodeReportStatus],
         budget_caps_by_node: kopf.Index[str, dict[str, float]],
         spec: kopf.Spec,
@@ -519,7 +572,9 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         for node in sorted({p.node for p in released}):
             store = reports_by_node.get(node)
             pods = with_dra_gpus(pods_by_node.get(node, []), claims_by_pod, slices_by_pool)
-            rules = governed(pods, pods_by_namespace, policies_by_namespace, decisions_by_policy)
+            rules = governed(
+                pods, pods_by_namespace, policies_by_namespace, decisions_by_policy, targets_by_workload
+            )
             desired = node_spec(
                 pods,
                 next(iter(store)) if store else None,
@@ -529,6 +584,27 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
             await kube.patch_report_spec(node, desired.model_dump(mode="json", exclude_none=True))
         metrics.forget_policy(namespace, name)
         logger.info("EnergyPolicy %s/%s released %d pods", namespace, name, len(released))
+
+
+async def store_states(
+    kube: Kube, namespace: str, policy: str, uid: str, stored: Collection[StoredState], outcome: Any
+) -> dict[str, str]:
+    """Write the states `services.state_writes` says changed, delete the orphans; a state that
+    could not be written stays in its status row (`services.keep_embedded`). Returns those, with why."""
+    writes = services.state_writes(namespace, policy, uid, stored, outcome.states)
+    failed: dict[str, str] = {}
+    for workload, body in writes.apply.items():
+        try:
+            await kube.apply_state(body, manager=STATE_MANAGER)
+        except (kopf.TemporaryError, ApiException) as exc:
+            failed[workload] = str(exc)
+    for name in writes.delete:
+        try:
+            await kube.delete_state(namespace, name)
+        except (kopf.TemporaryError, ApiException) as exc:
+            failed[f"(orphan {name})"] = str(exc)
+    services.keep_embedded(outcome, failed)
+    return failed
 
 
 def owners_of(

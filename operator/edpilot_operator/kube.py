@@ -14,6 +14,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from edpilot.contract import STATE_PLURAL
 from edpilot.models import GROUP, VERSION
 
 
@@ -76,6 +77,34 @@ class Kube:
             "gpunodereports",
             node,
             body,
+            missing_ok=True,
+        )
+
+    async def apply_state(self, body: Mapping[str, Any], manager: str) -> None:
+        """Create or update one WorkloadOptimizerState (server-side apply: one request either way)."""
+        meta = body["metadata"]
+        await _call(
+            lambda: self._custom.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                meta["namespace"],
+                STATE_PLURAL,
+                meta["name"],
+                dict(body),
+                field_manager=manager,
+                force=True,
+                _content_type="application/apply-patch+yaml",
+            )
+        )
+
+    async def delete_state(self, namespace: str, name: str) -> None:
+        await _call(
+            self._custom.delete_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            STATE_PLURAL,
+            name,
             missing_ok=True,
         )
 

@@ -15,7 +15,7 @@ partition: `edpilot.sharing`): it is measured and reported, never capped.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,11 +50,32 @@ class ReportTiming:
 
 @dataclass(frozen=True)
 class Decided:
-    """What a policy's status says its optimizer decided: the configuration it targets for each
-    pod (by key) and the pods whose workloads are exploring."""
+    """What a policy's status says its optimizer decided: the workload of each pod (by key), the
+    pods whose workloads are exploring, and the configuration targeted for each pod by a state
+    still embedded in the status (before its migration; `target_of` reads the state objects)."""
 
     targets: Mapping[str, Config] = field(default_factory=dict)
     exploring: frozenset[str] = frozenset()
+    workloads: Mapping[str, str] = field(default_factory=dict)
+
+
+def target_of(decision: Decided, pod: str, stored: Callable[[str], Config | None]) -> Config | None:
+    """The configuration decided for `pod`: its workload's stored state's target (`stored` looks it
+    up by workload name), else the one a not yet migrated status row embeds."""
+    workload = decision.workloads.get(pod)
+    found = stored(workload) if workload is not None else None
+    return found if found is not None else decision.targets.get(pod)
+
+
+def state_target(state: Mapping[str, Any]) -> Config | None:
+    """The target of a stored optimizer state, or None where it is unreadable."""
+    target = state.get("target")
+    if not isinstance(target, Mapping):
+        return None
+    try:
+        return Config.model_validate(dict(target))
+    except ValidationError:
+        return None
 
 
 def decided(namespace: str, status: Mapping[str, Any]) -> Decided:
@@ -62,12 +83,17 @@ def decided(namespace: str, status: Mapping[str, Any]) -> Decided:
     policy governs only its own namespace, whatever its status says."""
     targets: dict[str, Config] = {}
     exploring: set[str] = set()
+    workloads: dict[str, str] = {}
     for row in status.get("workloads") or []:
         if not isinstance(row, Mapping):
             continue
         pods = [p for p in row.get("pods") or [] if isinstance(p, str) and p.startswith(f"{namespace}/")]
         if row.get("phase") in ("Baseline", "Exploring", "Drifted"):
             exploring.update(pods)
+        name = row.get("name")
+        if isinstance(name, str) and row.get("phase") != "Conflict":
+            workloads.update(dict.fromkeys(pods, name))
+        # A row an operator before per-workload state objects wrote embeds the state.
         stored = row.get("optimizer")
         target = stored.get("target") if isinstance(stored, Mapping) else None
         if not isinstance(target, Mapping):
@@ -77,7 +103,7 @@ def decided(namespace: str, status: Mapping[str, Any]) -> Decided:
         except ValidationError:
             continue
         targets.update(dict.fromkeys(pods, config))
-    return Decided(targets=targets, exploring=frozenset(exploring))
+    return Decided(targets=targets, exploring=frozenset(exploring), workloads=workloads)
 
 
 def known_limits(gpu: GPUStatus) -> bool:

@@ -6,7 +6,7 @@ Pure: the kopf handler passes in what the watches hold and writes back what this
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -20,10 +20,12 @@ from edpilot.contract import (
     ANNOTATION_POWER_CAP,
     ANNOTATION_QUANTIZATION,
     ANNOTATION_QUANTIZATION_ACCURACY,
+    StoredState,
     encode_batch_size,
     encode_power_cap,
     parse_accuracy,
     parse_batch_range,
+    state_object,
     transition,
 )
 from edpilot.dra import DraHoldings
@@ -78,6 +80,9 @@ class PolicyOutcome:
     events: list[PolicyEvent] = field(default_factory=list)
     # Delivery Rollout: JSON patches of owners' templates, by "Kind/name" in the policy's namespace.
     owner_patches: dict[str, JsonPatch] = field(default_factory=dict)
+    # Workload name -> the optimizer state to store (its own WorkloadOptimizerState object): one
+    # per workload that has a state; a stored object of any other workload is deleted.
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -207,11 +212,16 @@ def reconcile_policy(
     tuning: Tuning = DEFAULT_TUNING,
     dra: DraHoldings = NO_DRA,
     owners: Mapping[str, OwnerView] | None = None,
+    states: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> PolicyOutcome:
     """`governance` is the namespace's (`selection.GovernanceCache`), shared by all its policies;
     `dra` what DRA allocated on the nodes of its pods; `owners` the namespace's Deployments and
-    StatefulSets by "Kind/name" (delivery Rollout)."""
+    StatefulSets by "Kind/name" (delivery Rollout); `states` the stored optimizer states by
+    workload name (`contract.states_of`). A state still embedded in a status row (where operators
+    before per-workload state objects kept it) is read once when no object holds one, moves to
+    `outcome.states` and leaves the row."""
     owners = owners or {}
+    states = states or {}
     selection = select(policy, pods, governance)
     previous_rows = {
         row.get("name"): row for row in status.get("workloads") or [] if isinstance(row, Mapping)
@@ -221,7 +231,16 @@ def reconcile_policy(
     for workload in selection.workloads:
         rows.append(
             _reconcile_workload(
-                policy, workload, previous_rows.get(workload.name), reports, now, tuning, outcome, dra, owners
+                policy,
+                workload,
+                previous_rows.get(workload.name),
+                states.get(workload.name),
+                reports,
+                now,
+                tuning,
+                outcome,
+                dra,
+                owners,
             )
         )
     # Owners this policy rolled out and no longer does get their templates back.
@@ -255,6 +274,28 @@ def _reconcile_workload(
     policy: PolicyRef,
     workload: Workload,
     previous_row: Mapping[str, Any] | None,
+    stored: Mapping[str, Any] | None,
+    reports: Mapping[str, GPUNodeReportStatus],
+    now: datetime,
+    tuning: Tuning,
+    outcome: PolicyOutcome,
+    dra: DraHoldings,
+    owners: Mapping[str, OwnerView],
+) -> WorkloadStatus:
+    row = _reconcile_one(policy, workload, previous_row, stored, reports, now, tuning, outcome, dra, owners)
+    # The row keeps the figures; the state (the target the node-spec composer enforces among it)
+    # lives in its own object.
+    body, row.optimizer = row.optimizer, None
+    if body:
+        outcome.states[workload.name] = body
+    return row
+
+
+def _reconcile_one(
+    policy: PolicyRef,
+    workload: Workload,
+    previous_row: Mapping[str, Any] | None,
+    stored: Mapping[str, Any] | None,
     reports: Mapping[str, GPUNodeReportStatus],
     now: datetime,
     tuning: Tuning,
@@ -273,10 +314,11 @@ def _reconcile_workload(
             outcome.pod_annotations.setdefault(pod.key, {})[ANNOTATION_POLICY] = policy.name
     spec = policy.spec
     try:
-        state = _stored_state(previous_row, outcome, workload.name)
+        body = _stored_body(stored, previous_row)
+        state = _stored_state(body, outcome, workload.name)
     except StateTooNew as exc:
-        assert previous_row is not None
-        return _untouched(row, previous_row, outcome, workload.name, exc)
+        assert body is not None
+        return _untouched(row, previous_row, body, outcome, workload.name, exc)
     plan: rollouts.RolloutPlan | None = None
     measured, configs = workload, None
     if spec.delivery.mode == "Rollout":
@@ -333,9 +375,7 @@ def _reconcile_workload(
     for event in decision.events:
         outcome.events.append(PolicyEvent(event.type, event.reason, f"{workload.name}: {event.message}"))
     # Figures are named like the status row's fields.
-    figures = decision.figures.model_dump()
-    figures["edpReductionPercent"] = _finite(figures["edpReductionPercent"])
-    figures["slowdownPercent"] = _finite(figures["slowdownPercent"])
+    figures = row_figures(decision.figures.model_dump())
     row = WorkloadStatus.model_validate({**row.model_dump(), **figures})
     row.rollouts = decision.state.rollouts
     row.message = _joined(
@@ -373,7 +413,8 @@ def _held(
 
 def _untouched(
     row: WorkloadStatus,
-    previous_row: Mapping[str, Any],
+    previous_row: Mapping[str, Any] | None,
+    body: Mapping[str, Any],
     outcome: PolicyOutcome,
     name: str,
     exc: StateTooNew,
@@ -384,12 +425,58 @@ def _untouched(
     message = f"{exc}: left untouched, this workload is not optimized until a newer operator runs"
     outcome.events.append(PolicyEvent("Warning", "StateTooNew", f"{name}: {message}"))
     held = _held(row, previous_row, None, message)
-    held.optimizer = dict(previous_row["optimizer"])
+    held.optimizer = dict(body)
     # Its rollout record too: an owner no row records is one whose template is put back.
     held.rollout = _rollout_record(previous_row)
-    rollouts_spent = previous_row.get("rollouts")
+    rollouts_spent = previous_row.get("rollouts") if previous_row else None
     held.rollouts = rollouts_spent if isinstance(rollouts_spent, int) else 0
     return held
+
+
+@dataclass(frozen=True)
+class StateWrites:
+    """What to write of a policy's optimizer states: the objects to apply by workload (new, changed,
+    or owned by another policy of that name) and the names of objects to delete."""
+
+    apply: dict[str, dict[str, Any]]
+    delete: list[str]
+
+
+def state_writes(
+    namespace: str,
+    policy: str,
+    uid: str,
+    stored: Collection[StoredState],
+    states: Mapping[str, Mapping[str, Any]],
+) -> StateWrites:
+    """`stored`: the objects that name `policy` (its index entry); `states`: `PolicyOutcome.states`.
+    An unchanged state is not written; an object no workload of the policy owns under its name any
+    more (a workload that left, a copy under another name) is deleted."""
+    wanted = {w: state_object(namespace, policy, uid, w, body) for w, body in states.items()}
+    current = {s.name: s for s in stored}
+    apply = {}
+    for workload, body in wanted.items():
+        seen = current.get(body["metadata"]["name"])
+        if seen is None or seen.owner != uid or seen.state != body["spec"]["state"]:
+            apply[workload] = body
+    names = {b["metadata"]["name"] for b in wanted.values()}
+    return StateWrites(apply=apply, delete=sorted(set(current) - names))
+
+
+def keep_embedded(outcome: PolicyOutcome, failed: Mapping[str, str]) -> None:
+    """States whose objects could not be written (`failed`: workload -> why) stay in their status
+    rows, where the next reconcile migrates them again, with a Warning event: never lost."""
+    for row in outcome.status.get("workloads") or []:
+        name = row.get("name")
+        if name in failed and name in outcome.states:
+            row["optimizer"] = outcome.states[name]
+            outcome.events.append(
+                PolicyEvent(
+                    "Warning",
+                    "StateNotStored",
+                    f"{name}: optimizer state kept in the status row: {failed[name]}",
+                )
+            )
 
 
 def not_started(status: dict[str, Any], owner_key: str) -> None:
@@ -429,15 +516,28 @@ def _joined(*parts: str) -> str:
     return " | ".join(p for p in parts if p)
 
 
-def _stored_state(row: Mapping[str, Any] | None, outcome: PolicyOutcome, name: str) -> OptimizerState | None:
-    stored = row.get("optimizer") if row else None
+def _stored_body(stored: Mapping[str, Any] | None, row: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The workload's stored state: its own object's, else (migration) the one an older operator
+    embedded in the status row."""
+    if stored is not None:
+        return stored
+    embedded = row.get("optimizer") if row else None
+    return embedded if isinstance(embedded, Mapping) else None
+
+
+def _stored_state(
+    stored: Mapping[str, Any] | None, outcome: PolicyOutcome, name: str
+) -> OptimizerState | None:
+    """The state to resume from; None (a fresh exploration, and a StateDiscarded warning) for one
+    that is unreadable. A tenant allowed to edit its namespace's state objects gets no further: every
+    decision from a state is clamped to the policy's bounds again by the optimizer."""
     if not stored:
         return None
     try:
         return load_state(stored)
     except StateTooNew:
         raise
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         outcome.events.append(
             PolicyEvent(
                 "Warning",
@@ -476,6 +576,27 @@ def _write_hints(
 
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+FIGURE_DIGITS: Final = 4  # significant digits of a status figure: more than a measurement can tell
+
+
+def _significant(value: float | None) -> float | None:
+    value = _finite(value)
+    return float(f"{value:.{FIGURE_DIGITS}g}") if value else value
+
+
+def row_figures(figures: dict[str, Any]) -> dict[str, Any]:
+    """The figures as the status row shows them: four significant digits (the exact values stay in
+    the workload's state object), so that 2,000 rows fit one policy's status; the joules saved to
+    the joule, as totals sum them."""
+    for key in ("edpReductionPercent", "slowdownPercent", "noiseMarginPercent"):
+        figures[key] = _significant(figures[key])
+    for key in ("baseline", "current"):
+        if isinstance(figures.get(key), dict):
+            figures[key] = {k: _significant(v) if math.isfinite(v) else v for k, v in figures[key].items()}
+    figures["energySavedJoules"] = float(round(figures["energySavedJoules"]))
+    return figures
 
 
 def _previous_status(status: Mapping[str, Any]) -> EnergyPolicyStatus:

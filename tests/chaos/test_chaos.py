@@ -28,7 +28,7 @@ import pytest
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from kubetest import REPO, Cluster, gpu_pod, kwok_gpu_nodes, print_log_tails
+from kubetest import REPO, Cluster, gpu_pod, kwok_gpu_nodes, print_log_tails, with_states
 
 from edpilot.contract import ANNOTATION_POLICY, ANNOTATION_POWER_CAP
 from edpilot.models import GROUP, VERSION
@@ -124,8 +124,19 @@ class Api:
         return dict(body)
 
     def rows(self, namespace: str, name: str) -> dict[str, dict[str, Any]]:
+        """The policy's rows by name, each with its optimizer state (its WorkloadOptimizerState's)."""
         policy = self.policy(namespace, name) or {}
-        return {r["name"]: r for r in (policy.get("status") or {}).get("workloads") or []}
+        rows = (policy.get("status") or {}).get("workloads") or []
+        return {r["name"]: r for r in with_states(rows, self.states(namespace), name)}
+
+    def states(self, namespace: str) -> list[dict[str, Any]]:
+        try:
+            listed: Any = self.custom.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, "workloadoptimizerstates", _request_timeout=5
+            )
+        except Exception:
+            return []
+        return list(listed["items"])
 
     def pod_annotations(self, namespace: str, name: str) -> dict[str, str]:
         pod: Any = self.core.read_namespaced_pod(name, namespace, _request_timeout=5)
@@ -189,14 +200,18 @@ class Invariants:
 
     def sample(self) -> None:
         reports, policies = self.api.list_all("gpunodereports"), self.api.list_all("energypolicies")
-        if reports is None or policies is None:
+        # Listed after the policies: the operator writes a state before the row that needs it.
+        states = self.api.list_all("workloadoptimizerstates")
+        if reports is None or policies is None or states is None:
             self.unavailable += 1
             return
         self.samples += 1
         for report in reports:
             self._report(report)
         for policy in policies:
-            self._policy(policy)
+            self._policy(
+                policy, [s for s in states if s["metadata"]["namespace"] == policy["metadata"]["namespace"]]
+            )
 
     def _within_policy(self, namespace: str, watts: float) -> bool:
         bounds = self.bounds.get(namespace)
@@ -246,7 +261,7 @@ class Invariants:
                     "outside its policy's bounds",
                 )
 
-    def _policy(self, policy: dict[str, Any]) -> None:
+    def _policy(self, policy: dict[str, Any], states: list[dict[str, Any]]) -> None:
         meta = policy["metadata"]
         key = (meta["namespace"], meta["name"])
         if meta.get("deletionTimestamp"):
@@ -256,7 +271,7 @@ class Invariants:
             self.check(bool(status.get("conditions")), f"policy {key}: its status was lost")
         if status.get("conditions"):
             self.with_status.add(key)
-        rows = {r["name"]: r for r in status.get("workloads") or []}
+        rows = {r["name"]: r for r in with_states(status.get("workloads") or [], states, key[1])}
         for ns, name, row_name in [k for k in self.seen if k[:2] == key and k[2] not in rows]:
             del self.seen[(ns, name, row_name)]  # its pods are gone: losing its state is right
         for row_name, row in rows.items():

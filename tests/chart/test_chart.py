@@ -574,9 +574,39 @@ def test_operator_rbac_matches_what_it_touches(render: Render) -> None:
     assert not {verb for group, resource, verb in granted if resource == "nodes"} - {"get", "list", "watch"}
     assert ("edpilot.io", "gpunodereports/status", "patch") not in granted, "the status is the agent's"
     assert ("kopf.dev", "clusterkopfpeerings", "patch") in granted
+    # The one delete: state objects of workloads that left their policy (no orphans).
+    deletes = {(group, resource) for group, resource, verb in granted if verb == "delete"}
+    assert deletes == {("edpilot.io", "workloadoptimizerstates")}
     assert not any(
-        verb in ("*", "delete", "deletecollection", "escalate", "bind", "impersonate") for *_, verb in granted
+        verb in ("*", "deletecollection", "escalate", "bind", "impersonate") for *_, verb in granted
     )
+
+
+def test_operator_may_keep_optimizer_states_and_no_tenant_role_gets_them(render: Render) -> None:
+    """The operator lists, watches, applies (create, patch) and deletes WorkloadOptimizerStates,
+    nothing more, cluster-wide or only in its watched namespaces; no ClusterRole of the chart is
+    aggregated into admin/edit/view, so a namespace's owners get no write access to them."""
+    states = {"list", "watch", "create", "patch", "delete"}
+    manifests = render()
+    assert (
+        grants(one(manifests, "ClusterRole", "rel-edpilot-operator"), "edpilot.io")["workloadoptimizerstates"]
+        == states
+    )
+    namespaced = render("--set", "operator.watchNamespaces={team-a}")
+    assert "workloadoptimizerstates" not in grants(
+        one(namespaced, "ClusterRole", "rel-edpilot-operator"), "edpilot.io"
+    )
+    (role,) = [m for m in namespaced if m["kind"] == "Role" and m["metadata"]["namespace"] == "team-a"]
+    assert grants(role, "edpilot.io")["workloadoptimizerstates"] == states
+    for variant in (manifests, namespaced):
+        for doc in variant:
+            if doc["kind"] != "ClusterRole":
+                continue
+            labels = doc["metadata"].get("labels") or {}
+            assert not [k for k in labels if k.startswith("rbac.authorization.k8s.io/aggregate-to-")], doc
+            assert "aggregationRule" not in doc
+            if doc["metadata"]["name"] != "rel-edpilot-operator":
+                assert "workloadoptimizerstates" not in grants(doc, "edpilot.io")
 
 
 def test_rollout_delivery_grants_template_patches_only_when_enabled(render: Render) -> None:

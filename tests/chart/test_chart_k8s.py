@@ -232,8 +232,15 @@ OPERATOR_ALLOWED = [
     "create events.events.k8s.io default",
     "patch clusterkopfpeerings.kopf.dev",
     "list customresourcedefinitions.apiextensions.k8s.io",
+    "list workloadoptimizerstates.edpilot.io",
+    "watch workloadoptimizerstates.edpilot.io",
+    "create workloadoptimizerstates.edpilot.io team-a",
+    "patch workloadoptimizerstates.edpilot.io team-a",
+    "delete workloadoptimizerstates.edpilot.io team-a",
 ]
 OPERATOR_FORBIDDEN = [
+    "update workloadoptimizerstates.edpilot.io team-a",
+    "deletecollection workloadoptimizerstates.edpilot.io team-a",
     f"patch {LEASES} {NAMESPACE} another-lease",
     f"patch {LEASES} kube-node-lease chart-gpu-0",
     f"create {LEASES} default",
@@ -358,6 +365,39 @@ def test_a_service_account_kubeconfig_acts_with_the_charts_rbac(release: Cluster
     denied = kubectl_with(release, kubeconfig, "get", "secrets", "-n", NAMESPACE)
     assert denied.returncode != 0
     assert "forbidden" in denied.stderr
+
+
+def test_a_namespace_admin_cannot_write_optimizer_states(release: Cluster) -> None:
+    """The built-in admin and edit roles, bound in a tenant's namespace, give no write access to
+    WorkloadOptimizerStates: the chart aggregates nothing into them (docs/security.md)."""
+    namespace = "chart-tenant"
+    release.kubectl("create", "namespace", namespace)
+    try:
+        for role, user in (("admin", "tenant-admin"), ("edit", "tenant-editor")):
+            release.kubectl(
+                "create", "rolebinding", user, f"--clusterrole={role}", f"--user={user}", "-n", namespace
+            )
+            for verb in ("create", "patch", "update", "delete"):
+                answer = release.kubectl(
+                    "auth",
+                    "can-i",
+                    verb,
+                    "workloadoptimizerstates.edpilot.io",
+                    "-n",
+                    namespace,
+                    f"--as={user}",
+                    check=False,
+                )
+                assert answer.stdout.strip() == "no", (role, verb, answer.stdout)
+            # The binding works: the same user may create pods there.
+            assert (
+                release.kubectl(
+                    "auth", "can-i", "create", "pods", "-n", namespace, f"--as={user}"
+                ).stdout.strip()
+                == "yes"
+            )
+    finally:
+        release.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 # ---------------------------------------------------------------- admission policies
@@ -576,6 +616,13 @@ def test_operator_and_agents_converge_with_only_the_charts_credentials(
             f"{WORKLOADS}/trainer-1",
         }
         assert all(row["powerCapWatts"] for row in rows)
+        # Each workload's state in its own object, written with the chart's operator credentials.
+        uid = release.get_json("energypolicy", "chart-power", "-n", WORKLOADS)["metadata"]["uid"]
+        states = release.get_json("workloadoptimizerstates", "-n", WORKLOADS)["items"]
+        assert {s["spec"]["workload"]: s["metadata"]["ownerReferences"][0]["uid"] for s in states} == {
+            row["name"]: uid for row in rows
+        }
+        assert all(s["spec"]["state"]["phase"] == "Converged" for s in states)
         # The operator's one Lease, created and renewed with its chart credentials; every report
         # names it and every agent, watching it with its own, holds it.
         lease = release.get_json("lease", LEASE, "-n", NAMESPACE)["spec"]

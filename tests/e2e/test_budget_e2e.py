@@ -19,7 +19,7 @@ import pytest
 from edpilot_agent.sim import PROFILES
 from edpilot_operator.budgets import IDLE_RESERVE_FRACTION
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
-from kubetest import Cluster, gpu_pod, print_log_tails
+from kubetest import Cluster, gpu_pod, policy_rows_with_states, print_log_tails
 
 from edpilot import gpusim
 from edpilot.budget import grid_optimum
@@ -146,9 +146,8 @@ def converged(crds_installed: Cluster, tmp_path_factory: pytest.TempPathFactory)
 
 
 def policy_rows(cluster: Cluster) -> list[dict[str, Any]]:
-    policy = cluster.get_json("energypolicy", "cap-only", "-n", NAMESPACE)
-    rows: list[dict[str, Any]] = (policy.get("status") or {}).get("workloads") or []
-    return rows
+    """The policy's rows, each with its optimizer state (its WorkloadOptimizerState's)."""
+    return policy_rows_with_states(cluster, NAMESPACE, "cap-only")
 
 
 def chosen_caps(cluster: Cluster) -> dict[str, float]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
-from kubetest import Cluster, gpu_pod, print_log_tails
+from kubetest import Cluster, gpu_pod, policy_rows_with_states, print_log_tails
 
 from edpilot import gpusim
 from edpilot.contract import HINT_ANNOTATIONS
@@ -112,9 +112,8 @@ def loop(
 
 
 def policy_rows(cluster: Cluster) -> list[dict[str, Any]]:
-    policy = cluster.get_json("energypolicy", "decode", "-n", NAMESPACE)
-    rows: list[dict[str, Any]] = (policy.get("status") or {}).get("workloads") or []
-    return rows
+    """The policy's rows, each with its optimizer state (its WorkloadOptimizerState's)."""
+    return policy_rows_with_states(cluster, NAMESPACE, "decode")
 
 
 def converged(cluster: Cluster, procs: Processes, pod: str) -> dict[str, Any] | None:
@@ -206,7 +205,7 @@ def test_operator_killed_mid_exploration_resumes_from_stored_state(loop: tuple[C
     procs.stop("operator", sig=signal.SIGKILL)
     killed_at = time.monotonic()
     stored = next(r for r in policy_rows(cluster) if r["name"] == "decode-b")
-    assert stored["optimizer"]["probes"], "the exploration's probes are in the policy status"
+    assert stored["optimizer"]["probes"], "the exploration's probes are in its WorkloadOptimizerState"
     procs.start("operator-restarted", operator_argv(cluster.kubeconfig))
 
     def resumed() -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
-from kubetest import Cluster, gpu_pod, print_log_tails
+from kubetest import Cluster, gpu_pod, policy_rows_with_states, print_log_tails
 
 from edpilot import gpusim
 
@@ -102,8 +102,8 @@ def apply(cluster: Cluster, obj: dict[str, Any]) -> None:
 
 
 def row_of(cluster: Cluster, name: str) -> dict[str, Any] | None:
-    status = cluster.get_json("energypolicy", name, "-n", NAMESPACE).get("status") or {}
-    return next((r for r in status.get("workloads") or [] if r["name"] == f"Deployment/{name}"), None)
+    rows = policy_rows_with_states(cluster, NAMESPACE, name)  # with each row's optimizer state
+    return next((r for r in rows if r["name"] == f"Deployment/{name}"), None)
 
 
 def replica_sets(cluster: Cluster, name: str) -> list[dict[str, Any]]:

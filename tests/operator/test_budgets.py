@@ -103,13 +103,9 @@ def metrics(ups: float, watts: Mapping[str, float]) -> Metrics:
     )
 
 
-def policy_status(rows: Mapping[str, OptimizerState]) -> dict[str, Any]:
-    return {
-        "workloads": [
-            {"name": name, "optimizer": state.model_dump(mode="json", exclude_none=True)}
-            for name, state in rows.items()
-        ]
-    }
+def stored(rows: Mapping[str, OptimizerState]) -> list[dict[str, Any]]:
+    """The states as WorkloadOptimizerState objects hold them (`spec.state`)."""
+    return [state.model_dump(mode="json", exclude_none=True) for state in rows.values()]
 
 
 class Fleet:
@@ -183,7 +179,7 @@ class Fleet:
                 ),
                 probes=probes,
             )
-            out.update({(TRAIN.key, u): p for u, p in probe_points(policy_status({name: state})).items()})
+            out.update({(TRAIN.key, u): p for u, p in probe_points(stored({name: state})).items()})
         return out
 
     def reconcile(self, max_watts: float, previous: PowerBudgetStatus | None = None) -> PowerBudgetStatus:
@@ -244,16 +240,14 @@ def test_probe_points_keep_the_running_configuration_and_each_members_draw() -> 
             Probe(stage="cap", config=Config(batchSize=16, capWatts=400), failed="did not apply"),
         ],
     )
-    points = probe_points(policy_status({"w": state}))
+    points = probe_points(stored({"w": state}))
     assert points["G1"] == (ProbePoint(None, 690, 100), ProbePoint(500, 420, 90))
     # G2 was not measured at the baseline; its cap in the probe was its straggler override.
     assert points["G2"] == (ProbePoint(None, None, 100), ProbePoint(450, 440, 90))
 
 
 def test_probe_points_skip_unreadable_state() -> None:
-    assert (
-        probe_points({"workloads": [{"name": "w", "optimizer": {"phase": "Nonsense"}}, {"name": "x"}]}) == {}
-    )
+    assert probe_points([{"phase": "Nonsense"}, {}, {"schemaVersion": 99}]) == {}
 
 
 def at(curve: Sequence[tuple[float, float]], cap: float) -> float:

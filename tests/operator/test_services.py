@@ -3,12 +3,13 @@ operator's own decisions, and one policy reconcile from a snapshot — all witho
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from builders import h100_status
-from edpilot_operator.reports import ReportTiming, decided, desired_spec
+from edpilot_operator.reports import ReportTiming, decided, desired_spec, state_target, target_of
 from edpilot_operator.selection import (
     Governed,
     PodInfo,
@@ -18,9 +19,17 @@ from edpilot_operator.selection import (
     pod_info,
     select,
 )
-from edpilot_operator.services import policy_totals, reconcile_policy, snapshot
+from edpilot_operator.services import (
+    StateWrites,
+    keep_embedded,
+    policy_totals,
+    reconcile_policy,
+    row_figures,
+    snapshot,
+    state_writes,
+)
 
-from edpilot.contract import parse_batch_range
+from edpilot.contract import StoredState, parse_batch_range, policy_label, state_name
 from edpilot.models import (
     EnergyPolicySpec,
     GPUNodeReportSpec,
@@ -208,14 +217,25 @@ def test_decisions_are_read_from_the_status_rows_of_the_policys_own_namespace() 
                 "name": "a",
                 "pods": ["ns/a", "elsewhere/b"],
                 "phase": "Exploring",
-                "optimizer": {"target": target},
             },
-            {"name": "c", "pods": ["ns/c"], "phase": "Converged", "optimizer": {"target": {"capWatts": "x"}}},
+            {"name": "c", "pods": ["ns/c"], "phase": "Converged"},
+            # A row an operator before per-workload state objects wrote: its target is in its state.
+            {"name": "d", "pods": ["ns/d"], "phase": "Converged", "optimizer": {"target": target}},
+            {"name": "e", "pods": ["ns/e"], "phase": "Converged", "optimizer": {"target": {"capWatts": "x"}}},
             "not a row",
         ]
     }
     found = decided("ns", status)
-    assert found.targets == {"ns/a": Config(capWatts=333)}
+    stored = {"a": state_target({"target": target}), "c": state_target({"target": {"capWatts": "x"}})}
+    targets = {p: target_of(found, p, stored.get) for p in ("ns/a", "elsewhere/b", "ns/c", "ns/d", "ns/e")}
+    # From the state objects, else (not migrated yet) from the row; an unreadable one gives none.
+    assert targets == {
+        "ns/a": Config(capWatts=333),
+        "elsewhere/b": None,
+        "ns/c": None,
+        "ns/d": Config(capWatts=333),
+        "ns/e": None,
+    }
     assert found.exploring == frozenset({"ns/a"})
 
 
@@ -275,11 +295,13 @@ def test_reconcile_measures_a_baseline_and_keeps_condition_transition_times() ->
         now=NOW,
     )
     row = first.status["workloads"][0]
-    assert row["phase"] == "Baseline" and row["gpus"] == 1 and row["optimizer"]["phase"] == "Baseline"
+    assert row["phase"] == "Baseline" and row["gpus"] == 1 and first.states["a"]["phase"] == "Baseline"
+    assert "optimizer" not in row and "target" not in row
     later = NOW + timedelta(seconds=10)
     second = reconcile_policy(
         policy=mine,
         status=first.status,
+        states=first.states,
         generation=1,
         pods=[claimed],
         governance=governance([claimed], [mine]),
@@ -289,7 +311,7 @@ def test_reconcile_measures_a_baseline_and_keeps_condition_transition_times() ->
     kept = {c["type"]: c["lastTransitionTime"] for c in second.status["conditions"]}
     assert kept == {c["type"]: c["lastTransitionTime"] for c in first.status["conditions"]}
     # A null in a merge patch deletes a key, so the stored state carries none.
-    assert not has_none(second.status["workloads"][0]["optimizer"])
+    assert not has_none(second.states["a"])
 
 
 def has_none(value: object) -> bool:
@@ -381,9 +403,11 @@ def test_windows_run_on_a_nodes_counter_clock_not_on_its_wall_clock_stamp() -> N
     assert observed is not None and observed.time == NOW.timestamp()
 
 
-def reconcile_twice(stored: Any) -> tuple[dict[str, Any], Any]:
-    """A first reconcile measures a baseline; `stored(optimizer, row)` rewrites what its status
-    row stored before the second reads it back, as another operator version would have written it."""
+def reconcile_twice(stored: Any, embedded: bool = False) -> tuple[dict[str, Any], Any]:
+    """A first reconcile measures a baseline; `stored(optimizer, row)` rewrites the state it stored
+    before the second reads it back, as another operator version would have written it: in its
+    WorkloadOptimizerState, or with `embedded` in the status row (operators before those objects).
+    Returns the row with the state it held under "optimizer", and the second outcome."""
     mine = policy(powerCap={"mode": "Auto", "minPercent": 50, "maxPercent": 100})
     claimed = pod("a", annotations={"edpilot.io/policy": "p"})
     first = reconcile_policy(
@@ -396,18 +420,21 @@ def reconcile_twice(stored: Any) -> tuple[dict[str, Any], Any]:
         now=NOW,
     )
     row = first.status["workloads"][0]
-    row["optimizer"] = stored(row["optimizer"], row)
+    state = stored(first.states["a"], row)
+    if embedded:
+        row["optimizer"] = state
     later = NOW + timedelta(seconds=10)
     second = reconcile_policy(
         policy=mine,
         status=first.status,
+        states={} if embedded else {"a": state},
         generation=1,
         pods=[claimed],
         governance=governance([claimed], [mine]),
         reports={"n0": report(work=1e6).model_copy(update={"time": later})},
         now=later,
     )
-    return row, second
+    return {**row, "optimizer": state}, second
 
 
 def test_a_state_without_a_schema_version_is_migrated_and_resumed() -> None:
@@ -415,10 +442,10 @@ def test_a_state_without_a_schema_version_is_migrated_and_resumed() -> None:
     _, labelled = reconcile_twice(lambda o, _: o)
     assert "schemaVersion" not in row["optimizer"]
     assert not any(e.reason in ("StateDiscarded", "StateTooNew") for e in second.events), second.events
-    resumed = second.status["workloads"][0]["optimizer"]
+    resumed = second.states["a"]
     # What the first reconcile started goes on exactly as from the state it would store now.
     assert resumed["schemaVersion"] == 1 and resumed["last"] is not None
-    assert resumed == labelled.status["workloads"][0]["optimizer"]
+    assert resumed == labelled.states["a"]
 
 
 def test_a_state_from_a_newer_operator_is_kept_untouched_and_not_optimized() -> None:
@@ -430,8 +457,190 @@ def test_a_state_from_a_newer_operator_is_kept_untouched_and_not_optimized() -> 
 
     row, second = reconcile_twice(newer)
     kept = second.status["workloads"][0]
-    assert kept["optimizer"] == row["optimizer"]  # byte for byte what the newer operator stored
+    assert second.states["a"] == row["optimizer"]  # byte for byte what the newer operator stored
+    assert "optimizer" not in kept
     assert record.items() <= kept["rollout"].items()  # so its owner's template is not put back either
     assert kept["phase"] == row["phase"] and "schemaVersion 99" in kept["message"]
     assert [e.reason for e in second.events] == ["StateTooNew"]
     assert second.pod_annotations == {}  # no hints written for it
+
+
+def test_a_state_embedded_in_the_status_row_is_migrated_to_its_object_and_resumed() -> None:
+    """A policy status written before WorkloadOptimizerState objects (the state in the row, no
+    object): the state is read once, resumed exactly as from its object, and leaves the row."""
+    row, migrated = reconcile_twice(lambda o, _: o, embedded=True)
+    _, from_object = reconcile_twice(lambda o, _: o)
+    assert row["optimizer"]["phase"] == "Baseline"
+    assert not any(e.reason == "StateDiscarded" for e in migrated.events), migrated.events
+    assert migrated.states["a"] == from_object.states["a"]  # resumed, not restarted
+    assert migrated.states["a"]["last"] is not None
+    assert "optimizer" not in migrated.status["workloads"][0]
+    assert migrated.status["workloads"][0] == from_object.status["workloads"][0]
+
+
+HOSTILE_STATES: list[Any] = [
+    {"schemaVersion": 1, "phase": "Nonsense"},
+    {"schemaVersion": "1", "phase": "Converged"},
+    {"schemaVersion": True},
+    {"schemaVersion": -4},
+    {"schemaVersion": 1, "probes": "every one of them"},
+    {"schemaVersion": 1, "target": {"capWatts": "99999"}, "unexpected": 1},
+    {"schemaVersion": 1, "phase": "Converged", "target": [1, 2, 3]},
+    {"schemaVersion": 1, "acc": {"windows": {"nested": [None]}}},
+]
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_STATES, ids=range(len(HOSTILE_STATES)))
+def test_a_hostile_state_object_restarts_the_exploration_with_a_warning(hostile: Any) -> None:
+    """Whatever a tenant allowed to edit its namespace's WorkloadOptimizerStates writes: no crash,
+    a StateDiscarded warning naming the workload, and a fresh exploration (a new baseline) whose
+    state replaces the hostile one."""
+    _, fresh = reconcile_twice(lambda o, _: o)
+    row, second = reconcile_twice(lambda o, _: hostile)
+    assert row["optimizer"] == hostile
+    discarded = [e for e in second.events if e.reason == "StateDiscarded"]
+    assert len(discarded) == 1 and discarded[0].type == "Warning" and discarded[0].message.startswith("a: ")
+    assert second.states["a"]["phase"] == "Baseline" and second.states["a"]["probes"] == []
+    # A fresh baseline, not the one the first reconcile started (its window starts over).
+    assert second.states["a"] != fresh.states["a"]
+    assert second.status["workloads"][0]["phase"] == "Baseline"
+
+
+def test_a_well_formed_hostile_state_cannot_move_a_cap_outside_the_policy_bounds() -> None:
+    """A state that validates but asks for 99,999 W on one GPU and 5 W on the others, converged:
+    the caps the operator writes (the pod's annotation, the node spec) stay within the policy's
+    bounds (50-100 % of a 700 W H100)."""
+
+    def hostile(state: dict[str, Any], _: Any) -> dict[str, Any]:
+        target = {"capWatts": 5.0, "memberCaps": {"GPU-n0-0": 99999.0}, "batchSize": 8}
+        return {**state, "phase": "Converged", "target": target, "convergedAt": 0.0}
+
+    _, second = reconcile_twice(hostile)
+    row = second.status["workloads"][0]
+    cap = second.pod_annotations.get("ns/a", {}).get("edpilot.io/power-cap")
+    assert cap is None or 350 <= float(cap) <= 700, cap
+    rules = {"ns/a": Governed(policy(powerCap={"mode": "Auto", "minPercent": 50, "maxPercent": 100}))}
+    target = target_of(
+        decided("ns", {"workloads": [row]}), "ns/a", {"a": state_target(second.states["a"])}.get
+    )
+    assert target is not None and target.memberCaps == {"GPU-n0-0": 99999.0}  # as the tenant wrote it
+    rules["ns/a"] = Governed(rules["ns/a"].policy, target, False)
+    limits = spec_of([pod("a")], rules).powerLimits
+    assert limits and all(350 <= p.watts <= 700 for p in limits), limits
+
+
+# ---------------------------------------------------------------- scale: 2,000 workloads
+
+
+ETCD_LIMIT = 1.5 * 1024 * 1024  # bytes: etcd's default request size limit, an object's ceiling
+
+
+def test_a_policy_with_2000_converged_workloads_fits_etcd_and_each_state_object_is_small() -> None:
+    """The status of a policy with 2,000 converged decode workloads (rows as the reconcile writes
+    them, from a state the optimizer really converged on) stays well below etcd's object limit
+    once the states live in their own objects; with the states embedded it would not fit."""
+    import json
+
+    from builders import drive
+
+    from edpilot import gpusim
+    from edpilot.contract import state_object
+    from edpilot.models import BatchSizeSpec, EnergyPolicyStatus, QuantizationSpec
+    from edpilot.simulate import DECODE_ACCURACY, SimWorkloadSpec
+
+    pol = policy(
+        batchSize=BatchSizeSpec(mode="Auto", min=8, max=1024).model_dump(),
+        quantization=QuantizationSpec(
+            mode="Auto", allowed=["bf16", "fp8", "int8"], maxAccuracyDropPercent=1
+        ).model_dump(),
+    ).spec
+    spec = SimWorkloadSpec("decode", gpusim.llm_decode(), 8, "bf16", pol, DECODE_ACCURACY)
+    _, decisions = drive(spec, seconds=2400)
+    decision = decisions[-1]
+    assert decision.phase == "Converged"
+    state = decision.state.model_dump(mode="json", exclude_none=True)
+    rows = []
+    for i in range(2000):
+        name = f"llm-decode-{i:04d}-7d9f8c6b5d-x2k4z"
+        figures = row_figures(decision.figures.model_dump())
+        rows.append(
+            WorkloadStatus.model_validate(
+                {
+                    **figures,
+                    "name": name,
+                    "pods": [f"inference-team/{name}"],
+                    "nodes": [f"gpu-node-{i // 8:04d}"],
+                    "gpus": 1,
+                }
+            )
+        )
+    status = EnergyPolicyStatus(workloads=rows).model_dump(mode="json", exclude_none=True)
+    status_bytes = len(json.dumps(status, separators=(",", ":")))
+    row_bytes = status_bytes / 2000
+    obj = state_object("inference-team", "decode", "0" * 36, rows[0].name, state)
+    state_bytes = len(json.dumps(obj, separators=(",", ":")))
+    embedded = {**status, "workloads": [{**r, "optimizer": state} for r in status["workloads"]]}
+    embedded_bytes = len(json.dumps(embedded, separators=(",", ":")))
+    print(
+        f"2,000 converged rows: status {status_bytes / 1024:.0f} KiB ({row_bytes:.0f} B/row); "
+        f"state object {state_bytes} B; with states embedded {embedded_bytes / 1024:.0f} KiB"
+    )
+    # A fifth of the limit spare: room for messages (about 60 characters more on every row).
+    assert status_bytes < ETCD_LIMIT * 0.8, status_bytes
+    assert state_bytes < 16 * 1024, state_bytes
+    assert embedded_bytes > ETCD_LIMIT  # why the states moved out
+
+
+# ---------------------------------------------------------------- state objects: what to write
+
+
+def stored_objects(*entries: tuple[str, str, dict[str, Any], str]) -> list[StoredState]:
+    """(policy, workload, state, owner UID) as the operator's index holds them."""
+    return [StoredState(state_name(p, w), p, w, s, uid) for p, w, s, uid in entries]
+
+
+def test_only_new_changed_or_reowned_states_are_written_and_orphans_deleted() -> None:
+    same: dict[str, Any] = {"schemaVersion": 1, "phase": "Converged"}
+    old: dict[str, Any] = {"schemaVersion": 1}
+    new: dict[str, Any] = {"schemaVersion": 1, "x": 2}
+    stored = [
+        *stored_objects(
+            ("p", "kept", same, "uid-1"),
+            ("p", "changed", old, "uid-1"),
+            ("p", "left", same, "uid-1"),  # its workload left the policy
+            ("p", "reowned", same, "uid-0"),  # written for an earlier policy of the same name
+        ),
+        StoredState("a-copy-under-another-name", "p", "kept", same, "uid-1"),
+    ]
+    states: dict[str, dict[str, Any]] = {"kept": same, "changed": new, "reowned": same, "fresh": new}
+    writes = state_writes("ns", "p", "uid-1", stored, states)
+    assert sorted(writes.apply) == ["changed", "fresh", "reowned"]
+    assert writes.delete == sorted(["a-copy-under-another-name", state_name("p", "left")])
+    body = writes.apply["fresh"]
+    assert body["metadata"]["name"] == state_name("p", "fresh") and body["metadata"]["namespace"] == "ns"
+    assert body["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert body["spec"] == {"policy": "p", "workload": "fresh", "state": new}
+    # Nothing changed: nothing written, nothing deleted.
+    again = [s for s in stored_objects(*((("p", w, b, "uid-1") for w, b in states.items())))]
+    assert state_writes("ns", "p", "uid-1", again, states) == StateWrites(apply={}, delete=[])
+
+
+def test_a_state_that_could_not_be_stored_stays_in_its_row_with_a_warning() -> None:
+    _, outcome = reconcile_twice(lambda o, _: o)
+    keep_embedded(outcome, {"a": "403 forbidden"})
+    (row,) = outcome.status["workloads"]
+    assert row["optimizer"] == outcome.states["a"]
+    assert outcome.events[-1].reason == "StateNotStored" and "403 forbidden" in outcome.events[-1].message
+    assert [e.reason for e in outcome.events].count("StateNotStored") == 1
+
+
+@pytest.mark.parametrize(
+    ("policy_name", "workload"),
+    [("decode", "decode-a"), ("a-b", "c"), ("a", "b-c"), ("p" * 253, "w" * 253), ("Odd.Name", "x_y")],
+)
+def test_state_object_names_are_valid_bounded_and_distinct(policy_name: str, workload: str) -> None:
+    name = state_name(policy_name, workload)
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 100
+    assert name == state_name(policy_name, workload)
+    assert state_name("a-b", "c") != state_name("a", "b-c")
+    assert len(policy_label(policy_name)) <= 63

@@ -59,7 +59,7 @@ def status(gpu: str, rate: Mapping[float, float]) -> dict[str, Any]:
         for cap, ups in rate.items()
     ]
     state = OptimizerState(phase="Converged", probes=probes)
-    return {"workloads": [{"name": "w", "optimizer": state.model_dump(mode="json", exclude_none=True)}]}
+    return {"state": state.model_dump(mode="json", exclude_none=True)}
 
 
 STEEP = {300.0: 50.0, 400.0: 70.0, 500.0: 85.0, 600.0: 95.0, 700.0: 100.0}  # compute-bound
@@ -69,7 +69,9 @@ FLAT = {300.0: 99.0, 400.0: 99.5, 500.0: 100.0, 600.0: 100.0, 700.0: 100.0}  # m
 def index_curves(statuses: Mapping[str, dict[str, Any]]) -> dict[tuple[str, str], tuple[ProbePoint, ...]]:
     """The operator's probe-point index: every policy's status, keyed by (policy, GPU)."""
     return {
-        (policy, uuid): pts for policy, body in statuses.items() for uuid, pts in probe_points(body).items()
+        (policy, uuid): pts
+        for policy, body in statuses.items()
+        for uuid, pts in probe_points([body["state"]]).items()
     }
 
 

@@ -21,7 +21,14 @@ from typing import Any
 import pytest
 from builders import h100_status
 from edpilot_operator.localrun import Processes, operator_argv, wait_until
-from kubetest import Cluster, add_gpu_node, gpu_pod, print_log_tails, remove_gpu_nodes
+from kubetest import (
+    Cluster,
+    add_gpu_node,
+    gpu_pod,
+    policy_rows_with_states,
+    print_log_tails,
+    remove_gpu_nodes,
+)
 from tenancy import Tenant, make_tenant
 
 from edpilot.models import GPUNodeReportStatus, WorkloadSample
@@ -108,9 +115,8 @@ class Setup:
         return {lim["gpuUUID"]: float(lim["watts"]) for lim in spec.get("powerLimits") or []}
 
     def rows(self, namespace: str, name: str) -> list[dict[str, Any]]:
-        body = self.cluster.get_json("energypolicy", name, "-n", namespace)
-        rows: list[dict[str, Any]] = (body.get("status") or {}).get("workloads") or []
-        return rows
+        """The policy's rows, each with its optimizer state (its WorkloadOptimizerState's)."""
+        return policy_rows_with_states(self.cluster, namespace, name)
 
     def budget_allocations(self) -> dict[str, float]:
         body = self.cluster.get_json("powerbudget", BUDGET)

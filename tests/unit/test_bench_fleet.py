@@ -13,6 +13,7 @@ from bench.fleet import (
     Watcher,
     cap_policy,
     gpu_pod,
+    last_observation,
     linear_slope,
     metric_sum,
     observation_times,
@@ -20,6 +21,7 @@ from bench.fleet import (
     percentile,
     policy_status_problems,
     request_rates,
+    single_pod_rows,
     terminated_watchers,
 )
 from bench.soak import CYCLE_SECONDS, schedule
@@ -197,3 +199,13 @@ def test_the_end_state_check_expects_conflict_rows_for_pods_a_stronger_policy_wi
     deleting = _policy("strong", "x", [])
     deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     assert "ns/strong: still being deleted" in policy_status_problems([deleting], [])
+
+
+def test_decision_times_come_from_state_objects_placed_by_the_status_rows() -> None:
+    policy = {
+        "metadata": {"namespace": "ns", "name": "p"},
+        "status": {"workloads": [{"name": "w0", "pods": ["ns/w0"], "nodes": ["n1"], "phase": "Converged"}]},
+    }
+    assert single_pod_rows(policy) == {"w0": ("ns/w0", "n1")}
+    assert observation_times(policy) == []  # no state in the row any more
+    assert last_observation({"last": {"time": 4}}) == 4.0 and last_observation({}) is None

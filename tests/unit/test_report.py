@@ -17,6 +17,7 @@ from kubetest import Cluster
 from matplotlib.image import imread
 
 from edpilot import report
+from edpilot.contract import state_object
 from edpilot.edp import Metrics
 from edpilot.optimizer import Config, OptimizerState, Probe
 from edpilot.simulate import run_fleet, sample_fleet
@@ -217,7 +218,9 @@ def _policy(name: str) -> dict[str, Any]:
     }
 
 
-def _status(state: OptimizerState) -> dict[str, Any]:
+def _status(state: OptimizerState, embedded: bool = False) -> dict[str, Any]:
+    """The status; with `embedded` the state in its row, as operators before WorkloadOptimizerState
+    objects kept it."""
     measurement = {"joulesPerUnit": 0.02, "secondsPerUnit": 0.001, "edp": 2e-5, "unitsPerSecond": 8000}
     current = {"joulesPerUnit": 0.005, "secondsPerUnit": 0.00102, "edp": 5.1e-6, "unitsPerSecond": 59000}
     return {
@@ -252,7 +255,7 @@ def _status(state: OptimizerState) -> dict[str, Any]:
                 "energySavedJoules": 7.2e6,
                 "probes": 4,
                 "message": "converged",
-                "optimizer": state.model_dump(mode="json", exclude_none=True),
+                **({"optimizer": state.model_dump(mode="json", exclude_none=True)} if embedded else {}),
             },
             {
                 "name": "decode-1",
@@ -310,6 +313,11 @@ def test_report_reads_policies_from_the_api_server(
         "patch", "energypolicies", "report-decode", "-n", "default", "--subresource=status", "--type=merge",
         "-p", json.dumps({"status": _status(state)}),
     )  # fmt: skip
+    uid = api.get_json("energypolicies", "report-decode", "-n", "default")["metadata"]["uid"]
+    held = state_object(
+        "default", "report-decode", uid, "decode-0", state.model_dump(mode="json", exclude_none=True)
+    )
+    api.kubectl("apply", "-f", "-", input=json.dumps(held))
     api.kubectl(
         "apply", "-f", "-",
         input=json.dumps({"apiVersion": "edpilot.io/v1alpha1", "kind": "GPUNodeReport", "metadata": {"name": "report-test-node"}}),
@@ -364,6 +372,23 @@ def test_report_reads_policies_from_the_api_server(
     assert datetime.fromisoformat(lines[-1]["time"]) <= datetime.now(UTC)
     saved = png_chunks(tmp_path / "plots" / "energy-saved.png")
     assert json.loads(saved["text"]["Series"]) == {"energy saved": 2}
+
+
+def test_explored_points_come_from_the_state_objects_or_a_not_yet_migrated_row() -> None:
+    state = _state()
+    body = state.model_dump(mode="json", exclude_none=True)
+    objects = [
+        state_object("default", "p", "uid", "decode-0", body),
+        state_object("default", "other", "uid", "decode-0", {"schemaVersion": 1, "probes": "x"}),
+    ]
+    policy = {**_policy("p"), "status": _status(state)}
+    (from_objects,) = report.from_policies([policy], states=objects)
+    (from_row,) = report.from_policies([{**policy, "status": _status(state, embedded=True)}])
+    (without,) = report.from_policies([policy])
+    explored = [p.capWatts for p in from_objects.workloads[0].explored]
+    assert explored == [None, None, 450, 350]  # no GPUNodeReport: the default cap is unknown
+    assert from_row.workloads[0].explored == from_objects.workloads[0].explored
+    assert without.workloads[0].explored == [] and without.workloads[0].chosen is None
 
 
 def test_unreachable_cluster_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
