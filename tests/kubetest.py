@@ -19,6 +19,30 @@ REPO = Path(__file__).resolve().parent.parent
 CRDS = REPO / "crds"
 
 
+# A bf16 training job at batch 256, as the simulated agent plays it (sim.edpilot.io annotations).
+SIM_TRAINER = {
+    "sim.edpilot.io/workload": "training",
+    "sim.edpilot.io/precision": "bf16",
+    "sim.edpilot.io/batch-size": "256",
+}
+
+
+def training_policy(namespace: str, name: str, app: str) -> dict[str, Any]:
+    """An EDP policy with an automatic power cap over the training pods labelled app=`app`."""
+    return {
+        "apiVersion": "edpilot.io/v1alpha1",
+        "kind": "EnergyPolicy",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": {"app": app}},
+            "objective": "EDP",
+            "maxSlowdownPercent": 5,
+            "powerCap": {"mode": "Auto", "minPercent": 40, "maxPercent": 100},
+            "workMetric": {"port": 9400, "name": "training_samples_total", "unit": "samples"},
+        },
+    }
+
+
 def gpu_pod(
     namespace: str,
     name: str,

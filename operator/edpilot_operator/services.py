@@ -229,20 +229,24 @@ def reconcile_policy(
     outcome = PolicyOutcome(status={})
     rows: list[WorkloadStatus] = []
     for workload in selection.workloads:
-        rows.append(
-            _reconcile_workload(
-                policy,
-                workload,
-                previous_rows.get(workload.name),
-                states.get(workload.name),
-                reports,
-                now,
-                tuning,
-                outcome,
-                dra,
-                owners,
-            )
+        row = _reconcile_one(
+            policy,
+            workload,
+            previous_rows.get(workload.name),
+            states.get(workload.name),
+            reports,
+            now,
+            tuning,
+            outcome,
+            dra,
+            owners,
         )
+        # The row keeps the figures; the state (the target the node-spec composer enforces among
+        # it) lives in its own object.
+        body, row.optimizer = row.optimizer, None
+        if body:
+            outcome.states[workload.name] = body
+        rows.append(row)
     # Owners this policy rolled out and no longer does get their templates back.
     rolled = {rec.owner: rec for row in previous_rows.values() if (rec := _rollout_record(row)) is not None}
     kept = {r.rollout.owner for r in rows if r.rollout is not None}
@@ -268,27 +272,6 @@ def reconcile_policy(
     # leave a stale one behind, so it is deleted explicitly.
     outcome.status["totals"].setdefault("averageEdpReductionPercent", None)
     return outcome
-
-
-def _reconcile_workload(
-    policy: PolicyRef,
-    workload: Workload,
-    previous_row: Mapping[str, Any] | None,
-    stored: Mapping[str, Any] | None,
-    reports: Mapping[str, GPUNodeReportStatus],
-    now: datetime,
-    tuning: Tuning,
-    outcome: PolicyOutcome,
-    dra: DraHoldings,
-    owners: Mapping[str, OwnerView],
-) -> WorkloadStatus:
-    row = _reconcile_one(policy, workload, previous_row, stored, reports, now, tuning, outcome, dra, owners)
-    # The row keeps the figures; the state (the target the node-spec composer enforces among it)
-    # lives in its own object.
-    body, row.optimizer = row.optimizer, None
-    if body:
-        outcome.states[workload.name] = body
-    return row
 
 
 def _reconcile_one(

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kubetest import Cluster, kwok_gpu_nodes, remove_gpu_nodes, wait_for
+from kubetest import SIM_TRAINER, Cluster, kwok_gpu_nodes, remove_gpu_nodes, training_policy, wait_for
 from sa_kubeconfig import agent_pod_on, kubectl_with, service_account_kubeconfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -513,11 +513,6 @@ WORKLOADS = "edpilot-chart-workloads"
 
 def trainer_pod(name: str, node: str) -> dict[str, Any]:
     """A simulated training pod: the sim agent on its node plays it from the sim.edpilot.io annotations."""
-    annotations = {
-        "sim.edpilot.io/workload": "training",
-        "sim.edpilot.io/precision": "bf16",
-        "sim.edpilot.io/batch-size": "256",
-    }
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -525,7 +520,7 @@ def trainer_pod(name: str, node: str) -> dict[str, Any]:
             "name": name,
             "namespace": WORKLOADS,
             "labels": {"app": "chart-trainer"},
-            "annotations": annotations,
+            "annotations": SIM_TRAINER,
         },
         "spec": {
             "nodeName": node,
@@ -560,18 +555,7 @@ def test_operator_and_agents_converge_with_only_the_charts_credentials(
     try:
         release.kubectl("create", "-f", "-", input=json.dumps(trainer_pod("trainer-0", OWN_GPU_NODES[0])))
         release.kubectl("create", "-f", "-", input=json.dumps(trainer_pod("trainer-1", OWN_GPU_NODES[1])))
-        policy = {
-            "apiVersion": "edpilot.io/v1alpha1",
-            "kind": "EnergyPolicy",
-            "metadata": {"name": "chart-power", "namespace": WORKLOADS},
-            "spec": {
-                "selector": {"matchLabels": {"app": "chart-trainer"}},
-                "objective": "EDP",
-                "maxSlowdownPercent": 5,
-                "powerCap": {"mode": "Auto", "minPercent": 40, "maxPercent": 100},
-                "workMetric": {"port": 9400, "name": "training_samples_total", "unit": "samples"},
-            },
-        }
+        policy = training_policy(WORKLOADS, "chart-power", "chart-trainer")
         release.kubectl("create", "-f", "-", input=json.dumps(policy))
 
         operator_kubeconfig = service_account_kubeconfig(

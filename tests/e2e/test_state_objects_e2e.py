@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from edpilot_operator.localrun import Processes, agent_argv, operator_argv, wait_until
-from kubetest import Cluster, gpu_pod, print_log_tails
+from kubetest import SIM_TRAINER, Cluster, gpu_pod, print_log_tails, training_policy
 
 from edpilot.contract import LABEL_STATE_POLICY, state_name
 
@@ -24,33 +24,17 @@ TIMEOUT = 180.0
 
 
 def policy_body() -> dict[str, Any]:
-    return {
-        "apiVersion": "edpilot.io/v1alpha1",
-        "kind": "EnergyPolicy",
-        "metadata": {"name": POLICY, "namespace": NAMESPACE},
-        "spec": {
-            "selector": {"matchLabels": {"app": "trainer"}},
-            "objective": "EDP",
-            "maxSlowdownPercent": 5,
-            "powerCap": {"mode": "Auto", "minPercent": 40, "maxPercent": 100},
-            "workMetric": {"port": 9400, "name": "training_samples_total", "unit": "samples"},
-        },
-    }
+    return training_policy(NAMESPACE, POLICY, "trainer")
 
 
 def trainer(name: str) -> dict[str, Any]:
-    annotations = {
-        "sim.edpilot.io/workload": "training",
-        "sim.edpilot.io/precision": "bf16",
-        "sim.edpilot.io/batch-size": "256",
-    }
     return gpu_pod(
         NAMESPACE,
         name,
         image="example.com/train:1",
         node=NODE,
         labels={"app": "trainer"},
-        annotations=annotations,
+        annotations=SIM_TRAINER,
     )
 
 

@@ -23,7 +23,16 @@ import pytest
 import yaml
 from edpilot_operator.localrun import FAST_AGENT_ARGS, FAST_OPERATOR_ARGS
 from images_common import AGENT, OPERATOR, Podman
-from kubetest import REPO, Cluster, gpu_pod, kwok_gpu_nodes, remove_gpu_nodes, wait_for
+from kubetest import (
+    REPO,
+    SIM_TRAINER,
+    Cluster,
+    gpu_pod,
+    kwok_gpu_nodes,
+    remove_gpu_nodes,
+    training_policy,
+    wait_for,
+)
 from sa_kubeconfig import agent_pod_on, service_account_token
 
 pytestmark = [pytest.mark.images, pytest.mark.timeout(1800)]
@@ -38,29 +47,13 @@ CHART = REPO / "charts" / "edpilot"
 
 def trainer_pod(name: str, node: str) -> dict[str, Any]:
     """A simulated training pod: the agent on its node plays it from the sim.edpilot.io annotations."""
-    annotations = {
-        "sim.edpilot.io/workload": "training",
-        "sim.edpilot.io/precision": "bf16",
-        "sim.edpilot.io/batch-size": "256",
-    }
     return gpu_pod(
         WORKLOADS, name, image="example.invalid/trainer:1", node=node, labels={"app": "image-trainer"},
-        annotations=annotations,
+        annotations=SIM_TRAINER,
     )  # fmt: skip
 
 
-POLICY = {
-    "apiVersion": "edpilot.io/v1alpha1",
-    "kind": "EnergyPolicy",
-    "metadata": {"name": "image-power", "namespace": WORKLOADS},
-    "spec": {
-        "selector": {"matchLabels": {"app": "image-trainer"}},
-        "objective": "EDP",
-        "maxSlowdownPercent": 5,
-        "powerCap": {"mode": "Auto", "minPercent": 40, "maxPercent": 100},
-        "workMetric": {"port": 9400, "name": "training_samples_total", "unit": "samples"},
-    },
-}
+POLICY = training_policy(WORKLOADS, "image-power", "image-trainer")
 
 
 @pytest.fixture

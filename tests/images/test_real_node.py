@@ -20,7 +20,7 @@ from edpilot_agent.podresources import PodResourcesClient
 from edpilot_agent.pods import PodInfo
 from edpilot_operator.localrun import FAST_AGENT_ARGS, FAST_OPERATOR_ARGS
 from images_common import AGENT, OPERATOR, REPO, TAG, Podman
-from kubetest import Cluster, wait_for
+from kubetest import SIM_TRAINER, Cluster, training_policy, wait_for
 
 from edpilot.gpusim import gpu_uuid
 
@@ -135,18 +135,7 @@ def test_deleting_the_pod_frees_its_gpus(real_node: Path, cluster: Cluster) -> N
 
 RELEASE = "realnode"
 POLICY_NAME = "real-node-power"
-POLICY = {
-    "apiVersion": "edpilot.io/v1alpha1",
-    "kind": "EnergyPolicy",
-    "metadata": {"name": POLICY_NAME, "namespace": NAMESPACE},
-    "spec": {
-        "selector": {"matchLabels": {"app": "real-trainer"}},
-        "objective": "EDP",
-        "maxSlowdownPercent": 5,
-        "powerCap": {"mode": "Auto", "minPercent": 40, "maxPercent": 100},
-        "workMetric": {"port": 9400, "name": "training_samples_total", "unit": "samples"},
-    },
-}
+POLICY = training_policy(NAMESPACE, POLICY_NAME, "real-trainer")
 
 
 def trainer_pod() -> dict[str, Any]:
@@ -159,11 +148,7 @@ def trainer_pod() -> dict[str, Any]:
             "name": "trainer",
             "namespace": NAMESPACE,
             "labels": {"app": "real-trainer"},
-            "annotations": {
-                "sim.edpilot.io/workload": "training",
-                "sim.edpilot.io/precision": "bf16",
-                "sim.edpilot.io/batch-size": "256",
-            },
+            "annotations": SIM_TRAINER,
         },
         "spec": {
             "nodeSelector": {"kubernetes.io/hostname": NODE},
