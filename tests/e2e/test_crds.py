@@ -90,6 +90,7 @@ def test_crds_are_established_with_their_names(api: Cluster) -> None:
         "energypolicies.edpilot.io",
         "gpunodereports.edpilot.io",
         "powerbudgets.edpilot.io",
+        "workloadoptimizerstates.edpilot.io",
     ]
     for crd in crds:
         conditions = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
@@ -99,7 +100,7 @@ def test_crds_are_established_with_their_names(api: Cluster) -> None:
 def test_crds_and_sample_files_apply_with_kubectl_apply(api: Cluster) -> None:
     """The files as shipped: client-side apply of the CRDs, and the samples, which the server checks."""
     crds = api.kubectl("apply", "--dry-run=server", "-f", str(CRDS))
-    assert crds.stdout.count("customresourcedefinition.apiextensions.k8s.io/") == 3, crds.stdout
+    assert crds.stdout.count("customresourcedefinition.apiextensions.k8s.io/") == 4, crds.stdout
     samples = api.kubectl("apply", "--dry-run=server", "--validate=strict", "-f", str(SAMPLES))
     for name in (
         "energypolicy.edpilot.io/llm-serving",
