@@ -32,6 +32,7 @@ from kubetest import REPO, Cluster, gpu_pod, kwok_gpu_nodes, print_log_tails, wi
 
 from edpilot.contract import ANNOTATION_POLICY, ANNOTATION_POWER_CAP
 from edpilot.models import GROUP, VERSION
+from edpilot.optimizer import DEFAULT_TUNING
 
 pytestmark = [pytest.mark.chaos]
 
@@ -814,6 +815,16 @@ def decided_state(row: dict[str, Any]) -> dict[str, Any]:
     return {k: state.get(k) for k in ("phase", "stage", "target", "acc", "baseline", "incumbent", "probes")}
 
 
+def figures_follow(row: dict[str, Any]) -> bool:
+    """Whether the row's figures come from the state it is read with: the operator writes the state
+    object first and the policy status after it, so for a moment the state is a window ahead."""
+    state = row.get("optimizer") or {}
+    degraded = state.get("badStreak", 0) >= DEFAULT_TUNING.degradedAfterBadWindows
+    return row.get("phase") == ("Degraded" if degraded else state.get("phase")) and row.get(
+        "probes", 0
+    ) == len(state.get("probes") or [])
+
+
 def write_and_wait(chaos: Chaos, status: dict[str, Any]) -> dict[str, Any]:
     """Write a report and return the policy row once the operator has taken it in."""
     chaos.api.write_status(BAD_NODE, status)
@@ -822,7 +833,7 @@ def write_and_wait(chaos: Chaos, status: dict[str, Any]) -> dict[str, Any]:
     def taken() -> dict[str, Any] | None:
         chaos.alive()
         row = bad_row(chaos)
-        return row if _time(row) == pytest.approx(wanted, rel=0, abs=1e-3) else None
+        return row if _time(row) == pytest.approx(wanted, rel=0, abs=1e-3) and figures_follow(row) else None
 
     row: dict[str, Any] = wait_until(f"the operator to read the report at {status['time']}", taken, 30, 0.2)
     return row
