@@ -95,8 +95,15 @@ def test_with_watch_namespaces_the_operator_patches_pods_only_there(render: Rend
         assert binding[0]["subjects"] == [
             {"kind": "ServiceAccount", "name": "rel-edpilot-operator", "namespace": "gpu-energy"}
         ]
-    # kopf posts the events of cluster-scoped objects into the operator's own namespace.
-    own = [m for m in manifests if m["kind"] == "Role" and m["metadata"].get("namespace") == "gpu-energy"]
+    # kopf posts the events of cluster-scoped objects into the operator's own namespace (where its
+    # Lease has a Role of its own, `<fullname>-operator-lease`).
+    own = [
+        m
+        for m in manifests
+        if m["kind"] == "Role"
+        and m["metadata"].get("namespace") == "gpu-energy"
+        and m["metadata"]["name"] == "rel-edpilot-operator"
+    ]
     assert granted(own[0]) == {
         ("", "events", "create"),
         ("", "events", "patch"),
