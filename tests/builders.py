@@ -8,7 +8,8 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from edpilot.models import GPUStatus
+from edpilot import gpusim
+from edpilot.models import EnergyPolicySpec, GPUStatus, LabelSelector, PowerCapSpec, SmClockSpec, WorkMetric
 from edpilot.optimizer import Decision, OptimizerState, Tuning, WorkloadInfo, step
 from edpilot.simulate import SimWorkload, SimWorkloadSpec
 
@@ -63,3 +64,29 @@ def drive(
         sim.advance(now, REPORT_SECONDS, rng)
         now += REPORT_SECONDS
     return sim, decisions
+
+
+EAGER_DECODE = gpusim.llama_decode(cuda_graphs=False)
+
+
+def clock_policy(**overrides: object) -> EnergyPolicySpec:
+    """The SM clock tests' policy: EDP, 10% slowdown, caps and clocks Auto."""
+    return EnergyPolicySpec.model_validate(
+        {
+            "selector": LabelSelector(),
+            "workMetric": WorkMetric(name="work_total"),
+            "maxSlowdownPercent": 10,
+            "objective": "EDP",
+            # Caps from 60% of TDP: above the eager decode's natural draw, so they cannot bind.
+            "powerCap": PowerCapSpec(mode="Auto", minPercent=60),
+            "smClock": SmClockSpec(mode="Auto"),
+            **overrides,
+        }
+    )
+
+
+def decode_at_batch_8(
+    pol: EnergyPolicySpec, profile: gpusim.WorkloadProfile = EAGER_DECODE
+) -> SimWorkloadSpec:
+    """A Llama-3-8B-shaped decode at batch 8 in bf16 on a simulated H100 (eager unless `profile`)."""
+    return SimWorkloadSpec("decode", profile, 8, "bf16", pol)

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from builders import Hook, drive, h100_status
+from builders import Hook, clock_policy, decode_at_batch_8, drive, h100_status
 from edpilot_operator.reports import ReportTiming, desired_spec, member_info
 from edpilot_operator.selection import Governed, PodInfo, PolicyRef
 
@@ -23,13 +23,11 @@ from edpilot.models import (
     EnergyPolicySpec,
     GPUNodeReportSpec,
     GPUNodeReportStatus,
-    LabelSelector,
     LatencySLO,
     LeaseRef,
     Objective,
     PowerCapSpec,
     SmClockSpec,
-    WorkMetric,
 )
 from edpilot.optimizer import (
     Config,
@@ -43,30 +41,14 @@ from edpilot.optimizer import (
     member_clocks,
     step,
 )
-from edpilot.simulate import ACTUATORS, Running, SimWorkload, SimWorkloadSpec, run_serving
+from edpilot.simulate import ACTUATORS, Running, SimWorkload, run_serving
 
 H100 = gpusim.H100_SXM
-EAGER_DECODE = gpusim.llama_decode(cuda_graphs=False)
 GRAPH_DECODE = gpusim.llama_decode()
 
 
-def policy(**overrides: object) -> EnergyPolicySpec:
-    return EnergyPolicySpec.model_validate(
-        {
-            "selector": LabelSelector(),
-            "workMetric": WorkMetric(name="work_total"),
-            "maxSlowdownPercent": 10,
-            "objective": "EDP",
-            # Caps from 60% of TDP: above the eager decode's natural draw, so they cannot bind.
-            "powerCap": PowerCapSpec(mode="Auto", minPercent=60),
-            "smClock": SmClockSpec(mode="Auto"),
-            **overrides,
-        }
-    )
-
-
-def decode(pol: EnergyPolicySpec, profile: gpusim.WorkloadProfile = EAGER_DECODE) -> SimWorkloadSpec:
-    return SimWorkloadSpec("decode", profile, 8, "bf16", pol)
+policy = clock_policy
+decode = decode_at_batch_8
 
 
 def truth(sim: SimWorkload, objective: Objective, cap: float, clock: float | None) -> tuple[float, float]:

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from builders import REPORT_SECONDS, drive
+from builders import REPORT_SECONDS, clock_policy, decode_at_batch_8, drive
 
-from edpilot import gpusim, optimizer
-from edpilot.models import EnergyPolicySpec, LabelSelector, PowerCapSpec, SmClockSpec, WorkMetric
+from edpilot import optimizer
 from edpilot.optimizer import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -41,17 +40,7 @@ CONVERGED_AT = 2395.0
 
 def decode() -> SimWorkloadSpec:
     """test_optimizer_clock's eager Llama-3-8B decode at batch 8 on an H100, under its policy."""
-    pol = EnergyPolicySpec.model_validate(
-        {
-            "selector": LabelSelector(),
-            "workMetric": WorkMetric(name="work_total"),
-            "maxSlowdownPercent": 10,
-            "objective": "EDP",
-            "powerCap": PowerCapSpec(mode="Auto", minPercent=60),
-            "smClock": SmClockSpec(mode="Auto"),
-        }
-    )
-    return SimWorkloadSpec("decode", gpusim.llama_decode(cuda_graphs=False), 8, "bf16", pol)
+    return decode_at_batch_8(clock_policy())
 
 
 def fixture(name: str) -> dict[str, Any]:
