@@ -1,0 +1,311 @@
+"""The operator's decisions, each a pure function of a `ClusterSnapshot` (or what a handler read
+of one) and the time: `plan_*` returns every write to make; `handlers.apply` makes them. The rules
+themselves live in `services` (a policy), `reports` (a node spec) and `budgets` (a PowerBudget);
+a planner only gathers their inputs and collects their results."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from edpilot.contract import HINT_ANNOTATIONS, StoredState, states_of
+from edpilot.dra import DraHoldings
+from edpilot.models import (
+    EnergyPolicySpec,
+    GPUNodeReportSpec,
+    GPUNodeReportStatus,
+    PowerBudgetSpec,
+    PowerBudgetStatus,
+)
+from edpilot.optimizer import Tuning
+from edpilot.rollout import JsonPatch, OwnerView
+
+from .. import budgets, services
+from ..reports import desired_spec
+from ..selection import Governance, PodInfo, PolicyRef, governed_by
+from .runtime import OperatorConfig, WrittenSpecs
+from .snapshot import ClusterSnapshot, dra_holdings
+
+# ---------------------------------------------------------------- node specs
+
+
+def plan_node_spec(
+    snapshot: ClusterSnapshot,
+    node: str,
+    status: GPUNodeReportStatus | None,
+    cfg: OperatorConfig,
+    without: str | None = None,
+) -> GPUNodeReportSpec:
+    """A node's desired spec from its pods, its report `status`, the operator's decisions and the
+    budgets' caps; `without` names a policy ("namespace/name") whose pods count as ungoverned
+    (one being deleted)."""
+    pods = snapshot.node_pods(node)
+    rules = snapshot.governed(pods)
+    if without is not None:
+        rules = {k: r for k, r in rules.items() if r.policy.key != without}
+    return desired_spec(
+        dra=dra_holdings(pods),
+        pods=pods,
+        status=status,
+        governed=rules,
+        lease=cfg.lease,
+        timing=cfg.timing,
+        budget_caps=snapshot.budget_caps(node),
+    )
+
+
+@dataclass(frozen=True)
+class ReportPlan:
+    """`spec_patch`: the merge patch of the report's spec (None: it is as desired); `written`: the
+    spec to remember as written (`Runtime.written_specs`); `forget`: drop what was remembered (the
+    watch has delivered a newer version)."""
+
+    spec_patch: dict[str, Any] | None = None
+    written: GPUNodeReportSpec | None = None
+    forget: bool = False
+
+
+def plan_report_spec(
+    snapshot: ClusterSnapshot,
+    node: str,
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    version: str,
+    written: tuple[str, GPUNodeReportSpec] | None,
+    cfg: OperatorConfig,
+) -> ReportPlan:
+    """A report's spec write, only when the desired spec differs from the current one: the spec
+    last `written` from this `version` of the report, else the one it has."""
+    seen = _report_spec(spec)
+    mine = written is not None and written[0] == version
+    current = written[1] if written is not None and mine else seen
+    desired = plan_node_spec(snapshot, node, _report_status(status), cfg)
+    if desired == current:
+        return ReportPlan(forget=written is not None and not mine)
+    patch = desired.model_dump(mode="json", exclude_none=True)
+    if seen.lease is not None:
+        patch["lease"] = None  # an older operator's per-node lease: operatorLease rules
+    return ReportPlan(spec_patch=patch, written=desired)
+
+
+def prune_written(written: WrittenSpecs, reports: Collection[str]) -> list[str]:
+    """The reports remembered in `written` that no longer exist (not among `reports`)."""
+    return [name for name in written if name not in reports]
+
+
+def _report_spec(spec: Mapping[str, Any]) -> GPUNodeReportSpec:
+    try:
+        return GPUNodeReportSpec.model_validate(dict(spec))
+    except ValidationError:
+        return GPUNodeReportSpec()  # rewritten whole at the next patch
+
+
+def _report_status(status: Mapping[str, Any]) -> GPUNodeReportStatus | None:
+    try:
+        return GPUNodeReportStatus.model_validate(dict(status)) if status else None
+    except ValidationError:
+        return None
+
+
+# ---------------------------------------------------------------- policies
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    """What one policy's reconcile reads, copied out of the snapshot (`policy_view`) so that the
+    decision can run in a worker thread while the watches go on updating the indexes."""
+
+    namespace: str
+    name: str
+    spec: Mapping[str, Any]
+    status: Mapping[str, Any]
+    meta: Mapping[str, Any]
+    pods: list[PodInfo]
+    governance: Governance
+    reports: dict[str, GPUNodeReportStatus]
+    holders: DraHoldings
+    owners: dict[str, OwnerView]
+    stored: list[StoredState]
+
+
+def policy_view(
+    snapshot: ClusterSnapshot,
+    namespace: str,
+    name: str,
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    meta: Mapping[str, Any],
+) -> PolicyView:
+    pods = snapshot.with_dra(snapshot.pods_by_namespace.get(namespace, []))
+    reports = {p.node: r for p in pods if (r := snapshot.report(p.node)) is not None}
+    # Another namespace's pod may hold one of these GPUs through DRA too.
+    neighbours = [p for node in reports for p in snapshot.pods_by_node.get(node, [])]
+    return PolicyView(
+        namespace=namespace,
+        name=name,
+        spec=dict(spec),
+        status=dict(status),
+        meta=dict(meta),
+        pods=pods,
+        governance=snapshot.governance(namespace),
+        reports=reports,
+        holders=dra_holdings(snapshot.with_dra(neighbours)),
+        owners=snapshot.owners(namespace),
+        stored=snapshot.stored_states(f"{namespace}/{name}"),
+    )
+
+
+@dataclass
+class PolicyPlan:
+    """`outcome`: the status, pod annotation and owner patches, states and events of the reconcile;
+    `states`: which state objects to apply and delete; `event_targets`: the object each pod event is
+    about; `rejected`: why the spec was rejected (then only conditions are written)."""
+
+    outcome: services.PolicyOutcome
+    states: services.StateWrites = field(default_factory=lambda: services.StateWrites({}, []))
+    event_targets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rejected: str = ""
+
+
+def plan_policy(view: PolicyView, now: datetime, tuning: Tuning) -> PolicyPlan | None:
+    """The policy's reconcile (`services.reconcile_policy`); None for a policy being deleted."""
+    if view.meta.get("deletionTimestamp"):
+        return None
+    generation = view.meta.get("generation")
+    try:
+        policy = PolicyRef(view.namespace, view.name, EnergyPolicySpec.model_validate(dict(view.spec)))
+    except ValidationError as exc:
+        conditions = services.invalid_spec_conditions(view.status, str(exc), generation, now)
+        return PolicyPlan(services.PolicyOutcome(status={"conditions": conditions}), rejected=str(exc))
+    outcome = services.reconcile_policy(
+        policy=policy,
+        status=view.status,
+        generation=generation,
+        pods=view.pods,
+        governance=view.governance,
+        reports=view.reports,
+        now=now,
+        tuning=tuning,
+        dra=view.holders,
+        owners=view.owners,
+        states=states_of(view.stored, view.name),
+    )
+    uid = str(view.meta.get("uid", ""))
+    writes = services.state_writes(view.namespace, view.name, uid, view.stored, outcome.states)
+    targets = {e.pod: ref for e in outcome.events if e.pod and (ref := pod_ref(e.pod, view.pods))}
+    return PolicyPlan(outcome, writes, targets)
+
+
+def pod_ref(pod_key: str, pods: Collection[PodInfo]) -> dict[str, Any] | None:
+    for pod in pods:
+        if pod.key == pod_key:
+            return {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid},
+            }
+    return None
+
+
+@dataclass(frozen=True)
+class ReleasePlan:
+    """A deleted policy's writes: its owners' templates restored, its hints removed from its pods
+    ("namespace/name" -> annotations, None removes), its nodes' specs recomposed without it."""
+
+    owner_patches: dict[str, JsonPatch]
+    pod_annotations: dict[str, dict[str, str | None]]
+    report_specs: dict[str, dict[str, Any]]
+
+
+def plan_release(
+    snapshot: ClusterSnapshot,
+    namespace: str,
+    name: str,
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    cfg: OperatorConfig,
+) -> ReleasePlan:
+    """Remove the policy's hints and caps: its GPUs go back to their default limits (the specs are
+    recomposed now rather than at the next report timer, so the caps are gone by the time the
+    finalizer lets the policy disappear), and the templates it rolled out to what they were."""
+    owners = services.release_owners(dict(status), snapshot.owners(namespace), dict(spec))
+    released = [p for p in snapshot.pods_by_namespace.get(namespace, []) if governed_by(p, name)]
+    specs = {
+        node: plan_node_spec(snapshot, node, snapshot.report(node), cfg, without=f"{namespace}/{name}")
+        for node in sorted({p.node for p in released})
+    }
+    return ReleasePlan(
+        owner_patches=owners,
+        pod_annotations={p.key: dict.fromkeys(HINT_ANNOTATIONS) for p in released},
+        report_specs={n: s.model_dump(mode="json", exclude_none=True) for n, s in specs.items()},
+    )
+
+
+# ---------------------------------------------------------------- power budgets
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """`status`: the budget's new status (the whole of it); `changed`: a line saying its caps
+    changed (else empty); `rejected`: why its spec was rejected (then nothing is written)."""
+
+    status: dict[str, Any] = field(default_factory=dict)
+    max_watts: float = 0.0
+    changed: str = ""
+    rejected: str = ""
+
+
+def plan_budget(
+    snapshot: ClusterSnapshot,
+    name: str,
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    now: datetime,
+) -> BudgetPlan | None:
+    """The budget's allocation (`budgets.reconcile_budget`); None for a budget being deleted."""
+    if meta.get("deletionTimestamp"):
+        return None
+    try:
+        budget = PowerBudgetSpec.model_validate(dict(spec))
+    except ValidationError as exc:
+        return BudgetPlan(rejected=str(exc))
+    try:
+        previous = PowerBudgetStatus.model_validate(dict(status)) if status else None
+    except ValidationError:
+        previous = None  # rewritten whole
+    labels = {node: next(iter(store)) for node, store in snapshot.node_labels.items() if store}
+    nodes = budgets.selected_nodes(budget, labels)
+    reports = {n: r for n in nodes if (r := snapshot.report(n)) is not None}
+    enriched = snapshot.with_dra(p for n in nodes for p in snapshot.pods_by_node.get(n, []))
+    pods = {p.key: p for p in enriched}
+    rules = snapshot.governed(pods.values())
+    keys = {
+        (rule.policy.key, g.uuid)
+        for r in reports.values()
+        for g in r.gpus
+        for p in g.pods
+        if (rule := rules.get(p))
+    }
+    points = snapshot.probe_points_by_policy_gpu
+    new = budgets.reconcile_budget(
+        spec=budget,
+        generation=meta.get("generation"),
+        previous=previous,
+        node_labels=labels,
+        reports=reports,
+        pods=pods,
+        governed=rules,
+        curves={k: next(iter(store)) for k in keys if (store := points.get(k))},
+        now=now,
+        dra=dra_holdings(enriched),
+    )
+    changed = ""
+    if previous is None or new.allocations != previous.allocations:
+        caps = ", ".join(f"{a.gpuUUID}={a.watts:.0f}W" for a in new.allocations) or "none"
+        changed = f"{new.allocatedWatts:.0f} of {budget.maxWatts:.0f} W allocated; caps {caps}"
+    return BudgetPlan(new.model_dump(mode="json", exclude_none=True), budget.maxWatts, changed)
