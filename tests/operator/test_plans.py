@@ -1,0 +1,274 @@
+"""The operator's planners (`edpilot_operator.handlers.plans`), each a pure function of a
+`ClusterSnapshot` and the time, without a cluster: given what the watches hold, the writes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import kopf
+import pytest
+from builders import h100_status
+from edpilot_operator.handlers import OperatorConfig, Runtime
+from edpilot_operator.handlers.apply import apply_report, prune_reports
+from edpilot_operator.handlers.plans import (
+    ReportPlan,
+    plan_budget,
+    plan_node_spec,
+    plan_policy,
+    plan_release,
+    plan_report_spec,
+    policy_view,
+    prune_written,
+)
+from edpilot_operator.handlers.snapshot import ClusterSnapshot
+from edpilot_operator.reports import decided
+from edpilot_operator.selection import PodInfo, PolicyEntry, PolicyRef
+
+from edpilot.contract import ANNOTATION_POLICY, HINT_ANNOTATIONS, StoredState, state_name
+from edpilot.models import (
+    EnergyPolicySpec,
+    GPUNodeReportSpec,
+    GPUNodeReportStatus,
+    LeaseRef,
+    WorkloadSample,
+)
+from edpilot.optimizer import Config
+
+NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+CFG = OperatorConfig(lease_namespace="edpilot", lease_name="op", fast_report_interval=2)
+LEASE = LeaseRef(namespace="edpilot", name="op")
+SPEC = {"selector": {"matchLabels": {"app": "llm"}}, "workMetric": {"name": "tokens_total"}}
+
+
+def pod(name: str, node: str = "n0", namespace: str = "ns", claimed_by: str | None = None) -> PodInfo:
+    annotations = {ANNOTATION_POLICY: claimed_by} if claimed_by else {}
+    labels = {"app": "llm"}
+    return PodInfo(namespace, name, f"uid-{name}", node, "Running", 1, labels, annotations, "img:1")
+
+
+def report(node: str, pods: Sequence[str]) -> GPUNodeReportStatus:
+    """One H100 per pod (limits 200-700 W), each pod reporting its work counter."""
+    gpus = [h100_status(i, f"GPU-{node}-{i}", powerWatts=400, pods=[p]) for i, p in enumerate(pods)]
+    work = [WorkloadSample(namespace=p.split("/")[0], pod=p.split("/")[1], workUnits=100.0) for p in pods]
+    return GPUNodeReportStatus(
+        nodeName=node, agentVersion="t", backend="sim", time=NOW, gpus=gpus, workloads=work
+    )
+
+
+def policy_entry(name: str = "p", **spec: Any) -> PolicyEntry:
+    return PolicyEntry(PolicyRef("ns", name, EnergyPolicySpec.model_validate({**SPEC, **spec})))
+
+
+def snapshot(
+    pods: Sequence[PodInfo] = (),
+    policies: Sequence[PolicyEntry] = (),
+    rows: Sequence[dict[str, Any]] = (),
+    targets: dict[tuple[str, str], Config] | None = None,
+    reports: Sequence[GPUNodeReportStatus] = (),
+    extra: dict[str, Any] | None = None,
+) -> ClusterSnapshot:
+    """The indexes as kopf holds them: key -> a collection of values."""
+    by_namespace: dict[str, list[PodInfo]] = {}
+    by_node: dict[str, list[PodInfo]] = {}
+    for p in pods:
+        by_namespace.setdefault(p.namespace, []).append(p)
+        by_node.setdefault(p.node, []).append(p)
+    indexes: dict[str, Any] = {
+        "pods_by_namespace": by_namespace,
+        "pods_by_node": by_node,
+        "policies_by_namespace": {"ns": list(policies)},
+        "decisions_by_policy": {"ns/p": [decided("ns", {"workloads": list(rows)})]},
+        "targets_by_workload": {k: [v] for k, v in (targets or {}).items()},
+        "reports_by_node": {r.nodeName: [r] for r in reports},
+        "report_names": {r.nodeName: [True] for r in reports},
+        **(extra or {}),
+    }
+    return ClusterSnapshot.of(indexes)
+
+
+EXPLORING_A = {"name": "a", "pods": ["ns/a"], "phase": "Exploring"}
+DECIDED_A = {("ns/p", "a"): Config(capWatts=450)}
+
+
+def test_a_snapshot_reads_the_indexes_by_name_and_governs_pods_from_the_operators_decisions() -> None:
+    snap = snapshot([pod("a"), pod("b")], [policy_entry()], [EXPLORING_A], DECIDED_A)
+    assert snap.claims_by_pod is None and snap.budget_caps_by_node == {}  # DRA off, no budgets
+    rules = snap.governed(snap.node_pods("n0"))
+    assert {k: (r.policy.key, r.target, r.exploring) for k, r in rules.items()} == {
+        "ns/a": ("ns/p", Config(capWatts=450), True),
+        "ns/b": ("ns/p", None, False),  # governed, not decided yet
+    }
+
+
+# ---------------------------------------------------------------- report specs
+
+
+def governed_snapshot(status: GPUNodeReportStatus) -> ClusterSnapshot:
+    """Pod a on n0, governed by policy p, which explores and targets 450 W for it."""
+    return snapshot([pod("a")], [policy_entry()], [EXPLORING_A], DECIDED_A, [status])
+
+
+CAPPED = GPUNodeReportSpec.model_validate(
+    {
+        "powerLimits": [{"gpuUUID": "GPU-n0-0", "watts": 450.0, "pod": "ns/a"}],
+        "workloads": [{"namespace": "ns", "pod": "a", "metricName": "tokens_total"}],
+        "operatorLease": {"namespace": "edpilot", "name": "op"},
+        "reportIntervalSeconds": 2,
+    }
+)
+
+
+def test_the_node_spec_caps_the_decided_pod_and_reports_fast_while_it_explores() -> None:
+    snap = governed_snapshot(report("n0", ["ns/a"]))
+    spec = plan_node_spec(snap, "n0", report("n0", ["ns/a"]), CFG)
+    assert spec.model_dump(exclude_none=True) == CAPPED.model_dump(exclude_none=True)
+    assert plan_node_spec(snap, "n0", report("n0", ["ns/a"]), CFG, without="ns/p").powerLimits == []
+
+
+CAPPED_BODY = CAPPED.model_dump(mode="json", exclude_none=True)
+LEGACY = {**CAPPED_BODY, "lease": {"holderIdentity": "op", "renewTime": "2026-12-06T11:59:00Z"}}
+
+
+@pytest.mark.parametrize(
+    ("seen", "written", "expected"),
+    [
+        # Nothing written yet, the report's spec is old: write the desired spec, remember it.
+        ({}, None, ReportPlan(spec_patch=CAPPED_BODY, written=CAPPED)),
+        # The report already has it: nothing.
+        (CAPPED_BODY, None, ReportPlan()),
+        # Written from this very version, the watch has not delivered it: not again.
+        ({}, ("7", CAPPED), ReportPlan()),
+        # Written from an older version that the watch has since replaced: forget it.
+        (CAPPED_BODY, ("6", CAPPED), ReportPlan(forget=True)),
+        # Written from an older version, and the spec has changed since: write again.
+        ({}, ("6", CAPPED), ReportPlan(spec_patch=CAPPED_BODY, written=CAPPED)),
+        # An older operator's per-node lease is removed with the next write.
+        (LEGACY, None, ReportPlan(spec_patch={**CAPPED_BODY, "lease": None}, written=CAPPED)),
+    ],
+)
+def test_a_report_spec_is_written_only_when_it_differs_from_the_current_one(
+    seen: dict[str, Any], written: tuple[str, GPUNodeReportSpec] | None, expected: ReportPlan
+) -> None:
+    status = report("n0", ["ns/a"])
+    snap = governed_snapshot(status)
+    body = status.model_dump(mode="json")
+    assert plan_report_spec(snap, "n0", seen, body, "7", written, CFG) == expected
+
+
+def test_written_specs_of_deleted_reports_are_pruned_once_per_report_interval() -> None:
+    clock = [NOW]
+    runtime = replace(Runtime.of(CFG), clock=lambda: clock[0])
+    snap = snapshot(reports=[report("n0", []), report("n1", [])])
+    for name in ("n0", "n1", "gone"):
+        apply_report(ReportPlan(spec_patch={}, written=CAPPED), runtime, name, "1", kopf.Patch())
+    assert prune_written(runtime.written_specs, ["n0", "n1"]) == ["gone"]
+    prune_reports(runtime, snap)
+    assert sorted(runtime.written_specs) == ["n0", "n1"]
+    apply_report(ReportPlan(spec_patch={}, written=CAPPED), runtime, "gone2", "1", kopf.Patch())
+    clock[0] += timedelta(seconds=CFG.report_interval / 2)
+    prune_reports(runtime, snap)  # not due yet
+    assert "gone2" in runtime.written_specs
+    clock[0] += timedelta(seconds=CFG.report_interval)
+    prune_reports(runtime, snap)
+    assert sorted(runtime.written_specs) == ["n0", "n1"]
+    apply_report(ReportPlan(forget=True), runtime, "n0", "2", kopf.Patch())  # the watch caught up
+    assert sorted(runtime.written_specs) == ["n1"]
+
+
+class _Patch:
+    def __init__(self) -> None:
+        self.spec: dict[str, Any] = {}
+
+
+# ---------------------------------------------------------------- policies
+
+
+def view(snap: ClusterSnapshot, spec: dict[str, Any] | None = None, **meta: Any) -> Any:
+    meta = {"generation": 2, "uid": "uid-p", **meta}
+    return policy_view(snap, "ns", "p", SPEC if spec is None else spec, {}, meta)
+
+
+def test_a_policy_being_deleted_gets_no_plan() -> None:
+    assert plan_policy(view(snapshot(), deletionTimestamp="2026-12-06T12:00:00Z"), NOW, CFG.tuning) is None
+
+
+def test_a_rejected_spec_writes_only_its_conditions() -> None:
+    plan = plan_policy(view(snapshot(), {"selector": {}, "workMetric": {}}), NOW, CFG.tuning)
+    assert plan is not None and "workMetric" in plan.rejected
+    assert list(plan.outcome.status) == ["conditions"]
+    assert {(c["type"], c["status"], c["reason"]) for c in plan.outcome.status["conditions"]} == {
+        ("Ready", "False", "InvalidSpec"),
+        ("Degraded", "True", "InvalidSpec"),
+    }
+    assert not plan.outcome.pod_annotations and not plan.states.apply and not plan.states.delete
+
+
+def test_a_policy_plan_claims_its_pods_measures_them_and_deletes_orphaned_states() -> None:
+    orphan = StoredState(state_name("p", "left"), "p", "left", {"schemaVersion": 2}, "uid-p")
+    states = {"states_by_policy": {"ns/p": [orphan]}}
+    snap = snapshot(
+        [pod("a"), pod("b", "n1")], [policy_entry()], reports=[report("n0", ["ns/a"])], extra=states
+    )
+    plan = plan_policy(view(snap), NOW, CFG.tuning)
+    assert plan is not None and not plan.rejected
+    rows = {r["name"]: r for r in plan.outcome.status["workloads"]}
+    assert rows["a"]["phase"] == "Baseline" and rows["b"]["phase"] == "Pending"
+    assert "no GPUNodeReport from the agent on node n1" in rows["b"]["message"]
+    assert plan.outcome.pod_annotations["ns/b"] == {ANNOTATION_POLICY: "p"}
+    assert list(plan.states.apply) == ["a"] and plan.states.delete == [orphan.name]
+    assert plan.states.apply["a"]["metadata"]["ownerReferences"][0]["uid"] == "uid-p"
+    pod_events = {e.pod for e in plan.outcome.events if e.pod}
+    assert set(plan.event_targets) == pod_events
+    for key, target in plan.event_targets.items():
+        assert target["kind"] == "Pod" and key == f"ns/{target['metadata']['name']}"
+
+
+def test_a_released_policy_removes_its_hints_and_its_nodes_caps() -> None:
+    pods = [pod("a", claimed_by="p"), pod("c", "n1", claimed_by="other")]
+    snap = snapshot(pods, [policy_entry()], [EXPLORING_A], DECIDED_A, reports=[report("n0", ["ns/a"])])
+    plan = plan_release(snap, "ns", "p", SPEC, {}, CFG)
+    assert plan.pod_annotations == {"ns/a": dict.fromkeys(HINT_ANNOTATIONS)}
+    assert plan.owner_patches == {}
+    # n0 only (n1's pod is another policy's), recomposed as if the policy were gone: no cap.
+    assert list(plan.report_specs) == ["n0"]
+    assert plan.report_specs["n0"]["powerLimits"] == [] and plan.report_specs["n0"]["workloads"] == []
+
+
+# ---------------------------------------------------------------- power budgets
+
+BUDGET = {"nodeSelector": {"matchLabels": {"rack": "r1"}}, "maxWatts": 1000}
+
+
+def budget_snapshot() -> ClusterSnapshot:
+    labels = {"node_labels": {"n0": [{"rack": "r1"}], "n1": [{"rack": "r2"}]}}
+    return snapshot(
+        [pod("a"), pod("b")], [policy_entry()], reports=[report("n0", ["ns/a", "ns/b"])], extra=labels
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "meta", "rejected"),
+    [({"maxWatts": -1}, {}, "nodeSelector"), (BUDGET, {"deletionTimestamp": "now"}, None)],
+)
+def test_a_deleted_or_rejected_budget_writes_nothing(
+    spec: dict[str, Any], meta: dict[str, Any], rejected: str | None
+) -> None:
+    plan = plan_budget(budget_snapshot(), "b", spec, {}, meta, NOW)
+    if rejected is None:
+        assert plan is None
+    else:
+        assert plan is not None and rejected in plan.rejected and plan.status == {}
+
+
+def test_a_budget_splits_its_watts_over_the_governed_gpus_of_its_nodes() -> None:
+    plan = plan_budget(budget_snapshot(), "b", BUDGET, {}, {"generation": 4}, NOW)
+    assert plan is not None and not plan.rejected and plan.max_watts == 1000
+    allocations = plan.status["allocations"]
+    assert {a["gpuUUID"] for a in allocations} == {"GPU-n0-0", "GPU-n0-1"}
+    assert sum(a["watts"] for a in allocations) <= 1000 and plan.status["observedGeneration"] == 4
+    assert plan.changed.endswith("W") and "GPU-n0-0=" in plan.changed
+    again = plan_budget(budget_snapshot(), "b", BUDGET, plan.status, {"generation": 4}, NOW)
+    assert again is not None and again.changed == ""  # the same caps: nothing to log
