@@ -274,24 +274,13 @@ def plan_budget(
         budget = PowerBudgetSpec.model_validate(dict(spec))
     except ValidationError as exc:
         return BudgetPlan(rejected=str(exc))
-    try:
-        previous = PowerBudgetStatus.model_validate(dict(status)) if status else None
-    except ValidationError:
-        previous = None  # rewritten whole
+    previous = _budget_status(status)
     labels = {node: next(iter(store)) for node, store in snapshot.node_labels.items() if store}
     nodes = budgets.selected_nodes(budget, labels)
     reports = {n: r for n in nodes if (r := snapshot.report(n)) is not None}
     enriched = snapshot.with_dra(p for n in nodes for p in snapshot.pods_by_node.get(n, []))
     pods = {p.key: p for p in enriched}
     rules = snapshot.governed(pods.values())
-    keys = {
-        (rule.policy.key, g.uuid)
-        for r in reports.values()
-        for g in r.gpus
-        for p in g.pods
-        if (rule := rules.get(p))
-    }
-    points = snapshot.probe_points_by_policy_gpu
     new = budgets.reconcile_budget(
         spec=budget,
         generation=meta.get("generation"),
@@ -300,12 +289,25 @@ def plan_budget(
         reports=reports,
         pods=pods,
         governed=rules,
-        curves={k: next(iter(store)) for k in keys if (store := points.get(k))},
+        curves=snapshot.curves(reports.values(), rules),
         now=now,
         dra=dra_holdings(enriched),
     )
-    changed = ""
-    if previous is None or new.allocations != previous.allocations:
-        caps = ", ".join(f"{a.gpuUUID}={a.watts:.0f}W" for a in new.allocations) or "none"
-        changed = f"{new.allocatedWatts:.0f} of {budget.maxWatts:.0f} W allocated; caps {caps}"
-    return BudgetPlan(new.model_dump(mode="json", exclude_none=True), budget.maxWatts, changed)
+    changed = previous is None or new.allocations != previous.allocations
+    return BudgetPlan(
+        new.model_dump(mode="json", exclude_none=True),
+        budget.maxWatts,
+        _caps_line(new, budget) if changed else "",
+    )
+
+
+def _budget_status(status: Mapping[str, Any]) -> PowerBudgetStatus | None:
+    try:
+        return PowerBudgetStatus.model_validate(dict(status)) if status else None
+    except ValidationError:
+        return None  # rewritten whole
+
+
+def _caps_line(new: PowerBudgetStatus, budget: PowerBudgetSpec) -> str:
+    caps = ", ".join(f"{a.gpuUUID}={a.watts:.0f}W" for a in new.allocations) or "none"
+    return f"{new.allocatedWatts:.0f} of {budget.maxWatts:.0f} W allocated; caps {caps}"

@@ -124,6 +124,20 @@ class ClusterSnapshot:
     def budget_caps(self, node: str) -> dict[str, float]:
         return budgets.lowest_caps(self.budget_caps_by_node.get(node, []))
 
+    def curves(
+        self, reports: Iterable[GPUNodeReportStatus], rules: Mapping[str, Governed]
+    ) -> dict[tuple[str, str], tuple[budgets.ProbePoint, ...]]:
+        """The probe points of each reported GPU whose pod is governed, by (policy key, GPU UUID):
+        only the policy that governs a GPU's pod shapes that GPU's curve."""
+        keys = {
+            (rule.policy.key, g.uuid)
+            for r in reports
+            for g in r.gpus
+            for p in g.pods
+            if (rule := rules.get(p))
+        }
+        return {k: points for k in keys if (points := _first(self.probe_points_by_policy_gpu, k)) is not None}
+
     def governed(self, pods: Iterable[PodInfo]) -> dict[str, Governed]:
         """How the operator governs each of `pods`: the winning policy from labels and specs (never
         from annotations), and that policy's decision for the pod from its status (which pods form
