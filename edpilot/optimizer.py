@@ -977,13 +977,13 @@ def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
     ]
     if fresh and a <= fresh[0] <= b and _model_trusted(st, ctx, measured):
         return axis.at(st.incumbent.config, fresh[0])
-    sides = [(best - GOLDEN_STEP * (best - a), best - a), (best + GOLDEN_STEP * (b - best), b - best)]
+    sides = [(a + GOLDEN_STEP * (best - a), best - a), (best + GOLDEN_STEP * (b - best), b - best)]
     upwards = forecast > best if forecast is not None else sides[1][1] > sides[0][1]
     if upwards:
         sides.reverse()
     for x, width in sides:
         x = _snap(x, lo, hi, grid)
-        if width > 2 * grid and _find(probes, x, axis, grid) is None and x < hi - grid:
+        if width > grid and _find(probes, x, axis, grid / 2) is None and x < hi - grid:
             return axis.at(st.incumbent.config, x)
     return _edge_probe(st, ctx, probes, lo)
 
