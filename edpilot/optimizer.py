@@ -938,12 +938,14 @@ def _model_trusted(st: OptimizerState, ctx: _Ctx, probes: list[Probe]) -> bool:
 
 def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
     """The power cap's search: each probe goes where a model of the workload's own throughput
-    against the cap puts the optimum, inside the bracket its measurements leave; when the model
-    cannot say (no fit, a forecast already measured or outside the bracket, or the last probe
-    missed its forecast) a golden-section step into the bracket's side the model favours (else
-    the larger) stands in, as in Brent's method. The incumbent counts as the point at the top
-    of the range: a cap above the draw changes nothing. The first probe is the lower golden
-    point of the whole range, since one uncapped measurement carries no curve."""
+    against the cap puts the optimum, inside the bracket its measurements leave (the incumbent is
+    the point at the top of the range: a cap above the draw changes nothing). When the model
+    cannot say (no fit yet, a forecast already measured or outside the bracket, or the last probe
+    missed its forecast), a golden-section step stands in, as in Brent's method: into the side of
+    the bracket the model favours (else the wider), at that side's lower golden point, because
+    below an optimum the objective climbs steeply (a memory-bound knee, the static power of a
+    slow clock) and above it slowly. The first probe is such a step: the lower golden point of
+    the whole range."""
     assert st.incumbent is not None
     axis, t = CAP_AXIS, ctx.tuning
     grid, budget = t.capGridWatts, t.capProbeBudget
@@ -957,10 +959,6 @@ def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
     reserve = 1 if floor is None else 0  # kept back for the edge, as in `_golden`
     if len(probes) >= budget - reserve:
         return _edge_probe(st, ctx, probes, lo)
-    if not measured:
-        if probes:
-            return None  # the first probe failed: the incumbent stands
-        return axis.at(st.incumbent.config, _snap(hi - GOLDEN * (hi - lo), lo, hi, grid))
     points = sorted([*measured, st.incumbent], key=lambda p: hi if p is st.incumbent else axis.of(p))
     i = min(range(len(points)), key=lambda k: _key(points[k], st, ctx))
 
@@ -972,11 +970,14 @@ def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
     b = at(i + 1) if i + 1 < len(points) else hi
     st.capBracket = (a, b)
     forecast = _forecast(st, ctx, measured, lo, hi)
-    fresh = [
-        x for x in (forecast,) if x is not None and _find(probes, x, axis, grid) is None and x < hi - grid
-    ]
-    if fresh and a <= fresh[0] <= b and _model_trusted(st, ctx, measured):
-        return axis.at(st.incumbent.config, fresh[0])
+    if (
+        forecast is not None
+        and a <= forecast <= b
+        and forecast < hi - grid  # at the draw a cap changes nothing
+        and _find(probes, forecast, axis, grid) is None
+        and _model_trusted(st, ctx, measured)
+    ):
+        return axis.at(st.incumbent.config, forecast)
     sides = [(a + GOLDEN_STEP * (best - a), best - a), (best + GOLDEN_STEP * (b - best), b - best)]
     upwards = forecast > best if forecast is not None else sides[1][1] > sides[0][1]
     if upwards:
