@@ -773,8 +773,10 @@ SETUP = [
     f"GPU: {GPU.name} from edpilot.gpusim ({GPU.source}); energy counter noise 2% and work noise 1% "
     "(1 sigma) per 3.5 s window, white.",
     "edpilot: optimizer.step with the default Tuning (5 s windows, 5+ baseline windows, 3+ windows per "
-    "probe sized to beat the noise, 1 settle window after each change, golden-section search of at most "
-    "8 cap probes on a 5 W grid between 200 W and the workload's draw + 25 W), an observation every 5 s.",
+    "probe sized to beat the noise, 1 settle window after each change, at most 8 cap probes on a 5 W grid "
+    "between 200 W and the workload's draw + 25 W: the first at the range's lower golden point, each "
+    "next where a curve fitted to the workload's own throughput at the caps measured so far puts the "
+    "optimum, golden-section steps where that curve cannot say), an observation every 5 s.",
     "Zeus: GlobalPowerLimitOptimizer defaults (wait 1, warm-up 10, profile 40 steps per limit, 25 W "
     "from 700 W down to 200 W), one epoch, a step = the work of 0.5 s at 700 W.",
     "Objectives per unit of work: Energy = J/unit; EDP = J/unit x s/unit; ZeusCost = 0.5 J/unit + "

@@ -529,7 +529,8 @@ class FleetKube:
         if code >= 300:
             self.writes.errors += 1
             raise KubeError(f"writing GPUNodeReport {self.node} status failed: {code} {str(payload)[:200]}")
-        self.writes.record(self.node, status.time.timestamp(), time.time())
+        # The optimizer keeps the report's counter time (its steady clock) as the observation's.
+        self.writes.record(self.node, (status.counterTime or status.time).timestamp(), time.time())
 
     def _create(self) -> None:
         body = {
@@ -558,12 +559,18 @@ class TickStats:
 
 
 class Fleet:
-    """Simulated agents of many nodes, each ticking (and reporting) every `interval` seconds,
-    staggered evenly, run by a few worker threads."""
+    """Simulated agents of many nodes, each ticking and reporting every `interval` seconds,
+    staggered evenly, run by a few worker threads. With `follow_spec` a node ticks at its report
+    spec's interval instead, never sooner than `interval`: as often as a real agent reports (fast
+    only while something on the node explores). A real agent also ticks between reports, on its
+    own node's CPU; here those ticks would only compete with the operator for this machine's."""
 
-    def __init__(self, api: Api, interval: float = 10.0, workers: int = 32) -> None:
+    def __init__(
+        self, api: Api, interval: float = 10.0, workers: int = 32, follow_spec: bool = False
+    ) -> None:
         self.api = api
         self.interval = interval
+        self.follow_spec = follow_spec
         self.workers = workers
         self.pods = PodsByNode(api)
         self.reports = Watcher(api, REPORTS_PATH, object_key)
@@ -596,7 +603,7 @@ class Fleet:
                 FleetKube(node, self.api, self.pods, self.reports, self.writes, self.leases),
                 clock,
                 allocations=workloads,
-                # Ticks come every `interval`; a report is due at each one, whatever the spec asks.
+                # A report is due at every tick, whatever the spec asks: `_work` spaces the ticks.
                 default_interval_seconds=self.interval * 0.9,
                 min_interval_seconds=self.interval * 0.9,
             )
@@ -635,9 +642,16 @@ class Fleet:
             with self._lock:
                 self.stats.ticks += 1
                 self.stats.lateness.append(max(0.0, started - due))
-            # A late tick keeps its slot: the next one is due one interval after the planned time,
-            # unless it is already more than one interval late.
-            heapq.heapreplace(plan, (max(due + self.interval, started), node))
+            # A late tick keeps its slot: the next one is due one period after the planned time,
+            # unless it is already more than one period late.
+            period = self._period(node)
+            heapq.heapreplace(plan, (max(due + period, started), node))
+
+    def _period(self, node: str) -> float:
+        if not self.follow_spec:
+            return self.interval
+        spec, _ = self.agents[node].kube.report_spec()
+        return max(self.interval, float(spec.reportIntervalSeconds)) if spec else self.interval
 
     def shutdown(self) -> None:
         self.stop()

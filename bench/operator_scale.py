@@ -60,6 +60,8 @@ ISSUERS = {
     ("PATCH", "gpunodereports.edpilot.io", ""): "operator (report spec)",
     ("PATCH", "energypolicies.edpilot.io", "status"): "operator (policy status)",
     ("PATCH", "energypolicies.edpilot.io", ""): "operator (finalizer)",
+    ("APPLY", "workloadoptimizerstates.edpilot.io", ""): "operator (optimizer state)",
+    ("DELETE", "workloadoptimizerstates.edpilot.io", ""): "operator (optimizer state)",
     ("PATCH", "pods", ""): "operator (hints)",
     ("POST", "events", ""): "operator, controllers",
     ("PATCH", "events", ""): "operator, controllers",
@@ -194,6 +196,12 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--startup-timeout", type=float, default=240.0, help="longest wait for the operator's first decision"
     )
+    p.add_argument(
+        "--report-every-tick",
+        action="store_true",
+        help="agents report at every tick whatever the spec asks (the worst case; by default they "
+        "follow the spec's interval, fast only while something on the node explores)",
+    )
     p.add_argument("--operator-arg", action="append", default=[], help="extra operator flag (repeatable)")
     p.add_argument("--name", default="operator_scale", help="results file stem")
     args = p.parse_args(argv)
@@ -204,7 +212,7 @@ def main(argv: list[str]) -> int:
     fleet: Fleet | None = None
     try:
         api = Api(cp.kubeconfig)
-        fleet = Fleet(api, interval=args.report_interval)
+        fleet = Fleet(api, interval=args.report_interval, follow_spec=not args.report_every_tick)
         for i, size in enumerate(sizes):
             try:
                 setup = cp.grow(api, size)
@@ -250,6 +258,40 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+WRITE_VERBS = ("POST", "PUT", "PATCH", "APPLY", "DELETE")
+
+
+def writes_per_node_minute(size: dict[str, Any], issuer: str) -> float:
+    """API writes per node per minute by the clients whose name starts with `issuer` (events,
+    which controllers write too, count as the operator's: an upper bound)."""
+    per_second = sum(
+        float(q["per_second"])
+        for q in size["requests_per_second"]
+        if q["verb"] in WRITE_VERBS and q["issued_by"].startswith(issuer)
+    )
+    return 60.0 * per_second / int(size["nodes"])
+
+
+def cpu_per_report_ms(size: dict[str, Any], smaller: dict[str, Any] | None) -> float | None:
+    """The operator's CPU per report the agents wrote: its work grows with reports. Measured as
+    the marginal cost against the next smaller size where there is one (the policies' own work
+    is the same at every size), else as the plain ratio (an upper bound)."""
+    reports, cpu = float(size["reports_per_second"]), float(size["operator_cpu_cores"])
+    if smaller is not None and reports > smaller["reports_per_second"]:
+        extra_cpu = cpu - float(smaller["operator_cpu_cores"])
+        return 1000.0 * max(extra_cpu, 0.0) / (reports - float(smaller["reports_per_second"]))
+    return 1000.0 * cpu / reports if reports > 0 else None
+
+
+def cores_at(size: dict[str, Any], smaller: dict[str, Any] | None, nodes: int) -> float | None:
+    """The operator's CPU extrapolated to `nodes` at the same reports per node."""
+    per_report = cpu_per_report_ms(size, smaller)
+    if per_report is None:
+        return None
+    more_reports = float(size["reports_per_second"]) * (nodes / int(size["nodes"]) - 1.0)
+    return float(size["operator_cpu_cores"]) + per_report / 1000.0 * more_reports
+
+
 def _f(value: Any, fmt: str = ".2f") -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -272,7 +314,14 @@ def render(r: dict[str, Any]) -> str:
         f"{r['python']}, edpilot {r['edpilot']} ({r.get('commit', '?')}). Produced by `python -m bench.operator_scale` in "
         f"{r['total_seconds'] / 60:.1f} min. Agents: real `NodeAgent`s with the simulated backend in one "
         "process; one shared pod watch and one report watch feed every node's view and writes share one "
-        f"connection pool. Each node reports every {interval:.0f} s, staggered. Operator flags: "
+        f"connection pool. Each node ticks every {interval:.0f} s, staggered, and "
+        + (
+            "reports at every tick. "
+            if r["args"].get("report_every_tick", True)
+            else "ticks and reports at its report spec's interval instead when that is longer (fast "
+            "only while something on the node explores, as a real agent reports). "
+        )
+        + "Operator flags: "
         f"{' '.join(r['args']['operator_arg']) or 'defaults'}. Each size: fresh operator, "
         f"{r['args']['warmup_seconds']:.0f} s warm-up, {r['args']['measure_seconds']:.0f} s measured.",
         "",
@@ -301,6 +350,16 @@ def render(r: dict[str, Any]) -> str:
             [_f(1000 * s["operator_cpu_cores"] / s["nodes"]) for s in rows],
         ),
         line("reports written / s", [_f(s["reports_per_second"], ".1f") for s in rows]),
+        line(
+            "operator CPU per report, marginal (ms)",
+            [_f(cpu_per_report_ms(s, rows[i - 1] if i else None), ".1f") for i, s in enumerate(rows)],
+        ),
+        line(
+            "operator cores extrapolated to 10,000 nodes",
+            [_f(cores_at(s, rows[i - 1] if i else None, 10_000)) for i, s in enumerate(rows)],
+        ),
+        line("operator API writes / node / min", [_f(writes_per_node_minute(s, "operator")) for s in rows]),
+        line("agents' API writes / node / min", [_f(writes_per_node_minute(s, "agents")) for s in rows]),
         line("harness tick lateness p99 (s)", [_f(s["harness_tick_lateness_s"]["p99"]) for s in rows]),
         line("nodes Ready", [f"{s['nodes_ready']}/{s['nodes']}" for s in rows]),
         line(

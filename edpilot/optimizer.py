@@ -35,6 +35,7 @@ from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edpilot import edp
 from edpilot.contract import CapBounds, WorkloadFigures, cap_bounds
 from edpilot.edp import (
     CAP_TOLERANCE_WATTS,
@@ -63,6 +64,7 @@ from edpilot.models import (
 
 Stage = Literal["quantization", "batch", "cap", "clock", "straggler"]  # in order: STAGE_ORDER
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+GOLDEN_STEP = 1.0 - GOLDEN  # a golden-section step: 38% of the interval
 
 
 class Tuning(BaseModel):
@@ -846,6 +848,158 @@ def _parabola(xs: list[float], ys: list[float]) -> tuple[float, float, float] | 
     return solved[0], solved[1], solved[2]
 
 
+# ---------------------------------------------------------------- the power cap: a guided search
+
+# A probe's throughput may miss the model's forecast by this much (in ln units/s, beyond its
+# noise) before the model is distrusted for the next step.
+MODEL_TOLERANCE = 0.05
+
+
+def _throughput_fit(points: list[tuple[float, float]], draw: float) -> tuple[float, float] | None:
+    """ln(throughput ratio) = -k·x^p with x = ln(draw / cap), fitted to (cap, ratio) points below
+    the draw: a cap at the draw takes nothing away, and the loss grows as the cap bites deeper
+    (compute-bound work loses speed almost as fast as power; memory-bound work little until the
+    clock falls below what the memory needs). One point fixes k with p = 2 (the slope grows
+    linearly from the draw); two or more fit both on log-log axes, p kept within [1, 4]."""
+    use = [(math.log(draw / c), -math.log(r)) for c, r in points if c < 0.98 * draw and 0 < r < 0.995]
+    if not use:
+        return None
+    if len(use) == 1:
+        x, y = use[0]
+        return y / x**2, 2.0
+    lx, ly = [math.log(x) for x, _ in use], [math.log(y) for _, y in use]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    sxx = sum((u - mx) ** 2 for u in lx)
+    if sxx < 1e-6:
+        return None
+    p = _clamp(sum((u - mx) * (v - my) for u, v in zip(lx, ly, strict=True)) / sxx, 1.0, 4.0)
+    return math.exp(my - p * mx), p
+
+
+def _ratio(fit: tuple[float, float], cap: float, draw: float) -> float:
+    k, p = fit
+    return math.exp(-k * math.log(draw / cap) ** p) if cap < draw else 1.0
+
+
+def _forecast(st: OptimizerState, ctx: _Ctx, probes: list[Probe], lo: float, hi: float) -> float | None:
+    """The cap the workload's own measurements predict is best, or None without a usable model.
+    Under a cap that binds a GPU draws about the cap (the limit is enforced on its power), so the
+    energy per unit follows from the throughput alone: the fitted throughput curve, the draw each
+    member had uncapped and the policy's objective give the objective at every cap on the grid;
+    caps whose forecast slowdown breaks the limit are left out."""
+    assert st.incumbent is not None and st.incumbent.metrics is not None
+    base = st.incumbent.metrics
+    if ctx.load_driven or base.unitsPerSecond <= 0:
+        return None  # demand sets a serving workload's throughput: it tells nothing about the cap
+    draws = list(base.wattsByMember.values())
+    draw = max(draws, default=0.0)
+    ratios = [(CAP_AXIS.of(p), p.metrics.unitsPerSecond / base.unitsPerSecond) for p in probes if p.metrics]
+    fit = _throughput_fit(ratios, draw)
+    if fit is None or draw <= 0:
+        return None
+    grid = ctx.tuning.capGridWatts
+    best: tuple[float, float] | None = None
+    for i in range(round((hi - lo) / grid) + 1):
+        cap = lo + i * grid
+        r = _ratio(fit, cap, draw)
+        if 100.0 * (1.0 - r) > ctx.policy.maxSlowdownPercent:
+            continue
+        watts = sum(min(cap, d) for d in draws)
+        value = edp.objective_value(
+            ctx.policy.objective, watts / (base.unitsPerSecond * r), base.secondsPerUnit / r
+        )
+        if best is None or value < best[1]:
+            best = (cap, value)
+    return None if best is None else best[0]
+
+
+def _model_trusted(st: OptimizerState, ctx: _Ctx, probes: list[Probe]) -> bool:
+    """Did the model fitted before the latest probe forecast that probe's throughput? A curve
+    that bends where the model does not (a memory-bound knee) makes its next forecast a guess."""
+    assert st.incumbent is not None and st.incumbent.metrics is not None
+    if len(probes) < 2:
+        return True
+    base = st.incumbent.metrics
+    draw = max(base.wattsByMember.values(), default=0.0)
+    *earlier, last = probes
+    assert last.metrics is not None
+    fit = _throughput_fit(
+        [(CAP_AXIS.of(p), p.metrics.unitsPerSecond / base.unitsPerSecond) for p in earlier if p.metrics], draw
+    )
+    if fit is None:
+        return True
+    noise = (
+        3.0 * st.throughputNoise * math.sqrt(1.0 / max(last.metrics.windows, 1) + 1.0 / max(base.windows, 1))
+    )
+    forecast = math.log(_ratio(fit, CAP_AXIS.of(last), draw))
+    measured = math.log(last.metrics.unitsPerSecond / base.unitsPerSecond)
+    return abs(forecast - measured) <= MODEL_TOLERANCE + noise
+
+
+def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
+    """The power cap's search: each probe goes where a model of the workload's own throughput
+    against the cap puts the optimum, inside the bracket its measurements leave (the incumbent is
+    the point at the top of the range: a cap above the draw changes nothing). When the model
+    cannot say (no fit yet, a forecast already measured or outside the bracket, or the last probe
+    missed its forecast), a golden-section step stands in, as in Brent's method: into the side of
+    the bracket the model favours (else the wider), at that side's lower golden point, because
+    below an optimum the objective climbs steeply (a memory-bound knee, the static power of a
+    slow clock) and above it slowly. The first probe is such a step: the lower golden point of
+    the whole range."""
+    assert st.incumbent is not None
+    axis, t = CAP_AXIS, ctx.tuning
+    grid, budget = t.capGridWatts, t.capProbeBudget
+    full = _cap_range(st, ctx)
+    if full is None:
+        return None
+    lo, hi = full
+    probes = _stage_probes(st, "cap")
+    measured = [p for p in probes if p.metrics is not None]
+    floor = _find(probes, lo, axis, grid)
+    reserve = 1 if floor is None else 0  # kept back for the edge, as in `_golden`
+    if len(probes) >= budget - reserve:
+        return _edge_probe(st, ctx, probes, lo)
+    points = sorted([*measured, st.incumbent], key=lambda p: hi if p is st.incumbent else axis.of(p))
+    i = min(range(len(points)), key=lambda k: _key(points[k], st, ctx))
+
+    def at(k: int) -> float:
+        return hi if points[k] is st.incumbent else axis.of(points[k])
+
+    best = at(i)
+    a = at(i - 1) if i > 0 else lo
+    b = at(i + 1) if i + 1 < len(points) else hi
+    st.capBracket = (a, b)
+    forecast = _forecast(st, ctx, measured, lo, hi)
+    if (
+        forecast is not None
+        and a <= forecast <= b
+        and forecast < hi - grid  # at the draw a cap changes nothing
+        and _find(probes, forecast, axis, grid) is None
+        and _model_trusted(st, ctx, measured)
+    ):
+        return axis.at(st.incumbent.config, forecast)
+    sides = [(a + GOLDEN_STEP * (best - a), best - a), (best + GOLDEN_STEP * (b - best), b - best)]
+    upwards = forecast > best if forecast is not None else sides[1][1] > sides[0][1]
+    if upwards:
+        sides.reverse()
+    for x, width in sides:
+        x = _snap(x, lo, hi, grid)
+        if width > grid and _find(probes, x, axis, grid / 2) is None and x < hi - grid:
+            return axis.at(st.incumbent.config, x)
+    return _edge_probe(st, ctx, probes, lo)
+
+
+def _edge_probe(st: OptimizerState, ctx: _Ctx, probes: list[Probe], lowest: float) -> Config | None:
+    """After the search: a probe at the optimum's likely edge (`_edge`) while the budget lasts."""
+    assert st.incumbent is not None
+    if len(probes) >= ctx.tuning.capProbeBudget:
+        return None
+    edge = _edge(st, ctx, CAP_AXIS, probes, lowest)
+    if edge is None or _find(probes, edge, CAP_AXIS, ctx.tuning.capGridWatts) is not None:
+        return None
+    return CAP_AXIS.at(st.incumbent.config, edge)
+
+
 def _waiting_members(st: OptimizerState, ctx: _Ctx) -> list[str]:
     assert st.incumbent is not None and st.incumbent.metrics is not None
     watts = st.incumbent.metrics.wattsByMember
@@ -1067,6 +1221,9 @@ class _AxisStage(_StageRules):
 
 class _Cap(_AxisStage):
     name, label, axis = "cap", "power cap", CAP_AXIS
+
+    def next_config(self, st: OptimizerState, ctx: _Ctx) -> Config | None:
+        return _next_cap(st, ctx)
 
     def skipped(self, st: OptimizerState, ctx: _Ctx) -> str | None:
         return _cap_skipped(st, ctx, self.name)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final
 
@@ -416,6 +416,65 @@ def _untouched(
     return held
 
 
+# A converged state changes at every window only in its running figures (the last counters, the
+# window being summed, the energy saved, the recent loads). Resumed from a copy up to this old
+# (after a restart), nothing is lost: the counters are cumulative, so the first window spans the gap.
+STATE_CHECKPOINT_SECONDS: Final = 300.0
+RUNNING_FIGURES: Final = frozenset({"last", "acc", "energySavedJoules", "recentLoads"})
+
+
+def worth_writing(stored: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
+    """Whether `state` must replace the `stored` copy now: any change but a converged state's
+    running figures at once, those once per checkpoint interval. A fleet of converged workloads
+    then writes one object per workload every few minutes, not at every report."""
+    if stored == state:
+        return False
+    if stored.get("phase") != "Converged" or state.get("phase") != "Converged":
+        return True
+    if any(stored.get(k) != state.get(k) for k in (stored.keys() | state.keys()) - RUNNING_FIGURES):
+        return True
+    return _observed_at(state) - _observed_at(stored) >= STATE_CHECKPOINT_SECONDS
+
+
+def _observed_at(state: Mapping[str, Any]) -> float:
+    last = state.get("last")
+    return float(last.get("time", 0.0)) if isinstance(last, Mapping) else 0.0
+
+
+@dataclass
+class HeldStates:
+    """The states the operator computed but did not write (`worth_writing`), by object name, each
+    with the stored copy it follows: the next reconcile goes on from them, not from that older
+    copy. Lost on a restart, which then resumes from the stored copy."""
+
+    held: dict[str, tuple[Mapping[str, Any], StoredState]] = field(default_factory=dict)
+
+    def newest(self, stored: Collection[StoredState]) -> list[StoredState]:
+        """`stored` with each held state in place of the copy it follows; a held state whose copy
+        changed since (another writer, a checkpoint) is dropped."""
+        out = []
+        for s in stored:
+            kept = self.held.get(s.name)
+            if kept is not None and kept[0] == s.state:
+                out.append(kept[1])
+            else:
+                self.held.pop(s.name, None)
+                out.append(s)
+        return out
+
+    def remember(
+        self, stored: Collection[StoredState], states: Mapping[str, Mapping[str, Any]], writes: StateWrites
+    ) -> None:
+        """After a reconcile of one policy from `stored` (as read from the API, not `newest`):
+        hold what `writes` left out, forget what it wrote or deleted."""
+        for s in stored:
+            state = states.get(s.workload)
+            if s.workload in writes.apply or s.name in writes.delete or state is None or state == s.state:
+                self.held.pop(s.name, None)
+            else:
+                self.held[s.name] = (s.state, replace(s, state=state))
+
+
 @dataclass(frozen=True)
 class StateWrites:
     """What to write of a policy's optimizer states: the objects to apply by workload (new, changed,
@@ -440,7 +499,7 @@ def state_writes(
     apply = {}
     for workload, body in wanted.items():
         seen = current.get(body["metadata"]["name"])
-        if seen is None or seen.owner != uid or seen.state != body["spec"]["state"]:
+        if seen is None or seen.owner != uid or worth_writing(seen.state, body["spec"]["state"]):
             apply[workload] = body
     names = {b["metadata"]["name"] for b in wanted.values()}
     return StateWrites(apply=apply, delete=sorted(set(current) - names))

@@ -20,6 +20,8 @@ from edpilot_operator.selection import (
     select,
 )
 from edpilot_operator.services import (
+    STATE_CHECKPOINT_SECONDS,
+    HeldStates,
     StateWrites,
     keep_embedded,
     policy_totals,
@@ -623,6 +625,65 @@ def test_only_new_changed_or_reowned_states_are_written_and_orphans_deleted() ->
     # Nothing changed: nothing written, nothing deleted.
     again = [s for s in stored_objects(*((("p", w, b, "uid-1") for w, b in states.items())))]
     assert state_writes("ns", "p", "uid-1", again, states) == StateWrites(apply={}, delete=[])
+
+
+def converged_at(t: float, **changes: Any) -> dict[str, Any]:
+    """A converged state whose running figures were last updated by the observation at `t`."""
+    base: dict[str, Any] = {
+        "schemaVersion": 1,
+        "phase": "Converged",
+        "target": {"capWatts": 300.0},
+        "last": {"time": t, "members": []},
+        "acc": {"windows": int(t)},
+        "energySavedJoules": 10.0 * t,
+        "recentLoads": [t],
+    }
+    return {**base, **changes}
+
+
+@pytest.mark.parametrize(
+    ("now", "changes", "written"),
+    [
+        (1010.0, {}, False),  # only the running figures moved: the stored copy still serves
+        (1000.0 + STATE_CHECKPOINT_SECONDS - 1, {}, False),
+        (1000.0 + STATE_CHECKPOINT_SECONDS, {}, True),  # a checkpoint every few minutes
+        (1010.0, {"target": {"capWatts": 280.0}}, True),  # a decision: written at once
+        (1010.0, {"phase": "Drifted"}, True),
+        (1010.0, {"driftStreak": 1}, True),
+    ],
+)
+def test_a_converged_state_is_written_on_decisions_and_checkpoints_not_at_every_window(
+    now: float, changes: dict[str, Any], written: bool
+) -> None:
+    stored = stored_objects(("p", "w", converged_at(1000.0), "uid-1"))
+    writes = state_writes("ns", "p", "uid-1", stored, {"w": converged_at(now, **changes)})
+    assert sorted(writes.apply) == (["w"] if written else [])
+
+
+def test_an_exploring_state_is_written_at_every_window() -> None:
+    stored = stored_objects(("p", "w", converged_at(1000.0, phase="Exploring"), "uid-1"))
+    writes = state_writes("ns", "p", "uid-1", stored, {"w": converged_at(1005.0, phase="Exploring")})
+    assert sorted(writes.apply) == ["w"]
+
+
+def test_the_next_reconcile_goes_on_from_the_state_held_back_not_the_older_copy() -> None:
+    held = HeldStates()
+    stored = stored_objects(
+        ("p", "w", converged_at(1000.0), "uid-1"), ("p", "x", converged_at(1000.0), "uid-1")
+    )
+    states = {"w": converged_at(1010.0), "x": converged_at(1010.0, phase="Drifted")}
+    held.remember(stored, states, state_writes("ns", "p", "uid-1", stored, states))
+    # w was held back, x written: the next reconcile sees w's newer state and x as read back.
+    assert [s.state for s in held.newest(stored)] == [converged_at(1010.0), converged_at(1000.0)]
+    # Once w's stored copy changes (a checkpoint, another writer), that copy rules.
+    rewritten = stored_objects(("p", "w", converged_at(1300.0), "uid-1"))
+    assert [s.state for s in held.newest(rewritten)] == [converged_at(1300.0)]
+    assert held.newest(stored)[0].state == converged_at(1000.0)  # and the held one is gone
+    # A state written at last is no longer held.
+    states = {"w": converged_at(1000.0 + STATE_CHECKPOINT_SECONDS)}
+    held.remember(stored, {"w": converged_at(1010.0)}, StateWrites(apply={}, delete=[]))
+    held.remember(stored, states, state_writes("ns", "p", "uid-1", stored, states))
+    assert held.newest(stored)[0].state == converged_at(1000.0)
 
 
 def test_a_state_that_could_not_be_stored_stays_in_its_row_with_a_warning() -> None:
