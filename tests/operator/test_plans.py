@@ -26,6 +26,7 @@ from edpilot_operator.handlers.plans import (
 from edpilot_operator.handlers.snapshot import ClusterSnapshot
 from edpilot_operator.reports import decided
 from edpilot_operator.selection import PodInfo, PolicyEntry, PolicyRef
+from edpilot_operator.services import HeldStates
 
 from edpilot.contract import ANNOTATION_POLICY, HINT_ANNOTATIONS, StoredState, state_name
 from edpilot.models import (
@@ -207,7 +208,7 @@ def test_a_rejected_spec_writes_only_its_conditions() -> None:
 
 
 def test_a_policy_plan_claims_its_pods_measures_them_and_deletes_orphaned_states() -> None:
-    orphan = StoredState(state_name("p", "left"), "p", "left", {"schemaVersion": 2}, "uid-p")
+    orphan = StoredState(state_name("p", "left"), "p", "left", {"schemaVersion": 1}, "uid-p")
     states = {"states_by_policy": {"ns/p": [orphan]}}
     snap = snapshot(
         [pod("a"), pod("b", "n1")], [policy_entry()], reports=[report("n0", ["ns/a"])], extra=states
@@ -224,6 +225,29 @@ def test_a_policy_plan_claims_its_pods_measures_them_and_deletes_orphaned_states
     assert set(plan.event_targets) == pod_events
     for key, target in plan.event_targets.items():
         assert target["kind"] == "Pod" and key == f"ns/{target['metadata']['name']}"
+
+
+def test_a_policy_resumes_from_the_states_held_back_and_writes_against_the_stored_copies() -> None:
+    """A state computed but not written (`services.worth_writing`) is what the next reconcile
+    resumes from; what to write is still decided against the stored copy."""
+    stored = StoredState(state_name("p", "a"), "p", "a", {"schemaVersion": 1, "phase": "Baseline"}, "uid-p")
+    newer = replace(stored, state={"schemaVersion": 99})  # from a newer operator: left untouched
+    held = HeldStates({stored.name: (stored.state, newer)})
+    snap = snapshot(
+        [pod("a")],
+        [policy_entry()],
+        reports=[report("n0", ["ns/a"])],
+        extra={"states_by_policy": {"ns/p": [stored]}},
+    )
+    v = policy_view(snap, "ns", "p", SPEC, {}, {"generation": 2, "uid": "uid-p"}, held)
+    assert v.stored == [stored] and v.resume == [newer]
+    plan = plan_policy(v, NOW, CFG.tuning)
+    assert plan is not None and [e.reason for e in plan.outcome.events] == ["StateTooNew"]
+    assert plan.states.apply["a"]["spec"]["state"] == {"schemaVersion": 99}  # differs from the stored copy
+    no_held = plan_policy(
+        policy_view(snap, "ns", "p", SPEC, {}, {"generation": 2, "uid": "uid-p"}), NOW, CFG.tuning
+    )
+    assert no_held is not None and "StateTooNew" not in [e.reason for e in no_held.outcome.events]
 
 
 def test_a_released_policy_removes_its_hints_and_its_nodes_caps() -> None:

@@ -129,7 +129,8 @@ class PolicyView:
     reports: dict[str, GPUNodeReportStatus]
     holders: DraHoldings
     owners: dict[str, OwnerView]
-    stored: list[StoredState]
+    stored: list[StoredState]  # the policy's state objects as the watch holds them
+    resume: list[StoredState]  # those with the newer states not written yet (`HeldStates`)
 
 
 def policy_view(
@@ -139,11 +140,15 @@ def policy_view(
     spec: Mapping[str, Any],
     status: Mapping[str, Any],
     meta: Mapping[str, Any],
+    held: services.HeldStates | None = None,
 ) -> PolicyView:
+    """`held`: the states computed and not written yet (`services.worth_writing`), resumed from
+    instead of the older stored copies they follow."""
     pods = snapshot.with_dra(snapshot.pods_by_namespace.get(namespace, []))
     reports = {p.node: r for p in pods if (r := snapshot.report(p.node)) is not None}
     # Another namespace's pod may hold one of these GPUs through DRA too.
     neighbours = [p for node in reports for p in snapshot.pods_by_node.get(node, [])]
+    stored = snapshot.stored_states(f"{namespace}/{name}")
     return PolicyView(
         namespace=namespace,
         name=name,
@@ -155,7 +160,8 @@ def policy_view(
         reports=reports,
         holders=dra_holdings(snapshot.with_dra(neighbours)),
         owners=snapshot.owners(namespace),
-        stored=snapshot.stored_states(f"{namespace}/{name}"),
+        stored=stored,
+        resume=held.newest(stored) if held is not None else stored,
     )
 
 
@@ -192,7 +198,7 @@ def plan_policy(view: PolicyView, now: datetime, tuning: Tuning) -> PolicyPlan |
         tuning=tuning,
         dra=view.holders,
         owners=view.owners,
-        states=states_of(view.stored, view.name),
+        states=states_of(view.resume, view.name),
     )
     uid = str(view.meta.get("uid", ""))
     writes = services.state_writes(view.namespace, view.name, uid, view.stored, outcome.states)

@@ -32,10 +32,11 @@ async def reconcile_policy(
     **indexes: Any,
 ) -> None:
     runtime: Runtime = memo.runtime
-    view = policy_view(runtime.snapshot(indexes), namespace, name, spec, status, meta)
+    view = policy_view(runtime.snapshot(indexes), namespace, name, spec, status, meta, runtime.held)
     # The optimizer is CPU work: off the event loop, so watches and lease renewals go on.
     plan = await asyncio.to_thread(plan_policy, view, runtime.clock(), runtime.cfg.tuning)
     if plan is not None:
+        runtime.held.remember(view.stored, plan.outcome.states, plan.states)
         await apply_policy(plan, _kube(runtime), namespace, name, patch, body, logger)
 
 

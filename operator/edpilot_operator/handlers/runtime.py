@@ -17,6 +17,7 @@ from ..kube import Kube
 from ..liveness import LeaseKeeper
 from ..reports import ReportTiming
 from ..selection import GovernanceCache
+from ..services import HeldStates
 from .snapshot import ClusterSnapshot
 
 
@@ -69,6 +70,8 @@ class Runtime:
     clock: Callable[[], datetime] = utc_now
     written_specs: WrittenSpecs = field(default_factory=dict)
     pruned_at: datetime | None = None  # when `written_specs` was last pruned of deleted reports
+    # Optimizer states computed but not written yet (`services.worth_writing`), resumed from.
+    held: HeldStates = field(default_factory=HeldStates)
 
     @classmethod
     def of(cls, cfg: OperatorConfig, kube: Kube | None = None, keeper: LeaseKeeper | None = None) -> Runtime:
