@@ -33,7 +33,10 @@ BUDGET = "e2e-rack"
 MIN_PERCENT = 40.0
 LO = MIN_PERCENT / 100 * 700
 SPEED = "--sim-speed=30"
-CONVERGE_TIMEOUT = 150.0
+# Converging took 134 s here with the golden-section cap search; the guided search lands more
+# probes near the slowdown limit, where the sequential test measures longer (about 20% more time
+# to converge in `edpilot simulate`'s training row).
+CONVERGE_TIMEOUT = 300.0
 # localrun.FAST_OPERATOR_ARGS: the operator's timers (budget and report composer) run every
 # second; a converged node's agent reports every 5 s, and sooner (at most every second) once
 # a limit changed. Two report intervals, plus slack for a 2-core machine shared by other jobs.
