@@ -448,6 +448,9 @@ class HeldStates:
     copy. Lost on a restart, which then resumes from the stored copy."""
 
     held: dict[str, tuple[Mapping[str, Any], StoredState]] = field(default_factory=dict)
+    # The objects this process has reconciled: only theirs may wait for a checkpoint, so the first
+    # decision after a (re)start is written and shows that the operator resumed.
+    settled: set[str] = field(default_factory=set)
 
     def newest(self, stored: Collection[StoredState]) -> list[StoredState]:
         """`stored` with each held state in place of the copy it follows; a held state whose copy
@@ -467,6 +470,7 @@ class HeldStates:
     ) -> None:
         """After a reconcile of one policy from `stored` (as read from the API, not `newest`):
         hold what `writes` left out, forget what it wrote or deleted."""
+        self.settled.update(s.name for s in stored if s.name not in writes.delete)
         for s in stored:
             state = states.get(s.workload)
             if s.workload in writes.apply or s.name in writes.delete or state is None or state == s.state:
@@ -490,16 +494,25 @@ def state_writes(
     uid: str,
     stored: Collection[StoredState],
     states: Mapping[str, Mapping[str, Any]],
+    settled: Collection[str] = (),
 ) -> StateWrites:
-    """`stored`: the objects that name `policy` (its index entry); `states`: `PolicyOutcome.states`.
-    An unchanged state is not written; an object no workload of the policy owns under its name any
-    more (a workload that left, a copy under another name) is deleted."""
+    """`stored`: the objects that name `policy` (its index entry); `states`: `PolicyOutcome.states`;
+    `settled`: the objects this operator reconciled before (`HeldStates.settled`), whose converged
+    running figures may wait for a checkpoint (`worth_writing`); any other change is written.
+    An object no workload of the policy owns under its name any more (a workload that left, a copy
+    under another name) is deleted."""
     wanted = {w: state_object(namespace, policy, uid, w, body) for w, body in states.items()}
     current = {s.name: s for s in stored}
     apply = {}
     for workload, body in wanted.items():
         seen = current.get(body["metadata"]["name"])
-        if seen is None or seen.owner != uid or worth_writing(seen.state, body["spec"]["state"]):
+        state = body["spec"]["state"]
+        changed = (
+            worth_writing(seen.state, state)
+            if seen and seen.name in settled
+            else seen is None or seen.state != state
+        )
+        if seen is None or seen.owner != uid or changed:
             apply[workload] = body
     names = {b["metadata"]["name"] for b in wanted.values()}
     return StateWrites(apply=apply, delete=sorted(set(current) - names))

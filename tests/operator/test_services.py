@@ -656,8 +656,17 @@ def test_a_converged_state_is_written_on_decisions_and_checkpoints_not_at_every_
     now: float, changes: dict[str, Any], written: bool
 ) -> None:
     stored = stored_objects(("p", "w", converged_at(1000.0), "uid-1"))
-    writes = state_writes("ns", "p", "uid-1", stored, {"w": converged_at(now, **changes)})
+    settled = {state_name("p", "w")}
+    writes = state_writes("ns", "p", "uid-1", stored, {"w": converged_at(now, **changes)}, settled)
     assert sorted(writes.apply) == (["w"] if written else [])
+
+
+def test_the_first_decision_after_a_restart_is_written() -> None:
+    """A state this operator has not reconciled before (it just started) is written on any change:
+    the stored copy then shows the operator resumed from it."""
+    stored = stored_objects(("p", "w", converged_at(1000.0), "uid-1"))
+    writes = state_writes("ns", "p", "uid-1", stored, {"w": converged_at(1010.0)})
+    assert sorted(writes.apply) == ["w"]
 
 
 def test_an_exploring_state_is_written_at_every_window() -> None:
@@ -667,12 +676,12 @@ def test_an_exploring_state_is_written_at_every_window() -> None:
 
 
 def test_the_next_reconcile_goes_on_from_the_state_held_back_not_the_older_copy() -> None:
-    held = HeldStates()
+    held = HeldStates(settled={state_name("p", "w"), state_name("p", "x")})
     stored = stored_objects(
         ("p", "w", converged_at(1000.0), "uid-1"), ("p", "x", converged_at(1000.0), "uid-1")
     )
     states = {"w": converged_at(1010.0), "x": converged_at(1010.0, phase="Drifted")}
-    held.remember(stored, states, state_writes("ns", "p", "uid-1", stored, states))
+    held.remember(stored, states, state_writes("ns", "p", "uid-1", stored, states, held.settled))
     # w was held back, x written: the next reconcile sees w's newer state and x as read back.
     assert [s.state for s in held.newest(stored)] == [converged_at(1010.0), converged_at(1000.0)]
     # Once w's stored copy changes (a checkpoint, another writer), that copy rules.
@@ -682,8 +691,19 @@ def test_the_next_reconcile_goes_on_from_the_state_held_back_not_the_older_copy(
     # A state written at last is no longer held.
     states = {"w": converged_at(1000.0 + STATE_CHECKPOINT_SECONDS)}
     held.remember(stored, {"w": converged_at(1010.0)}, StateWrites(apply={}, delete=[]))
-    held.remember(stored, states, state_writes("ns", "p", "uid-1", stored, states))
+    held.remember(stored, states, state_writes("ns", "p", "uid-1", stored, states, held.settled))
     assert held.newest(stored)[0].state == converged_at(1000.0)
+
+
+def test_a_state_becomes_settled_once_reconciled() -> None:
+    held = HeldStates()
+    stored = stored_objects(("p", "w", converged_at(1000.0), "uid-1"))
+    states = {"w": converged_at(1010.0)}
+    writes = state_writes("ns", "p", "uid-1", stored, states, held.settled)
+    assert sorted(writes.apply) == ["w"]  # just started: written
+    held.remember(stored, states, writes)
+    again = stored_objects(("p", "w", converged_at(1010.0), "uid-1"))
+    assert state_writes("ns", "p", "uid-1", again, {"w": converged_at(1020.0)}, held.settled).apply == {}
 
 
 def test_a_state_that_could_not_be_stored_stays_in_its_row_with_a_warning() -> None:

@@ -131,6 +131,7 @@ class PolicyView:
     owners: dict[str, OwnerView]
     stored: list[StoredState]  # the policy's state objects as the watch holds them
     resume: list[StoredState]  # those with the newer states not written yet (`HeldStates`)
+    settled: frozenset[str] = frozenset()  # the state objects this operator reconciled before
 
 
 def policy_view(
@@ -162,6 +163,7 @@ def policy_view(
         owners=snapshot.owners(namespace),
         stored=stored,
         resume=held.newest(stored) if held is not None else stored,
+        settled=frozenset(held.settled) if held is not None else frozenset(),
     )
 
 
@@ -201,7 +203,7 @@ def plan_policy(view: PolicyView, now: datetime, tuning: Tuning) -> PolicyPlan |
         states=states_of(view.resume, view.name),
     )
     uid = str(view.meta.get("uid", ""))
-    writes = services.state_writes(view.namespace, view.name, uid, view.stored, outcome.states)
+    writes = services.state_writes(view.namespace, view.name, uid, view.stored, outcome.states, view.settled)
     targets = {e.pod: ref for e in outcome.events if e.pod and (ref := pod_ref(e.pod, view.pods))}
     return PolicyPlan(outcome, writes, targets)
 
