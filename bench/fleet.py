@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -663,6 +664,18 @@ class Fleet:
 # ---------------------------------------------------------------- the control plane
 
 
+def exit_on_signals() -> None:
+    """SIGTERM and SIGHUP end a bench as Ctrl-C does, through its `finally` blocks, which stop the
+    operator and the control plane: Python's default for them exits without running any, and left
+    an operator running against a dead API server."""
+
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, leave)
+
+
 def tool_dir() -> Path:
     out = subprocess.run([str(REPO / "hack" / "build-tools.sh")], capture_output=True, text=True, check=True)
     return Path(out.stdout.strip().splitlines()[-1])
@@ -682,6 +695,7 @@ class ControlPlane:
 
     @classmethod
     def start(cls) -> ControlPlane:
+        exit_on_signals()
         state = Path(tempfile.mkdtemp(prefix="edpilot-bench-"))
         env = {**os.environ, "CLUSTER_DIR": str(state), "NODES": "0", "GPUS": "8"}
         proc = subprocess.run([str(REPO / "hack" / "cluster-up.sh")], env=env, capture_output=True, text=True)
