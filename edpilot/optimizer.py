@@ -763,12 +763,7 @@ def _golden(st: OptimizerState, ctx: _Ctx, axis: _Axis) -> Config | None:
         else:
             a = x1
     axis.set_bracket(st, (a, b))
-    if len(probes) >= budget:
-        return None
-    edge = _edge(st, ctx, axis, probes, full[0])
-    if edge is None or _find(probes, edge, axis, grid) is not None:
-        return None
-    return axis.at(st.incumbent.config, edge)
+    return _edge_probe(st, ctx, axis, probes, full[0])
 
 
 def _barely_slowed(p: Probe, st: OptimizerState, ctx: _Ctx) -> bool:
@@ -876,6 +871,11 @@ def _throughput_fit(points: list[tuple[float, float]], draw: float) -> tuple[flo
     return math.exp(my - p * mx), p
 
 
+def _throughput_points(probes: list[Probe], base: Metrics) -> list[tuple[float, float]]:
+    """(cap, throughput relative to `base`) of each measured probe: what `_throughput_fit` fits."""
+    return [(CAP_AXIS.of(p), p.metrics.unitsPerSecond / base.unitsPerSecond) for p in probes if p.metrics]
+
+
 def _ratio(fit: tuple[float, float], cap: float, draw: float) -> float:
     k, p = fit
     return math.exp(-k * math.log(draw / cap) ** p) if cap < draw else 1.0
@@ -893,8 +893,7 @@ def _forecast(st: OptimizerState, ctx: _Ctx, probes: list[Probe], lo: float, hi:
         return None  # demand sets a serving workload's throughput: it tells nothing about the cap
     draws = list(base.wattsByMember.values())
     draw = max(draws, default=0.0)
-    ratios = [(CAP_AXIS.of(p), p.metrics.unitsPerSecond / base.unitsPerSecond) for p in probes if p.metrics]
-    fit = _throughput_fit(ratios, draw)
+    fit = _throughput_fit(_throughput_points(probes, base), draw)
     if fit is None or draw <= 0:
         return None
     grid = ctx.tuning.capGridWatts
@@ -923,9 +922,7 @@ def _model_trusted(st: OptimizerState, ctx: _Ctx, probes: list[Probe]) -> bool:
     draw = max(base.wattsByMember.values(), default=0.0)
     *earlier, last = probes
     assert last.metrics is not None
-    fit = _throughput_fit(
-        [(CAP_AXIS.of(p), p.metrics.unitsPerSecond / base.unitsPerSecond) for p in earlier if p.metrics], draw
-    )
+    fit = _throughput_fit(_throughput_points(earlier, base), draw)
     if fit is None:
         return True
     noise = (
@@ -958,7 +955,7 @@ def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
     floor = _find(probes, lo, axis, grid)
     reserve = 1 if floor is None else 0  # kept back for the edge, as in `_golden`
     if len(probes) >= budget - reserve:
-        return _edge_probe(st, ctx, probes, lo)
+        return _edge_probe(st, ctx, CAP_AXIS, probes, lo)
     points = sorted([*measured, st.incumbent], key=lambda p: hi if p is st.incumbent else axis.of(p))
     i = min(range(len(points)), key=lambda k: _key(points[k], st, ctx))
 
@@ -986,18 +983,20 @@ def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
         x = _snap(x, lo, hi, grid)
         if width > grid and _find(probes, x, axis, grid / 2) is None and x < hi - grid:
             return axis.at(st.incumbent.config, x)
-    return _edge_probe(st, ctx, probes, lo)
+    return _edge_probe(st, ctx, CAP_AXIS, probes, lo)
 
 
-def _edge_probe(st: OptimizerState, ctx: _Ctx, probes: list[Probe], lowest: float) -> Config | None:
+def _edge_probe(
+    st: OptimizerState, ctx: _Ctx, axis: _Axis, probes: list[Probe], lowest: float
+) -> Config | None:
     """After the search: a probe at the optimum's likely edge (`_edge`) while the budget lasts."""
     assert st.incumbent is not None
-    if len(probes) >= ctx.tuning.capProbeBudget:
+    if len(probes) >= axis.budget(ctx.tuning):
         return None
-    edge = _edge(st, ctx, CAP_AXIS, probes, lowest)
-    if edge is None or _find(probes, edge, CAP_AXIS, ctx.tuning.capGridWatts) is not None:
+    edge = _edge(st, ctx, axis, probes, lowest)
+    if edge is None or _find(probes, edge, axis, axis.grid(ctx.tuning)) is not None:
         return None
-    return CAP_AXIS.at(st.incumbent.config, edge)
+    return axis.at(st.incumbent.config, edge)
 
 
 def _waiting_members(st: OptimizerState, ctx: _Ctx) -> list[str]:
