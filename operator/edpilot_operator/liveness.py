@@ -108,6 +108,10 @@ class LeaseKeeper:
     def period(self) -> float:
         return self.seconds / 3
 
+    def due(self) -> bool:
+        """Whether the next `renew_if_due` would write (a cheap check, without the lock)."""
+        return self._next_at is None or self._monotonic() >= self._next_at
+
     def renew_if_due(self, now: datetime) -> bool:
         """Renew when due (True when this call wrote the Lease)."""
         if not self._lock.acquire(blocking=False):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from edpilot_operator.handlers.plans import (
     policy_view,
     prune_written,
 )
+from edpilot_operator.handlers.runtime import NodeLabels
 from edpilot_operator.handlers.snapshot import ClusterSnapshot
 from edpilot_operator.reports import decided
 from edpilot_operator.selection import PodInfo, PolicyEntry, PolicyRef
@@ -134,54 +136,90 @@ LEGACY = {**CAPPED_BODY, "lease": {"holderIdentity": "op", "renewTime": "2026-12
 
 
 @pytest.mark.parametrize(
-    ("seen", "written", "expected"),
+    ("seen", "generation", "written", "expected"),
     [
         # Nothing written yet, the report's spec is old: write the desired spec, remember it.
-        ({}, None, ReportPlan(spec_patch=CAPPED_BODY, written=CAPPED)),
+        ({}, 3, None, ReportPlan(spec_patch=CAPPED_BODY, written=CAPPED)),
         # The report already has it: nothing.
-        (CAPPED_BODY, None, ReportPlan()),
-        # Written from this very version, the watch has not delivered it: not again.
-        ({}, ("7", CAPPED), ReportPlan()),
-        # Written from an older version that the watch has since replaced: forget it.
-        (CAPPED_BODY, ("6", CAPPED), ReportPlan(forget=True)),
-        # Written from an older version, and the spec has changed since: write again.
-        ({}, ("6", CAPPED), ReportPlan(spec_patch=CAPPED_BODY, written=CAPPED)),
+        (CAPPED_BODY, 3, None, ReportPlan()),
+        # Written from this very generation, the watch has not delivered it: not again.
+        ({}, 3, (3, CAPPED), ReportPlan()),
+        # The watch delivered the write (a higher generation): forget it.
+        (CAPPED_BODY, 4, (3, CAPPED), ReportPlan(forget=True)),
+        # A later spec write (not ours) changed it since: write again.
+        ({}, 5, (3, CAPPED), ReportPlan(spec_patch=CAPPED_BODY, written=CAPPED)),
         # An older operator's per-node lease is removed with the next write.
-        (LEGACY, None, ReportPlan(spec_patch={**CAPPED_BODY, "lease": None}, written=CAPPED)),
+        (LEGACY, 3, None, ReportPlan(spec_patch={**CAPPED_BODY, "lease": None}, written=CAPPED)),
     ],
 )
 def test_a_report_spec_is_written_only_when_it_differs_from_the_current_one(
-    seen: dict[str, Any], written: tuple[str, GPUNodeReportSpec] | None, expected: ReportPlan
+    seen: dict[str, Any], generation: int, written: tuple[int, GPUNodeReportSpec] | None, expected: ReportPlan
 ) -> None:
     status = report("n0", ["ns/a"])
     snap = governed_snapshot(status)
     body = status.model_dump(mode="json")
-    assert plan_report_spec(snap, "n0", seen, body, "7", written, CFG) == expected
+    assert plan_report_spec(snap, "n0", seen, body, generation, written, CFG) == expected
+
+
+def test_a_status_write_racing_the_spec_write_does_not_write_the_spec_again() -> None:
+    """The agent's status write lands after the operator's spec write, and the watch delivers it
+    before that spec write (a lagging watch at 2,000 nodes): the report has a new resourceVersion
+    and still the old spec. Only the generation says the spec write is still on its way; judged by
+    resourceVersion, every status write in that gap wrote the spec once more."""
+    status = report("n0", ["ns/a"])
+    snap = governed_snapshot(status)
+    first = plan_report_spec(snap, "n0", {}, status.model_dump(mode="json"), 3, None, CFG)
+    assert first.written == CAPPED
+    racing = plan_report_spec(snap, "n0", {}, status.model_dump(mode="json"), 3, (3, CAPPED), CFG)
+    assert racing == ReportPlan()
+
+
+class _Kube:
+    """Takes report spec writes, or fails them with `error`."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.specs: list[str] = []
+
+    async def patch_report_spec(self, node: str, spec: dict[str, Any]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.specs.append(node)
 
 
 def test_written_specs_of_deleted_reports_are_pruned_once_per_report_interval() -> None:
     clock = [NOW]
-    runtime = replace(Runtime.of(CFG), clock=lambda: clock[0])
+    runtime = replace(Runtime.of(CFG, _Kube()), clock=lambda: clock[0])  # type: ignore[arg-type]
     snap = snapshot(reports=[report("n0", []), report("n1", [])])
+    written = ReportPlan(spec_patch={}, written=CAPPED)
     for name in ("n0", "n1", "gone"):
-        apply_report(ReportPlan(spec_patch={}, written=CAPPED), runtime, name, "1", kopf.Patch())
+        asyncio.run(apply_report(written, runtime, name, 1))
     assert prune_written(runtime.written_specs, ["n0", "n1"]) == ["gone"]
     prune_reports(runtime, snap)
     assert sorted(runtime.written_specs) == ["n0", "n1"]
-    apply_report(ReportPlan(spec_patch={}, written=CAPPED), runtime, "gone2", "1", kopf.Patch())
+    asyncio.run(apply_report(written, runtime, "gone2", 1))
     clock[0] += timedelta(seconds=CFG.report_interval / 2)
     prune_reports(runtime, snap)  # not due yet
     assert "gone2" in runtime.written_specs
     clock[0] += timedelta(seconds=CFG.report_interval)
     prune_reports(runtime, snap)
     assert sorted(runtime.written_specs) == ["n0", "n1"]
-    apply_report(ReportPlan(forget=True), runtime, "n0", "2", kopf.Patch())  # the watch caught up
+    asyncio.run(apply_report(ReportPlan(forget=True), runtime, "n0", 2))  # the watch caught up
     assert sorted(runtime.written_specs) == ["n1"]
 
 
-class _Patch:
-    def __init__(self) -> None:
-        self.spec: dict[str, Any] = {}
+def test_a_spec_write_that_failed_is_not_remembered_so_the_next_timer_writes_it_again() -> None:
+    kube = _Kube(error=kopf.TemporaryError("the API server closed the connection"))
+    runtime = Runtime.of(CFG, kube)  # type: ignore[arg-type]
+    runtime.written_specs["n0"] = (2, GPUNodeReportSpec())
+    with pytest.raises(kopf.TemporaryError):
+        asyncio.run(apply_report(ReportPlan(spec_patch=CAPPED_BODY, written=CAPPED), runtime, "n0", 3))
+    assert "n0" not in runtime.written_specs
+    status = report("n0", ["ns/a"])
+    again = plan_report_spec(
+        governed_snapshot(status), "n0", {}, status.model_dump(mode="json"), 3, None, CFG
+    )
+    assert again.spec_patch == CAPPED_BODY
 
 
 # ---------------------------------------------------------------- policies
@@ -266,11 +304,11 @@ def test_a_released_policy_removes_its_hints_and_its_nodes_caps() -> None:
 BUDGET = {"nodeSelector": {"matchLabels": {"rack": "r1"}}, "maxWatts": 1000}
 
 
+NODE_LABELS = {"n0": {"rack": "r1"}, "n1": {"rack": "r2"}}
+
+
 def budget_snapshot() -> ClusterSnapshot:
-    labels = {"node_labels": {"n0": [{"rack": "r1"}], "n1": [{"rack": "r2"}]}}
-    return snapshot(
-        [pod("a"), pod("b")], [policy_entry()], reports=[report("n0", ["ns/a", "ns/b"])], extra=labels
-    )
+    return snapshot([pod("a"), pod("b")], [policy_entry()], reports=[report("n0", ["ns/a", "ns/b"])])
 
 
 @pytest.mark.parametrize(
@@ -280,7 +318,7 @@ def budget_snapshot() -> ClusterSnapshot:
 def test_a_deleted_or_rejected_budget_writes_nothing(
     spec: dict[str, Any], meta: dict[str, Any], rejected: str | None
 ) -> None:
-    plan = plan_budget(budget_snapshot(), "b", spec, {}, meta, NOW)
+    plan = plan_budget(budget_snapshot(), "b", spec, {}, meta, NODE_LABELS, NOW)
     if rejected is None:
         assert plan is None
     else:
@@ -288,11 +326,32 @@ def test_a_deleted_or_rejected_budget_writes_nothing(
 
 
 def test_a_budget_splits_its_watts_over_the_governed_gpus_of_its_nodes() -> None:
-    plan = plan_budget(budget_snapshot(), "b", BUDGET, {}, {"generation": 4}, NOW)
+    plan = plan_budget(budget_snapshot(), "b", BUDGET, {}, {"generation": 4}, NODE_LABELS, NOW)
     assert plan is not None and not plan.rejected and plan.max_watts == 1000
     allocations = plan.status["allocations"]
     assert {a["gpuUUID"] for a in allocations} == {"GPU-n0-0", "GPU-n0-1"}
     assert sum(a["watts"] for a in allocations) <= 1000 and plan.status["observedGeneration"] == 4
     assert plan.changed.endswith("W") and "GPU-n0-0=" in plan.changed
-    again = plan_budget(budget_snapshot(), "b", BUDGET, plan.status, {"generation": 4}, NOW)
+    again = plan_budget(budget_snapshot(), "b", BUDGET, plan.status, {"generation": 4}, NODE_LABELS, NOW)
     assert again is not None and again.changed == ""  # the same caps: nothing to log
+
+
+def test_node_labels_are_listed_once_per_max_age_for_all_budgets() -> None:
+    clock = [0.0]
+    lists: list[float] = []
+
+    async def fetch() -> dict[str, dict[str, str]]:
+        lists.append(clock[0])
+        return {"n0": {"rack": f"r{len(lists)}"}}
+
+    nodes = NodeLabels(max_age=5.0, monotonic=lambda: clock[0])
+
+    async def budgets_due_together() -> list[dict[str, dict[str, str]]]:
+        return list(await asyncio.gather(nodes.get(fetch), nodes.get(fetch), nodes.get(fetch)))
+
+    assert asyncio.run(budgets_due_together()) == [{"n0": {"rack": "r1"}}] * 3
+    clock[0] = 4.9
+    assert asyncio.run(nodes.get(fetch)) == {"n0": {"rack": "r1"}}  # not older than max_age
+    clock[0] = 5.0
+    assert asyncio.run(nodes.get(fetch)) == {"n0": {"rack": "r2"}}  # a relabelled node is seen
+    assert lists == [0.0, 5.0]

@@ -28,7 +28,6 @@ REPORTS = (GROUP, VERSION, "gpunodereports")
 BUDGETS = (GROUP, VERSION, "powerbudgets")
 STATES = (GROUP, VERSION, STATE_PLURAL)
 PODS = ("pods",)
-NODES = ("nodes",)
 CLAIMS = ("resource.k8s.io", "v1", "resourceclaims")
 SLICES = ("resource.k8s.io", "v1", "resourceslices")
 DEPLOYMENTS = ("apps", "v1", "deployments")
@@ -44,7 +43,6 @@ INDEXES = (
     (STATES, indexes.probe_points_by_policy_gpu),
     (REPORTS, indexes.reports_by_node),
     (REPORTS, indexes.report_names),
-    (NODES, indexes.node_labels),
     (BUDGETS, indexes.budget_caps_by_node),
 )
 DRA_INDEXES = ((CLAIMS, indexes.claims_by_pod), (SLICES, indexes.slices_by_pool))

@@ -5,6 +5,7 @@ since it was read gets no rollout): those follow-ups are pure functions of `serv
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import kopf
@@ -63,10 +64,14 @@ async def store_states(kube: Kube, plan: PolicyPlan, namespace: str) -> dict[str
     return failed
 
 
-def apply_report(plan: ReportPlan, runtime: Runtime, name: str, version: str, patch: kopf.Patch) -> None:
+async def apply_report(plan: ReportPlan, runtime: Runtime, name: str, generation: int) -> None:
+    """Write the report's spec, remembered only once the API server took it: a write that failed
+    is tried again at the next timer, and a later spec write raises the generation past it."""
     if plan.spec_patch is not None and plan.written is not None:
-        patch.spec.update(plan.spec_patch)
-        runtime.written_specs[name] = (version, plan.written)
+        runtime.written_specs.pop(name, None)
+        assert runtime.kube is not None  # set by the startup handler
+        await runtime.kube.patch_report_spec(name, plan.spec_patch)
+        runtime.written_specs[name] = (generation, plan.written)
     elif plan.forget:
         runtime.written_specs.pop(name, None)
 
@@ -78,11 +83,13 @@ def prune_reports(runtime: Runtime, snapshot: ClusterSnapshot) -> None:
             runtime.written_specs.pop(gone, None)
 
 
-def renew_lease(runtime: Runtime) -> None:
+async def renew_lease(runtime: Runtime) -> None:
     # Renewed only from the report timer: kopf stops it while the replica is paused or stopping.
+    # The write blocks, so it runs in a thread, and only when due (thousands of timers ask).
     keeper: LeaseKeeper | None = runtime.lease_keeper
-    if keeper is not None:
-        keeper.renew_if_due(runtime.clock())
+    now = runtime.clock()
+    if keeper is not None and keeper.due():
+        await asyncio.to_thread(keeper.renew_if_due, now)
 
 
 async def apply_release(plan: ReleasePlan, kube: Kube, namespace: str) -> None:

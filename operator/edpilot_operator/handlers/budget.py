@@ -12,7 +12,7 @@ from .plans import plan_budget
 from .runtime import Runtime
 
 
-def reconcile_budget(
+async def reconcile_budget(
     name: str,
     spec: kopf.Spec,
     status: kopf.Status,
@@ -23,7 +23,8 @@ def reconcile_budget(
     **indexes: Any,
 ) -> None:
     runtime: Runtime = memo.runtime
-    plan = plan_budget(runtime.snapshot(indexes), name, spec, status, meta, runtime.clock())
+    labels = await runtime.node_labels()
+    plan = plan_budget(runtime.snapshot(indexes), name, spec, status, meta, labels, runtime.clock())
     if plan is not None:
         apply_budget(plan, name, patch, logger)
 

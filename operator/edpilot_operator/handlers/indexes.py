@@ -119,10 +119,6 @@ def report_names(name: str, **_: Any) -> dict[str, bool]:
     return {name: True}
 
 
-def node_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, str]]:
-    return {name: dict(labels)}
-
-
 def probe_points_by_policy_gpu(
     namespace: str, spec: kopf.Spec, **_: Any
 ) -> dict[tuple[str, str], tuple[budgets.ProbePoint, ...]]:

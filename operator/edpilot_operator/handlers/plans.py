@@ -74,18 +74,22 @@ def plan_report_spec(
     node: str,
     spec: Mapping[str, Any],
     status: Mapping[str, Any],
-    version: str,
-    written: tuple[str, GPUNodeReportSpec] | None,
+    generation: int,
+    written: tuple[int, GPUNodeReportSpec] | None,
     cfg: OperatorConfig,
 ) -> ReportPlan:
     """A report's spec write, only when the desired spec differs from the current one: the spec
-    last `written` from this `version` of the report, else the one it has."""
+    last `written` while the watch has not delivered that write yet, else the one it has.
+
+    The report's `generation` tells which: only spec writes raise it (its status is a
+    subresource), so a report seen at the generation a write was composed from, or older, predates
+    that write, however many status writes the agent made since."""
     seen = _report_spec(spec)
-    mine = written is not None and written[0] == version
-    current = written[1] if written is not None and mine else seen
+    pending = written is not None and generation <= written[0]
+    current = written[1] if written is not None and pending else seen
     desired = plan_node_spec(snapshot, node, _report_status(status), cfg)
     if desired == current:
-        return ReportPlan(forget=written is not None and not mine)
+        return ReportPlan(forget=written is not None and not pending)
     patch = desired.model_dump(mode="json", exclude_none=True)
     if seen.lease is not None:
         patch["lease"] = None  # an older operator's per-node lease: operatorLease rules
@@ -273,9 +277,11 @@ def plan_budget(
     spec: Mapping[str, Any],
     status: Mapping[str, Any],
     meta: Mapping[str, Any],
+    node_labels: Mapping[str, Mapping[str, str]],
     now: datetime,
 ) -> BudgetPlan | None:
-    """The budget's allocation (`budgets.reconcile_budget`); None for a budget being deleted."""
+    """The budget's allocation (`budgets.reconcile_budget`) over the nodes its selector picks
+    from `node_labels` (every node's); None for a budget being deleted."""
     if meta.get("deletionTimestamp"):
         return None
     try:
@@ -283,8 +289,7 @@ def plan_budget(
     except ValidationError as exc:
         return BudgetPlan(rejected=str(exc))
     previous = _budget_status(status)
-    labels = {node: next(iter(store)) for node, store in snapshot.node_labels.items() if store}
-    nodes = budgets.selected_nodes(budget, labels)
+    nodes = budgets.selected_nodes(budget, node_labels)
     reports = {n: r for n in nodes if (r := snapshot.report(n)) is not None}
     enriched = snapshot.with_dra(p for n in nodes for p in snapshot.pods_by_node.get(n, []))
     pods = {p.key: p for p in enriched}
@@ -293,7 +298,7 @@ def plan_budget(
         spec=budget,
         generation=meta.get("generation"),
         previous=previous,
-        node_labels=labels,
+        node_labels=node_labels,
         reports=reports,
         pods=pods,
         governed=rules,

@@ -11,20 +11,21 @@ from .plans import plan_report_spec
 from .runtime import Runtime
 
 
-def compose_report(
+async def compose_report(
     name: str,
     spec: kopf.Spec,
     status: kopf.Status,
     meta: kopf.Meta,
-    patch: kopf.Patch,
     memo: kopf.Memo,
     **indexes: Any,
 ) -> None:
+    # A coroutine: thousands of these timers run every report interval, and kopf would hand each
+    # run of a plain function to its thread pool.
     runtime: Runtime = memo.runtime
     snapshot = runtime.snapshot(indexes)
-    version = str(meta.get("resourceVersion", ""))
+    generation = int(meta.get("generation") or 0)
     written = runtime.written_specs.get(name)
-    plan = plan_report_spec(snapshot, name, spec, status, version, written, runtime.cfg)
-    apply_report(plan, runtime, name, version, patch)
+    plan = plan_report_spec(snapshot, name, spec, status, generation, written, runtime.cfg)
+    await apply_report(plan, runtime, name, generation)
     prune_reports(runtime, snapshot)
-    renew_lease(runtime)
+    await renew_lease(runtime)

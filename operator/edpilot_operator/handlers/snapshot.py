@@ -48,7 +48,6 @@ class ClusterSnapshot:
     states_by_policy: Index[str, StoredState]
     reports_by_node: Index[str, GPUNodeReportStatus]
     budget_caps_by_node: Index[str, dict[str, float]]
-    node_labels: Index[str, dict[str, str]]
     probe_points_by_policy_gpu: Index[tuple[str, str], tuple[budgets.ProbePoint, ...]]
     report_names: Index[str, bool]
     claims_by_pod: Index[str, ClaimView] | None = None  # None: DRA is off
