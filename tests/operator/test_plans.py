@@ -24,7 +24,7 @@ from edpilot_operator.handlers.plans import (
     policy_view,
     prune_written,
 )
-from edpilot_operator.handlers.runtime import NodeLabels
+from edpilot_operator.handlers.runtime import WRITE_IN_FLIGHT_SECONDS, NodeLabels, WrittenSpec
 from edpilot_operator.handlers.snapshot import ClusterSnapshot
 from edpilot_operator.reports import decided
 from edpilot_operator.selection import PodInfo, PolicyEntry, PolicyRef
@@ -135,6 +135,10 @@ CAPPED_BODY = CAPPED.model_dump(mode="json", exclude_none=True)
 LEGACY = {**CAPPED_BODY, "lease": {"holderIdentity": "op", "renewTime": "2026-12-06T11:59:00Z"}}
 
 
+def written_at(generation: int, seconds_ago: float = 1.0) -> WrittenSpec:
+    return WrittenSpec(generation, CAPPED, NOW - timedelta(seconds=seconds_ago))
+
+
 @pytest.mark.parametrize(
     ("seen", "generation", "written", "expected"),
     [
@@ -143,22 +147,24 @@ LEGACY = {**CAPPED_BODY, "lease": {"holderIdentity": "op", "renewTime": "2026-12
         # The report already has it: nothing.
         (CAPPED_BODY, 3, None, ReportPlan()),
         # Written from this very generation, the watch has not delivered it: not again.
-        ({}, 3, (3, CAPPED), ReportPlan()),
+        ({}, 3, written_at(3), ReportPlan()),
         # The watch delivered the write (a higher generation): forget it.
-        (CAPPED_BODY, 4, (3, CAPPED), ReportPlan(forget=True)),
+        (CAPPED_BODY, 4, written_at(3), ReportPlan(forget=True)),
         # A later spec write (not ours) changed it since: write again.
-        ({}, 5, (3, CAPPED), ReportPlan(spec_patch=CAPPED_BODY, written=CAPPED)),
+        ({}, 5, written_at(3), ReportPlan(spec_patch=CAPPED_BODY, written=CAPPED)),
+        # Written long ago and never delivered: lost (kopf could not apply it), write again.
+        ({}, 3, written_at(3, WRITE_IN_FLIGHT_SECONDS), ReportPlan(spec_patch=CAPPED_BODY, written=CAPPED)),
         # An older operator's per-node lease is removed with the next write.
         (LEGACY, 3, None, ReportPlan(spec_patch={**CAPPED_BODY, "lease": None}, written=CAPPED)),
     ],
 )
 def test_a_report_spec_is_written_only_when_it_differs_from_the_current_one(
-    seen: dict[str, Any], generation: int, written: tuple[int, GPUNodeReportSpec] | None, expected: ReportPlan
+    seen: dict[str, Any], generation: int, written: WrittenSpec | None, expected: ReportPlan
 ) -> None:
     status = report("n0", ["ns/a"])
     snap = governed_snapshot(status)
     body = status.model_dump(mode="json")
-    assert plan_report_spec(snap, "n0", seen, body, generation, written, CFG) == expected
+    assert plan_report_spec(snap, "n0", seen, body, generation, written, NOW, CFG) == expected
 
 
 def test_a_status_write_racing_the_spec_write_does_not_write_the_spec_again() -> None:
@@ -168,58 +174,34 @@ def test_a_status_write_racing_the_spec_write_does_not_write_the_spec_again() ->
     resourceVersion, every status write in that gap wrote the spec once more."""
     status = report("n0", ["ns/a"])
     snap = governed_snapshot(status)
-    first = plan_report_spec(snap, "n0", {}, status.model_dump(mode="json"), 3, None, CFG)
+    body = status.model_dump(mode="json")
+    first = plan_report_spec(snap, "n0", {}, body, 3, None, NOW, CFG)
     assert first.written == CAPPED
-    racing = plan_report_spec(snap, "n0", {}, status.model_dump(mode="json"), 3, (3, CAPPED), CFG)
+    racing = plan_report_spec(
+        snap, "n0", {}, body, 3, WrittenSpec(3, CAPPED, NOW), NOW + timedelta(seconds=9), CFG
+    )
     assert racing == ReportPlan()
-
-
-class _Kube:
-    """Takes report spec writes, or fails them with `error`."""
-
-    def __init__(self, error: Exception | None = None) -> None:
-        self.error = error
-        self.specs: list[str] = []
-
-    async def patch_report_spec(self, node: str, spec: dict[str, Any]) -> None:
-        if self.error is not None:
-            raise self.error
-        self.specs.append(node)
 
 
 def test_written_specs_of_deleted_reports_are_pruned_once_per_report_interval() -> None:
     clock = [NOW]
-    runtime = replace(Runtime.of(CFG, _Kube()), clock=lambda: clock[0])  # type: ignore[arg-type]
+    runtime = replace(Runtime.of(CFG), clock=lambda: clock[0])
     snap = snapshot(reports=[report("n0", []), report("n1", [])])
     written = ReportPlan(spec_patch={}, written=CAPPED)
     for name in ("n0", "n1", "gone"):
-        asyncio.run(apply_report(written, runtime, name, 1))
+        apply_report(written, runtime, name, 1, kopf.Patch())
     assert prune_written(runtime.written_specs, ["n0", "n1"]) == ["gone"]
     prune_reports(runtime, snap)
     assert sorted(runtime.written_specs) == ["n0", "n1"]
-    asyncio.run(apply_report(written, runtime, "gone2", 1))
+    apply_report(written, runtime, "gone2", 1, kopf.Patch())
     clock[0] += timedelta(seconds=CFG.report_interval / 2)
     prune_reports(runtime, snap)  # not due yet
     assert "gone2" in runtime.written_specs
     clock[0] += timedelta(seconds=CFG.report_interval)
     prune_reports(runtime, snap)
     assert sorted(runtime.written_specs) == ["n0", "n1"]
-    asyncio.run(apply_report(ReportPlan(forget=True), runtime, "n0", 2))  # the watch caught up
+    apply_report(ReportPlan(forget=True), runtime, "n0", 2, kopf.Patch())  # the watch caught up
     assert sorted(runtime.written_specs) == ["n1"]
-
-
-def test_a_spec_write_that_failed_is_not_remembered_so_the_next_timer_writes_it_again() -> None:
-    kube = _Kube(error=kopf.TemporaryError("the API server closed the connection"))
-    runtime = Runtime.of(CFG, kube)  # type: ignore[arg-type]
-    runtime.written_specs["n0"] = (2, GPUNodeReportSpec())
-    with pytest.raises(kopf.TemporaryError):
-        asyncio.run(apply_report(ReportPlan(spec_patch=CAPPED_BODY, written=CAPPED), runtime, "n0", 3))
-    assert "n0" not in runtime.written_specs
-    status = report("n0", ["ns/a"])
-    again = plan_report_spec(
-        governed_snapshot(status), "n0", {}, status.model_dump(mode="json"), 3, None, CFG
-    )
-    assert again.spec_patch == CAPPED_BODY
 
 
 # ---------------------------------------------------------------- policies

@@ -15,7 +15,7 @@ from .. import metrics, services
 from ..kube import Kube
 from ..liveness import LeaseKeeper
 from .plans import BudgetPlan, PolicyPlan, ReleasePlan, ReportPlan, prune_written
-from .runtime import Runtime
+from .runtime import Runtime, WrittenSpec
 from .snapshot import ClusterSnapshot
 
 STATE_MANAGER = "edpilot-operator"  # the field manager of state objects (server-side apply)
@@ -64,14 +64,12 @@ async def store_states(kube: Kube, plan: PolicyPlan, namespace: str) -> dict[str
     return failed
 
 
-async def apply_report(plan: ReportPlan, runtime: Runtime, name: str, generation: int) -> None:
-    """Write the report's spec, remembered only once the API server took it: a write that failed
-    is tried again at the next timer, and a later spec write raises the generation past it."""
+def apply_report(plan: ReportPlan, runtime: Runtime, name: str, generation: int, patch: kopf.Patch) -> None:
+    # kopf writes the patch (its own connections, not the worker threads that the policies'
+    # optimizer and writes share: thousands of report writes queued there starved them).
     if plan.spec_patch is not None and plan.written is not None:
-        runtime.written_specs.pop(name, None)
-        assert runtime.kube is not None  # set by the startup handler
-        await runtime.kube.patch_report_spec(name, plan.spec_patch)
-        runtime.written_specs[name] = (generation, plan.written)
+        patch.spec.update(plan.spec_patch)
+        runtime.written_specs[name] = WrittenSpec(generation, plan.written, runtime.clock())
     elif plan.forget:
         runtime.written_specs.pop(name, None)
 

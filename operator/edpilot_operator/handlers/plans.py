@@ -27,7 +27,7 @@ from edpilot.rollout import JsonPatch, OwnerView
 from .. import budgets, services
 from ..reports import desired_spec
 from ..selection import Governance, PodInfo, PolicyRef, governed_by
-from .runtime import OperatorConfig, WrittenSpecs
+from .runtime import OperatorConfig, WrittenSpec, WrittenSpecs
 from .snapshot import ClusterSnapshot, dra_holdings
 
 # ---------------------------------------------------------------- node specs
@@ -75,7 +75,8 @@ def plan_report_spec(
     spec: Mapping[str, Any],
     status: Mapping[str, Any],
     generation: int,
-    written: tuple[int, GPUNodeReportSpec] | None,
+    written: WrittenSpec | None,
+    now: datetime,
     cfg: OperatorConfig,
 ) -> ReportPlan:
     """A report's spec write, only when the desired spec differs from the current one: the spec
@@ -83,10 +84,10 @@ def plan_report_spec(
 
     The report's `generation` tells which: only spec writes raise it (its status is a
     subresource), so a report seen at the generation a write was composed from, or older, predates
-    that write, however many status writes the agent made since."""
+    that write, however many status writes the agent made since (`WrittenSpec.in_flight`)."""
     seen = _report_spec(spec)
-    pending = written is not None and generation <= written[0]
-    current = written[1] if written is not None and pending else seen
+    pending = written is not None and written.in_flight(generation, now)
+    current = written.spec if written is not None and pending else seen
     desired = plan_node_spec(snapshot, node, _report_status(status), cfg)
     if desired == current:
         return ReportPlan(forget=written is not None and not pending)

@@ -16,6 +16,7 @@ async def compose_report(
     spec: kopf.Spec,
     status: kopf.Status,
     meta: kopf.Meta,
+    patch: kopf.Patch,
     memo: kopf.Memo,
     **indexes: Any,
 ) -> None:
@@ -25,7 +26,7 @@ async def compose_report(
     snapshot = runtime.snapshot(indexes)
     generation = int(meta.get("generation") or 0)
     written = runtime.written_specs.get(name)
-    plan = plan_report_spec(snapshot, name, spec, status, generation, written, runtime.cfg)
-    await apply_report(plan, runtime, name, generation)
+    plan = plan_report_spec(snapshot, name, spec, status, generation, written, runtime.clock(), runtime.cfg)
+    apply_report(plan, runtime, name, generation, patch)
     prune_reports(runtime, snapshot)
     await renew_lease(runtime)

@@ -53,10 +53,29 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-# The last spec written per report, with the generation it was composed from: while the watch has
-# not delivered that write yet, the report timer compares with what it wrote, not with the older
-# spec it still sees, and does not write the same spec again (`plans.plan_report_spec`).
-WrittenSpecs = dict[str, tuple[int, GPUNodeReportSpec]]
+# How long a spec write is taken as on its way while the watch shows an older generation: past
+# it, the write is taken as lost (kopf failed to apply it) and the spec compared as seen.
+WRITE_IN_FLIGHT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class WrittenSpec:
+    """The last spec written to a report, the report's generation it was composed from, and when:
+    while the watch has not delivered that write yet, the report timer compares with what it
+    wrote, not with the older spec it still sees, and does not write the same spec again
+    (`plans.plan_report_spec`)."""
+
+    generation: int
+    spec: GPUNodeReportSpec
+    at: datetime
+
+    def in_flight(self, generation: int, now: datetime) -> bool:
+        """Whether a report seen at `generation` predates this write, which may still arrive."""
+        recent = (now - self.at).total_seconds() < WRITE_IN_FLIGHT_SECONDS
+        return generation <= self.generation and recent
+
+
+WrittenSpecs = dict[str, WrittenSpec]
 
 
 @dataclass
