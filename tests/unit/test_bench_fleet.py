@@ -10,6 +10,8 @@ import pytest
 
 from bench.fleet import (
     Api,
+    DecisionLag,
+    ReportWrites,
     Watcher,
     cap_policy,
     gpu_pod,
@@ -21,6 +23,7 @@ from bench.fleet import (
     percentile,
     policy_status_problems,
     request_rates,
+    server_write_time,
     single_pod_rows,
     terminated_watchers,
 )
@@ -209,3 +212,28 @@ def test_decision_times_come_from_state_objects_placed_by_the_status_rows() -> N
     assert single_pod_rows(policy) == {"w0": ("ns/w0", "n1")}
     assert observation_times(policy) == []  # no state in the row any more
     assert last_observation({"last": {"time": 4}}) == 4.0 and last_observation({}) is None
+
+
+def test_a_decision_is_timed_by_the_api_server_not_by_when_the_bench_read_it() -> None:
+    """The bench's own watch fell 80 s behind at 2,000 nodes; the lag is the operator's."""
+    writes = ReportWrites()
+    writes.record("n1", 4.0, wall=1_000_000.0)
+    lag = DecisionLag(writes)
+    policy = {
+        "metadata": {"namespace": "ns", "name": "p"},
+        "status": {"workloads": [{"name": "w0", "pods": ["ns/w0"], "nodes": ["n1"], "phase": "Exploring"}]},
+    }
+    lag.on_event("MODIFIED", policy, received=999_990.0)
+    fields = [
+        {"manager": "kubectl", "time": "1970-01-12T13:46:30Z"},
+        {"manager": "edpilot-operator", "operation": "Apply", "time": "1970-01-12T13:46:43Z"},
+    ]
+    state = {
+        "kind": "WorkloadOptimizerState",
+        "metadata": {"namespace": "ns", "name": "p-w0", "managedFields": fields},
+        "spec": {"policy": "p", "workload": "w0", "state": {"last": {"time": 4.0}}},
+    }
+    assert server_write_time(state) == 1_000_003.0
+    lag.on_event("MODIFIED", state, received=1_000_080.0)  # read 80 s late
+    assert lag.between(1_000_000.0, 1_000_100.0) == [3.0]
+    assert server_write_time({"metadata": {}}) is None
