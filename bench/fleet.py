@@ -531,7 +531,10 @@ class FleetKube:
             self.writes.errors += 1
             raise KubeError(f"writing GPUNodeReport {self.node} status failed: {code} {str(payload)[:200]}")
         # The optimizer keeps the report's counter time (its steady clock) as the observation's.
-        self.writes.record(self.node, (status.counterTime or status.time).timestamp(), time.time())
+        # Written when the API server says (as decisions are timed), not when this busy process
+        # got the answer back, which would shorten the lag.
+        written = server_write_time(payload) if isinstance(payload, Mapping) else None
+        self.writes.record(self.node, (status.counterTime or status.time).timestamp(), written or time.time())
 
     def _create(self) -> None:
         body = {
