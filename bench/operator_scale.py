@@ -4,9 +4,10 @@ GPUs, simulated node agents in one process writing a report every 10 s per node 
 
 For each size a fresh operator starts (how long until its first decision is reported: kopf
 lists and indexes every object first), warms up, then runs a measured window, reporting:
-  - decision lag: a report's status write -> the operator's policy status write carrying the
-    decision made on that report (matched by the report's time, which the optimizer keeps),
-    p50 and p99;
+  - decision lag: a report's status write -> the operator's write carrying the decision made on
+    that report (matched by the report's time, which the optimizer keeps), p50 and p99; both
+    ends timed by the API server (managedFields, whole seconds), so the harness's own delays
+    in this busy process do not count;
   - the operator's CPU (cores) and peak memory (VmHWM) from /proc;
   - API requests per second by verb and resource (the API server's apiserver_request_total,
     before and after; all clients, with who issues each kind in the table);
@@ -323,7 +324,9 @@ def render(r: dict[str, Any]) -> str:
         )
         + "Operator flags: "
         f"{' '.join(r['args']['operator_arg']) or 'defaults'}. Each size: fresh operator, "
-        f"{r['args']['warmup_seconds']:.0f} s warm-up, {r['args']['measure_seconds']:.0f} s measured.",
+        f"{r['args']['warmup_seconds']:.0f} s warm-up, {r['args']['measure_seconds']:.0f} s measured. "
+        "Decision lag: from a report's write to the write of the decision on it, both as the API "
+        "server timed them (managedFields, whole seconds).",
         "",
         head,
         rule,
