@@ -227,7 +227,7 @@ OPERATOR_ALLOWED = [
     "patch gpunodereports.edpilot.io",
     "patch powerbudgets.edpilot.io/status",
     "patch pods team-a",
-    "watch nodes",
+    "list nodes",
     "create events default",
     "create events.events.k8s.io default",
     "patch clusterkopfpeerings.kopf.dev",
@@ -248,6 +248,7 @@ OPERATOR_FORBIDDEN = [
     "get secrets default",
     "list secrets",
     "patch nodes",
+    "watch nodes",  # labels for budgets come from a list
     "update nodes/status",
     "delete pods team-a",
     "create pods team-a",
