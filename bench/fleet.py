@@ -885,7 +885,7 @@ def server_write_time(obj: Mapping[str, Any]) -> float | None:
     """When the API server took the object's latest write: the newest `time` of its managedFields
     (whole seconds, set by the server), or None where it has none."""
     times = [
-        datetime.fromisoformat(str(entry["time"]).replace("Z", "+00:00")).timestamp()
+        datetime.fromisoformat(str(entry["time"])).timestamp()
         for entry in (obj.get("metadata") or {}).get("managedFields") or []
         if isinstance(entry, Mapping) and entry.get("time")
     ]

@@ -117,9 +117,9 @@ class LeaseKeeper:
         if not self._lock.acquire(blocking=False):
             return False  # another timer is renewing right now
         try:
-            started = self._monotonic()
-            if self._next_at is not None and started < self._next_at:
+            if not self.due():
                 return False
+            started = self._monotonic()
             try:
                 self._renew(self.ref, self.holder, self.seconds, now)
             except Exception as exc:  # the API server may be gone; the next timer retries

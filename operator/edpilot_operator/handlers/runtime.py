@@ -118,12 +118,12 @@ class Runtime:
     pruned_at: datetime | None = None  # when `written_specs` was last pruned of deleted reports
     # Optimizer states computed but not written yet (`services.worth_writing`), resumed from.
     held: HeldStates = field(default_factory=HeldStates)
-    nodes: NodeLabels = field(default_factory=lambda: NodeLabels(max_age=5.0))
+    nodes: NodeLabels = field(default_factory=lambda: NodeLabels(max_age=OperatorConfig.report_interval))
 
     @classmethod
     def of(cls, cfg: OperatorConfig, kube: Kube | None = None, keeper: LeaseKeeper | None = None) -> Runtime:
         cache = GovernanceCache(max_age=cfg.reconcile_interval, clock=time.monotonic)
-        nodes = NodeLabels(max_age=cfg.report_interval)
+        nodes = NodeLabels(max_age=cfg.report_interval)  # budgets see a relabelled node within one interval
         return cls(cfg=cfg, kube=kube, lease_keeper=keeper, governance=cache, nodes=nodes)
 
     def snapshot(self, indexes: Mapping[str, Any]) -> ClusterSnapshot:
