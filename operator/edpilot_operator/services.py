@@ -495,12 +495,15 @@ def state_writes(
     stored: Collection[StoredState],
     states: Mapping[str, Mapping[str, Any]],
     settled: Collection[str] = (),
+    shown: Collection[str] = (),
 ) -> StateWrites:
     """`stored`: the objects that name `policy` (its index entry); `states`: `PolicyOutcome.states`;
     `settled`: the objects this operator reconciled before (`HeldStates.settled`), whose converged
     running figures may wait for a checkpoint (`worth_writing`); any other change is written.
     An object no workload of the policy owns under its name any more (a workload that left, a copy
-    under another name) is deleted."""
+    under another name) is deleted, except a left workload's while the stored status still shows
+    its row (`shown`): the status is written after the states, so a reader of the status and then
+    the states would find the row without its state. The next reconcile deletes it."""
     wanted = {w: state_object(namespace, policy, uid, w, body) for w, body in states.items()}
     current = {s.name: s for s in stored}
     apply = {}
@@ -515,7 +518,13 @@ def state_writes(
         if seen is None or seen.owner != uid or changed:
             apply[workload] = body
     names = {b["metadata"]["name"] for b in wanted.values()}
-    return StateWrites(apply=apply, delete=sorted(set(current) - names))
+    orphans = set(current) - names
+    return StateWrites(
+        apply=apply,
+        delete=sorted(
+            n for n in orphans if current[n].workload in states or current[n].workload not in shown
+        ),
+    )
 
 
 def keep_embedded(outcome: PolicyOutcome, failed: Mapping[str, str]) -> None:

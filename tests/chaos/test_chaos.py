@@ -918,12 +918,23 @@ def test_bad_measurements_yield_conditions_and_no_decision(chaos: Chaos) -> None
         return f.status()
 
     # A stalled work counter is bad data, or, right after a new hint, the workload reloading;
-    # either way no decision.
+    # either way no decision. Reloading shows only in the row's message, which the operator writes
+    # after the state: wait for the row to say it.
     before = bad_row(chaos)
     started = time.monotonic()
-    row = write_and_wait(chaos, silent(fake))
+    stalled = silent(fake)
+    chaos.api.write_status(BAD_NODE, stalled)
+    wanted = _wall(stalled["time"]).timestamp()
+
+    def stalled_taken() -> dict[str, Any] | None:
+        chaos.alive()
+        row = bad_row(chaos)
+        state = row.get("optimizer") or {}
+        said = state.get("lastBad") == "SilentWorkCounter" or "reloading" in row.get("message", "")
+        return row if _time(row) == pytest.approx(wanted, rel=0, abs=1e-3) and said else None
+
+    row = wait_until("the stalled work counter to be reported", stalled_taken, 30, 0.2)
     assert decided_state(row) == decided_state(before)
-    assert row["optimizer"].get("lastBad") == "SilentWorkCounter" or "reloading" in row["message"], row
     chaos.record(
         "bad input: work counter stopped", time.monotonic() - started, f"no decision: {row['message']}"
     )

@@ -247,6 +247,22 @@ def test_a_policy_plan_claims_its_pods_measures_them_and_deletes_orphaned_states
         assert target["kind"] == "Pod" and key == f"ns/{target['metadata']['name']}"
 
 
+def test_a_left_workloads_state_outlives_the_status_row_that_shows_it() -> None:
+    """Its state object is deleted only once a status without its row is stored: a reader of the
+    status and then the states (`edpilot report`) never finds a row whose state is gone."""
+    orphan = StoredState(state_name("p", "left"), "p", "left", {"schemaVersion": 1}, "uid-p")
+    snap = snapshot([pod("a")], [policy_entry()], reports=[report("n0", ["ns/a"])],
+                    extra={"states_by_policy": {"ns/p": [orphan]}})  # fmt: skip
+    shown = {"workloads": [{"name": "a"}, {"name": "left"}]}
+    meta = {"generation": 2, "uid": "uid-p"}
+    plan = plan_policy(policy_view(snap, "ns", "p", SPEC, shown, meta), NOW, CFG.tuning)
+    assert plan is not None and [r["name"] for r in plan.outcome.status["workloads"]] == ["a"]
+    assert plan.states.delete == []
+    gone = {"workloads": [{"name": "a"}]}
+    plan = plan_policy(policy_view(snap, "ns", "p", SPEC, gone, meta), NOW, CFG.tuning)
+    assert plan is not None and plan.states.delete == [orphan.name]
+
+
 def test_a_policy_resumes_from_the_states_held_back_and_writes_against_the_stored_copies() -> None:
     """A state computed but not written (`services.worth_writing`) is what the next reconcile
     resumes from; what to write is still decided against the stored copy."""

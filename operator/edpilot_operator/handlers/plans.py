@@ -208,7 +208,10 @@ def plan_policy(view: PolicyView, now: datetime, tuning: Tuning) -> PolicyPlan |
         states=states_of(view.resume, view.name),
     )
     uid = str(view.meta.get("uid", ""))
-    writes = services.state_writes(view.namespace, view.name, uid, view.stored, outcome.states, view.settled)
+    shown = {str(r.get("name")) for r in view.status.get("workloads") or [] if isinstance(r, Mapping)}
+    writes = services.state_writes(
+        view.namespace, view.name, uid, view.stored, outcome.states, view.settled, shown
+    )
     targets = {e.pod: ref for e in outcome.events if e.pod and (ref := pod_ref(e.pod, view.pods))}
     return PolicyPlan(outcome, writes, targets)
 
