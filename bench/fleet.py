@@ -592,6 +592,21 @@ class Fleet:
         self.pods.watcher.synced.wait(60)
         self.reports.synced.wait(60)
 
+    def wait_reported(self, timeout: float) -> tuple[int, float]:
+        """Wait until every node's report exists with a status, at most `timeout` seconds: an
+        operator started then meets a fleet that runs (a restart), not agents still creating their
+        reports. Returns how many had one and the seconds waited."""
+        started = time.monotonic()
+        while True:
+            with self.reports.lock:
+                reported = sum(
+                    1 for name, o in self.reports.items.items() if name in self.agents and o.get("status")
+                )
+            waited = time.monotonic() - started
+            if reported >= len(self.agents) or waited >= timeout:
+                return reported, waited
+            time.sleep(1.0)
+
     def add_nodes(self, nodes: Iterable[str]) -> None:
         clock = SystemClock()
         for node in nodes:

@@ -2,8 +2,10 @@
 GPUs, simulated node agents in one process writing a report every 10 s per node (staggered),
 50 EnergyPolicies over 10 namespaces governing 400 one-GPU pods.
 
-For each size a fresh operator starts (how long until its first decision is reported: kopf
-lists and indexes every object first), warms up, then runs a measured window, reporting:
+For each size the agents first run until every node's report exists with a status (as when an
+operator restarts on a running fleet). Then a fresh operator starts (how long until its first
+decision is reported: kopf lists and indexes every object first), warms up, then runs a measured
+window, reporting:
   - decision lag: a report's status write -> the operator's write carrying the decision made on
     that report (matched by the report's time, which the optimizer keeps), p50 and p99; both
     ends timed by the API server (managedFields, whole seconds), so the harness's own delays
@@ -58,7 +60,7 @@ from bench.fleet import (
 ISSUERS = {
     ("PATCH", "gpunodereports.edpilot.io", "status"): "agents",
     ("POST", "gpunodereports.edpilot.io", ""): "agents",
-    ("PATCH", "gpunodereports.edpilot.io", ""): "operator (report spec)",
+    ("PATCH", "gpunodereports.edpilot.io", ""): "operator (report spec, kopf finalizers)",
     ("PATCH", "energypolicies.edpilot.io", "status"): "operator (policy status)",
     ("PATCH", "energypolicies.edpilot.io", ""): "operator (finalizer)",
     ("APPLY", "workloadoptimizerstates.edpilot.io", ""): "operator (optimizer state)",
@@ -225,6 +227,7 @@ def main(argv: list[str]) -> int:
                 fleet.stop()
                 fleet.add_nodes(node_names(size))
                 fleet.start()
+                reported, settle = fleet.wait_reported(args.startup_timeout)
                 row = measure(
                     api,
                     cp,
@@ -239,6 +242,8 @@ def main(argv: list[str]) -> int:
                 result["failed"] = {"nodes": size, "error": f"{type(exc).__name__}: {exc}"[:1000]}
                 break
             row["node_setup_seconds"] = setup
+            row["reports_before_operator"] = reported
+            row["fleet_settle_seconds"] = settle
             result["sizes"].append(row)
             print(
                 json.dumps(
@@ -323,7 +328,7 @@ def render(r: dict[str, Any]) -> str:
             "only while something on the node explores, as a real agent reports). "
         )
         + "Operator flags: "
-        f"{' '.join(r['args']['operator_arg']) or 'defaults'}. Each size: fresh operator, "
+        f"{' '.join(r['args']['operator_arg']) or 'defaults'}. Each size: the agents run until every node has reported, then a fresh operator, "
         f"{r['args']['warmup_seconds']:.0f} s warm-up, {r['args']['measure_seconds']:.0f} s measured. "
         "Decision lag: from a report's write to the write of the decision on it, both as the API "
         "server timed them (managedFields, whole seconds).",
@@ -377,6 +382,10 @@ def render(r: dict[str, Any]) -> str:
             ],
         ),
         line("node setup (s)", [_f(s["node_setup_seconds"], ".0f") for s in rows]),
+        line(
+            "reports before the operator started",
+            [f"{s.get('reports_before_operator', '-')}/{s['nodes']}" for s in rows],
+        ),
     ]
     if "failed" in r:
         lines += ["", f"The {r['failed']['nodes']}-node run did not complete: {r['failed']['error']}"]

@@ -59,6 +59,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--slow-report-interval", type=int, default=60, help="agent report interval otherwise")
     p.add_argument(
+        "--report-writes-per-second",
+        type=float,
+        default=20.0,
+        help="report spec writes a second at most, with bursts of twice that (a restart on a large fleet)",
+    )
+    p.add_argument(
         "--window-seconds", type=float, default=DEFAULT_TUNING.windowSeconds, help="shortest window"
     )
     p.add_argument("--baseline-windows", type=int, default=DEFAULT_TUNING.baselineWindows)
@@ -77,7 +83,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--identity", default=os.environ.get("POD_NAME") or os.uname().nodename)
     p.add_argument("-v", "--verbose", action="store_true")
     dra.add_arguments(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.report_writes_per_second > 0:  # also NaN
+        p.error(f"--report-writes-per-second must be above 0, not {args.report_writes_per_second}")
+    return args
 
 
 def main(argv: list[str]) -> int:
@@ -105,6 +114,7 @@ def main(argv: list[str]) -> int:
             lease_name=args.lease_name,
             fast_report_interval=args.fast_report_interval,
             slow_report_interval=args.slow_report_interval,
+            report_writes_per_second=args.report_writes_per_second,
             tuning=DEFAULT_TUNING.model_copy(
                 update={
                     "windowSeconds": args.window_seconds,

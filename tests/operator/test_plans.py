@@ -24,8 +24,14 @@ from edpilot_operator.handlers.plans import (
     policy_view,
     prune_written,
 )
-from edpilot_operator.handlers.runtime import WRITE_IN_FLIGHT_SECONDS, NodeLabels, WrittenSpec
+from edpilot_operator.handlers.runtime import (
+    WRITE_IN_FLIGHT_SECONDS,
+    NodeLabels,
+    WriteBudget,
+    WrittenSpec,
+)
 from edpilot_operator.handlers.snapshot import ClusterSnapshot
+from edpilot_operator.main import parse_args
 from edpilot_operator.reports import decided
 from edpilot_operator.selection import PodInfo, PolicyEntry, PolicyRef
 from edpilot_operator.services import HeldStates
@@ -204,6 +210,29 @@ def test_written_specs_of_deleted_reports_are_pruned_once_per_report_interval() 
     assert sorted(runtime.written_specs) == ["n1"]
 
 
+def test_report_spec_writes_keep_to_the_write_budget_and_wait_for_the_next_run() -> None:
+    """An operator started on 2,000 running reports found every spec to write at once: with kopf's
+    finalizers, 96-135 PATCH/s reached the reports (kopf opens a connection per concurrent
+    request), the API server fell behind and the operator grew to 1.5 GB. Writes beyond the budget
+    wait for the timer's next run, which composes them again; nothing is remembered as written."""
+    ticks = [0.0]
+    cfg = replace(CFG, report_writes_per_second=2.0)
+    runtime = replace(Runtime.of(cfg), spec_writes=WriteBudget.of(cfg, lambda: ticks[0]))
+    plan = ReportPlan(spec_patch={"reportIntervalSeconds": 60}, written=CAPPED)
+    patches = [kopf.Patch() for _ in range(6)]
+    for i, patch in enumerate(patches):
+        apply_report(plan, runtime, f"n{i}", 1, patch)
+    assert [bool(p) for p in patches] == [True] * 4 + [False] * 2  # a burst of twice the rate
+    assert sorted(runtime.written_specs) == ["n0", "n1", "n2", "n3"]
+    ticks[0] += 0.5  # one more write's worth
+    later = [kopf.Patch(), kopf.Patch()]
+    for name, patch in zip(("n4", "n5"), later, strict=True):
+        apply_report(plan, runtime, name, 1, patch)
+    assert [bool(p) for p in later] == [True, False] and "n5" not in runtime.written_specs
+    ticks[0] += 3600  # refilled to the burst, no further
+    assert sum(runtime.spec_writes.take() for _ in range(10)) == 4
+
+
 # ---------------------------------------------------------------- policies
 
 
@@ -353,3 +382,13 @@ def test_node_labels_are_listed_once_per_max_age_for_all_budgets() -> None:
     clock[0] = 5.0
     assert asyncio.run(nodes.get(fetch)) == {"n0": {"rack": "r2"}}  # a relabelled node is seen
     assert lists == [0.0, 5.0]
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_a_write_budget_that_would_stop_every_spec_write_is_refused(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args([f"--report-writes-per-second={value}"])
+    assert "--report-writes-per-second must be above 0" in capsys.readouterr().err
+    assert parse_args(["--report-writes-per-second=50"]).report_writes_per_second == 50.0

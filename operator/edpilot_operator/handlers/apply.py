@@ -66,8 +66,11 @@ async def store_states(kube: Kube, plan: PolicyPlan, namespace: str) -> dict[str
 
 def apply_report(plan: ReportPlan, runtime: Runtime, name: str, generation: int, patch: kopf.Patch) -> None:
     # kopf writes the patch (its own connections, not the worker threads that the policies'
-    # optimizer and writes share: thousands of report writes queued there starved them).
+    # optimizer and writes share: thousands of report writes queued there starved them). A write
+    # over the budget is left to the timer's next run, which composes it again.
     if plan.spec_patch is not None and plan.written is not None:
+        if not runtime.spec_writes.take():
+            return
         patch.spec.update(plan.spec_patch)
         runtime.written_specs[name] = WrittenSpec(generation, plan.written, runtime.clock())
     elif plan.forget:

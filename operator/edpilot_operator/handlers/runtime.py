@@ -34,6 +34,10 @@ class OperatorConfig:
     lease_name: str = "edpilot-operator"
     fast_report_interval: int = 5
     slow_report_interval: int = 60
+    # Report spec writes a second, with bursts of twice that (client-go's QPS and burst): kopf
+    # sends each timer's patch on a connection of its own, so thousands due at once (a restart)
+    # would otherwise all be in flight together.
+    report_writes_per_second: float = 20.0
     tuning: Tuning = DEFAULT_TUNING
     dra: DraConfig | None = DEFAULT_CONFIG  # None: a cluster without DRA; no claim or slice is read
     # Delivery Rollout: watch Deployments and StatefulSets and patch their pod templates (the
@@ -105,6 +109,32 @@ class NodeLabels:
 
 
 @dataclass
+class WriteBudget:
+    """A token bucket for report spec writes: `per_second` on average, `burst` at once."""
+
+    per_second: float
+    burst: float
+    monotonic: Callable[[], float] = time.monotonic
+    tokens: float | None = None  # None: full, at the first take
+    at: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: OperatorConfig, monotonic: Callable[[], float] = time.monotonic) -> WriteBudget:
+        rate = cfg.report_writes_per_second
+        return cls(per_second=rate, burst=2 * rate, monotonic=monotonic)
+
+    def take(self) -> bool:
+        """Whether one write may go now (and counts it)."""
+        now = self.monotonic()
+        tokens = self.burst if self.tokens is None else self.tokens + (now - self.at) * self.per_second
+        self.tokens, self.at = min(self.burst, tokens), now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+@dataclass
 class Runtime:
     """Set once by the startup handler (`memo.runtime`); tests build their own, with their clock."""
 
@@ -119,12 +149,20 @@ class Runtime:
     # Optimizer states computed but not written yet (`services.worth_writing`), resumed from.
     held: HeldStates = field(default_factory=HeldStates)
     nodes: NodeLabels = field(default_factory=lambda: NodeLabels(max_age=OperatorConfig.report_interval))
+    spec_writes: WriteBudget = field(default_factory=lambda: WriteBudget.of(OperatorConfig()))
 
     @classmethod
     def of(cls, cfg: OperatorConfig, kube: Kube | None = None, keeper: LeaseKeeper | None = None) -> Runtime:
         cache = GovernanceCache(max_age=cfg.reconcile_interval, clock=time.monotonic)
         nodes = NodeLabels(max_age=cfg.report_interval)  # budgets see a relabelled node within one interval
-        return cls(cfg=cfg, kube=kube, lease_keeper=keeper, governance=cache, nodes=nodes)
+        return cls(
+            cfg=cfg,
+            kube=kube,
+            lease_keeper=keeper,
+            governance=cache,
+            nodes=nodes,
+            spec_writes=WriteBudget.of(cfg),
+        )
 
     def snapshot(self, indexes: Mapping[str, Any]) -> ClusterSnapshot:
         """The cluster as the watches hold it now (`indexes`: the kopf kwargs naming them)."""
