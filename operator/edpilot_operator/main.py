@@ -61,7 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--report-writes-per-second",
         type=float,
-        default=20.0,
+        default=OperatorConfig.report_writes_per_second,
         help="report spec writes a second at most, with bursts of twice that (a restart on a large fleet)",
     )
     p.add_argument(

@@ -825,15 +825,18 @@ def figures_follow(row: dict[str, Any]) -> bool:
     ) == len(state.get("probes") or [])
 
 
-def write_and_wait(chaos: Chaos, status: dict[str, Any]) -> dict[str, Any]:
-    """Write a report and return the policy row once the operator has taken it in."""
+def write_and_wait(
+    chaos: Chaos, status: dict[str, Any], follows: Callable[[dict[str, Any]], bool] = figures_follow
+) -> dict[str, Any]:
+    """Write a report and return the policy row once the operator has taken it in (and the row
+    `follows` from its state)."""
     chaos.api.write_status(BAD_NODE, status)
     wanted = _wall(status["time"]).timestamp()
 
     def taken() -> dict[str, Any] | None:
         chaos.alive()
         row = bad_row(chaos)
-        return row if _time(row) == pytest.approx(wanted, rel=0, abs=1e-3) and figures_follow(row) else None
+        return row if _time(row) == pytest.approx(wanted, rel=0, abs=1e-3) and follows(row) else None
 
     row: dict[str, Any] = wait_until(f"the operator to read the report at {status['time']}", taken, 30, 0.2)
     return row
@@ -920,20 +923,14 @@ def test_bad_measurements_yield_conditions_and_no_decision(chaos: Chaos) -> None
     # A stalled work counter is bad data, or, right after a new hint, the workload reloading;
     # either way no decision. Reloading shows only in the row's message, which the operator writes
     # after the state: wait for the row to say it.
-    before = bad_row(chaos)
-    started = time.monotonic()
-    stalled = silent(fake)
-    chaos.api.write_status(BAD_NODE, stalled)
-    wanted = _wall(stalled["time"]).timestamp()
-
-    def stalled_taken() -> dict[str, Any] | None:
-        chaos.alive()
-        row = bad_row(chaos)
+    def says_stalled(row: dict[str, Any]) -> bool:
         state = row.get("optimizer") or {}
         said = state.get("lastBad") == "SilentWorkCounter" or "reloading" in row.get("message", "")
-        return row if _time(row) == pytest.approx(wanted, rel=0, abs=1e-3) and said else None
+        return said and figures_follow(row)
 
-    row = wait_until("the stalled work counter to be reported", stalled_taken, 30, 0.2)
+    before = bad_row(chaos)
+    started = time.monotonic()
+    row = write_and_wait(chaos, silent(fake), says_stalled)
     assert decided_state(row) == decided_state(before)
     chaos.record(
         "bad input: work counter stopped", time.monotonic() - started, f"no decision: {row['message']}"
