@@ -5,10 +5,12 @@ restores its GPUs' defaults once it runs out (node_agent: `LeaseTracker`). Befor
 renewed a lease inside every report's spec: one PATCH per node every leaseSeconds/3 (100 PATCH/s
 at 2,000 nodes with the default 60 s lease); now it is one write per leaseSeconds/3 in total.
 
-The lease is renewed from the report timers (`LeaseKeeper.renew_if_due` after a spec was composed),
-never from a task of its own: kopf stops every timer while peering pauses a replica and when the
-operator exits, so a standby, paused, dead or wedged operator stops renewing without any check of
-ours, and the lease then says what the agents need to know: specs are being kept up to date.
+The lease is renewed from the report sweep (`LeaseKeeper.renew_if_due` after the specs were
+composed), which the policy and budget timers run, never from a task of its own: kopf stops every
+timer while peering pauses a replica and when the operator exits, so a standby, paused, dead or
+wedged operator stops renewing without any check of ours, and the lease then says what the agents
+need to know: specs are being kept up to date. With no policy and no budget there is nothing to
+keep, and the lease runs out: the agents hold their defaults, which is what they should enforce.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ class LeaseKeeper:
     """Renews the operator's Lease at most once per leaseSeconds/3, whichever timer asks first.
 
     `renew_if_due` never raises: a failed renewal is logged and retried by the next timer after
-    `retry_seconds` (so thousands of report timers do not all retry at once)."""
+    `retry_seconds` (so many timers do not all retry at once)."""
 
     def __init__(
         self,

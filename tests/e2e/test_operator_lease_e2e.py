@@ -1,9 +1,11 @@
 """The operator's liveness on the real control plane: one coordination.k8s.io Lease.
 
-The operator creates the Lease it is told to (`--lease-namespace`, `--lease-name`) and renews it
-every leaseSeconds/3; every report's spec names it once and is then left alone: over three lease
-periods of a steady node, no report spec is written (its generation stays put) while the Lease is
-renewed about nine times. SIGKILL the operator and every agent, watching that Lease, declares it
+With no policy and no budget the operator has nothing to enforce: it writes no report spec and
+creates no Lease. Once a policy exists, it creates the Lease it is told to (`--lease-namespace`,
+`--lease-name`) and renews it every leaseSeconds/3; every report's spec names it once and is then
+left alone: over three lease periods of a steady node, no report spec is written (its generation
+stays put) while the Lease is renewed about nine times. No report carries kopf's finalizer, and
+one left by an operator that ran a timer per report is removed. SIGKILL the operator and every agent, watching that Lease, declares it
 expired no sooner than the lease after the last renewal and within one report interval after.
 """
 
@@ -45,6 +47,15 @@ class Running:
         return (found[0]["status"], found[0]["reason"]) if found else ("", "")
 
 
+POLICY = {
+    "apiVersion": "edpilot.io/v1alpha1",
+    "kind": "EnergyPolicy",
+    "metadata": {"name": "nothing-yet", "namespace": NAMESPACE},
+    "spec": {"selector": {"matchLabels": {"app": "none"}}, "workMetric": {"name": "work_units_total"}},
+}
+KOPF_FINALIZER = "edpilot.io/finalizer"
+
+
 def wall(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
@@ -70,6 +81,19 @@ def running(crds_installed: Cluster, tmp_path_factory: pytest.TempPathFactory) -
         procs.stop_all()
         remove_gpu_nodes(cluster, *NODES)
         cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+
+
+def test_with_no_policy_and_no_budget_the_operator_writes_no_spec_and_no_lease(running: Running) -> None:
+    cluster = running.cluster
+    wait_until("every agent to report", lambda: all(running.lease_valid(n)[0] for n in NODES), 90, 0.5)
+    time.sleep(3)  # three of the operator's report intervals (FAST_OPERATOR_ARGS)
+    for node in NODES:
+        report = cluster.get_json("gpunodereport", node)
+        assert "operatorLease" not in (report.get("spec") or {}), report["spec"]
+        assert KOPF_FINALIZER not in (report["metadata"].get("finalizers") or [])
+        assert running.lease_valid(node) == ("False", "NoLease")
+    assert cluster.kubectl("get", "lease", LEASE, "-n", NAMESPACE, check=False).returncode != 0
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(POLICY))
 
 
 def test_the_operator_renews_one_lease_and_leaves_steady_specs_alone(running: Running) -> None:
@@ -101,6 +125,19 @@ def test_the_operator_renews_one_lease_and_leaves_steady_specs_alone(running: Ru
     # One renewal per leaseSeconds/3: 9 in three lease periods (the first may fall just outside).
     assert 8 <= len(renewals) <= 10, sorted(renewals)
     assert all(running.lease_valid(n) == ("True", "LeaseHeld") for n in NODES)
+
+
+def test_a_finalizer_of_the_per_report_timers_is_removed(running: Running) -> None:
+    """An operator that ran a kopf timer per report put kopf's finalizer on each; once nothing
+    needs it, kopf removes it at the report's next event (the agent's next status write)."""
+    cluster, node = running.cluster, NODES[0]
+    finalizers = json.dumps({"metadata": {"finalizers": [KOPF_FINALIZER]}})
+    cluster.kubectl("patch", "gpunodereport", node, "--type=merge", "-p", finalizers)
+
+    def finalizers_left() -> list[str]:
+        return list(cluster.get_json("gpunodereport", node)["metadata"].get("finalizers") or [])
+
+    wait_until("kopf to remove its finalizer", lambda: KOPF_FINALIZER not in finalizers_left(), 30, 0.5)
 
 
 def test_operator_killed_every_agent_lets_the_lease_expire_on_time(running: Running) -> None:

@@ -142,7 +142,7 @@ def test_the_lower_priority_replica_pauses_and_takes_over_when_the_other_leaves(
     assert ACTION.search(log_of(procs, HIGH)), "the active replica logged no handler run"
     assert not ACTION.search(log_of(procs, LOW)), "the paused replica acted"
     assert "Resuming operations" not in log_of(procs, LOW)
-    # Only the active replica renews the agents' Lease: a paused one's report timers do not run.
+    # Only the active replica renews the agents' Lease: a paused one's timers do not run.
     wait_until("the active replica to hold the Lease", lambda: lease_holder(cluster) == HIGH, 30, 0.5)
     holders = set()
     for _ in range(12):  # more than two renewal periods (FAST_OPERATOR_ARGS: 15 s lease, 5 s)

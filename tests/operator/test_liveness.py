@@ -1,4 +1,4 @@
-"""The operator's one liveness Lease: what a renewal writes, and that however many report timers
+"""The operator's one liveness Lease: what a renewal writes, and that however many timers
 ask, it is written once per leaseSeconds/3 (retried soon after a failure, never raised)."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Clock:
 def test_many_timers_renew_once_per_third_of_the_lease() -> None:
     clock, writes = Clock(), []
     keeper = LeaseKeeper(REF, "op-0", 60, lambda *args: writes.append(args), clock)
-    # 2,000 report timers every 5 s for 3 minutes: 9 renewals (one per 20 s), not 72,000.
+    # 2,000 timers every 5 s for 3 minutes: 9 renewals (one per 20 s), not 72,000.
     for step in range(36):
         clock.t = 100.0 + 5 * step
         for _ in range(2000):

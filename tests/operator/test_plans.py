@@ -4,25 +4,27 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import pytest
 from builders import h100_status
 from edpilot_operator.handlers import OperatorConfig, Runtime
-from edpilot_operator.handlers.apply import apply_report, prune_reports
+from edpilot_operator.handlers.apply import apply_report_sweep
 from edpilot_operator.handlers.plans import (
     ReportPlan,
+    ReportSweep,
     plan_budget,
     plan_node_spec,
     plan_policy,
     plan_release,
     plan_report_spec,
+    plan_report_sweep,
     policy_view,
-    prune_written,
 )
 from edpilot_operator.handlers.runtime import (
     WRITE_IN_FLIGHT_SECONDS,
@@ -30,7 +32,8 @@ from edpilot_operator.handlers.runtime import (
     WriteBudget,
     WrittenSpec,
 )
-from edpilot_operator.handlers.snapshot import ClusterSnapshot
+from edpilot_operator.handlers.snapshot import ClusterSnapshot, SeenSpec
+from edpilot_operator.kube import Kube
 from edpilot_operator.main import parse_args
 from edpilot_operator.reports import decided
 from edpilot_operator.selection import PodInfo, PolicyEntry, PolicyRef
@@ -92,7 +95,7 @@ def snapshot(
         "decisions_by_policy": {"ns/p": [decided("ns", {"workloads": list(rows)})]},
         "targets_by_workload": {k: [v] for k, v in (targets or {}).items()},
         "reports_by_node": {r.nodeName: [r] for r in reports},
-        "report_names": {r.nodeName: [True] for r in reports},
+        "report_specs": {r.nodeName: [SeenSpec(1, GPUNodeReportSpec())] for r in reports},
         **(extra or {}),
     }
     return ClusterSnapshot.of(indexes)
@@ -138,39 +141,44 @@ def test_the_node_spec_caps_the_decided_pod_and_reports_fast_while_it_explores()
 
 
 CAPPED_BODY = CAPPED.model_dump(mode="json", exclude_none=True)
-LEGACY = {**CAPPED_BODY, "lease": {"holderIdentity": "op", "renewTime": "2026-12-06T11:59:00Z"}}
+LEGACY = GPUNodeReportSpec.model_validate(
+    {**CAPPED_BODY, "lease": {"holderIdentity": "op", "renewTime": "2026-12-06T11:59:00Z"}}
+)
+OLD = GPUNodeReportSpec()
 
 
 def written_at(generation: int, seconds_ago: float = 1.0) -> WrittenSpec:
     return WrittenSpec(generation, CAPPED, NOW - timedelta(seconds=seconds_ago))
 
 
+def writes(generation: int, body: dict[str, Any] = CAPPED_BODY) -> ReportPlan:
+    return ReportPlan(spec_patch=body, written=WrittenSpec(generation, CAPPED, NOW))
+
+
 @pytest.mark.parametrize(
     ("seen", "generation", "written", "expected"),
     [
         # Nothing written yet, the report's spec is old: write the desired spec, remember it.
-        ({}, 3, None, ReportPlan(spec_patch=CAPPED_BODY, written=CAPPED)),
+        (OLD, 3, None, writes(3)),
         # The report already has it: nothing.
-        (CAPPED_BODY, 3, None, ReportPlan()),
+        (CAPPED, 3, None, ReportPlan()),
         # Written from this very generation, the watch has not delivered it: not again.
-        ({}, 3, written_at(3), ReportPlan()),
+        (OLD, 3, written_at(3), ReportPlan()),
         # The watch delivered the write (a higher generation): forget it.
-        (CAPPED_BODY, 4, written_at(3), ReportPlan(forget=True)),
+        (CAPPED, 4, written_at(3), ReportPlan(forget=True)),
         # A later spec write (not ours) changed it since: write again.
-        ({}, 5, written_at(3), ReportPlan(spec_patch=CAPPED_BODY, written=CAPPED)),
-        # Written long ago and never delivered: lost (kopf could not apply it), write again.
-        ({}, 3, written_at(3, WRITE_IN_FLIGHT_SECONDS), ReportPlan(spec_patch=CAPPED_BODY, written=CAPPED)),
+        (OLD, 5, written_at(3), writes(5)),
+        # Written long ago and never delivered: lost, write again.
+        (OLD, 3, written_at(3, WRITE_IN_FLIGHT_SECONDS), writes(3)),
         # An older operator's per-node lease is removed with the next write.
-        (LEGACY, 3, None, ReportPlan(spec_patch={**CAPPED_BODY, "lease": None}, written=CAPPED)),
+        (LEGACY, 3, None, writes(3, {**CAPPED_BODY, "lease": None})),
     ],
 )
 def test_a_report_spec_is_written_only_when_it_differs_from_the_current_one(
-    seen: dict[str, Any], generation: int, written: WrittenSpec | None, expected: ReportPlan
+    seen: GPUNodeReportSpec, generation: int, written: WrittenSpec | None, expected: ReportPlan
 ) -> None:
-    status = report("n0", ["ns/a"])
-    snap = governed_snapshot(status)
-    body = status.model_dump(mode="json")
-    assert plan_report_spec(snap, "n0", seen, body, generation, written, NOW, CFG) == expected
+    snap = governed_snapshot(report("n0", ["ns/a"]))
+    assert plan_report_spec(snap, "n0", SeenSpec(generation, seen), written, NOW, CFG) == expected
 
 
 def test_a_status_write_racing_the_spec_write_does_not_write_the_spec_again() -> None:
@@ -178,59 +186,68 @@ def test_a_status_write_racing_the_spec_write_does_not_write_the_spec_again() ->
     before that spec write (a lagging watch at 2,000 nodes): the report has a new resourceVersion
     and still the old spec. Only the generation says the spec write is still on its way; judged by
     resourceVersion, every status write in that gap wrote the spec once more."""
-    status = report("n0", ["ns/a"])
-    snap = governed_snapshot(status)
-    body = status.model_dump(mode="json")
-    first = plan_report_spec(snap, "n0", {}, body, 3, None, NOW, CFG)
-    assert first.written == CAPPED
-    racing = plan_report_spec(
-        snap, "n0", {}, body, 3, WrittenSpec(3, CAPPED, NOW), NOW + timedelta(seconds=9), CFG
-    )
+    snap = governed_snapshot(report("n0", ["ns/a"]))
+    first = plan_report_spec(snap, "n0", SeenSpec(3, OLD), None, NOW, CFG)
+    assert first.written == WrittenSpec(3, CAPPED, NOW)
+    racing = plan_report_spec(snap, "n0", SeenSpec(3, OLD), first.written, NOW + timedelta(seconds=9), CFG)
     assert racing == ReportPlan()
 
 
-def test_written_specs_of_deleted_reports_are_pruned_once_per_report_interval() -> None:
-    clock = [NOW]
-    runtime = replace(Runtime.of(CFG), clock=lambda: clock[0])
-    snap = snapshot(reports=[report("n0", []), report("n1", [])])
-    written = ReportPlan(spec_patch={}, written=CAPPED)
-    for name in ("n0", "n1", "gone"):
-        apply_report(written, runtime, name, 1, kopf.Patch())
-    assert prune_written(runtime.written_specs, ["n0", "n1"]) == ["gone"]
-    prune_reports(runtime, snap)
-    assert sorted(runtime.written_specs) == ["n0", "n1"]
-    apply_report(written, runtime, "gone2", 1, kopf.Patch())
-    clock[0] += timedelta(seconds=CFG.report_interval / 2)
-    prune_reports(runtime, snap)  # not due yet
-    assert "gone2" in runtime.written_specs
-    clock[0] += timedelta(seconds=CFG.report_interval)
-    prune_reports(runtime, snap)
-    assert sorted(runtime.written_specs) == ["n0", "n1"]
-    apply_report(ReportPlan(forget=True), runtime, "n0", 2, kopf.Patch())  # the watch caught up
-    assert sorted(runtime.written_specs) == ["n1"]
+def test_one_sweep_composes_every_report_and_forgets_delivered_and_deleted_ones() -> None:
+    """n0 needs its cap, n1 (idle) has the spec it needs, n2's remembered write was delivered,
+    and a report that was written to is gone."""
+    n0, n1, n2 = report("n0", ["ns/a"]), report("n1", []), report("n2", [])
+    idle = plan_node_spec(governed_snapshot(n0), "n1", n1, CFG)
+    seen = {"n0": SeenSpec(3, OLD), "n1": SeenSpec(1, idle), "n2": SeenSpec(5, idle)}
+    extra = {"report_specs": {node: [s] for node, s in seen.items()}}
+    snap = snapshot([pod("a")], [policy_entry()], [EXPLORING_A], DECIDED_A, [n0, n1, n2], extra)
+    remembered = {"n2": WrittenSpec(4, idle, NOW), "gone": written_at(2)}
+    sweep = plan_report_sweep(snap, remembered, NOW, CFG)
+    assert sweep == ReportSweep(writes={"n0": writes(3)}, forget=["n2", "gone"])
 
 
-def test_report_spec_writes_keep_to_the_write_budget_and_wait_for_the_next_run() -> None:
-    """An operator started on 2,000 running reports found every spec to write at once: with kopf's
-    finalizers, 96-135 PATCH/s reached the reports (kopf opens a connection per concurrent
-    request), the API server fell behind and the operator grew to 1.5 GB. Writes beyond the budget
-    wait for the timer's next run, which composes them again; nothing is remembered as written."""
+class SpecWrites:
+    """Records the report spec writes the sweep sends, in place of the API server's client."""
+
+    def __init__(self, failing: Sequence[str] = ()) -> None:
+        self.sent: list[str] = []
+        self.failing = failing
+
+    async def patch_report_spec(self, node: str, spec: dict[str, Any]) -> None:
+        if node in self.failing:
+            raise kopf.TemporaryError("API server answered 503", delay=2)
+        self.sent.append(node)
+
+
+def test_report_spec_writes_keep_to_the_write_budget_and_wait_for_the_next_sweep() -> None:
+    """An operator started on 2,000 running reports found every spec to write at once: 96-135
+    PATCH/s reached the reports, the API server fell behind and the operator grew to 1.5 GB. Writes
+    beyond the budget, and writes that fail, wait for the next sweep, which composes them again;
+    nothing unsent is remembered as written."""
     ticks = [0.0]
     cfg = replace(CFG, report_writes_per_second=2.0)
-    runtime = replace(Runtime.of(cfg), spec_writes=WriteBudget.of(cfg, lambda: ticks[0]))
-    plan = ReportPlan(spec_patch={"reportIntervalSeconds": 60}, written=CAPPED)
-    patches = [kopf.Patch() for _ in range(6)]
-    for i, patch in enumerate(patches):
-        apply_report(plan, runtime, f"n{i}", 1, patch)
-    assert [bool(p) for p in patches] == [True] * 4 + [False] * 2  # a burst of twice the rate
-    assert sorted(runtime.written_specs) == ["n0", "n1", "n2", "n3"]
+    kube = SpecWrites(failing=["n1"])
+    runtime = replace(
+        Runtime.of(cfg), kube=cast(Kube, kube), spec_writes=WriteBudget.of(cfg, lambda: ticks[0])
+    )
+    sweep = ReportSweep(writes={f"n{i}": writes(1) for i in range(6)})
+    asyncio.run(apply_report_sweep(sweep, runtime, logging.getLogger("test")))
+    assert kube.sent == ["n0", "n2", "n3"]  # a burst of twice the rate; n1's write failed
+    assert sorted(runtime.written_specs) == ["n0", "n2", "n3"]
     ticks[0] += 0.5  # one more write's worth
-    later = [kopf.Patch(), kopf.Patch()]
-    for name, patch in zip(("n4", "n5"), later, strict=True):
-        apply_report(plan, runtime, name, 1, patch)
-    assert [bool(p) for p in later] == [True, False] and "n5" not in runtime.written_specs
+    later = ReportSweep(writes={"n4": writes(1), "n5": writes(1)}, forget=["n0"])
+    asyncio.run(apply_report_sweep(later, runtime, logging.getLogger("test")))
+    assert kube.sent[3:] == ["n4"] and sorted(runtime.written_specs) == ["n2", "n3", "n4"]
     ticks[0] += 3600  # refilled to the burst, no further
     assert sum(runtime.spec_writes.take() for _ in range(10)) == 4
+
+
+def test_the_sweep_runs_once_per_report_interval_whichever_timer_asks() -> None:
+    clock = [NOW]
+    runtime = replace(Runtime.of(CFG), clock=lambda: clock[0])
+    assert runtime.sweep_due(NOW) and not runtime.sweep_due(NOW)
+    clock[0] += timedelta(seconds=CFG.report_interval)
+    assert runtime.sweep_due(clock[0])
 
 
 # ---------------------------------------------------------------- policies

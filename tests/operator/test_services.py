@@ -243,7 +243,7 @@ def test_decisions_are_read_from_the_status_rows_of_the_policys_own_namespace() 
 
 def test_a_steady_nodes_spec_is_the_same_at_every_cycle() -> None:
     """Nothing in the spec changes with time alone (the operator's liveness is its one Lease), so
-    compose_report writes a node's spec only when what its agent must do changes."""
+    the report sweep writes a node's spec only when what its agent must do changes."""
     rules = {"ns/a": Governed(policy(), Config(capWatts=450), exploring=False)}
     specs = [
         desired_spec(

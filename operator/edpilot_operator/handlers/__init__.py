@@ -3,7 +3,8 @@ watches' indexes, call a pure planner (`plans`), apply the plan (`apply`).
 
     indexes.py    what the watches keep (kopf indexes)      snapshot.py  one read of them
     policy.py     EnergyPolicy timer and delete handler     plans.py     the decisions, pure
-    report.py     GPUNodeReport timer (and the Lease)       apply.py     the writes
+    report.py     the report sweep (and the Lease), which   apply.py     the writes
+                  the policy and budget timers run
     budget.py     PowerBudget timer and delete handler      runtime.py   settings, memo.runtime
     operator.py   login, startup, probe
 
@@ -18,7 +19,7 @@ import kopf
 from edpilot.contract import STATE_PLURAL
 from edpilot.models import GROUP, VERSION
 
-from . import budget, indexes, operator, policy, report
+from . import budget, indexes, operator, policy
 from .runtime import OperatorConfig, Runtime
 
 __all__ = ["OperatorConfig", "Runtime", "register"]
@@ -42,7 +43,7 @@ INDEXES = (
     (STATES, indexes.targets_by_workload),
     (STATES, indexes.probe_points_by_policy_gpu),
     (REPORTS, indexes.reports_by_node),
-    (REPORTS, indexes.report_names),
+    (REPORTS, indexes.report_specs),
     (BUDGETS, indexes.budget_caps_by_node),
 )
 DRA_INDEXES = ((CLAIMS, indexes.claims_by_pod), (SLICES, indexes.slices_by_pool))
@@ -65,7 +66,6 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
         kopf.index(*resource, id=fn.__name__, when=when, registry=registry)(fn)
     timers = (
         (POLICIES, policy.reconcile_policy, cfg.reconcile_interval),
-        (REPORTS, report.compose_report, cfg.report_interval),
         (BUDGETS, budget.reconcile_budget, cfg.report_interval),
     )
     for resource, timer, interval in timers:

@@ -14,9 +14,8 @@ from kubernetes.client.exceptions import ApiException
 from .. import metrics, services
 from ..kube import Kube
 from ..liveness import LeaseKeeper
-from .plans import BudgetPlan, PolicyPlan, ReleasePlan, ReportPlan, prune_written
-from .runtime import Runtime, WrittenSpec
-from .snapshot import ClusterSnapshot
+from .plans import BudgetPlan, PolicyPlan, ReleasePlan, ReportSweep
+from .runtime import Runtime
 
 STATE_MANAGER = "edpilot-operator"  # the field manager of state objects (server-side apply)
 
@@ -64,29 +63,28 @@ async def store_states(kube: Kube, plan: PolicyPlan, namespace: str) -> dict[str
     return failed
 
 
-def apply_report(plan: ReportPlan, runtime: Runtime, name: str, generation: int, patch: kopf.Patch) -> None:
-    # kopf writes the patch (its own connections, not the worker threads that the policies'
-    # optimizer and writes share: thousands of report writes queued there starved them). A write
-    # over the budget is left to the timer's next run, which composes it again.
-    if plan.spec_patch is not None and plan.written is not None:
+async def apply_report_sweep(sweep: ReportSweep, runtime: Runtime, logger: Any) -> None:
+    """Send the sweep's spec writes within the write budget; a write over it, or one that fails,
+    is left to the next sweep, which composes it again."""
+    for node in sweep.forget:
+        runtime.written_specs.pop(node, None)
+    assert runtime.kube is not None, "the startup handler sets it"
+    for node, plan in sweep.writes.items():
+        if plan.spec_patch is None or plan.written is None:
+            continue
         if not runtime.spec_writes.take():
             return
-        patch.spec.update(plan.spec_patch)
-        runtime.written_specs[name] = WrittenSpec(generation, plan.written, runtime.clock())
-    elif plan.forget:
-        runtime.written_specs.pop(name, None)
-
-
-def prune_reports(runtime: Runtime, snapshot: ClusterSnapshot) -> None:
-    """Forget the specs written to reports that are gone, once per report interval."""
-    if runtime.prune_due(runtime.clock()):
-        for gone in prune_written(runtime.written_specs, snapshot.report_names):
-            runtime.written_specs.pop(gone, None)
+        try:
+            await runtime.kube.patch_report_spec(node, plan.spec_patch)
+        except (kopf.TemporaryError, ApiException) as exc:
+            logger.warning("GPUNodeReport %s: spec not written: %s", node, exc)
+            continue
+        runtime.written_specs[node] = plan.written
 
 
 async def renew_lease(runtime: Runtime) -> None:
-    # Renewed only from the report timer: kopf stops it while the replica is paused or stopping.
-    # The write blocks, so it runs in a thread, and only when due (thousands of timers ask).
+    # Renewed only from the report sweep, which kopf's timers run: kopf stops them while the
+    # replica is paused or stopping. The write blocks, so it runs in a thread.
     keeper: LeaseKeeper | None = runtime.lease_keeper
     now = runtime.clock()
     if keeper is not None and keeper.due():

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from edpilot.contract import StoredState, states_of, stored_state
 from edpilot.dra import ClaimView, SliceDevice, claim_view, slice_devices
-from edpilot.models import EnergyPolicySpec, GPUNodeReportStatus
+from edpilot.models import EnergyPolicySpec, GPUNodeReportSpec, GPUNodeReportStatus
 from edpilot.optimizer import Config
 from edpilot.rollout import OwnerView, owner_view
 
@@ -20,6 +20,7 @@ from .. import budgets
 from ..reports import Decided, decided, state_target
 from ..selection import PodInfo, PolicyEntry, PolicyRef, may_hold_gpus, pod_info
 from .runtime import Runtime
+from .snapshot import SeenSpec
 
 
 def is_gpu_pod(spec: Mapping[str, Any], **_: Any) -> bool:
@@ -114,9 +115,13 @@ def reports_by_node(name: str, status: kopf.Status, **_: Any) -> dict[str, GPUNo
         return None  # a malformed report gives no observation; the policy reports the node as silent
 
 
-def report_names(name: str, **_: Any) -> dict[str, bool]:
-    """Every report, so that what was written to a deleted one is forgotten (`prune_written`)."""
-    return {name: True}
+def report_specs(name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any) -> dict[str, SeenSpec]:
+    """Every report's spec, which the report sweep compares with the spec it wants."""
+    try:
+        seen = GPUNodeReportSpec.model_validate(dict(spec))
+    except ValidationError:
+        seen = GPUNodeReportSpec()  # rewritten whole at the next write
+    return {name: SeenSpec(int(meta.get("generation") or 0), seen)}
 
 
 def probe_points_by_policy_gpu(

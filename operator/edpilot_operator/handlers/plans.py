@@ -28,7 +28,7 @@ from .. import budgets, services
 from ..reports import desired_spec
 from ..selection import Governance, PodInfo, PolicyRef, governed_by
 from .runtime import OperatorConfig, WrittenSpec, WrittenSpecs
-from .snapshot import ClusterSnapshot, dra_holdings
+from .snapshot import ClusterSnapshot, SeenSpec, dra_holdings
 
 # ---------------------------------------------------------------- node specs
 
@@ -60,21 +60,19 @@ def plan_node_spec(
 
 @dataclass(frozen=True)
 class ReportPlan:
-    """`spec_patch`: the merge patch of the report's spec (None: it is as desired); `written`: the
-    spec to remember as written (`Runtime.written_specs`); `forget`: drop what was remembered (the
+    """`spec_patch`: the merge patch of the report's spec (None: it is as desired); `written`: what
+    to remember once it is sent (`Runtime.written_specs`); `forget`: drop what was remembered (the
     watch has delivered a newer version)."""
 
     spec_patch: dict[str, Any] | None = None
-    written: GPUNodeReportSpec | None = None
+    written: WrittenSpec | None = None
     forget: bool = False
 
 
 def plan_report_spec(
     snapshot: ClusterSnapshot,
     node: str,
-    spec: Mapping[str, Any],
-    status: Mapping[str, Any],
-    generation: int,
+    seen: SeenSpec,
     written: WrittenSpec | None,
     now: datetime,
     cfg: OperatorConfig,
@@ -82,38 +80,43 @@ def plan_report_spec(
     """A report's spec write, only when the desired spec differs from the current one: the spec
     last `written` while the watch has not delivered that write yet, else the one it has.
 
-    The report's `generation` tells which: only spec writes raise it (its status is a
-    subresource), so a report seen at the generation a write was composed from, or older, predates
-    that write, however many status writes the agent made since (`WrittenSpec.in_flight`)."""
-    seen = _report_spec(spec)
-    pending = written is not None and written.in_flight(generation, now)
-    current = written.spec if written is not None and pending else seen
-    desired = plan_node_spec(snapshot, node, _report_status(status), cfg)
+    The report's generation tells which: only spec writes raise it (its status is a subresource),
+    so a report seen at the generation a write was composed from, or older, predates that write,
+    however many status writes the agent made since (`WrittenSpec.in_flight`)."""
+    pending = written is not None and written.in_flight(seen.generation, now)
+    current = written.spec if written is not None and pending else seen.spec
+    desired = plan_node_spec(snapshot, node, snapshot.report(node), cfg)
     if desired == current:
         return ReportPlan(forget=written is not None and not pending)
     patch = desired.model_dump(mode="json", exclude_none=True)
-    if seen.lease is not None:
+    if seen.spec.lease is not None:
         patch["lease"] = None  # an older operator's per-node lease: operatorLease rules
-    return ReportPlan(spec_patch=patch, written=desired)
+    return ReportPlan(spec_patch=patch, written=WrittenSpec(seen.generation, desired, now))
 
 
-def prune_written(written: WrittenSpecs, reports: Collection[str]) -> list[str]:
-    """The reports remembered in `written` that no longer exist (not among `reports`)."""
-    return [name for name in written if name not in reports]
+@dataclass(frozen=True)
+class ReportSweep:
+    """Every report's spec write (`writes`, by node) and the nodes whose remembered write is
+    delivered or whose report is gone (`forget`)."""
+
+    writes: dict[str, ReportPlan] = field(default_factory=dict)
+    forget: list[str] = field(default_factory=list)
 
 
-def _report_spec(spec: Mapping[str, Any]) -> GPUNodeReportSpec:
-    try:
-        return GPUNodeReportSpec.model_validate(dict(spec))
-    except ValidationError:
-        return GPUNodeReportSpec()  # rewritten whole at the next patch
-
-
-def _report_status(status: Mapping[str, Any]) -> GPUNodeReportStatus | None:
-    try:
-        return GPUNodeReportStatus.model_validate(dict(status)) if status else None
-    except ValidationError:
-        return None
+def plan_report_sweep(
+    snapshot: ClusterSnapshot, written: WrittenSpecs, now: datetime, cfg: OperatorConfig
+) -> ReportSweep:
+    """One pass over every report: what each node's spec should be, against what it is."""
+    sweep = ReportSweep()
+    seen_specs = snapshot.seen_specs()
+    for node, seen in seen_specs.items():
+        plan = plan_report_spec(snapshot, node, seen, written.get(node), now, cfg)
+        if plan.spec_patch is not None:
+            sweep.writes[node] = plan
+        elif plan.forget:
+            sweep.forget.append(node)
+    sweep.forget.extend(node for node in written if node not in seen_specs)
+    return sweep
 
 
 # ---------------------------------------------------------------- policies
@@ -246,7 +249,7 @@ def plan_release(
     cfg: OperatorConfig,
 ) -> ReleasePlan:
     """Remove the policy's hints and caps: its GPUs go back to their default limits (the specs are
-    recomposed now rather than at the next report timer, so the caps are gone by the time the
+    recomposed now rather than at the next report sweep, so the caps are gone by the time the
     finalizer lets the policy disappear), and the templates it rolled out to what they were."""
     owners = services.release_owners(dict(status), snapshot.owners(namespace), dict(spec))
     released = [p for p in snapshot.pods_by_namespace.get(namespace, []) if governed_by(p, name)]

@@ -11,6 +11,7 @@ from .. import metrics
 from ..kube import Kube
 from .apply import apply_policy, apply_release
 from .plans import plan_policy, plan_release, policy_view
+from .report import sweep_reports
 from .runtime import Runtime
 
 
@@ -38,6 +39,7 @@ async def reconcile_policy(
     if plan is not None:
         runtime.held.remember(view.stored, plan.outcome.states, plan.states)
         await apply_policy(plan, _kube(runtime), namespace, name, patch, body, logger)
+    await sweep_reports(runtime, indexes, logger)
 
 
 async def release_policy(

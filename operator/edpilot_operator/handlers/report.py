@@ -1,32 +1,28 @@
-"""GPUNodeReport handler: compose each node's desired spec; renew the operator's Lease."""
+"""The report sweep: every node's GPUNodeReport spec composed in one pass, and the operator's Lease
+renewed, at most once per report interval.
+
+The policy and budget timers run it (`sweep_reports`), not a timer per report: kopf puts its
+finalizer on every object a timer runs on (2,000 patches when an operator first meets a fleet,
+and a report no one could delete once the operator is gone) and runs each timer as a task of its
+own (400 runs a second at 2,000 nodes and a 5 s interval). kopf stops those timers while peering
+pauses a replica and when the operator stops, so a paused or stopped replica neither writes a spec
+nor renews the Lease. With no policy and no budget there is nothing to enforce: no spec is written,
+the Lease runs out, and every agent keeps its GPUs at their defaults."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-import kopf
-
-from .apply import apply_report, prune_reports, renew_lease
-from .plans import plan_report_spec
+from .apply import apply_report_sweep, renew_lease
+from .plans import plan_report_sweep
 from .runtime import Runtime
 
 
-async def compose_report(
-    name: str,
-    spec: kopf.Spec,
-    status: kopf.Status,
-    meta: kopf.Meta,
-    patch: kopf.Patch,
-    memo: kopf.Memo,
-    **indexes: Any,
-) -> None:
-    # A coroutine: thousands of these timers run every report interval, and kopf would hand each
-    # run of a plain function to its thread pool.
-    runtime: Runtime = memo.runtime
-    snapshot = runtime.snapshot(indexes)
-    generation = int(meta.get("generation") or 0)
-    written = runtime.written_specs.get(name)
-    plan = plan_report_spec(snapshot, name, spec, status, generation, written, runtime.clock(), runtime.cfg)
-    apply_report(plan, runtime, name, generation, patch)
-    prune_reports(runtime, snapshot)
+async def sweep_reports(runtime: Runtime, indexes: Mapping[str, Any], logger: Any) -> None:
+    now = runtime.clock()
+    if not runtime.sweep_due(now):
+        return
+    sweep = plan_report_sweep(runtime.snapshot(indexes), runtime.written_specs, now, runtime.cfg)
+    await apply_report_sweep(sweep, runtime, logger)
     await renew_lease(runtime)

@@ -34,9 +34,8 @@ class OperatorConfig:
     lease_name: str = "edpilot-operator"
     fast_report_interval: int = 5
     slow_report_interval: int = 60
-    # Report spec writes a second, with bursts of twice that (client-go's QPS and burst): kopf
-    # sends each timer's patch on a connection of its own, so thousands due at once (a restart)
-    # would otherwise all be in flight together.
+    # Report spec writes a second, with bursts of twice that (client-go's QPS and burst): an
+    # operator started on 2,000 running reports finds every spec to write at once.
     report_writes_per_second: float = 20.0
     tuning: Tuning = DEFAULT_TUNING
     dra: DraConfig | None = DEFAULT_CONFIG  # None: a cluster without DRA; no claim or slice is read
@@ -65,7 +64,7 @@ WRITE_IN_FLIGHT_SECONDS = 30.0
 @dataclass(frozen=True)
 class WrittenSpec:
     """The last spec written to a report, the report's generation it was composed from, and when:
-    while the watch has not delivered that write yet, the report timer compares with what it
+    while the watch has not delivered that write yet, the report sweep compares with what it
     wrote, not with the older spec it still sees, and does not write the same spec again
     (`plans.plan_report_spec`)."""
 
@@ -145,7 +144,7 @@ class Runtime:
     governance: GovernanceCache = field(default_factory=GovernanceCache)
     clock: Callable[[], datetime] = utc_now
     written_specs: WrittenSpecs = field(default_factory=dict)
-    pruned_at: datetime | None = None  # when `written_specs` was last pruned of deleted reports
+    swept_at: datetime | None = None  # when every report's spec was last composed
     # Optimizer states computed but not written yet (`services.worth_writing`), resumed from.
     held: HeldStates = field(default_factory=HeldStates)
     nodes: NodeLabels = field(default_factory=lambda: NodeLabels(max_age=OperatorConfig.report_interval))
@@ -172,9 +171,9 @@ class Runtime:
         assert self.kube is not None  # set by the startup handler
         return await self.nodes.get(self.kube.node_labels)
 
-    def prune_due(self, now: datetime) -> bool:
-        """Whether `written_specs` is due a prune (once per report interval); marks it done."""
-        if self.pruned_at is not None and (now - self.pruned_at).total_seconds() < self.cfg.report_interval:
+    def sweep_due(self, now: datetime) -> bool:
+        """Whether the report sweep is due (once per report interval); marks it begun."""
+        if self.swept_at is not None and (now - self.swept_at).total_seconds() < self.cfg.report_interval:
             return False
-        self.pruned_at = now
+        self.swept_at = now
         return True

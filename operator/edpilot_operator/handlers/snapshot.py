@@ -1,8 +1,7 @@
 """`ClusterSnapshot`: what the operator's watches hold, read the same way by every planner.
 
 It wraps the kopf indexes (mappings of key -> collection of values) without copying them, so a
-report timer on each of thousands of nodes builds one for nothing; tests pass plain dicts of
-lists. Every "which pods, which policy, which decision" read lives here once. No I/O."""
+timer builds one for nothing; tests pass plain dicts of lists. Every "which pods, which policy, which decision" read lives here once. No I/O."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from typing import Any, TypeVar
 
 from edpilot.contract import StoredState
 from edpilot.dra import ClaimView, DraHoldings, SliceDevice, device_catalog, holdings
-from edpilot.models import GPUNodeReportStatus
+from edpilot.models import GPUNodeReportSpec, GPUNodeReportStatus
 from edpilot.optimizer import Config
 from edpilot.rollout import OwnerView
 
@@ -37,6 +36,15 @@ def _first(index: Index[K, V] | None, key: K) -> V | None:
 
 
 @dataclass(frozen=True)
+class SeenSpec:
+    """A report's spec as the watch last delivered it, and the report's generation then (only
+    spec writes raise it: the status is a subresource)."""
+
+    generation: int
+    spec: GPUNodeReportSpec
+
+
+@dataclass(frozen=True)
 class ClusterSnapshot:
     """Field names are the ids of the kopf indexes (`handlers.indexes`)."""
 
@@ -49,7 +57,7 @@ class ClusterSnapshot:
     reports_by_node: Index[str, GPUNodeReportStatus]
     budget_caps_by_node: Index[str, dict[str, float]]
     probe_points_by_policy_gpu: Index[tuple[str, str], tuple[budgets.ProbePoint, ...]]
-    report_names: Index[str, bool]
+    report_specs: Index[str, SeenSpec]
     claims_by_pod: Index[str, ClaimView] | None = None  # None: DRA is off
     slices_by_pool: Index[tuple[str, str], tuple[SliceDevice, ...]] | None = None
     deployments_by_namespace: Index[str, OwnerView] | None = None  # None: delivery Rollout is off
@@ -78,6 +86,10 @@ class ClusterSnapshot:
 
     def report(self, node: str) -> GPUNodeReportStatus | None:
         return _first(self.reports_by_node, node)
+
+    def seen_specs(self) -> dict[str, SeenSpec]:
+        """Every report's spec, by node (every report has one, with or without a status)."""
+        return {node: seen for node, store in self.report_specs.items() for seen in store}
 
     def governance(self, namespace: str) -> Governance:
         return self.governance_of(
