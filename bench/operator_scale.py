@@ -60,7 +60,7 @@ from bench.fleet import (
 ISSUERS = {
     ("PATCH", "gpunodereports.edpilot.io", "status"): "agents",
     ("POST", "gpunodereports.edpilot.io", ""): "agents",
-    ("PATCH", "gpunodereports.edpilot.io", ""): "operator (report spec, kopf finalizers)",
+    ("PATCH", "gpunodereports.edpilot.io", ""): "operator (report spec)",
     ("PATCH", "energypolicies.edpilot.io", "status"): "operator (policy status)",
     ("PATCH", "energypolicies.edpilot.io", ""): "operator (finalizer)",
     ("APPLY", "workloadoptimizerstates.edpilot.io", ""): "operator (optimizer state)",

@@ -315,6 +315,17 @@ def transition(
     )
 
 
+# The agent's Ready reason while it cannot tell which pod holds which GPU (the kubelet's
+# pod-resources socket unreadable, or the node's pods not listed yet, as right after a restart):
+# its GPUs' `pods` are then unknown, not empty.
+HOLDERS_UNKNOWN: Final = "GPUAllocationsUnknown"
+
+
+def holders_known(conditions: Iterable[Condition]) -> bool:
+    """Whether a report's GPUs name their pods (`HOLDERS_UNKNOWN`)."""
+    return not any(c.type == "Ready" and c.reason == HOLDERS_UNKNOWN for c in conditions)
+
+
 # ---------------------------------------------------------------- stored optimizer states
 
 STATE_KIND: Final = "WorkloadOptimizerState"

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from edpilot.contract import transition
+from edpilot.contract import HOLDERS_UNKNOWN, transition
 from edpilot.dra import DEFAULT_CONFIG, DraConfig, SliceDevice, device_catalog
 from edpilot.models import (
     Condition,
@@ -135,6 +135,10 @@ class NodeAgent:
         spec, spec_problem = self.kube.report_spec()
         pods = self.kube.pods()
         held, allocation_problem = self._holdings(pods)
+        if pods is None:
+            # A restarted agent's first report would otherwise say that no pod holds any GPU, and
+            # the operator would drop the node's caps until the next report.
+            allocation_problem = "the node's pods have not been listed yet"
         read_errors = self._read_gpus(now, self.gpus, energy=False)
         samples = self._read_work(spec, pods, held.by_pod, now)
 
@@ -311,7 +315,7 @@ class NodeAgent:
         if read_errors:
             ready = ("False", "GPUReadFailed", "; ".join(read_errors))
         elif allocation_problem:
-            ready = ("False", "GPUAllocationsUnknown", allocation_problem)
+            ready = ("False", HOLDERS_UNKNOWN, allocation_problem)
         else:
             ready = ("True", "Measuring", f"{len(self.readings)} GPUs measured")
         if lease_problem is None:

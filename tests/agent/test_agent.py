@@ -18,7 +18,7 @@ from edpilot_agent.metrics import AgentCollector
 from edpilot_agent.sim import SIM_WORKLOAD
 from prometheus_client import CollectorRegistry, generate_latest
 
-from edpilot.contract import ANNOTATION_BATCH_SIZE
+from edpilot.contract import ANNOTATION_BATCH_SIZE, HOLDERS_UNKNOWN, holders_known
 from edpilot.models import DesiredPowerLimit, GPUNodeReportStatus
 from edpilot.rollout import flag_value
 
@@ -47,6 +47,26 @@ def test_reports_cumulative_energy_and_work_per_gpu_and_pod() -> None:
     assert work.workUnits > first.workloads[0].workUnits
     assert (work.batchSize, work.quantization) == (8, "bf16")
     assert condition(last, "Ready") == ("True", "Measuring")
+
+
+def test_until_its_pods_are_listed_a_report_says_the_gpus_holders_are_unknown() -> None:
+    """A restarted agent ticks before its pod watch has listed anything: a report then saying that
+    no pod holds any GPU made the operator drop the node's caps until the next report (found by
+    tests/chaos: an operator killed in that gap left the node at its defaults early)."""
+    node = sim_node()
+    node.kube.spec = cap_spec(node.clock, node.uuid(0), 450)
+    listed = node.kube.pod_list
+    node.kube.pods = lambda: None  # type: ignore[method-assign]
+    node.agent.tick()
+    unlisted = node.kube.statuses[-1]
+    assert condition(unlisted, "Ready") == ("False", HOLDERS_UNKNOWN)
+    assert not holders_known(unlisted.conditions) and node.limit(0) == 700
+    node.kube.pods = lambda: list(listed)  # type: ignore[method-assign]
+    node.clock.advance(1)
+    node.agent.tick()
+    listed_status = node.kube.statuses[-1]
+    assert holders_known(listed_status.conditions) and listed_status.gpus[0].pods == ["default/llm-0"]
+    assert node.limit(0) == 450
 
 
 def test_a_fast_simulated_node_stamps_wall_clock_time_and_keeps_its_own_clock_apart() -> None:

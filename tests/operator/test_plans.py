@@ -39,8 +39,9 @@ from edpilot_operator.reports import decided
 from edpilot_operator.selection import PodInfo, PolicyEntry, PolicyRef
 from edpilot_operator.services import HeldStates
 
-from edpilot.contract import ANNOTATION_POLICY, HINT_ANNOTATIONS, StoredState, state_name
+from edpilot.contract import ANNOTATION_POLICY, HINT_ANNOTATIONS, HOLDERS_UNKNOWN, StoredState, state_name
 from edpilot.models import (
+    Condition,
     EnergyPolicySpec,
     GPUNodeReportSpec,
     GPUNodeReportStatus,
@@ -179,6 +180,18 @@ def test_a_report_spec_is_written_only_when_it_differs_from_the_current_one(
 ) -> None:
     snap = governed_snapshot(report("n0", ["ns/a"]))
     assert plan_report_spec(snap, "n0", SeenSpec(generation, seen), written, NOW, CFG) == expected
+
+
+def test_a_report_that_cannot_name_its_gpus_holders_leaves_the_spec_as_it_is() -> None:
+    """A restarted agent's first report, before its pods are listed, names no holder: that is not
+    a pod gone, and the node keeps the caps its spec has."""
+    status = report("n0", [])
+    unknown = Condition(
+        type="Ready", status="False", reason=HOLDERS_UNKNOWN, message="", lastTransitionTime=NOW
+    )
+    snap = governed_snapshot(status.model_copy(update={"conditions": [unknown]}))
+    assert plan_report_spec(snap, "n0", SeenSpec(3, CAPPED), None, NOW, CFG) == ReportPlan()
+    assert plan_report_spec(governed_snapshot(status), "n0", SeenSpec(3, CAPPED), None, NOW, CFG).spec_patch
 
 
 def test_a_status_write_racing_the_spec_write_does_not_write_the_spec_again() -> None:

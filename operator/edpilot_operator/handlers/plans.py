@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from edpilot.contract import HINT_ANNOTATIONS, StoredState, states_of
+from edpilot.contract import HINT_ANNOTATIONS, StoredState, holders_known, states_of
 from edpilot.dra import DraHoldings
 from edpilot.models import (
     EnergyPolicySpec,
@@ -83,9 +83,12 @@ def plan_report_spec(
     The report's generation tells which: only spec writes raise it (its status is a subresource),
     so a report seen at the generation a write was composed from, or older, predates that write,
     however many status writes the agent made since (`WrittenSpec.in_flight`)."""
+    status = snapshot.report(node)
+    if status is not None and not holders_known(status.conditions):
+        return ReportPlan()  # its GPUs' pods are unknown, not gone: the caps it has stay
     pending = written is not None and written.in_flight(seen.generation, now)
     current = written.spec if written is not None and pending else seen.spec
-    desired = plan_node_spec(snapshot, node, snapshot.report(node), cfg)
+    desired = plan_node_spec(snapshot, node, status, cfg)
     if desired == current:
         return ReportPlan(forget=written is not None and not pending)
     patch = desired.model_dump(mode="json", exclude_none=True)
