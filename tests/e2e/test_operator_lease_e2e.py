@@ -69,7 +69,13 @@ def running(crds_installed: Cluster, tmp_path_factory: pytest.TempPathFactory) -
     try:
         procs.start(
             "operator",
-            operator_argv(cluster.kubeconfig, f"--lease-namespace={NAMESPACE}", f"--lease-name={LEASE}"),
+            # Its own namespace only: policies other tests left in theirs would give it work.
+            operator_argv(
+                cluster.kubeconfig,
+                f"--namespace={NAMESPACE}",
+                f"--lease-namespace={NAMESPACE}",
+                f"--lease-name={LEASE}",
+            ),
         )
         for seed, node in enumerate(NODES):
             procs.start(f"agent-{node}", agent_argv(cluster.kubeconfig, node, seed + 40))
@@ -85,6 +91,8 @@ def running(crds_installed: Cluster, tmp_path_factory: pytest.TempPathFactory) -
 
 def test_with_no_policy_and_no_budget_the_operator_writes_no_spec_and_no_lease(running: Running) -> None:
     cluster = running.cluster
+    budgets = cluster.get_json("powerbudgets")["items"]
+    assert not budgets, f"PowerBudgets left by another test: {[b['metadata']['name'] for b in budgets]}"
     wait_until("every agent to report", lambda: all(running.lease_valid(n)[0] for n in NODES), 90, 0.5)
     time.sleep(3)  # three of the operator's report intervals (FAST_OPERATOR_ARGS)
     for node in NODES:
