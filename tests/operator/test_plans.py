@@ -232,27 +232,36 @@ class SpecWrites:
         self.sent.append(node)
 
 
-def test_report_spec_writes_keep_to_the_write_budget_and_wait_for_the_next_sweep() -> None:
+def test_report_spec_writes_keep_to_the_write_budget_and_to_what_one_interval_allows() -> None:
     """An operator started on 2,000 running reports found every spec to write at once: 96-135
-    PATCH/s reached the reports, the API server fell behind and the operator grew to 1.5 GB. Writes
-    beyond the budget, and writes that fail, wait for the next sweep, which composes them again;
-    nothing unsent is remembered as written."""
-    ticks = [0.0]
-    cfg = replace(CFG, report_writes_per_second=2.0)
+    PATCH/s reached the reports, the API server fell behind and the operator grew to 1.5 GB. The
+    sweep paces its writes (a burst of twice the rate, then the rate) and sends no more than one
+    report interval allows; the rest, and writes that fail, wait for the next sweep, which
+    composes them afresh. Nothing unsent is remembered as written."""
+    ticks, waits = [0.0], []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        ticks[0] += seconds
+
+    cfg = replace(CFG, report_writes_per_second=2.0)  # and a 5 s report interval: 10 a sweep
     kube = SpecWrites(failing=["n1"])
-    runtime = replace(
-        Runtime.of(cfg), kube=cast(Kube, kube), spec_writes=WriteBudget.of(cfg, lambda: ticks[0])
-    )
-    sweep = ReportSweep(writes={f"n{i}": writes(1) for i in range(6)})
-    asyncio.run(apply_report_sweep(sweep, runtime, logging.getLogger("test")))
-    assert kube.sent == ["n0", "n2", "n3"]  # a burst of twice the rate; n1's write failed
-    assert sorted(runtime.written_specs) == ["n0", "n2", "n3"]
-    ticks[0] += 0.5  # one more write's worth
-    later = ReportSweep(writes={"n4": writes(1), "n5": writes(1)}, forget=["n0"])
-    asyncio.run(apply_report_sweep(later, runtime, logging.getLogger("test")))
-    assert kube.sent[3:] == ["n4"] and sorted(runtime.written_specs) == ["n2", "n3", "n4"]
-    ticks[0] += 3600  # refilled to the burst, no further
-    assert sum(runtime.spec_writes.take() for _ in range(10)) == 4
+    budget = WriteBudget.of(cfg, lambda: ticks[0])
+    runtime = replace(Runtime.of(cfg), kube=cast(Kube, kube), spec_writes=budget)
+    sweep = ReportSweep(writes={f"n{i}": writes(1) for i in range(12)}, forget=["gone"])
+    runtime.written_specs["gone"] = written_at(1)
+    asyncio.run(apply_report_sweep(sweep, runtime, logging.getLogger("test"), sleep))
+    assert waits == [0.0] * 4 + [0.5] * 6
+    assert sorted(kube.sent) == sorted(f"n{i}" for i in range(10) if i != 1)
+    assert sorted(runtime.written_specs) == sorted(kube.sent)  # not n1, n10, n11 or the gone one
+
+
+def test_nodes_with_something_to_enforce_are_written_first() -> None:
+    """n0..n2 are idle and need only the Lease's name; n3 runs a governed pod."""
+    statuses = [report(f"n{i}", ["ns/a"] if i == 3 else []) for i in range(4)]
+    extra = {"report_specs": {s.nodeName: [SeenSpec(1, OLD)] for s in statuses}}
+    snap = snapshot([pod("a", node="n3")], [policy_entry()], [EXPLORING_A], DECIDED_A, statuses, extra)
+    assert list(plan_report_sweep(snap, {}, NOW, CFG).writes) == ["n3", "n0", "n1", "n2"]
 
 
 def test_the_sweep_runs_once_per_report_interval_whichever_timer_asks() -> None:

@@ -28,7 +28,7 @@ async def reconcile_budget(
     plan = plan_budget(runtime.snapshot(indexes), name, spec, status, meta, labels, runtime.clock())
     if plan is not None:
         apply_budget(plan, name, patch, logger)
-    await sweep_reports(runtime, indexes, logger)
+    sweep_reports(runtime, indexes, logger)
 
 
 def forget_budget(name: str, **_: Any) -> None:

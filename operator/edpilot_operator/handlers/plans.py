@@ -99,8 +99,9 @@ def plan_report_spec(
 
 @dataclass(frozen=True)
 class ReportSweep:
-    """Every report's spec write (`writes`, by node) and the nodes whose remembered write is
-    delivered or whose report is gone (`forget`)."""
+    """Every report's spec write (`writes`, by node, those of nodes with something to enforce
+    first) and the nodes whose remembered write is delivered or whose report is gone
+    (`forget`)."""
 
     writes: dict[str, ReportPlan] = field(default_factory=dict)
     forget: list[str] = field(default_factory=list)
@@ -109,17 +110,30 @@ class ReportSweep:
 def plan_report_sweep(
     snapshot: ClusterSnapshot, written: WrittenSpecs, now: datetime, cfg: OperatorConfig
 ) -> ReportSweep:
-    """One pass over every report: what each node's spec should be, against what it is."""
-    sweep = ReportSweep()
+    """One pass over every report: what each node's spec should be, against what it is. Nodes
+    whose spec enforces or measures something, or did, go first: an operator started on a fleet
+    finds every spec to write, and the write budget lets a few in each sweep; idle nodes need only
+    the Lease's name and the slow report interval."""
+    writes: dict[str, ReportPlan] = {}
+    forget: list[str] = []
     seen_specs = snapshot.seen_specs()
     for node, seen in seen_specs.items():
         plan = plan_report_spec(snapshot, node, seen, written.get(node), now, cfg)
         if plan.spec_patch is not None:
-            sweep.writes[node] = plan
+            writes[node] = plan
         elif plan.forget:
-            sweep.forget.append(node)
-    sweep.forget.extend(node for node in written if node not in seen_specs)
-    return sweep
+            forget.append(node)
+    forget.extend(node for node in written if node not in seen_specs)
+
+    def idle(node: str) -> bool:
+        desired = writes[node].written
+        return not (_enforces(seen_specs[node].spec) or (desired is not None and _enforces(desired.spec)))
+
+    return ReportSweep(writes={node: writes[node] for node in sorted(writes, key=idle)}, forget=forget)
+
+
+def _enforces(spec: GPUNodeReportSpec) -> bool:
+    return bool(spec.powerLimits or spec.lockedClocks or spec.workloads)
 
 
 # ---------------------------------------------------------------- policies

@@ -39,7 +39,7 @@ async def reconcile_policy(
     if plan is not None:
         runtime.held.remember(view.stored, plan.outcome.states, plan.states)
         await apply_policy(plan, _kube(runtime), namespace, name, patch, body, logger)
-    await sweep_reports(runtime, indexes, logger)
+    sweep_reports(runtime, indexes, logger)
 
 
 async def release_policy(

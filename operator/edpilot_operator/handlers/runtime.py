@@ -122,15 +122,16 @@ class WriteBudget:
         rate = cfg.report_writes_per_second
         return cls(per_second=rate, burst=2 * rate, monotonic=monotonic)
 
-    def take(self) -> bool:
-        """Whether one write may go now (and counts it)."""
+    def reserve(self) -> float:
+        """Counts one write; returns how many seconds it must wait to keep to the budget."""
         now = self.monotonic()
         tokens = self.burst if self.tokens is None else self.tokens + (now - self.at) * self.per_second
-        self.tokens, self.at = min(self.burst, tokens), now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
+        self.tokens, self.at = min(self.burst, tokens) - 1.0, now
+        return max(0.0, -self.tokens / self.per_second)
+
+    def per_interval(self, seconds: float) -> int:
+        """How many writes `seconds` allow."""
+        return max(1, int(self.per_second * seconds))
 
 
 @dataclass
@@ -145,6 +146,7 @@ class Runtime:
     clock: Callable[[], datetime] = utc_now
     written_specs: WrittenSpecs = field(default_factory=dict)
     swept_at: datetime | None = None  # when every report's spec was last composed
+    sweeping: asyncio.Task[None] | None = None  # the report sweep under way
     # Optimizer states computed but not written yet (`services.worth_writing`), resumed from.
     held: HeldStates = field(default_factory=HeldStates)
     nodes: NodeLabels = field(default_factory=lambda: NodeLabels(max_age=OperatorConfig.report_interval))
