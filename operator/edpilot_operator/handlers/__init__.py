@@ -64,15 +64,14 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig) -> None:
     for resource, fn in chosen:
         when = indexes.is_gpu_pod if resource == PODS else None
         kopf.index(*resource, id=fn.__name__, when=when, registry=registry)(fn)
-    # Sharp: a run starts every interval, however long the last one took (a busy API server
-    # would otherwise stretch the time from a report to the decision on it by each run's length).
+    # Not sharp: sharp timers started together stay in step, and 50 policies then sent their
+    # status patches in the same millisecond, each on a connection of kopf's own, which the API
+    # server dropped ("TCP closed"; `bench.operator_scale`).
     timers = (
         (POLICIES, policy.reconcile_policy, cfg.reconcile_interval),
         (BUDGETS, budget.reconcile_budget, cfg.report_interval),
     )
     for resource, timer, interval in timers:
-        kopf.timer(
-            *resource, id=timer.__name__, interval=interval, sharp=True, initial_delay=1, registry=registry
-        )(timer)
+        kopf.timer(*resource, id=timer.__name__, interval=interval, initial_delay=1, registry=registry)(timer)
     kopf.on.delete(*BUDGETS, id="forget_budget", optional=True, registry=registry)(budget.forget_budget)
     kopf.on.delete(*POLICIES, id="release_policy", registry=registry)(policy.release_policy)
