@@ -256,6 +256,25 @@ def test_report_spec_writes_keep_to_the_write_budget_and_to_what_one_interval_al
     assert sorted(runtime.written_specs) == sorted(kube.sent)  # not n1, n10, n11 or the gone one
 
 
+def test_a_write_that_breaks_unexpectedly_does_not_stall_the_sweep() -> None:
+    """Every write holds one of a few slots; a slot must come back whatever the write raised, or
+    the sweep would wait forever for one, and no later sweep (nor Lease renewal) would start."""
+
+    class Broken(SpecWrites):
+        async def patch_report_spec(self, node: str, spec: dict[str, Any]) -> None:
+            raise RuntimeError("a bug")
+
+    runtime = replace(Runtime.of(CFG), kube=cast(Kube, Broken()))
+    sweep = ReportSweep(writes={f"n{i}": writes(1) for i in range(8)})
+
+    async def sweep_within_a_second() -> None:
+        await asyncio.wait_for(apply_report_sweep(sweep, runtime, logging.getLogger("test")), 1.0)
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        asyncio.run(sweep_within_a_second())
+    assert runtime.written_specs == {}
+
+
 def test_nodes_with_something_to_enforce_are_written_first() -> None:
     """n0..n2 are idle and need only the Lease's name; n3 runs a governed pod."""
     statuses = [report(f"n{i}", ["ns/a"] if i == 3 else []) for i in range(4)]

@@ -101,8 +101,10 @@ async def apply_report_sweep(
     in_flight = asyncio.Semaphore(WRITES_IN_FLIGHT)
 
     async def write(node: str, patch: dict[str, Any], written: WrittenSpec) -> None:
-        problem = await _attempt(kube.patch_report_spec(node, patch))
-        in_flight.release()
+        try:
+            problem = await _attempt(kube.patch_report_spec(node, patch))
+        finally:
+            in_flight.release()  # whatever happened: a leaked slot would stall every later sweep
         if problem is None:
             runtime.written_specs[node] = written
         else:
@@ -120,7 +122,7 @@ async def apply_report_sweep(
 
 
 async def renew_lease(runtime: Runtime) -> None:
-    # Renewed only from the report sweep, which kopf's timers run: kopf stops them while the
+    # Renewed only from the report sweep, which kopf's timers start: kopf stops them while the
     # replica is paused or stopping. The write blocks, so it runs in a thread.
     keeper: LeaseKeeper | None = runtime.lease_keeper
     now = runtime.clock()
