@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,8 +66,10 @@ def api(crds_installed: Cluster) -> Cluster:
 
 
 @pytest.fixture(scope="module")
-def applied(api: Cluster) -> dict[str, dict[str, Any]]:
-    """Every sample created for real (private copies), by kind and name, as the server stored it."""
+def applied(api: Cluster) -> Iterator[dict[str, dict[str, Any]]]:
+    """Every sample created for real (private copies), by kind and name, as the server stored it;
+    deleted afterwards: a PowerBudget left behind gives the next modules' operators work (the
+    report sweep runs only while a policy or budget exists)."""
     docs = [
         private_copy(doc)
         for path in sorted(SAMPLES.glob("*.yaml"))
@@ -79,7 +81,8 @@ def applied(api: Cluster) -> dict[str, dict[str, Any]]:
         namespace = ["-n", doc["metadata"]["namespace"]] if "namespace" in doc["metadata"] else []
         obj = api.get_json(f"{doc['kind'].lower()}.{models.GROUP}", doc["metadata"]["name"], *namespace)
         stored[f"{doc['kind']}/{doc['metadata']['name']}"] = obj
-    return stored
+    yield stored
+    api.kubectl("delete", "--ignore-not-found", "--wait=false", "-f", "-", input=yaml.safe_dump_all(docs))
 
 
 def test_crds_are_established_with_their_names(api: Cluster) -> None:
