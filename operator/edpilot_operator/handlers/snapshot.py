@@ -1,7 +1,8 @@
 """`ClusterSnapshot`: what the operator's watches hold, read the same way by every planner.
 
 It wraps the kopf indexes (mappings of key -> collection of values) without copying them, so a
-timer builds one for nothing; tests pass plain dicts of lists. Every "which pods, which policy, which decision" read lives here once. No I/O."""
+timer builds one for nothing; tests pass plain dicts of lists. Every "which pods, which policy,
+which decision" read lives here once. No I/O."""
 
 from __future__ import annotations
 
