@@ -963,8 +963,13 @@ def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
         return hi if points[k] is st.incumbent else axis.of(points[k])
 
     best = at(i)
-    a = at(i - 1) if i > 0 else lo
-    b = at(i + 1) if i + 1 < len(points) else hi
+    # A neighbour bounds the bracket only when it is worse beyond one sigma of the difference: on a
+    # flat curve a lucky reading must not shut out the side the optimum lies on. The neighbours
+    # themselves still bound the golden steps tried when the wide bracket's are measured already.
+    sigma = st.noise * math.sqrt(2.0 / max(st.windowsPerProbe, 1))
+    worse = [k for k in range(len(points)) if _key(points[k], st, ctx) > _worse_by(points[i], sigma, st, ctx)]
+    a = max((at(k) for k in worse if k < i), default=lo)
+    b = min((at(k) for k in worse if k > i), default=hi)
     st.capBracket = (a, b)
     forecast = _forecast(st, ctx, measured, lo, hi)
     if (
@@ -975,15 +980,22 @@ def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
         and _model_trusted(st, ctx, measured)
     ):
         return axis.at(st.incumbent.config, forecast)
-    sides = [(a + GOLDEN_STEP * (best - a), best - a), (best + GOLDEN_STEP * (b - best), b - best)]
-    upwards = forecast > best if forecast is not None else sides[1][1] > sides[0][1]
-    if upwards:
-        sides.reverse()
-    for x, width in sides:
-        x = _snap(x, lo, hi, grid)
-        if width > grid and _find(probes, x, axis, grid / 2) is None and x < hi - grid:
-            return axis.at(st.incumbent.config, x)
+    near_a, near_b = (at(i - 1) if i > 0 else lo), (at(i + 1) if i + 1 < len(points) else hi)
+    upwards = forecast > best if forecast is not None else b - best > best - a
+    for low, high in ((a, b), (near_a, near_b)):
+        sides = [(low + GOLDEN_STEP * (best - low), best - low), (best + GOLDEN_STEP * (high - best), high - best)]
+        if upwards:
+            sides.reverse()
+        for x, width in sides:
+            x = _snap(x, lo, hi, grid)
+            if width > grid and _find(probes, x, axis, grid / 2) is None and x < hi - grid:
+                return axis.at(st.incumbent.config, x)
     return _edge_probe(st, ctx, CAP_AXIS, probes, lo)
+
+
+def _worse_by(p: Probe, margin: float, st: OptimizerState, ctx: _Ctx) -> tuple[float, float]:
+    assert p.metrics is not None
+    return (_violation(p.metrics, st, ctx), p.metrics.objective * (1.0 + margin))
 
 
 def _edge_probe(

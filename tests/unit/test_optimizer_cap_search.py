@@ -69,3 +69,23 @@ def test_one_probe_fixes_the_model_with_the_loss_growing_from_the_draw() -> None
     assert fit[1] == 2.0
     assert _ratio(fit, 400.0, 700.0) == pytest.approx(0.8)
     assert _throughput_fit([(690.0, 1.0), (500.0, 1.001)], 700.0) is None  # no loss measured: no model
+
+
+def test_on_a_flat_curve_a_lucky_reading_does_not_shut_out_the_optimums_side(bench: ModuleType) -> None:
+    """decode-bf16-b8 under Zeus's cost: within 1% of the optimum from 225 W to 295 W. A probe that
+    read lucky above the optimum made the probe just below it look worse by less than the noise, and
+    the search then bisected between the two until its budget ran out (seeds 3, 4 and 7 kept 300 to
+    320 W: gaps of 0.8 to 1.5%). A neighbour within one sigma no longer bounds the bracket."""
+    case = next(c for c in bench.CASES if c.name == "decode-bf16-b8")
+    best = bench.oracle(case, "ZeusCost")
+    gaps = [
+        100.0
+        * (
+            bench.true_objective(case, bench.run_edpilot(case, "ZeusCost", seed).final_cap, "ZeusCost")
+            / best.value
+            - 1.0
+        )
+        for seed in range(10)
+    ]
+    # Zeus's mean gap here is 0.13% (bench/results/cap_search_vs_zeus.md); the goal allows 0.2 more.
+    assert statistics.fmean(gaps) <= 0.33, gaps
