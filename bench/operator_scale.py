@@ -55,6 +55,7 @@ from bench.fleet import (
     summary,
     terminated_watchers,
 )
+from edpilot.models import GROUP, VERSION
 
 # Who issues each kind of request in this setup (the API server does not count by client).
 ISSUERS = {
@@ -117,6 +118,8 @@ def measure(
     seconds: float,
     operator_args: list[str],
     startup_timeout: float,
+    steady_seconds: float,
+    converge_timeout: float,
 ) -> dict[str, Any]:
     procs = Processes(logs=cp.dir / f"logs-{size}")
     lag = DecisionLag(fleet.writes)
@@ -144,6 +147,7 @@ def measure(
         rates = request_rates(
             parse_request_totals(metrics_before), parse_request_totals(metrics_after), elapsed
         )
+        steady = measure_steady(api, probe, steady_seconds, converge_timeout) if steady_seconds > 0 else None
         alive = operator.poll() is None
     finally:
         probe.stop()
@@ -172,19 +176,58 @@ def measure(
             "gpunodereports": fleet.reports.cut_off,
             "pods": fleet.pods.watcher.cut_off,
         },
-        "requests_per_second": [
-            {
-                "verb": v,
-                "resource": r,
-                "subresource": s,
-                "per_second": round(x, 2),
-                "issued_by": ISSUERS.get((v, r, s), ""),
-            }
-            for (v, r, s), x in rates.items()
-        ],
+        "requests_per_second": rows_of(rates),
+        "steady": steady,
         "operator_errors_logged": sum(1 for line in log_lines if " ERROR " in line),
         "operator_log_tail": log_lines[-10:],
     }
+
+
+def workload_phases(api: Api) -> dict[str, int]:
+    """How many workloads of every policy's status are in each phase."""
+    phases: dict[str, int] = {}
+    for policy in api.ok("GET", f"/apis/{GROUP}/{VERSION}/energypolicies")["items"]:
+        for row in (policy.get("status") or {}).get("workloads") or []:
+            phases[row.get("phase", "?")] = phases.get(row.get("phase", "?"), 0) + 1
+    return phases
+
+
+def measure_steady(api: Api, probe: ProcessProbe, seconds: float, timeout: float) -> dict[str, Any]:
+    """Once every workload has converged (or `timeout` passed): the operator's API writes and CPU
+    over `seconds`, the steady state a fleet spends most of its time in."""
+    began = time.monotonic()
+    phases = workload_phases(api)
+    while set(phases) - {"Converged"} and time.monotonic() - began < timeout:
+        time.sleep(10.0)
+        phases = workload_phases(api)
+    waited = time.monotonic() - began
+    metrics_before, cpu_before = api.text("/metrics"), probe.cpu_seconds()
+    start = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - start
+    rates = request_rates(
+        parse_request_totals(metrics_before), parse_request_totals(api.text("/metrics")), elapsed
+    )
+    return {
+        "waited_for_convergence_s": waited,
+        "phases_at_start": phases,
+        "measured_seconds": elapsed,
+        "operator_cpu_cores": (probe.cpu_seconds() - cpu_before) / elapsed,
+        "requests_per_second": rows_of(rates),
+    }
+
+
+def rows_of(rates: dict[tuple[str, str, str], float]) -> list[dict[str, Any]]:
+    return [
+        {
+            "verb": v,
+            "resource": r,
+            "subresource": s,
+            "per_second": round(x, 2),
+            "issued_by": ISSUERS.get((v, r, s), ""),
+        }
+        for (v, r, s), x in rates.items()
+    ]
 
 
 def main(argv: list[str]) -> int:
@@ -196,6 +239,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--report-interval", type=float, default=10.0)
     p.add_argument("--warmup-seconds", type=float, default=40.0)
     p.add_argument("--measure-seconds", type=float, default=60.0)
+    p.add_argument(
+        "--steady-seconds",
+        type=float,
+        default=60.0,
+        help="after the measured window, wait until every workload has converged, then count the "
+        "operator's API writes over this long (0: skip)",
+    )
+    p.add_argument("--converge-timeout", type=float, default=900.0, help="longest wait for convergence")
     p.add_argument(
         "--startup-timeout", type=float, default=240.0, help="longest wait for the operator's first decision"
     )
@@ -237,6 +288,8 @@ def main(argv: list[str]) -> int:
                     args.measure_seconds,
                     args.operator_arg,
                     args.startup_timeout,
+                    args.steady_seconds if size == sizes[-1] else 0.0,
+                    args.converge_timeout,
                 )
             except Exception as exc:  # a size this machine cannot carry is a result too
                 result["failed"] = {"nodes": size, "error": f"{type(exc).__name__}: {exc}"[:1000]}
@@ -398,6 +451,9 @@ def render(r: dict[str, Any]) -> str:
         f"{'met' if largest['operator_cpu_cores'] < 1 else 'NOT met'} ({largest['operator_cpu_cores']:.2f}); "
         f"under 500 MB: {'met' if largest['operator_peak_rss_mb'] < 500 else 'NOT met'} "
         f"({largest['operator_peak_rss_mb']:.0f} MB).",
+    ]
+    lines += steady_lines(largest)
+    lines += [
         "",
         "API requests per second by verb and resource (all clients):",
         "",
@@ -418,6 +474,39 @@ def render(r: dict[str, Any]) -> str:
             + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def steady_lines(size: dict[str, Any]) -> list[str]:
+    steady = size.get("steady")
+    if not steady:
+        return []
+    phases = ", ".join(f"{n} {phase}" for phase, n in sorted(steady["phases_at_start"].items()))
+    converged = set(steady["phases_at_start"]) <= {"Converged"}
+    as_size = {"nodes": size["nodes"], "requests_per_second": steady["requests_per_second"]}
+    per_node = writes_per_node_minute(as_size, "operator")
+    writes = [
+        q
+        for q in steady["requests_per_second"]
+        if q["verb"] in WRITE_VERBS and q["issued_by"].startswith("operator")
+    ]
+    return [
+        "",
+        f"Steady state at {size['nodes']} nodes: {steady['waited_for_convergence_s']:.0f} s after the measured "
+        f"window, the workloads were {phases}"
+        + ("" if converged else " (the wait timed out: not every workload had converged)")
+        + f". Over the next {steady['measured_seconds']:.0f} s the operator made "
+        f"{per_node:.3f} API writes per node per minute (goal: at most 1: "
+        f"{'met' if converged and per_node <= 1 else 'NOT met' if converged else 'not measured'}) and used "
+        f"{steady['operator_cpu_cores']:.2f} cores. Its writes per second: "
+        + (
+            ", ".join(
+                f"{q['verb']} {q['resource']} {q['subresource']}".rstrip() + f" {q['per_second']:.2f}"
+                for q in writes
+            )
+            or "none"
+        )
+        + ".",
+    ]
 
 
 def _rate(size: dict[str, Any], key: tuple[str, str, str]) -> float:

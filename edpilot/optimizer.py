@@ -983,7 +983,10 @@ def _next_cap(st: OptimizerState, ctx: _Ctx) -> Config | None:
     near_a, near_b = (at(i - 1) if i > 0 else lo), (at(i + 1) if i + 1 < len(points) else hi)
     upwards = forecast > best if forecast is not None else b - best > best - a
     for low, high in ((a, b), (near_a, near_b)):
-        sides = [(low + GOLDEN_STEP * (best - low), best - low), (best + GOLDEN_STEP * (high - best), high - best)]
+        sides = [
+            (low + GOLDEN_STEP * (best - low), best - low),
+            (best + GOLDEN_STEP * (high - best), high - best),
+        ]
         if upwards:
             sides.reverse()
         for x, width in sides:
