@@ -498,6 +498,9 @@ class EnergyPolicyStatus(ApiModel):
     conditions: Conditions = Field(default_factory=list)
     workloads: list[WorkloadStatus] = Field(default_factory=list)
     totals: PolicyTotals = Field(default_factory=PolicyTotals)
+    # When the running figures (measurements, reductions, energy saved) were computed: they are
+    # written at most once a minute while nothing else in the status changes.
+    figuresTime: datetime | None = None
 
 
 class ObjectMeta(BaseModel):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -13,6 +14,7 @@ from typing import Any, cast
 import kopf
 import pytest
 from builders import h100_status
+from edpilot_operator import services
 from edpilot_operator.handlers import OperatorConfig, Runtime
 from edpilot_operator.handlers.apply import apply_report_sweep
 from edpilot_operator.handlers.plans import (
@@ -450,3 +452,85 @@ def test_a_write_budget_that_would_stop_every_spec_write_is_refused(
         parse_args([f"--report-writes-per-second={value}"])
     assert "--report-writes-per-second must be above 0" in capsys.readouterr().err
     assert parse_args(["--report-writes-per-second=50"]).report_writes_per_second == 50.0
+
+
+def as_stored(status: dict[str, Any]) -> dict[str, Any]:
+    """`status` as the API server keeps it after a merge patch: None entries deleted."""
+
+    def pruned(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: pruned(v) for k, v in value.items() if v is not None}
+        return [pruned(v) for v in value] if isinstance(value, list) else value
+
+    return cast(dict[str, Any], pruned(json.loads(json.dumps(status))))
+
+
+def converged_status(at: datetime, **changes: Any) -> dict[str, Any]:
+    row = {
+        "name": "a",
+        "pods": ["ns/a"],
+        "phase": "Converged",
+        "powerCapWatts": 450.0,
+        "current": {"joulesPerUnit": 1.0, "secondsPerUnit": 0.1, "edp": 0.1, "unitsPerSecond": 10.0},
+        "edpReductionPercent": 21.5,
+        "energySavedJoules": 1000.0,
+        **changes,
+    }
+    return {
+        "observedGeneration": 2,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "AllConverged"}],
+        "workloads": [{k: v for k, v in row.items() if v is not None}],
+        "totals": {
+            "workloads": 1,
+            "energySavedJoules": row["energySavedJoules"],
+            "averageEdpReductionPercent": None,
+        },
+        "figuresTime": at.isoformat(),
+    }
+
+
+@pytest.mark.parametrize(
+    ("seconds_later", "changes", "written"),
+    [
+        (10, {}, False),  # nothing changed
+        (600, {}, False),
+        (10, {"energySavedJoules": 1500.0, "edpReductionPercent": 21.7}, False),  # only running figures
+        (59, {"energySavedJoules": 1500.0}, False),
+        (60, {"energySavedJoules": 1500.0}, True),  # their minute is up
+        (10, {"phase": "Drifted"}, True),
+        (10, {"powerCapWatts": 400.0}, True),
+        (10, {"slowdownPercent": 3.0}, True),  # a figure that appears
+        (10, {"current": None}, True),  # or goes
+    ],
+)
+def test_a_status_whose_running_figures_alone_changed_is_written_once_a_minute(
+    seconds_later: float, changes: dict[str, Any], written: bool
+) -> None:
+    """A converged fleet's policies rewrote their statuses at every reconcile (5 s) because the
+    energy saved grows with every report: 10 status patches a second for 50 policies."""
+    stored = as_stored(converged_status(NOW))
+    new = converged_status(NOW + timedelta(seconds=seconds_later), **changes)
+    assert services.status_worth_writing(stored, new) is written
+
+
+def test_a_status_of_an_older_operator_or_with_other_changes_is_written_at_once() -> None:
+    stored = as_stored(converged_status(NOW))
+    later = NOW + timedelta(seconds=5)
+    del stored["figuresTime"]
+    assert services.status_worth_writing(stored, converged_status(later, energySavedJoules=2.0))
+    stored = as_stored(converged_status(NOW))
+    new = converged_status(later)
+    new["conditions"] = [{"type": "Ready", "status": "False", "reason": "Exploring"}]
+    assert services.status_worth_writing(stored, new)
+
+
+def test_a_reconcile_that_changes_nothing_does_not_patch_the_status() -> None:
+    snap = snapshot([pod("a")], [policy_entry()], reports=[report("n0", ["ns/a"])])
+    first = plan_policy(view(snap), NOW, CFG.tuning)
+    assert first is not None and first.write_status
+    stored = as_stored(first.outcome.status)
+    meta = {"generation": 2, "uid": "uid-p"}
+    again = plan_policy(
+        policy_view(snap, "ns", "p", SPEC, stored, meta), NOW + timedelta(seconds=5), CFG.tuning
+    )
+    assert again is not None and not again.write_status

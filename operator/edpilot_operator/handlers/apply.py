@@ -39,7 +39,8 @@ async def apply_policy(
     for pod_key, pod_patch in outcome.pod_annotations.items():
         pod_ns, pod_name = pod_key.split("/", 1)
         await kube.patch_pod_annotations(pod_ns, pod_name, pod_patch)
-    patch.status.update(outcome.status)
+    if plan.write_status:
+        patch.status.update(outcome.status)
     metrics.publish_policy_status(namespace, name, outcome.status)
     for event in outcome.events:
         target = plan.event_targets.get(event.pod) if event.pod else body

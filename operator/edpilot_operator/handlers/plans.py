@@ -196,12 +196,15 @@ def policy_view(
 class PolicyPlan:
     """`outcome`: the status, pod annotation and owner patches, states and events of the reconcile;
     `states`: which state objects to apply and delete; `event_targets`: the object each pod event is
-    about; `rejected`: why the spec was rejected (then only conditions are written)."""
+    about; `rejected`: why the spec was rejected (then only conditions are written);
+    `write_status`: False when only the running figures changed, and recently
+    (`services.status_worth_writing`)."""
 
     outcome: services.PolicyOutcome
     states: services.StateWrites = field(default_factory=lambda: services.StateWrites({}, []))
     event_targets: dict[str, dict[str, Any]] = field(default_factory=dict)
     rejected: str = ""
+    write_status: bool = True
 
 
 def plan_policy(view: PolicyView, now: datetime, tuning: Tuning) -> PolicyPlan | None:
@@ -233,7 +236,9 @@ def plan_policy(view: PolicyView, now: datetime, tuning: Tuning) -> PolicyPlan |
         view.namespace, view.name, uid, view.stored, outcome.states, view.settled, shown
     )
     targets = {e.pod: ref for e in outcome.events if e.pod and (ref := pod_ref(e.pod, view.pods))}
-    return PolicyPlan(outcome, writes, targets)
+    return PolicyPlan(
+        outcome, writes, targets, write_status=services.status_worth_writing(view.status, outcome.status)
+    )
 
 
 def pod_ref(pod_key: str, pods: Collection[PodInfo]) -> dict[str, Any] | None:
