@@ -594,7 +594,8 @@ def goal(edpilot: SideResult, zeus: SideResult, best: Oracle) -> str:
     if math.isinf(e):
         why.append("never within 2%")
     elif not math.isinf(z) and e > z / 4.0 + 1e-9:  # Zeus never within: any count is fewer
-        why.append(f"probes {e / z:.2f}x")
+        # Below 4, a quarter of Zeus's count is under one probe, and the baseline is one.
+        why.append(f"probes {e / z:.2f}x" + (" (a quarter of Zeus's is under 1)" if z < 4 else ""))
     gap = statistics.fmean(edpilot.gap_percent) - statistics.fmean(zeus.gap_percent)
     if gap > 100.0 * EQUAL_TOLERANCE:
         why.append(f"gap +{gap:.2f} pp")
@@ -713,7 +714,8 @@ DEFINITIONS = {
     "oracle": "exhaustive sweep of the noiseless model over 200-700 W in 5 W steps",
     "goal": "edpilot's probes until within 2% at most a quarter of Zeus's, and its mean final gap at most "
     f"{100 * EQUAL_TOLERANCE:.1f} percentage points above Zeus's; n/a where the default limit is already "
-    "within 2% of the oracle (both optimisers are there at their first probe)",
+    "within 2% of the oracle (both optimisers are there at their first probe). Where Zeus needs fewer "
+    "than 4 probes, a quarter of them is under one probe: no search that measures its baseline meets it",
 }
 
 
@@ -786,7 +788,13 @@ SETUP = [
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--seeds", type=int, default=10, help="noise seeds per (workload, objective)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=30,
+        help="noise seeds per (workload, objective); at 10 a row's mean gap has a standard error of "
+        "about 0.1 point, half the tolerance it is judged by",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON and Markdown")
     args = parser.parse_args(argv)
     if not HAVE_ZEUS:
