@@ -3,15 +3,17 @@ the liveness probe."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
 
 from edpilot.models import GROUP
 
-from ..kube import Kube, load_client
+from ..kube import IO_THREADS, Kube, load_client
 from ..liveness import LeaseKeeper, LeaseWriter
 from ..selection import PolicyEntry
 from .runtime import OperatorConfig, Runtime
@@ -47,6 +49,7 @@ async def configure(cfg: OperatorConfig, settings: kopf.OperatorSettings, memo: 
     # A policy deleted while its reconcile timer runs waits this long before release_policy
     # (kopf's default, 60 s, held caps and hints for a minute after a delete in bench/soak.py).
     settings.background.cancellation_polling = 1
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(IO_THREADS, "edpilot-io"))
     api = load_client(cfg.kubeconfig)
     writer = LeaseWriter(api).renew
     keeper = LeaseKeeper(cfg.lease, cfg.identity, cfg.lease_seconds, writer, time.monotonic)
