@@ -28,6 +28,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from edpilot_operator.localrun import Processes
@@ -133,20 +134,11 @@ def measure(
         first_decision = lag.wait_for_first(startup_timeout)
         time.sleep(warmup)
         fleet.stats.reset()
-        metrics_before, cpu_before, writes_before = (
-            api.text("/metrics"),
-            probe.cpu_seconds(),
-            fleet.writes.count,
-        )
-        start_wall, start = time.time(), time.monotonic()
-        time.sleep(seconds)
-        elapsed = time.monotonic() - start
-        metrics_after, cpu_after, writes_after = api.text("/metrics"), probe.cpu_seconds(), fleet.writes.count
+        writes_before = fleet.writes.count
+        window = measure_window(api, probe, seconds)
+        writes_after = fleet.writes.count
         peak, rss_end = probe.memory_mb("VmHWM"), probe.memory_mb("VmRSS")
-        lags = lag.between(start_wall, start_wall + elapsed)
-        rates = request_rates(
-            parse_request_totals(metrics_before), parse_request_totals(metrics_after), elapsed
-        )
+        lags = lag.between(window.start_wall, window.start_wall + window.seconds)
         steady = measure_steady(api, probe, steady_seconds, converge_timeout) if steady_seconds > 0 else None
         alive = operator.poll() is None
     finally:
@@ -158,25 +150,25 @@ def measure(
     log_lines = log.read_text(errors="replace").splitlines() if log.exists() else []
     return {
         "nodes": size,
-        "measured_seconds": elapsed,
+        "measured_seconds": window.seconds,
         "operator_alive": alive,
         "decision_lag_s": summary(lags),
         "decision_lags_unmatched": lag.unmatched,
-        "operator_cpu_cores": (cpu_after - cpu_before) / elapsed,
+        "operator_cpu_cores": window.cpu_cores,
         "operator_peak_rss_mb": peak,
         "operator_rss_mb_at_end": rss_end,
         "operator_first_decision_s": first_decision,
-        "reports_per_second": (writes_after - writes_before) / elapsed,
+        "reports_per_second": (writes_after - writes_before) / window.seconds,
         "report_write_errors": fleet.writes.errors,
         "harness_tick_lateness_s": summary(fleet.stats.lateness),
         "nodes_ready": ready_nodes(api),
-        "apiserver_terminated_watchers": terminated_watchers(metrics_before, metrics_after),
+        "apiserver_terminated_watchers": window.watchers_cut_off,
         "bench_watches_cut_off": {
             "energypolicies": watcher.cut_off,
             "gpunodereports": fleet.reports.cut_off,
             "pods": fleet.pods.watcher.cut_off,
         },
-        "requests_per_second": rows_of(rates),
+        "requests_per_second": window.requests,
         "steady": steady,
         "operator_errors_logged": sum(1 for line in log_lines if " ERROR " in line),
         "operator_log_tail": log_lines[-10:],
@@ -201,20 +193,36 @@ def measure_steady(api: Api, probe: ProcessProbe, seconds: float, timeout: float
         time.sleep(10.0)
         phases = workload_phases(api)
     waited = time.monotonic() - began
-    metrics_before, cpu_before = api.text("/metrics"), probe.cpu_seconds()
-    start = time.monotonic()
-    time.sleep(seconds)
-    elapsed = time.monotonic() - start
-    rates = request_rates(
-        parse_request_totals(metrics_before), parse_request_totals(api.text("/metrics")), elapsed
-    )
+    window = measure_window(api, probe, seconds)
     return {
         "waited_for_convergence_s": waited,
         "phases_at_start": phases,
-        "measured_seconds": elapsed,
-        "operator_cpu_cores": (probe.cpu_seconds() - cpu_before) / elapsed,
-        "requests_per_second": rows_of(rates),
+        "measured_seconds": window.seconds,
+        "operator_cpu_cores": window.cpu_cores,
+        "requests_per_second": window.requests,
     }
+
+
+@dataclass(frozen=True)
+class Window:
+    start_wall: float
+    seconds: float
+    cpu_cores: float  # the operator's
+    requests: list[dict[str, Any]]  # API requests per second by kind, all clients (`rows_of`)
+    watchers_cut_off: dict[str, float]  # watchers the API server terminated as too slow, by resource
+
+
+def measure_window(api: Api, probe: ProcessProbe, seconds: float) -> Window:
+    """The API server's request rates and the operator's CPU over the next `seconds`."""
+    metrics_before, cpu_before = api.text("/metrics"), probe.cpu_seconds()
+    start_wall, start = time.time(), time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - start
+    metrics_after, cpu_after = api.text("/metrics"), probe.cpu_seconds()
+    rates = request_rates(parse_request_totals(metrics_before), parse_request_totals(metrics_after), elapsed)
+    cpu_cores = (cpu_after - cpu_before) / elapsed
+    cut_off = terminated_watchers(metrics_before, metrics_after)
+    return Window(start_wall, elapsed, cpu_cores, rows_of(rates), cut_off)
 
 
 def rows_of(rates: dict[tuple[str, str, str], float]) -> list[dict[str, Any]]:

@@ -469,18 +469,16 @@ def status_worth_writing(stored: Mapping[str, Any], status: Mapping[str, Any]) -
 def _comparable(key: str, value: Any, mask_figures: bool) -> Any:
     """The status's `key` as stored: without the None entries a merge patch deletes, and with each
     running figure masked when `mask_figures` (its presence still counts)."""
-    running = {"totals": TOTALS_RUNNING_FIGURES, "workloads": ROW_RUNNING_FIGURES}.get(key, frozenset())
-
-    def entries(item: Mapping[str, Any]) -> dict[str, Any]:
-        return {
-            k: ("figure" if mask_figures and k in running else v) for k, v in item.items() if v is not None
-        }
-
     if key == "totals" and isinstance(value, Mapping):
-        return entries(value)
+        return _entries(value, TOTALS_RUNNING_FIGURES if mask_figures else frozenset())
     if key == "workloads" and isinstance(value, list):
-        return [entries(row) if isinstance(row, Mapping) else row for row in value]
+        running = ROW_RUNNING_FIGURES if mask_figures else frozenset()
+        return [_entries(row, running) if isinstance(row, Mapping) else row for row in value]
     return value
+
+
+def _entries(item: Mapping[str, Any], masked: frozenset[str]) -> dict[str, Any]:
+    return {k: ("figure" if k in masked else v) for k, v in item.items() if v is not None}
 
 
 def _observed_at(state: Mapping[str, Any]) -> float:
